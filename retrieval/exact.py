@@ -1,0 +1,188 @@
+"""Exact (brute-force) top-k search in NumPy: the baseline that ANN recall is measured against.
+
+Scores follow ScaNN's convention so the two can be compared directly:
+
+- "dot_product": score = <q, x>, higher is better.
+- "cosine": score = <q/|q|, x>, higher is better.  The database must already be
+  L2-normalised (see `normalize_rows`); queries are normalised here.
+- "squared_l2": score = |q - x|^2, lower is better.
+
+The query x database score matrix is computed block by block, so memory stays
+bounded by `block_elements` scores however large q and n are.  Ties are broken
+by database row index (lower index first), which makes results deterministic.
+"""
+
+import numpy as np
+
+from retrieval.errors import ConfigError
+
+DISTANCES = ("dot_product", "cosine", "squared_l2")
+
+# 4M float32 scores = 16 MiB per block (plus the int64 argpartition result).
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
+_QUERY_BLOCK_ROWS = 256
+
+
+def check_distance(distance):
+    """Raise ConfigError unless `distance` is one of DISTANCES."""
+    if distance not in DISTANCES:
+        raise ConfigError(f"Unknown distance {distance!r}; allowed values: {', '.join(DISTANCES)}.")
+
+
+def normalize_rows(x, what="vectors", in_place=False):
+    """Return `x` (2-D) as float32 with every row scaled to unit L2 norm.
+
+    A new array unless `in_place` and `x` is already a float32 C-contiguous
+    ndarray, which is then modified and returned.  Raises ConfigError naming the
+    first zero row: a zero vector has no direction, so cosine is undefined for it.
+    """
+    out = np.array(x, dtype=np.float32, order="C", copy=None if in_place else True)
+    norms = np.linalg.norm(out, axis=1)
+    zero_rows = np.flatnonzero(norms == 0)
+    if zero_rows.size:
+        raise ConfigError(
+            f"{what}: {zero_rows.size} row(s) have zero L2 norm (first: row {zero_rows[0]}); "
+            "cosine distance is undefined for zero vectors. Remove them or use "
+            "distance='squared_l2'."
+        )
+    out /= norms[:, None]
+    return out
+
+
+def exact_search(queries, database, k, distance, block_elements=DEFAULT_BLOCK_ELEMENTS):
+    """Exact top-k neighbours of each query row among the database rows.
+
+    Args:
+      queries: (q, d) array.
+      database: (n, d) array; for "cosine" its rows must be unit-normalised.
+      k: number of neighbours; values above n are clamped to n.
+      distance: one of DISTANCES.
+      block_elements: upper bound on the number of scores materialised at once.
+
+    Returns:
+      (indices int64 [q, min(k, n)], scores float32 [q, min(k, n)]), best first.
+    """
+    check_distance(distance)
+    queries, database = _check_arrays(queries, database)
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}.")
+    k = min(k, database.shape[0])
+    if distance == "cosine":
+        queries = normalize_rows(queries, what="queries")
+    # Keys are "higher is better" throughout: squared_l2 keys are negated distances.
+    db_sq_norms = _sq_norms(database) if distance == "squared_l2" else None
+
+    if queries.shape[0] == 0:
+        return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+    q_block = max(1, min(_QUERY_BLOCK_ROWS, block_elements, queries.shape[0]))
+    db_block = max(1, block_elements // q_block)
+    indices = np.empty((queries.shape[0], k), dtype=np.int64)
+    keys = np.empty((queries.shape[0], k), dtype=np.float32)
+    for q0 in range(0, queries.shape[0], q_block):
+        q_rows = slice(q0, q0 + q_block)
+        indices[q_rows], keys[q_rows] = _search_query_block(
+            queries[q_rows], database, db_sq_norms, k, db_block
+        )
+    if distance == "squared_l2":
+        # Keys are -sum((q - x)^2) <= 0, so abs() is the distance, and never -0.0.
+        np.abs(keys, out=keys)
+    return indices, keys
+
+
+def _check_arrays(queries, database):
+    queries = np.asarray(queries, dtype=np.float32)
+    database = np.asarray(database, dtype=np.float32)
+    if queries.ndim != 2 or database.ndim != 2:
+        raise ConfigError(
+            f"queries and database must be 2-D, got shapes {queries.shape} and {database.shape}."
+        )
+    if database.shape[0] == 0:
+        raise ConfigError("database is empty.")
+    if queries.shape[1] != database.shape[1]:
+        raise ConfigError(
+            f"Dimension mismatch: queries have {queries.shape[1]} columns, "
+            f"database has {database.shape[1]}."
+        )
+    check_finite(queries, "queries")
+    check_finite(database, "database")
+    return queries, database
+
+
+def check_finite(x, what, rows_per_chunk=65536):
+    """Raise ConfigError naming the first row of `x` (2-D) holding NaN or infinity.
+
+    Checked in row chunks so the boolean temporary stays small for large matrices.
+    """
+    for r0 in range(0, x.shape[0], rows_per_chunk):
+        bad = ~np.isfinite(x[r0 : r0 + rows_per_chunk]).all(axis=1)
+        if bad.any():
+            row = r0 + int(np.argmax(bad))
+            raise ConfigError(
+                f"{what}: row {row} contains NaN or infinite values (after conversion to "
+                "float32); all vector components must be finite."
+            )
+
+
+def _sq_norms(x):
+    return np.einsum("ij,ij->i", x, x)
+
+
+def _search_query_block(queries, database, db_sq_norms, k, db_block):
+    """Top-k (indices, keys) for one block of queries, scanning the database in column blocks."""
+    best_idx = np.empty((queries.shape[0], 0), dtype=np.int64)
+    best_keys = np.empty((queries.shape[0], 0), dtype=np.float32)
+    q_sq_norms = _sq_norms(queries) if db_sq_norms is not None else None
+    for n0 in range(0, database.shape[0], db_block):
+        block = database[n0 : n0 + db_block]
+        keys = queries @ block.T
+        if db_sq_norms is not None:
+            # -|q-x|^2 = 2<q,x> - |q|^2 - |x|^2
+            keys *= 2.0
+            keys -= q_sq_norms[:, None]
+            keys -= db_sq_norms[None, n0 : n0 + db_block]
+        local = _top_k_by_position(keys, k)
+        cand_idx = np.concatenate([best_idx, local + n0], axis=1)
+        cand_keys = np.concatenate([best_keys, np.take_along_axis(keys, local, axis=1)], axis=1)
+        best_idx, best_keys = _top_k_sorted(cand_idx, cand_keys, k)
+    if db_sq_norms is not None:
+        best_keys = _negated_squared_distances(queries, database, best_idx, db_block)
+        best_idx, best_keys = _top_k_sorted(best_idx, best_keys, k)
+    return best_idx, best_keys
+
+
+def _negated_squared_distances(queries, database, indices, block_elements):
+    """-sum((q - x)^2) for each query and each of its selected database rows.
+
+    The expansion used for scanning loses precision to cancellation when norms are
+    large (error ~ |x|^2 * 1e-7 in float32), so the winners are re-scored directly,
+    in row chunks of at most `block_elements` gathered vectors.
+    """
+    keys = np.empty(indices.shape, dtype=np.float32)
+    rows = max(1, block_elements // (indices.shape[1] * queries.shape[1]))
+    for r0 in range(0, len(queries), rows):
+        diffs = database[indices[r0 : r0 + rows]] - queries[r0 : r0 + rows, None, :]
+        keys[r0 : r0 + rows] = -np.einsum("qkd,qkd->qk", diffs, diffs)
+    return keys
+
+
+def _top_k_by_position(keys, k):
+    """Column positions of the k highest keys per row, ties going to the lower position.
+
+    argpartition is O(n) but picks arbitrarily among keys equal to the k-th
+    value; rows where such a tie straddles the cut-off fall back to a stable sort.
+    """
+    if k >= keys.shape[1]:
+        return np.argsort(-keys, axis=1, kind="stable")
+    n = keys.shape[1]
+    picked = np.argpartition(keys, n - k, axis=1)[:, n - k :]
+    kth = np.take_along_axis(keys, picked, axis=1).min(axis=1)
+    ambiguous = np.flatnonzero(np.count_nonzero(keys >= kth[:, None], axis=1) > k)
+    if ambiguous.size:
+        picked[ambiguous] = np.argsort(-keys[ambiguous], axis=1, kind="stable")[:, :k]
+    return picked
+
+
+def _top_k_sorted(indices, keys, k):
+    """The k best (indices, keys) per row, sorted by key descending then index ascending."""
+    order = np.lexsort((indices, -keys), axis=1)[:, :k]
+    return np.take_along_axis(indices, order, axis=1), np.take_along_axis(keys, order, axis=1)

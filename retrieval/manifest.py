@@ -1,0 +1,249 @@
+"""The versioned JSON manifest of an index directory, and file checksum helpers.
+
+An index directory is complete and intact exactly when `manifest.json` exists
+and every file it lists has the recorded size and SHA-256.  The manifest is
+written last (atomically), so a directory without one is an interrupted or
+foreign directory, never a half-valid index.
+
+The checksum helpers (`sha256_file`, `file_entry`, `describe_files`,
+`verify_files`, `write_json_atomic`) know nothing about indexes and are meant
+to be reused by other manifests (e.g. a run manifest).
+
+Compatibility: `format_version` is bumped when a reader of the previous version
+would misread a directory.  Adding an optional field does not bump it; readers
+ignore fields they do not know.
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from retrieval.errors import IndexFormatError
+from retrieval.version import __version__
+
+FORMAT_VERSION = 1
+KIND = "imgindex.index"
+MANIFEST_NAME = "manifest.json"
+_CHUNK_BYTES = 1 << 20
+
+
+def _utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass
+class IndexManifest:
+    """Everything needed to load, trust and reproduce an index directory.
+
+    Fields:
+      distance: "cosine", "dot_product" or "squared_l2" (the user-facing distance).
+      n, d: number of vectors and their dimension.
+      scann_config: the ScaNN config text proto the searcher was built with.
+      index_config: the imgindex IndexConfig fields (method, num_leaves, ...).
+      search_defaults: search-time knobs used when a query does not override them
+        (k, and for tree-AH leaves_to_search and pre_reorder_num_neighbors).
+      recall: {"k", "value", "n_queries", "method", ...} measured at build time.
+      build_seconds: wall time of the build, including recall measurement.
+      embedder: the embedder spec (opaque here), or None when vectors came from elsewhere.
+      files: {relative POSIX path: {"sha256": hex, "bytes": int}} for every file
+        of the directory except the manifest itself.
+    """
+
+    distance: str
+    n: int
+    d: int
+    scann_config: str
+    index_config: dict
+    search_defaults: dict
+    recall: dict
+    build_seconds: float
+    embedder: dict | None = None
+    files: dict = dataclasses.field(default_factory=dict)
+    created_at: str = dataclasses.field(default_factory=_utc_now)
+    producer_version: str = __version__
+    kind: str = KIND
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data, source="manifest"):
+        """Build from parsed JSON, checking kind, format version and required fields."""
+        if not isinstance(data, dict):
+            raise IndexFormatError(f"{source}: expected a JSON object, got {type(data).__name__}.")
+        if data.get("kind") != KIND:
+            raise IndexFormatError(
+                f"{source}: kind is {data.get('kind')!r}, expected {KIND!r}; "
+                "this is not an imgindex index manifest."
+            )
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{source}: unsupported format_version {version!r}; this imgindex "
+                f"({__version__}) reads format_version {FORMAT_VERSION}. Use the imgindex "
+                "version that wrote the index, or rebuild the index."
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - data.keys())
+        if missing:
+            raise IndexFormatError(
+                f"{source}: missing field(s) {', '.join(missing)}; the manifest is "
+                "incomplete or hand-edited. Rebuild the index."
+            )
+        wrong = [
+            name
+            for name, expected in _FIELD_TYPES.items()
+            if name in data
+            and (not isinstance(data[name], expected) or isinstance(data[name], bool))
+        ]
+        if wrong:
+            raise IndexFormatError(
+                f"{source}: field(s) {', '.join(wrong)} have the wrong type; the manifest is "
+                "damaged or hand-edited. Rebuild the index."
+            )
+        return cls(**{key: value for key, value in data.items() if key in fields})
+
+
+# Types of the fields readers index into; a wrong type would otherwise surface
+# as an unexplained TypeError deep inside loading.
+_FIELD_TYPES = {
+    "distance": str,
+    "n": int,
+    "d": int,
+    "scann_config": str,
+    "index_config": dict,
+    "search_defaults": dict,
+    "recall": dict,
+    "files": dict,
+}
+
+
+def write_json_atomic(path, data):
+    """Write `data` as JSON to `path` via a temporary sibling file and os.replace.
+
+    Readers see either the old file or the complete new one, never a prefix.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, allow_nan=False, default=_numpy_scalar)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _numpy_scalar(value):
+    """JSON fallback for NumPy scalars (e.g. an np.int64 leaf count in a config)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_manifest(directory, manifest):
+    """Write `manifest` to `directory`/manifest.json atomically."""
+    write_json_atomic(Path(directory) / MANIFEST_NAME, manifest.to_dict())
+
+
+def read_manifest(directory):
+    """Read and validate `directory`/manifest.json; IndexFormatError explains any problem."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise IndexFormatError(f"Index directory {directory} does not exist.")
+    if not directory.is_dir():
+        raise IndexFormatError(f"{directory} is a file, not an index directory.")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise IndexFormatError(
+            f"{directory} is not an imgindex index directory: it has no {MANIFEST_NAME} "
+            "(an interrupted build, or a different directory). Rebuild the index."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFormatError(
+            f"{path} is unreadable ({e}); the index is corrupted. Rebuild the index."
+        ) from e
+    return IndexManifest.from_dict(data, source=str(path))
+
+
+def sha256_file(path):
+    """Hex SHA-256 of a file, read in 1 MiB chunks so memory use is constant."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(path):
+    """The manifest record of one file: {"sha256": hex, "bytes": size}."""
+    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+
+
+def describe_files(directory, exclude=(MANIFEST_NAME,)):
+    """{relative POSIX path: file_entry} for every regular file under `directory`."""
+    directory = Path(directory)
+    entries = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel not in exclude:
+            entries[rel] = file_entry(path)
+    return entries
+
+
+def verify_files(directory, manifest, check_hashes=True):
+    """Check every file listed in `manifest.files` (any object with a `files` mapping).
+
+    Sizes are always checked (cheap, catches truncation); SHA-256 only when
+    `check_hashes`.  Raises IndexFormatError naming the first bad file.
+    """
+    directory = Path(directory)
+    for rel, expected in sorted(manifest.files.items()):
+        path = directory / _safe_relative(rel, directory)
+        if not path.is_file():
+            raise IndexFormatError(
+                f"{directory}: file {rel} listed in the manifest is missing. "
+                "The directory is incomplete; rebuild the index."
+            )
+        if not isinstance(expected, dict) or not {"bytes", "sha256"} <= expected.keys():
+            raise IndexFormatError(
+                f"{directory}: the manifest entry for {rel} lacks 'bytes'/'sha256'; the "
+                "manifest is damaged. Rebuild the index."
+            )
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise IndexFormatError(
+                f"{directory}: file {rel} has {size} bytes, the manifest says "
+                f"{expected['bytes']} (truncated or modified). Rebuild the index."
+            )
+        if check_hashes and sha256_file(path) != expected["sha256"]:
+            raise IndexFormatError(
+                f"{directory}: file {rel} is corrupted (SHA-256 does not match the "
+                "manifest). Rebuild the index."
+            )
+
+
+def _safe_relative(rel, directory):
+    """Reject manifest paths that would point outside the directory."""
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise IndexFormatError(
+            f"{directory}: manifest lists an invalid file path {rel!r} "
+            "(must be relative, inside the directory)."
+        )
+    return Path(*pure.parts)

