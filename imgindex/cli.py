@@ -81,6 +81,34 @@ def _run_demo(args) -> int:
     return demo.run(args.output, embedder=args.embedder, variants=args.variants, k=args.k)
 
 
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", add_help=False, help="run the Beam embedding pipeline (shards -> Parquet)",
+                       description="Image shards in, Parquet embedding tables out.")
+    p.set_defaults(func=_run_embed)
+
+
+def embed_help() -> str:
+    from pipelines.options import EmbedOptions
+
+    parser = argparse.ArgumentParser(
+        prog="imgindex embed", description="Run the Beam embedding pipeline: image shards in, one "
+        "Parquet embedding table per embedder plus a failures table out. Any other flag "
+        "(--runner, --direct_running_mode, --direct_num_workers, Dataflow options) goes to Beam; "
+        "without --runner the pipeline runs locally on Beam's FnApiRunner.")
+    EmbedOptions._add_argparse_args(parser)
+    return parser.format_help()
+
+
+def _run_embed(args, rest: list[str]) -> int:
+    if "-h" in rest or "--help" in rest:
+        print(embed_help())
+        return 0
+    from pipelines import embed, report
+
+    print(report.summary(embed.run(rest)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgindex",
@@ -89,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"imgindex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_index, _add_models):
+    for add in (_add_demo, _add_embed, _add_index, _add_models):
         add(sub)
     return parser
 
@@ -100,12 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     # Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Pass-through subcommands (embed) hand every flag they do not know to Beam.
+    args, rest = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.func is not _run_embed and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.func(args)
+        return args.func(args, rest) if args.func is _run_embed else args.func(args)
     except ImgIndexError as exc:
         print(f"imgindex {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ Embedding table: one row per embedded image.
 Schema metadata: `imgindex.embedder` (EmbedderSpec as JSON), `imgindex.version`.
 
 Failures table: one row per input record that could not be embedded.
-  id, source, stage (read|decode|preprocess|embed|write), error_type, message
+  id, source, stage (read|decode|preprocess|embed|write), error_type, message, embedder
+  (embedder is set for embed-stage failures, which concern one embedder only)
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ FAILURES_SCHEMA = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
+        # Set for embed-stage failures only: the other stages fail for every embedder.
+        pa.field("embedder", pa.string()),
     ],
     metadata={VERSION_KEY: __version__.encode(), KIND_KEY: b"failures"},
 )
@@ -111,7 +114,18 @@ def check_embedding_schema(schema: pa.Schema) -> None:
             )
 
 
-def failure_row(source: str, stage: str, error: BaseException | str, id: str | None = None) -> dict:
+METADATA_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+
+
+def metadata_field(name: str, type_name: str) -> pa.Field:
+    """A nullable passthrough column of one of METADATA_TYPES."""
+    if type_name not in METADATA_TYPES:
+        raise ConfigError(f"metadata type {type_name!r} is not one of {list(METADATA_TYPES)}")
+    return pa.field(name, METADATA_TYPES[type_name])
+
+
+def failure_row(source: str, stage: str, error: BaseException | str, id: str | None = None,
+                embedder: str | None = None) -> dict:
     """A failures-table row; `error` is the exception caught (or a reason string)."""
     if stage not in FAILURE_STAGES:
         raise ValueError(f"stage {stage!r} is not one of {FAILURE_STAGES}")
@@ -119,4 +133,5 @@ def failure_row(source: str, stage: str, error: BaseException | str, id: str | N
         error_type, message = type(error).__name__, str(error) or repr(error)
     else:
         error_type, message = "Invalid", error
-    return {ID: id, SOURCE: source, "stage": stage, "error_type": error_type, "message": message[:2000]}
+    return {ID: id, SOURCE: source, "stage": stage, "error_type": error_type, "message": message[:2000],
+            "embedder": embedder}

@@ -10,8 +10,15 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["index", "--help"], ["models", "--help"], ["demo", "--help"]])
-def test_help_does_not_import_tensorflow(argv):
+@pytest.mark.parametrize("argv, heavy", [
+    (["--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
+    (["index", "--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
+    (["models", "--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
+    (["demo", "--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
+    # embed's options are Beam PipelineOptions, so Beam is imported, but not TensorFlow.
+    (["embed", "--help"], ("tensorflow", "tensorflow_hub", "scann")),
+])
+def test_help_does_not_import_tensorflow(argv, heavy):
     result = _python(
         "import sys\n"
         "from imgindex.cli import main\n"
@@ -19,7 +26,7 @@ def test_help_does_not_import_tensorflow(argv):
         f"    main({argv!r})\n"
         "except SystemExit as e:\n"
         "    assert e.code == 0, e.code\n"
-        "heavy = [m for m in ('tensorflow', 'tensorflow_hub', 'scann', 'apache_beam') if m in sys.modules]\n"
+        f"heavy = [m for m in {heavy!r} if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     assert result.returncode == 0, result.stderr
@@ -30,7 +37,7 @@ def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("demo", "index", "models"):
+    for command in ("demo", "embed", "index", "models"):
         assert command in out
 
 
@@ -45,3 +52,17 @@ def test_user_errors_are_one_line_not_a_traceback(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("imgindex models: error:") and "efficientnet-lite0" in err
     assert "Traceback" not in err
+
+
+def test_embed_runs_the_pipeline_and_prints_a_summary(tmp_path, capsys):
+    from tests import images
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(images.jpeg())
+    (tmp_path / "in" / "b.jpg").write_bytes(b"not an image")
+    code = cli.main(["embed", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                     "--direct_running_mode=in_memory"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "lite: embedded 1, failed 0" in out and "decode/ImageDecodeError" in out
+    assert (tmp_path / "out" / "run_report.json").is_file()

@@ -1,0 +1,107 @@
+"""Decode once, resize per embedder, with decoding overlapped with inference.
+
+Pillow releases the GIL while it decodes and resizes and TensorFlow does while it runs the
+model, so a small thread pool here keeps decoding the next images while the model (fused
+downstream in the same bundle) works on the current batch.
+"""
+from __future__ import annotations
+
+import collections
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
+
+from pipelines.shards import Record
+from retrieval import imaging
+from retrieval import schema as S
+from retrieval.embedders import EmbedderSpec
+
+FAILURES = "failures"
+NAMESPACE = "imgindex"
+
+
+class Decoded(NamedTuple):
+    info: tuple  # (id, source, sha256, width, height, metadata): the non-pixel row fields
+    pixels: dict  # embedder name -> uint8 [size, size, 3]
+
+
+class ResizePlan(NamedTuple):
+    """Which (size, mode) arrays to make, and which embedder uses which."""
+
+    targets: tuple  # ((size, mode), ...) distinct
+    by_embedder: dict  # name -> (size, mode)
+    min_size: int  # draft JPEGs down to no less than this on both sides
+
+    @classmethod
+    def of(cls, specs: list[EmbedderSpec]) -> "ResizePlan":
+        by_embedder = {s.name: (s.input_size, s.resize) for s in specs}
+        return cls(tuple(sorted(set(by_embedder.values()))), by_embedder,
+                   max(s.input_size for s in specs))
+
+
+def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded | dict:
+    """A Decoded element, or a failure row saying why the record cannot be used."""
+    try:
+        image = imaging.decode(record.data, min_size=plan.min_size, max_pixels=max_pixels)
+    except Exception as exc:  # ImageDecodeError, or whatever else Pillow raises on hostile input
+        return S.failure_row(record.source, "decode", exc, id=record.id)
+    try:
+        arrays = {target: imaging.resize(image.image, *target) for target in plan.targets}
+    except Exception as exc:
+        return S.failure_row(record.source, "preprocess", exc, id=record.id)
+    info = (record.id, record.source, imaging.sha256_hex(record.data), image.width, image.height,
+            record.metadata)
+    return Decoded(info, {name: arrays[target] for name, target in plan.by_embedder.items()})
+
+
+class DecodeDoFn(beam.DoFn):
+    """Record -> Decoded (main) or failure row (tagged `failures`).
+
+    With threads > 0, up to `max_pending` records are decoded ahead in a thread pool and
+    emitted in input order.
+    """
+
+    def __init__(self, plan: ResizePlan, max_pixels: int, threads: int, max_pending: int):
+        self._plan = plan
+        self._max_pixels = max_pixels
+        self._threads = threads
+        self._max_pending = max(1, max_pending)
+        self._decoded = beam.metrics.Metrics.counter(NAMESPACE, "decoded")
+        self._pool = None
+        self._pending = collections.deque()
+
+    def setup(self):
+        if self._threads > 0:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="imgindex-decode")
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def start_bundle(self):
+        self._pending = collections.deque()
+
+    def process(self, record: Record):
+        if self._pool is None:
+            yield self._output(decode_record(record, self._plan, self._max_pixels))
+            return
+        self._pending.append(self._pool.submit(decode_record, record, self._plan, self._max_pixels))
+        while self._pending and (len(self._pending) > self._max_pending or self._pending[0].done()):
+            yield self._output(self._pending.popleft().result())
+
+    def finish_bundle(self):
+        while self._pending:
+            out = self._output(self._pending.popleft().result())
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+            else:
+                yield GlobalWindows.windowed_value(out)
+
+    def _output(self, result):
+        if isinstance(result, Decoded):
+            self._decoded.inc()
+            return result
+        beam.metrics.Metrics.counter(NAMESPACE, f"failed.{result['stage']}.{result['error_type']}").inc()
+        return beam.pvalue.TaggedOutput(FAILURES, result)

@@ -1,0 +1,196 @@
+"""The embedding pipeline: image shards in, Parquet embedding tables out.
+
+    shards ─► Read ─► Decode (once, threads) ─┬─► RunInference[emb1] ─► Parquet embeddings/emb1/
+                │           │                 └─► RunInference[emb2] ─► Parquet embeddings/emb2/
+                └───────────┴──── failures (read, decode, preprocess, embed) ─► Parquet failures/
+
+Every input record lands in the embedding table of each embedder or in the failures table;
+`run_report.json` next to the tables reconciles the counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+from pipelines import report as run_report
+from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan
+from pipelines.inference import TFHubImageEmbedder
+from pipelines.options import EmbedOptions
+from pipelines.shards import ReaderConfig, Record, expand_inputs, parse_metadata_columns, read_shard
+from retrieval import embedders
+from retrieval import schema as S
+from retrieval.embedders import EmbedderSpec
+from retrieval.errors import ConfigError
+
+DEFAULT_EMBEDDER = "lite=builtin:efficientnet-lite0"
+# Beam's DirectRunner first tries to download the Prism runner (a network call that fails
+# offline, and a worker pool), then falls back to this same FnApiRunner; going straight to
+# it keeps local runs offline and quiet.  It honours --direct_running_mode and
+# --direct_num_workers.
+LOCAL_RUNNER = "FnApiRunner"
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything validated on the driver before the pipeline is built."""
+
+    output: str
+    shards: list
+    specs: list  # complete EmbedderSpecs
+    metadata: list  # MetadataColumn
+    reader: ReaderConfig
+    options: EmbedOptions
+
+
+def plan(options: EmbedOptions) -> Plan:
+    """Validates the configuration and resolves embedders; raises ConfigError/HandleError."""
+    opts = options.view_as(EmbedOptions)
+    if not opts.output:
+        raise ConfigError("--output is required: the directory the tables and run report go to")
+    for name, value, low in (("--batch_size", opts.batch_size, 1), ("--row_group_size", opts.row_group_size, 1),
+                             ("--max_pixels", opts.max_pixels, 1), ("--decode_threads", opts.decode_threads, 0),
+                             ("--num_output_shards", opts.num_output_shards, 0)):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    specs = [embedders.parse_embedder_arg(e) for e in (opts.embedder or [DEFAULT_EMBEDDER])]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"embedder names must be unique, got {names}; use NAME=HANDLE")
+    metadata = parse_metadata_columns(opts.metadata)
+    _check_output_is_free(opts.output)
+    shards = expand_inputs(opts.input, opts.format)
+    specs = [complete(spec, opts.model_cache_dir) for spec in specs]
+    reader = ReaderConfig(opts.image_key, opts.id_key, tuple(metadata))
+    return Plan(opts.output.rstrip("/"), shards, specs, metadata, reader, opts)
+
+
+def complete(spec: EmbedderSpec, cache_dir: str | None) -> EmbedderSpec:
+    """Fills in fingerprint and dim; builtins need no model load on the driver."""
+    from retrieval import builtin
+
+    if builtin.is_builtin(spec.handle):
+        model = builtin.materialize(spec.handle, cache_dir=cache_dir)
+        return dataclasses.replace(spec, fingerprint=model.fingerprint, dim=model.feature_dim)
+    _, full = embedders.complete_spec(spec, cache_dir=cache_dir)
+    return full
+
+
+def _check_output_is_free(output: str) -> None:
+    existing = [p for p in (f"{output}/run_report.json", f"{output}/embeddings", f"{output}/failures")
+                if FileSystems.exists(p)]
+    if existing:
+        raise ConfigError(f"{output} already holds the results of a run ({existing[0]}); "
+                          "choose a new --output directory (runs never overwrite each other)")
+
+
+def embedding_batch(rows: list, spec: EmbedderSpec, schema: pa.Schema, metadata: list) -> pa.Table:
+    """(info, vector) pairs -> one Arrow table of the embedding schema."""
+    infos = [info for info, _ in rows]
+    vectors = np.stack([vector for _, vector in rows]).astype(np.float32, copy=False)
+    columns = {
+        name: pa.array([info[i] for info in infos], schema.field(name).type)
+        for i, name in enumerate((S.ID, S.SOURCE, S.SHA256, S.WIDTH, S.HEIGHT))
+    }
+    columns[S.EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), spec.dim)
+    for column in metadata:
+        columns[column.name] = pa.array([info[5].get(column.name) for info in infos],
+                                        schema.field(column.name).type)
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def failures_batch(rows: list) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=S.FAILURES_SCHEMA)
+
+
+def inference_failures(dead_letter, embedder: str):
+    """RunInference's dead letter (batch, (type, repr, traceback)) -> one failure row per image."""
+    batch, (exc_type, exc_repr, _) = dead_letter
+    for key, _ in batch:
+        row = S.failure_row(key[1], "embed", exc_repr, id=key[0], embedder=embedder)
+        row["error_type"] = getattr(exc_type, "__name__", str(exc_type))
+        yield row
+
+
+class ReadDoFn(beam.DoFn):
+    def __init__(self, config: ReaderConfig):
+        self._config = config
+        self._read = beam.metrics.Metrics.counter(NAMESPACE, "read")
+
+    def process(self, shard):
+        for item in read_shard(shard, self._config):
+            if isinstance(item, Record):
+                self._read.inc()
+                yield item
+            else:
+                beam.metrics.Metrics.counter(NAMESPACE, f"failed.{item['stage']}.{item['error_type']}").inc()
+                yield beam.pvalue.TaggedOutput(FAILURES, item)
+
+
+def _write(pcoll, label: str, prefix: str, schema: pa.Schema, opts: EmbedOptions, to_table):
+    return (pcoll
+            | f"Batch{label}" >> beam.BatchElements(min_batch_size=opts.row_group_size,
+                                                   max_batch_size=opts.row_group_size)
+            | f"ToArrow{label}" >> beam.Map(to_table)
+            | f"Write{label}" >> beam.io.WriteToParquetBatched(
+                prefix, schema, codec="snappy", file_name_suffix=".parquet",
+                num_shards=opts.num_output_shards))
+
+
+def build(pipeline: beam.Pipeline, p: Plan) -> None:
+    """Adds the embedding graph for plan `p` to `pipeline`."""
+    opts = p.options
+    read = (pipeline
+            | "Shards" >> beam.Create(p.shards)
+            | "SpreadShards" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(ReadDoFn(p.reader)).with_outputs(FAILURES, main="records"))
+    decoded = read.records | "Decode" >> beam.ParDo(
+        DecodeDoFn(ResizePlan.of(p.specs), opts.max_pixels, opts.decode_threads,
+                   max_pending=2 * opts.batch_size)).with_outputs(FAILURES, main="decoded")
+    failures = [read[FAILURES], decoded[FAILURES]]
+    for spec in p.specs:
+        name = spec.name
+        handler = TFHubImageEmbedder(spec, opts.batch_size, opts.model_cache_dir,
+                                     opts.share_model_across_processes, opts.tf_intra_op_threads)
+        keyed = decoded.decoded | f"Pixels[{name}]" >> beam.Map(lambda d, n=name: (d.info, d.pixels[n]))
+        embedded, dead = keyed | f"Embed[{name}]" >> RunInference(
+            KeyedModelHandler(handler), model_identifier=f"imgindex-{name}-{spec.fingerprint}"
+        ).with_exception_handling()
+        failures.append(dead.failed_inferences
+                        | f"EmbedFailures[{name}]" >> beam.FlatMap(inference_failures, name))
+        schema = S.embedding_schema(spec, tuple(S.metadata_field(c.name, c.type) for c in p.metadata))
+        _write(embedded, f"[{name}]", f"{p.output}/embeddings/{name}/part", schema, opts,
+               lambda rows, spec=spec, schema=schema: embedding_batch(rows, spec, schema, p.metadata))
+    _write(failures | "AllFailures" >> beam.Flatten(), "[failures]", f"{p.output}/failures/part",
+           S.FAILURES_SCHEMA, opts, failures_batch)
+
+
+def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
+    """Runs the embedding pipeline; returns the run report (also written as run_report.json).
+
+    argv: command-line flags (defaults to sys.argv[1:]); unknown flags go to Beam.
+    test_pipeline: a TestPipeline to build into instead of a new Pipeline.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options = EmbedOptions(flags=argv)
+    started = time.time()
+    p = plan(options)
+    if test_pipeline is None and options.view_as(StandardOptions).runner is None:
+        options.view_as(StandardOptions).runner = LOCAL_RUNNER
+    pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+    build(pipeline, p)
+    result = pipeline.run()
+    result.wait_until_finish()
+    report = run_report.make(p, result, started, options.view_as(StandardOptions).runner,
+                             options.view_as(DirectOptions))
+    run_report.write(p.output, report)
+    return report

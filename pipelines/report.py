@@ -1,0 +1,129 @@
+"""The run report: counts from Beam metrics and from the written tables, reconciled.
+
+The tables are the source of truth (they are what the next stage reads); Beam metrics add
+the number of records read and the failure reasons.  For every embedder the report checks
+   records read = embedded + failed before embedding + failed embedding with that embedder
+and inputs = records read + records that failed to be read.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+
+from pipelines.decode import NAMESPACE
+from retrieval.version import __version__
+
+REPORT_NAME = "run_report.json"
+
+
+def _table_files(directory: str) -> list[str]:
+    matched = FileSystems.match([f"{directory}/*.parquet"])[0].metadata_list
+    return sorted(m.path for m in matched)
+
+
+def count_rows(directory: str) -> int:
+    total = 0
+    for path in _table_files(directory):
+        with FileSystems.open(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def failure_counts(directory: str) -> collections.Counter:
+    """(stage, embedder or None, error_type) -> rows in the failures table."""
+    counts = collections.Counter()
+    for path in _table_files(directory):
+        with FileSystems.open(path) as f:
+            table = pq.read_table(f, columns=["stage", "embedder", "error_type"])
+        counts.update(zip(*(table.column(c).to_pylist() for c in ("stage", "embedder", "error_type"))))
+    return counts
+
+
+def _counters(result) -> dict:
+    try:
+        metrics = result.metrics().query(MetricsFilter())
+    except Exception:  # a runner without metrics support: the tables still reconcile
+        return {}
+    values = collections.Counter()
+    for counter in metrics["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        values[f"{counter.key.metric.namespace}/{counter.key.metric.name}"] += value or 0
+    return dict(values)
+
+
+def make(plan, result, started: float, runner: str | None, direct_options) -> dict:
+    counters = _counters(result)
+    failures = failure_counts(f"{plan.output}/failures")
+    before_embed = sum(n for (stage, emb, _), n in failures.items() if stage != "embed" and stage != "read")
+    read_failed = sum(n for (stage, _, _), n in failures.items() if stage == "read")
+    read_ok = counters.get(f"{NAMESPACE}/read")
+    by_embedder = {}
+    for spec in plan.specs:
+        embedded = count_rows(f"{plan.output}/embeddings/{spec.name}")
+        embed_failed = sum(n for (stage, emb, _), n in failures.items() if stage == "embed" and emb == spec.name)
+        by_embedder[spec.name] = {
+            "handle": spec.handle,
+            "fingerprint": spec.fingerprint,
+            "dim": spec.dim,
+            "embedded": embedded,
+            "failed_embed": embed_failed,
+            "table": f"{plan.output}/embeddings/{spec.name}",
+            "reconciled": None if read_ok is None else read_ok == embedded + before_embed + embed_failed,
+        }
+    reasons = collections.Counter()
+    for (stage, emb, error_type), n in failures.items():
+        reasons[f"{stage}/{error_type}" + (f" [{emb}]" if emb else "")] += n
+    seconds = time.time() - started
+    return {
+        "imgindex_version": __version__,
+        "status": "ok" if all(e["reconciled"] is not False for e in by_embedder.values()) else "unreconciled",
+        "output": plan.output,
+        "inputs": {"globs": list(plan.options.input), "files": len(plan.shards),
+                   "formats": dict(collections.Counter(s.format for s in plan.shards))},
+        "runner": runner,
+        "direct_running_mode": getattr(direct_options, "direct_running_mode", None),
+        "counts": {
+            "records": None if read_ok is None else read_ok + read_failed,
+            "read": read_ok,
+            "failed_read": read_failed,
+            "decoded": counters.get(f"{NAMESPACE}/decoded"),
+            "failed_before_embed": before_embed,
+            "failed_total": sum(failures.values()),
+        },
+        "embedders": by_embedder,
+        "failures_by_reason": dict(sorted(reasons.items())),
+        "failures_table": f"{plan.output}/failures",
+        "seconds": round(seconds, 2),
+        "images_per_second": None if read_ok is None else round(read_ok / seconds, 1),
+    }
+
+
+def write(output: str, report: dict) -> str:
+    """Writes run_report.json (temporary name, then rename)."""
+    path = f"{output}/{REPORT_NAME}"
+    tmp = f"{output}/.{REPORT_NAME}.tmp-{os.getpid()}"
+    with FileSystems.create(tmp) as f:
+        f.write(json.dumps(report, indent=2, sort_keys=True).encode())
+    FileSystems.rename([tmp], [path])
+    return path
+
+
+def summary(report: dict) -> str:
+    c = report["counts"]
+    lines = [f"imgindex embed: {report['status']} in {report['seconds']:.1f}s "
+             f"({report['images_per_second']} images/s) on {report['runner']}",
+             f"  records {c['records']}: read {c['read']}, failed to read {c['failed_read']}, "
+             f"failed to decode/preprocess {c['failed_before_embed']}"]
+    for name, e in report["embedders"].items():
+        lines.append(f"  {name}: embedded {e['embedded']}, failed {e['failed_embed']} -> {e['table']}"
+                     + ("" if e["reconciled"] is not False else "  (COUNTS DO NOT RECONCILE)"))
+    for reason, n in report["failures_by_reason"].items():
+        lines.append(f"  failed {n:6d}  {reason}")
+    lines.append(f"  failures: {report['failures_table']}  report: {report['output']}/{REPORT_NAME}")
+    return "\n".join(lines)
