@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-BENCHMARKS = ["benchmarks.model_throughput", "benchmarks.index_search"]
+BENCHMARKS = ["benchmarks.model_throughput", "benchmarks.index_search", "benchmarks.pipeline_throughput"]
 
 
 def main():
