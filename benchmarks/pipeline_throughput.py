@@ -7,7 +7,8 @@ random crops (75-100% of the area), random horizontal flips and JPEG re-encoding
 Methods, each run in its own fresh process, rounds interleaved (A B C D, A B C D, ...):
   bare      the builtin model alone on pre-decoded, pre-resized tensors (batch 32);
             images/s over the model calls only (no start-up, no decode)
-  loop      a sequential Python loop: read file, decode (+draft), resize, batch 32, model
+  loop      a plain sequential Python loop, as a user would write it: read file, Pillow
+            decode at full size, resize, batch 32, model
   pipeline  `imgindex embed` on the DirectRunner engine (FnApiRunner), in_memory
   pipeline-mp  the same with --direct_running_mode=multi_processing --direct_num_workers=2
 For loop and pipelines, images/s counts everything from process start to exit (imports,
@@ -113,12 +114,12 @@ def _files(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder))
 
 
-def child_bare(folder: str, batch: int) -> None:
+def child_bare(folder: str, batch: int, model_handle: str) -> None:
     import numpy as np
 
     from retrieval import embedders, imaging
 
-    model, spec = embedders.complete_spec(embedders.parse_embedder_arg("lite=builtin:efficientnet-lite0"))
+    model, spec = embedders.complete_spec(embedders.parse_embedder_arg(f"lite={model_handle}"))
     files = _files(folder)
     pixels = np.stack([imaging.resize(imaging.decode(open(p, "rb").read(), min_size=spec.input_size).image,
                                       spec.input_size, spec.resize) for p in files])
@@ -129,17 +130,17 @@ def child_bare(folder: str, batch: int) -> None:
     print(f"steady {len(pixels) / (time.perf_counter() - start):.2f}")
 
 
-def child_loop(folder: str, batch: int) -> None:
+def child_loop(folder: str, batch: int, model_handle: str) -> None:
     import numpy as np
 
     from retrieval import embedders, imaging
 
-    model, spec = embedders.complete_spec(embedders.parse_embedder_arg("lite=builtin:efficientnet-lite0"))
+    model, spec = embedders.complete_spec(embedders.parse_embedder_arg(f"lite={model_handle}"))
     start = time.perf_counter()
     pending, out = [], []
     for path in _files(folder):
         with open(path, "rb") as f:
-            image = imaging.decode(f.read(), min_size=spec.input_size)
+            image = imaging.decode(f.read())  # full-size decode: no draft
         pending.append(imaging.resize(image.image, spec.input_size, spec.resize))
         if len(pending) == batch:
             out.append(embedders.embed_batch(model, spec, np.stack(pending)))
@@ -150,12 +151,13 @@ def child_loop(folder: str, batch: int) -> None:
     print(f"steady {n / (time.perf_counter() - start):.2f}")
 
 
-def child_pipeline(folder: str, batch: int, multi: bool) -> None:
+def child_pipeline(folder: str, batch: int, model_handle: str, multi: bool) -> None:
     from pipelines import embed
 
     out = tempfile.mkdtemp(prefix="imgindex-bench-")
     try:
-        argv = [f"--input={folder}/*.jpg", f"--output={out}/run", f"--batch_size={batch}"]
+        argv = [f"--input={folder}/*.jpg", f"--output={out}/run", f"--batch_size={batch}",
+                f"--embedder=lite={model_handle}"]
         if multi:
             argv += ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
         report = embed.run(argv)
@@ -170,17 +172,19 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--model", default="builtin:efficientnet-lite0",
+                        help="embedder handle used by every method (e.g. builtin:efficientnet-lite0-bf16)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         if args.child == "bare":
-            child_bare(args.data, args.batch_size)
+            child_bare(args.data, args.batch_size, args.model)
         elif args.child == "loop":
-            child_loop(args.data, args.batch_size)
+            child_loop(args.data, args.batch_size, args.model)
         else:
-            child_pipeline(args.data, args.batch_size, multi=args.child == "pipeline-mp")
+            child_pipeline(args.data, args.batch_size, args.model, multi=args.child == "pipeline-mp")
         return
 
     from benchmarks.common import environment
@@ -190,7 +194,8 @@ def main(argv=None):
     results = {m: {"rate": [], "steady": [], "rss": []} for m in methods}
     for round_ in range(args.rounds):
         for method in methods:
-            wall, rss, out = run_child(["--child", method, "--data", folder, "--batch_size", str(args.batch_size)])
+            wall, rss, out = run_child(["--child", method, "--data", folder, "--batch_size", str(args.batch_size),
+                                        "--model", args.model])
             steady = [float(line.split()[1]) for line in out.splitlines() if line.startswith("steady ")]
             results[method]["rate"].append(args.images / wall)
             results[method]["steady"].extend(steady)
@@ -201,7 +206,7 @@ def main(argv=None):
     med = {m: {k: statistics.median(v) if v else None for k, v in r.items()} for m, r in results.items()}
     loop = med.get("loop", {}).get("rate")
     bare = med.get("bare", {}).get("steady")
-    print(f"\n# embedding throughput: {args.images} distinct 640x480 JPEGs, batch {args.batch_size}, "
+    print(f"\n# embedding throughput: {args.model}, {args.images} distinct 640x480 JPEGs, batch {args.batch_size}, "
           f"medians of {args.rounds} interleaved rounds, {environment()}")
     print("| method | images/s incl. start-up | steady images/s | vs loop | vs bare model | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -10,7 +10,7 @@ Every input record lands in the embedding table of each embedder or in the failu
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import sys
 import time
 
@@ -37,7 +37,6 @@ DEFAULT_EMBEDDER = "lite=builtin:efficientnet-lite0"
 # it keeps local runs offline and quiet.  It honours --direct_running_mode and
 # --direct_num_workers.
 LOCAL_RUNNER = "FnApiRunner"
-_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +167,9 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
         failures.append(dead.failed_inferences
                         | f"EmbedFailures[{name}]" >> beam.FlatMap(inference_failures, name))
         schema = S.embedding_schema(spec, tuple(S.metadata_field(c.name, c.type) for c in p.metadata))
+        # A partial, not a closure over the plan: only what the step needs is pickled.
         _write(embedded, f"[{name}]", f"{p.output}/embeddings/{name}/part", schema, opts,
-               lambda rows, spec=spec, schema=schema: embedding_batch(rows, spec, schema, p.metadata))
+               functools.partial(embedding_batch, spec=spec, schema=schema, metadata=p.metadata))
     _write(failures | "AllFailures" >> beam.Flatten(), "[failures]", f"{p.output}/failures/part",
            S.FAILURES_SCHEMA, opts, failures_batch)
 

@@ -91,6 +91,21 @@ def test_larger_variants_classify_sample_photos(name, cache_dir):
     assert chelsea.argmax() in CAT_CLASSES
 
 
+def test_bfloat16_variant_is_a_distinct_model_with_near_identical_features(lite0_hub, cache_dir):
+    import tensorflow_hub as hub
+
+    bf16 = materialize("builtin:efficientnet-lite0-bf16", cache_dir=cache_dir)
+    assert bf16.fingerprint.endswith("+bfloat16") and bf16.fingerprint != fingerprint("efficientnet-lite0")
+    model = hub.load(bf16.path)
+    images = _photos(224)
+    a, b = lite0_hub(images).numpy(), model(images).numpy()
+    assert b.dtype == np.float32 and b.shape == a.shape
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.995, cosine
+    coffee, chelsea = _probabilities(model, images)
+    assert coffee.argmax() == ESPRESSO and chelsea.argmax() in CAT_CLASSES
+
+
 def test_hub_load_gives_features_for_any_image_size(lite0, lite0_hub):
     images = _photos(224)
     features = lite0_hub(images).numpy()
@@ -138,8 +153,10 @@ def test_state_dict_that_does_not_fit_is_rejected():
 # -- registry, fingerprint, cache -------------------------------------------------------------
 
 def test_registry():
-    assert builtin_names() == ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
-    assert [BUILTIN_MODELS[n].input_size for n in builtin_names()] == [224, 240, 260]
+    assert builtin_names() == ["efficientnet-lite0", "efficientnet-lite0-bf16", "efficientnet-lite1",
+                               "efficientnet-lite1-bf16", "efficientnet-lite2", "efficientnet-lite2-bf16"]
+    assert [BUILTIN_MODELS[n].input_size for n in builtin_names()] == [224, 224, 240, 240, 260, 260]
+    assert {BUILTIN_MODELS[n].precision for n in builtin_names()} == {"float32", "bfloat16"}
     assert is_builtin("builtin:efficientnet-lite0") and not is_builtin("efficientnet-lite0")
     assert not is_builtin("https://tfhub.dev/some/model/1")
 
