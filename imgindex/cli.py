@@ -81,31 +81,60 @@ def _run_demo(args) -> int:
     return demo.run(args.output, embedder=args.embedder, variants=args.variants, k=args.k)
 
 
+_BEAM_FLAGS = ("Any other flag (--runner, --direct_running_mode, --direct_num_workers, Dataflow, "
+               "Flink or Spark options) goes to Beam; without --runner the pipeline runs locally "
+               "on Beam's FnApiRunner.")
+
+
 def _add_embed(sub) -> None:
-    p = sub.add_parser("embed", add_help=False, help="run the Beam embedding pipeline (shards -> Parquet)",
-                       description="Image shards in, Parquet embedding tables out.")
-    p.set_defaults(func=_run_embed)
+    p = sub.add_parser("embed", add_help=False, help="run the Beam embedding pipeline (shards -> Parquet)")
+    p.set_defaults(func=_run_embed, passthrough=True)
 
 
-def embed_help() -> str:
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", add_help=False,
+                       help="the nightly job: embed, build one index per embedder, validate, publish")
+    p.set_defaults(func=_run_build, passthrough=True)
+
+
+def beam_help(command: str) -> str:
+    """Help of a pass-through subcommand, from its PipelineOptions class (imports Beam, not TF)."""
     from pipelines.options import EmbedOptions
 
-    parser = argparse.ArgumentParser(
-        prog="imgindex embed", description="Run the Beam embedding pipeline: image shards in, one "
-        "Parquet embedding table per embedder plus a failures table out. Any other flag "
-        "(--runner, --direct_running_mode, --direct_num_workers, Dataflow options) goes to Beam; "
-        "without --runner the pipeline runs locally on Beam's FnApiRunner.")
-    EmbedOptions._add_argparse_args(parser)
+    if command == "build":
+        from pipelines.build import BuildOptions as options_class
+
+        description = ("The nightly job: run the embedding pipeline into OUTPUT/runs/<run_id>/, build "
+                       "and validate one ScaNN index per embedder, then point OUTPUT/LATEST at the run. "
+                       "Refuses to publish (exit status 3, LATEST unchanged) when recall or the failure "
+                       "rate misses its gate. ")
+    else:
+        options_class = EmbedOptions
+        description = ("Run the Beam embedding pipeline: image shards in, one Parquet embedding table "
+                       "per embedder plus a failures table and a run report out. ")
+    parser = argparse.ArgumentParser(prog=f"imgindex {command}", description=description + _BEAM_FLAGS)
+    for cls in reversed(options_class.__mro__):
+        if "_add_argparse_args" in vars(cls) and issubclass(cls, EmbedOptions):
+            cls._add_argparse_args(parser)
     return parser.format_help()
 
 
 def _run_embed(args, rest: list[str]) -> int:
-    if "-h" in rest or "--help" in rest:
-        print(embed_help())
-        return 0
     from pipelines import embed, report
 
     print(report.summary(embed.run(rest)))
+    return 0
+
+
+def _run_build(args, rest: list[str]) -> int:
+    from pipelines import build
+
+    try:
+        result = build.run(rest)
+    except build.GateError as exc:
+        print(f"imgindex build: refused: {exc}", file=sys.stderr)
+        return 3
+    print(build.summary(result))
     return 0
 
 
@@ -117,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"imgindex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_embed, _add_index, _add_models):
+    for add in (_add_build, _add_demo, _add_embed, _add_index, _add_models):
         add(sub)
     return parser
 
@@ -133,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.func is not _run_embed and rest:
+    passthrough = getattr(args, "passthrough", False)
+    if passthrough and ("-h" in rest or "--help" in rest):
+        print(beam_help(args.command))
+        return 0
+    if not passthrough and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.func(args, rest) if args.func is _run_embed else args.func(args)
+        return args.func(args, rest) if passthrough else args.func(args)
     except ImgIndexError as exc:
         print(f"imgindex {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -181,7 +181,11 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     test_pipeline: a TestPipeline to build into instead of a new Pipeline.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    options = EmbedOptions(flags=argv)
+    return run_with_options(EmbedOptions(flags=argv), test_pipeline)
+
+
+def run_with_options(options, test_pipeline=None) -> dict:
+    """`run` for already parsed options (any PipelineOptions whose flags include EmbedOptions')."""
     started = time.time()
     p = plan(options)
     if test_pipeline is None and options.view_as(StandardOptions).runner is None:

@@ -308,11 +308,13 @@ class Index:
             knobs["pre_reorder_num_neighbors"] = max(knobs["pre_reorder_num_neighbors"], k)
         return k, knobs
 
-    def save(self, path, overwrite=False):
+    def save(self, path, overwrite=False, tables=None):
         """Write the index directory at `path`, published by a rename only when complete.
 
         Everything is written into a temporary sibling directory, manifest.json last,
-        then renamed to `path`.  An existing `path` is replaced only with
+        then renamed to `path`.  `tables` ({file name: pyarrow.Table}) are written beside
+        ids.parquet and covered by the manifest's checksums (e.g. metadata.parquet, rows
+        aligned with the ids).  An existing `path` is replaced only with
         overwrite=True and only if it is an imgindex index (or empty); the old
         directory is moved aside and restored if the final rename fails.
         """
@@ -321,14 +323,22 @@ class Index:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
-            manifest = self._write_contents(staging)
+            manifest = self._write_contents(staging, tables or {})
             _publish(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self.manifest = manifest
 
-    def _write_contents(self, directory):
+    def _write_contents(self, directory, tables):
+        import pyarrow.parquet as pq
+
+        for name, table in tables.items():
+            if name in (SCANN_DIR, IDS_FILE, mf.MANIFEST_NAME) or "/" in name or table.num_rows != self.n:
+                raise ConfigError(f"extra table {name!r} must be a plain file name other than the "
+                                  f"index's own files, with one row per vector ({self.n}), "
+                                  f"got {table.num_rows} rows")
+            pq.write_table(table, directory / name)
         scann_dir = directory / SCANN_DIR
         scann_dir.mkdir()
         # The default (relative_path=False) records absolute asset paths in

@@ -23,6 +23,7 @@ class Embeddings:
     ids: list[str]
     vectors: np.ndarray  # (n, d) float32, C-contiguous
     spec: EmbedderSpec
+    columns: pa.Table | None = None  # the other columns, rows aligned with ids (when asked)
 
 
 def write_embeddings(path: str, spec: EmbedderSpec, ids, vectors: np.ndarray, sha256s, sources,
@@ -46,8 +47,12 @@ def write_embeddings(path: str, spec: EmbedderSpec, ids, vectors: np.ndarray, sh
     os.replace(tmp, path)
 
 
-def read_embeddings(source: str | list[str]) -> Embeddings:
-    """Reads embedding tables (a file, a directory of .parquet files, or a list of files)."""
+def read_embeddings(source: str | list[str], with_columns: bool = False) -> Embeddings:
+    """Reads embedding tables (a file, a directory of .parquet files, or a list of files).
+
+    with_columns: also return every column but the embedding (id, source, sha256, width,
+    height, passthrough metadata) as an Arrow table aligned with the vectors.
+    """
     dataset = ds.dataset(source, format="parquet", exclude_invalid_files=False)
     if not dataset.files:
         raise ConfigError(f"no Parquet files found at {source!r}")
@@ -62,12 +67,20 @@ def read_embeddings(source: str | list[str]) -> Embeddings:
             )
     n = dataset.count_rows()
     vectors = np.empty((n, spec.dim), np.float32)
+    others = [name for name in dataset.schema.names if name != S.EMBEDDING]
     ids: list[str] = []
+    pieces = []
     row = 0
-    for batch in dataset.to_batches(columns=[S.ID, S.EMBEDDING]):
+    for batch in dataset.to_batches(columns=[S.EMBEDDING] + (others if with_columns else [S.ID])):
         m = batch.num_rows
         flat = batch.column(S.EMBEDDING).flatten().to_numpy(zero_copy_only=False)
         vectors[row:row + m] = flat.reshape(m, spec.dim)
         ids.extend(batch.column(S.ID).to_pylist())
+        if with_columns:
+            pieces.append(pa.Table.from_batches([batch]).drop_columns([S.EMBEDDING]))
         row += m
-    return Embeddings(ids=ids, vectors=vectors, spec=spec)
+    columns = None
+    if with_columns:
+        schema = pa.schema([dataset.schema.field(name) for name in others])
+        columns = pa.concat_tables(pieces).cast(schema) if pieces else schema.empty_table()
+    return Embeddings(ids=ids, vectors=vectors, spec=spec, columns=columns)

@@ -1,0 +1,179 @@
+"""The nightly job: embed, index, validate, publish (`imgindex build`).
+
+    runs/<run_id>/embeddings, failures   <- the embedding pipeline (pipelines.embed)
+    runs/<run_id>/index/<embedder>/      <- one ScaNN index per embedder, recall measured
+    runs/<run_id>/run_manifest.json      <- written last in the run, with its status
+    LATEST                               <- names the run, written last and atomically
+
+A run that fails, is interrupted or is refused by a gate never touches LATEST, so the
+previous good run stays published.  Every run gets a new directory: rerunning the same
+command is safe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import time
+
+import pyarrow as pa
+
+from pipelines import embed
+from pipelines.options import EmbedOptions
+from retrieval import index as index_lib
+from retrieval import runs, tables
+from retrieval.errors import ConfigError, ImgIndexError
+from retrieval.manifest import sha256_file
+from retrieval.version import __version__
+
+DISTANCES = ("cosine", "dot_product", "squared_l2")
+
+
+class BuildOptions(EmbedOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--min_recall", type=float, default=0.95,
+                            help="refuse to publish when an index's recall@k against exact search "
+                            "is below this")
+        parser.add_argument("--max_failure_rate", type=float, default=0.01,
+                            help="refuse to publish when more than this fraction of input records "
+                            "failed (read, decode or embed)")
+        parser.add_argument("--distance", default="cosine", choices=DISTANCES,
+                            help="index distance (cosine needs L2-normalised embeddings, the default)")
+        parser.add_argument("--recall_k", type=int, default=10,
+                            help="k of the recall gate and the index's default k")
+        parser.add_argument("--run_id", default=None,
+                            help="name of the run directory (default: UTC timestamp + random suffix)")
+
+
+class GateError(ImgIndexError):
+    """The run finished but a quality gate refused to publish it."""
+
+
+def _check(opts: BuildOptions) -> None:
+    if not opts.output:
+        raise ConfigError("--output is required: the output root that holds runs/ and LATEST")
+    if "://" in opts.output:
+        raise ConfigError(f"--output {opts.output!r}: `imgindex build` publishes to a local or mounted "
+                          "path (index building and the atomic LATEST rename are local); `imgindex embed` "
+                          "writes to any Beam filesystem")
+    if not 0 < opts.min_recall <= 1:
+        raise ConfigError(f"--min_recall must be in (0, 1], got {opts.min_recall}")
+    if not 0 <= opts.max_failure_rate <= 1:
+        raise ConfigError(f"--max_failure_rate must be in [0, 1], got {opts.max_failure_rate}")
+    if opts.recall_k < 1:
+        raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
+    if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id or opts.run_id.startswith(".")):
+        raise ConfigError(f"--run_id {opts.run_id!r} must be a plain directory name")
+
+
+def _versions() -> dict:
+    import apache_beam
+    import numpy
+
+    return {"imgindex": __version__, "python": platform.python_version(), "apache_beam": apache_beam.__version__,
+            "pyarrow": pa.__version__, "numpy": numpy.__version__}
+
+
+def build_indexes(run_directory: str, report: dict, opts: BuildOptions) -> dict:
+    """One index per embedder from its tables; returns the run manifest's `embedders` entry."""
+    out = {}
+    for name, info in report["embedders"].items():
+        data = tables.read_embeddings(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}", with_columns=True)
+        built = index_lib.build_index(data.vectors, data.ids, distance=opts.distance,
+                                      embedder=data.spec.to_dict(), k=opts.recall_k,
+                                      target_recall=opts.min_recall)
+        del data.vectors  # the searcher holds its own copy from here on
+        path = runs.index_dir(run_directory, name)
+        built.save(path, tables={runs.METADATA_FILE: data.columns})
+        m = built.manifest
+        out[name] = {
+            "spec": data.spec.to_dict(),
+            "table": f"{runs.EMBEDDINGS_DIR}/{name}",
+            "index": f"{runs.INDEX_DIR}/{name}",
+            "index_manifest_sha256": sha256_file(os.path.join(path, "manifest.json")),
+            "n": m.n, "d": m.d, "distance": m.distance, "method": built.method,
+            "search_defaults": m.search_defaults, "recall": m.recall, "build_seconds": m.build_seconds,
+        }
+    return out
+
+
+def gates(report: dict, embedders: dict, opts: BuildOptions) -> dict:
+    records = report["counts"]["records"] or 0
+    failed = report["counts"]["failed_total"]
+    rate = failed / records if records else 1.0
+    reasons = []
+    if not records:
+        reasons.append("no input records")
+    elif rate > opts.max_failure_rate:
+        reasons.append(f"failure rate {rate:.4f} ({failed} of {records} records) is above "
+                       f"--max_failure_rate {opts.max_failure_rate}; see the failures table")
+    for name, e in embedders.items():
+        recall = e["recall"]["value"]
+        if recall is not None and recall < opts.min_recall:
+            reasons.append(f"{name}: recall@{e['recall']['k']} {recall:.4f} is below --min_recall "
+                           f"{opts.min_recall}")
+    if report["status"] != "ok":
+        reasons.append(f"embedding counts do not reconcile (run report status {report['status']!r})")
+    return {"min_recall": opts.min_recall, "max_failure_rate": opts.max_failure_rate,
+            "failure_rate": round(rate, 6), "passed": not reasons, "reasons": reasons}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    root: str
+    run_dir: str
+    manifest: runs.RunManifest
+
+
+def run(argv: list[str] | None = None, test_pipeline=None) -> BuildResult:
+    """Runs the whole job and publishes it.  Raises GateError when a gate refuses the run."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options = BuildOptions(flags=argv)
+    opts = options.view_as(BuildOptions)
+    _check(opts)
+    root = opts.output.rstrip("/")
+    run_id = opts.run_id or runs.new_run_id()
+    run_directory = runs.run_dir(root, run_id)
+    if os.path.exists(run_directory):
+        raise ConfigError(f"run directory {run_directory} exists already; choose another --run_id")
+    os.makedirs(run_directory)
+    options.view_as(EmbedOptions).output = run_directory
+    timings, started = {}, time.time()
+    manifest = runs.RunManifest(run_id=run_id, status="failed", inputs={"globs": list(opts.input or [])},
+                                counts={}, embedders={}, gates={}, timings=timings, versions=_versions())
+    try:
+        report = embed.run_with_options(options, test_pipeline)
+        timings["embed_seconds"] = report["seconds"]
+        manifest.inputs, manifest.counts = report["inputs"], report["counts"]
+        step = time.time()
+        manifest.embedders = build_indexes(run_directory, report, opts)
+        timings["index_seconds"] = round(time.time() - step, 2)
+        manifest.gates = gates(report, manifest.embedders, opts)
+        manifest.status = "published" if manifest.gates["passed"] else "rejected"
+    except BaseException as exc:  # interrupted or failed: record it, leave LATEST alone
+        manifest.error = f"{type(exc).__name__}: {exc}"
+        timings["total_seconds"] = round(time.time() - started, 2)
+        runs.write_run_manifest(run_directory, manifest)
+        raise
+    timings["total_seconds"] = round(time.time() - started, 2)
+    runs.write_run_manifest(run_directory, manifest)
+    if manifest.status != "published":
+        raise GateError(f"run {run_id} was not published: " + "; ".join(manifest.gates["reasons"])
+                        + f" (run kept at {run_directory}; LATEST unchanged)")
+    runs.publish(root, run_id)
+    return BuildResult(root, run_directory, manifest)
+
+
+def summary(result: BuildResult) -> str:
+    manifest = result.manifest
+    lines = [f"imgindex build: run {manifest.run_id} {manifest.status} "
+             f"in {manifest.timings.get('total_seconds', 0):.1f}s -> {result.root}/{runs.LATEST}"]
+    c = manifest.counts
+    lines.append(f"  records {c.get('records')}: failed {c.get('failed_total')} "
+                 f"(rate {manifest.gates.get('failure_rate')})")
+    for name, e in manifest.embedders.items():
+        lines.append(f"  {name}: n={e['n']} d={e['d']} {e['method']} recall@{e['recall']['k']}="
+                     f"{e['recall']['value']} search {e['search_defaults']} -> {e['index']}")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from imgindex import cli
+from pipelines import build
+from retrieval import index, runs
+from retrieval.errors import ConfigError
+from tests import images
+
+
+def _images(folder, n, bad=0, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        with open(os.path.join(folder, f"img{i:03d}.jpg"), "wb") as f:
+            f.write(images.jpeg(48 + i % 7, 40, seed=seed + i))
+    for i in range(bad):
+        with open(os.path.join(folder, f"bad{i}.jpg"), "wb") as f:
+            f.write(images.random_bytes(seed=i))
+    return folder
+
+
+def _argv(tiny, inputs, root, *extra):
+    return [*(f"--input={i}" for i in inputs), f"--output={root}", f"--embedder=tiny={tiny},size=32", *extra]
+
+
+def test_build_publishes_a_complete_run(tmp_path, tiny_savedmodel):
+    src = _images(tmp_path / "in", 30, bad=0)
+    root = str(tmp_path / "root")
+    result = build.run(_argv(tiny_savedmodel, [src], root, "--metadata=cls"))
+    m = result.manifest
+    assert runs.read_latest(root) == result.run_dir == runs.run_dir(root, m.run_id)
+    assert m.status == "published" and m.gates["passed"] and m.counts["records"] == 30
+    on_disk = runs.read_run_manifest(result.run_dir)
+    assert on_disk.to_dict() == json.loads(json.dumps(m.to_dict()))
+    entry = m.embedders["tiny"]
+    assert (entry["n"], entry["d"], entry["method"]) == (30, 8, "brute_force")
+    assert entry["spec"]["fingerprint"].startswith("sha256-tree:")
+    loaded = index.load_index(os.path.join(result.run_dir, entry["index"]))
+    metadata = pq.read_table(os.path.join(result.run_dir, entry["index"], runs.METADATA_FILE))
+    assert metadata.column("id").to_pylist() == list(loaded._ids)
+    assert {"source", "sha256", "width", "height", "cls"} <= set(metadata.column_names)
+    assert "embedding" not in metadata.column_names
+
+
+def test_failure_rate_gate_refuses_and_keeps_the_previous_run(tmp_path, tiny_savedmodel):
+    root = str(tmp_path / "root")
+    good = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "good", 20)], root))
+    bad_src = _images(tmp_path / "bad", 10, bad=5)
+    with pytest.raises(build.GateError, match="failure rate 0.3333"):
+        build.run(_argv(tiny_savedmodel, [bad_src], root, "--max_failure_rate=0.1"))
+    assert runs.read_latest(root) == good.run_dir
+    refused = [d for d in os.listdir(f"{root}/runs") if d != good.manifest.run_id]
+    assert runs.read_run_manifest(f"{root}/runs/{refused[0]}").status == "rejected"
+    # The same inputs pass with a looser gate, and the new run is published.
+    again = build.run(_argv(tiny_savedmodel, [bad_src], root, "--max_failure_rate=0.5"))
+    assert runs.read_latest(root) == again.run_dir != good.run_dir
+
+
+def test_recall_gate():
+    report = {"counts": {"records": 100, "failed_total": 0}, "status": "ok"}
+    embedders = {"a": {"recall": {"k": 10, "value": 0.91}}, "b": {"recall": {"k": 10, "value": 0.99}}}
+    opts = build.BuildOptions(flags=["--min_recall=0.95"]).view_as(build.BuildOptions)
+    gate = build.gates(report, embedders, opts)
+    assert not gate["passed"] and gate["reasons"] == ["a: recall@10 0.9100 is below --min_recall 0.95"]
+    opts = build.BuildOptions(flags=["--min_recall=0.9"]).view_as(build.BuildOptions)
+    assert build.gates(report, embedders, opts)["passed"]
+
+
+def test_failed_run_is_recorded_and_latest_unchanged(tmp_path, tiny_savedmodel):
+    root = str(tmp_path / "root")
+    good = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "a", 12)], root))
+    # The same relative file names under two inputs give duplicate ids: the index refuses them.
+    with pytest.raises(ConfigError, match="ids must be unique"):
+        build.run(_argv(tiny_savedmodel, [_images(tmp_path / "x", 3), _images(tmp_path / "y", 3)], root))
+    assert runs.read_latest(root) == good.run_dir
+    failed = [d for d in os.listdir(f"{root}/runs") if d != good.manifest.run_id][0]
+    manifest = runs.read_run_manifest(f"{root}/runs/{failed}")
+    assert manifest.status == "failed" and "ids must be unique" in manifest.error
+    with pytest.raises(Exception, match="not publishable"):
+        runs.publish(root, failed)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--min_recall=1.5"], "--min_recall"),
+    (["--max_failure_rate=-1"], "--max_failure_rate"),
+    (["--run_id=../x"], "--run_id"),
+])
+def test_bad_build_options_fail_before_work(tmp_path, tiny_savedmodel, extra, words):
+    root = tmp_path / "root"
+    with pytest.raises(ConfigError, match=words):
+        build.run(_argv(tiny_savedmodel, [str(tmp_path)], str(root), *extra))
+    assert not root.exists()
+
+
+def test_cli_build_exit_status_and_summary(tmp_path, tiny_savedmodel, capsys):
+    root = str(tmp_path / "root")
+    src = _images(tmp_path / "in", 8, bad=4)
+    assert cli.main(["build", *_argv(tiny_savedmodel, [src], root)]) == 3
+    assert "refused" in capsys.readouterr().err and runs.read_latest(root) is None
+    assert cli.main(["build", *_argv(tiny_savedmodel, [src], root, "--max_failure_rate=0.5")]) == 0
+    assert "published" in capsys.readouterr().out and runs.read_latest(root) is not None
