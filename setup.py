@@ -43,7 +43,9 @@ setup(
         # The demo photographs (`imgindex demo`, `make run`) are scikit-image's bundled samples.
         "demo": ["scikit-image>=0.22"],
         # The HTTP adapter (issue: serving) runs on Starlette + uvicorn.
-        "serve": ["starlette>=0.37", "uvicorn>=0.30"],
+        # python-multipart: Starlette's form parser (image uploads); anyio>=4.1 for
+        # abandon_on_cancel in the background refresh task.
+        "serve": ["starlette>=0.37", "uvicorn>=0.30", "python-multipart>=0.0.9", "anyio>=4.1"],
     },
     entry_points={"console_scripts": ["imgindex=imgindex.cli:main"]},
 )

@@ -3,6 +3,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import threading
 import time
 
 
@@ -23,3 +26,52 @@ def peak_rss_mb() -> float:
 
 def environment() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Resident KiB of pid and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack.extend(children.get(p, []))
+    return total
+
+
+def run_child(module: str, args: list[str]) -> tuple[float, float, str]:
+    """Runs `python -m <module> <args>` with TF quiet; returns (wall s, peak tree RSS MB, stdout).
+
+    Peak RSS is the largest sum of resident memory over the process and all its descendants,
+    sampled every 0.1 s.
+    """
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", module, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - start
+    sampler.join()
+    if proc.returncode:
+        raise RuntimeError(f"benchmark child {args} failed with {proc.returncode}:\n{out}")
+    return wall, peak[0] / 1024, out

@@ -25,8 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+from benchmarks.common import environment, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UKBENCH = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "ukbench56", "images"))
@@ -63,51 +64,6 @@ def make_data(n: int, seed: int = 0) -> str:
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
     return folder
-
-
-def _tree_rss_kb(pid: int) -> int:
-    """Resident KiB of pid and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024
-        except (OSError, IndexError, ValueError):
-            continue
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        total += rss.get(p, 0)
-        stack.extend(children.get(p, []))
-    return total
-
-
-def run_child(args: list[str]) -> tuple[float, float, str]:
-    """Runs `python -m benchmarks.pipeline_throughput <args>`; returns (wall s, peak MB, stdout)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.pipeline_throughput", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    peak = [0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    wall = time.perf_counter() - start
-    sampler.join()
-    if proc.returncode:
-        raise RuntimeError(f"benchmark child {args} failed with {proc.returncode}:\n{out}")
-    return wall, peak[0] / 1024, out
 
 
 def _files(folder: str) -> list[str]:
@@ -187,14 +143,13 @@ def main(argv=None):
             child_pipeline(args.data, args.batch_size, args.model, multi=args.child == "pipeline-mp")
         return
 
-    from benchmarks.common import environment
-
+    
     methods = args.methods.split(",")
     folder = make_data(args.images)
     results = {m: {"rate": [], "steady": [], "rss": []} for m in methods}
     for round_ in range(args.rounds):
         for method in methods:
-            wall, rss, out = run_child(["--child", method, "--data", folder, "--batch_size", str(args.batch_size),
+            wall, rss, out = run_child("benchmarks.pipeline_throughput", ["--child", method, "--data", folder, "--batch_size", str(args.batch_size),
                                         "--model", args.model])
             steady = [float(line.split()[1]) for line in out.splitlines() if line.startswith("steady ")]
             results[method]["rate"].append(args.images / wall)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from retrieval.errors import ImgIndexError
+from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
 
@@ -70,7 +70,7 @@ def _add_demo(sub) -> None:
                        "with ScaNN and queried with each original photo.")
     p.add_argument("--output", default="runs/demo", help="where the tables, index and contact sheet go")
     p.add_argument("--embedder", default="builtin:efficientnet-lite0", help="embedder handle")
-    p.add_argument("--variants", type=int, default=5, help="augmented variants per photo")
+    p.add_argument("--variants", type=int, default=6, help="augmented variants per photo")
     p.add_argument("--k", type=int, default=6, help="hits shown per query")
     p.set_defaults(func=_run_demo)
 
@@ -138,6 +138,115 @@ def _run_build(args, rest: list[str]) -> int:
     return 0
 
 
+def _add_query(sub) -> None:
+    p = sub.add_parser("query", help="query a published index by image file, vector or id",
+                       description="Query the run published under an output root (following LATEST) "
+                       "or a run directory; prints the hits best first.")
+    p.add_argument("path", help="output root or run directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", help="image file to embed with the index's embedder")
+    what.add_argument("--vector", help="comma-separated floats, or a .npy file holding one vector")
+    what.add_argument("--id", help="an indexed id: its own vector is the query")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--embedder", help="which index, when the run has several")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_query)
+
+
+def _query_vector(text: str):
+    import numpy as np
+
+    if text.endswith(".npy"):
+        return np.load(text)
+    try:
+        return np.array([float(v) for v in text.split(",")], np.float32)
+    except ValueError as exc:
+        raise ConfigError(f"--vector must be comma-separated numbers or a .npy file: {exc}") from exc
+
+
+def _run_query(args) -> int:
+    import json
+
+    from serving import Searcher
+
+    searcher = Searcher.open(args.path, embedder=args.embedder)
+    if args.image:
+        with open(args.image, "rb") as f:
+            hits = searcher.search_image(f.read(), k=args.k, embedder=args.embedder)
+    elif args.id is not None:
+        hits = searcher.search_id(args.id, k=args.k, embedder=args.embedder)
+    else:
+        hits = searcher.search_vector(_query_vector(args.vector), k=args.k, embedder=args.embedder)
+    if args.json:
+        print(json.dumps([hit.to_dict() for hit in hits], indent=2))
+        return 0
+    print(f"{'rank':>4}  {'score':>8}  {'id':40} source")
+    for hit in hits:
+        print(f"{hit.rank:4d}  {hit.score:8.4f}  {hit.id:40} {hit.metadata.get('source', '')}")
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a published index over HTTP (JSON, no gRPC)",
+                       description="HTTP JSON API: POST /v1/search, GET /v1/healthz, GET /v1/index. "
+                       "Follows LATEST and swaps in newer runs without dropping queries.")
+    p.add_argument("path", help="output root (follows LATEST) or run directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--refresh_seconds", type=float, default=60.0,
+                   help="how often LATEST is checked for a newer run (0 = never)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from serving import http
+
+    http.serve(args.path, host=args.host, port=args.port, refresh_seconds=args.refresh_seconds or None)
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="show what a run, an output root or an index directory holds")
+    p.add_argument("path", help="output root (follows LATEST), run directory or index directory")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    import json
+    import os
+
+    from retrieval import manifest as index_manifest
+    from retrieval import runs
+
+    if os.path.isfile(os.path.join(args.path, index_manifest.MANIFEST_NAME)):
+        m = index_manifest.read_manifest(args.path)
+        data = m.to_dict()
+        if not args.json:
+            print(f"index {args.path}: n={m.n} d={m.d} distance={m.distance} "
+                  f"method={m.index_config.get('method')} recall@{m.recall.get('k')}={m.recall.get('value')} "
+                  f"search {m.search_defaults} embedder {(m.embedder or {}).get('handle')} files {len(m.files)}")
+    else:
+        run_dir = runs.resolve_run(args.path)
+        m = runs.read_run_manifest(run_dir)
+        data = m.to_dict()
+        if not args.json:
+            print(f"run {m.run_id} ({run_dir}): {m.status}, created {m.created_at}, imgindex {m.producer_version}")
+            print(f"  inputs: {m.inputs.get('globs')} ({m.inputs.get('files')} files)")
+            print(f"  records: {m.counts.get('records')}, failed {m.counts.get('failed_total')}; gates: "
+                  f"{'passed' if m.gates.get('passed') else m.gates.get('reasons')}")
+            for name, e in m.embedders.items():
+                print(f"  {name}: {e['spec']['handle']} ({e['spec']['fingerprint'][:23]}...) n={e['n']} "
+                      f"d={e['d']} {e['method']} recall@{e['recall']['k']}={e['recall']['value']} "
+                      f"search {e['search_defaults']} build {e['build_seconds']}s")
+            print(f"  timings: {m.timings}")
+            if m.error:
+                print(f"  error: {m.error}")
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgindex",
@@ -146,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"imgindex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_build, _add_demo, _add_embed, _add_index, _add_models):
+    for add in (_add_build, _add_demo, _add_embed, _add_index, _add_inspect, _add_models, _add_query,
+                _add_serve):
         add(sub)
     return parser
 

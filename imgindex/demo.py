@@ -1,21 +1,26 @@
-"""The embedded default job (`imgindex demo`, `make run`).
+"""The embedded default job (`imgindex demo`, what `make run` runs).
 
 Real photographs that scikit-image ships are augmented into variants (crop, flip, small
-rotation, colour change, JPEG re-encode), so every original has known relevant images.  All
-are embedded with the builtin model, indexed with ScaNN and queried with each original; the
-hit rate (variants found in the top k) is measured, printed and drawn as a contact sheet.
+rotation, colour change, JPEG re-encode) and written as WebDataset shards, so each
+original photo has known relevant images.  `imgindex build` embeds the shards with the
+builtin model, builds and validates the ScaNN index and publishes the run; the original
+photos (not in the index) are then sent as image queries to the serving `Searcher`, and the
+hit rate (a photo's variants found in its top hits) is printed and drawn as a contact sheet.
 """
 from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
+import shutil
+import tarfile
 import time
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
 
-from retrieval import embedders, imaging, index, tables
+from retrieval import imaging
 from retrieval.errors import ConfigError
 
 # Colour and greyscale photographs bundled inside the scikit-image wheel (no download).
@@ -31,50 +36,63 @@ def photo_dir() -> str:
     return os.path.join(spec.submodule_search_locations[0], "data")
 
 
+def originals() -> dict[str, bytes]:
+    """Photo name -> its encoded bytes as shipped."""
+    out = {}
+    for name in PHOTOS:
+        with open(os.path.join(photo_dir(), name), "rb") as f:
+            out[os.path.splitext(name)[0]] = f.read()
+    return out
+
+
 def variant(image: Image.Image, rng: np.random.Generator) -> bytes:
     """One augmented copy: random crop, maybe a flip, small rotation, colour change, JPEG."""
     w, h = image.size
-    scale = rng.uniform(0.7, 0.95)
+    scale = rng.uniform(0.6, 0.9)
     cw, ch = int(w * scale), int(h * scale)
     left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     out = image.crop((left, top, left + cw, top + ch))
     if rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    out = out.rotate(float(rng.uniform(-10, 10)), resample=Image.BILINEAR)
-    out = ImageEnhance.Color(out).enhance(float(rng.uniform(0.6, 1.4)))
-    out = ImageEnhance.Brightness(out).enhance(float(rng.uniform(0.8, 1.2)))
+    out = out.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR)
+    out = ImageEnhance.Color(out).enhance(float(rng.uniform(0.5, 1.5)))
+    out = ImageEnhance.Brightness(out).enhance(float(rng.uniform(0.75, 1.25)))
     buf = io.BytesIO()
-    out.save(buf, "JPEG", quality=int(rng.integers(40, 91)))
+    out.save(buf, "JPEG", quality=int(rng.integers(35, 91)))
     return buf.getvalue()
 
 
-def make_images(variants: int, seed: int = 0) -> list[tuple[str, str, bytes]]:
-    """Returns (id, group, encoded bytes) for every original and its variants."""
+def write_shards(folder: str, photos: dict[str, bytes], variants: int, shards: int = 2, seed: int = 0) -> list[str]:
+    """WebDataset tars of the variants only (key <photo>/vNN, a .json sidecar naming the photo)."""
     rng = np.random.default_rng(seed)
-    folder = photo_dir()
-    items = []
-    for name in PHOTOS:
-        path = os.path.join(folder, name)
-        with open(path, "rb") as f:
-            original = f.read()
-        group = os.path.splitext(name)[0]
-        items.append((f"{group}/original", group, original))
-        rgb = imaging.decode(original).image
+    os.makedirs(folder, exist_ok=True)
+    samples = []
+    for photo, data in photos.items():
+        rgb = imaging.decode(data).image
         for i in range(variants):
-            items.append((f"{group}/v{i}", group, variant(rgb, rng)))
-    return items
+            samples.append((f"{photo}/v{i:02d}", variant(rgb, rng), photo))
+    paths = []
+    for s in range(shards):
+        path = os.path.join(folder, f"demo-{s:05d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for key, jpeg, photo in samples[s::shards]:
+                for ext, payload in (("jpg", jpeg), ("json", json.dumps({"photo": photo}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        paths.append(path)
+    return paths
 
 
 def contact_sheet(rows: list[tuple[bytes, list[tuple[bytes, bool]]]], path: str, thumb: int = 96) -> None:
-    """Query thumbnail then its hits; green border = same photo, red = other."""
+    """Query thumbnail then its hits; green border = a variant of the query photo, red = other."""
     cols = 1 + max(len(hits) for _, hits in rows)
     pad = 6
-    sheet = Image.new("RGB", (cols * (thumb + pad) + pad, len(rows) * (thumb + pad) + pad), "white")
+    sheet = Image.new("RGB", (cols * (thumb + pad) + 2 * pad, len(rows) * (thumb + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (query, hits) in enumerate(rows):
         y = pad + r * (thumb + pad)
-        cells = [(query, None)] + hits
-        for c, (data, relevant) in enumerate(cells):
+        for c, (data, relevant) in enumerate([(query, None)] + hits):
             x = pad + c * (thumb + pad) + (pad if c else 0)
             tile = imaging.resize(imaging.decode(data, min_size=thumb).image, thumb - 4, "pad")
             colour = "black" if relevant is None else ("green" if relevant else "red")
@@ -83,53 +101,47 @@ def contact_sheet(rows: list[tuple[bytes, list[tuple[bytes, bool]]]], path: str,
     sheet.save(path)
 
 
-def run(output: str, embedder: str = "builtin:efficientnet-lite0", variants: int = 5, k: int = 6,
-        batch_size: int = 32) -> int:
+def _shard_images(paths: list[str]) -> dict[str, bytes]:
+    images = {}
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    images[member.name[: -len(".jpg")]] = tar.extractfile(member).read()
+    return images
+
+
+def run(output: str, embedder: str = "builtin:efficientnet-lite0", variants: int = 6, k: int = 6) -> int:
+    from pipelines import build
+    from serving import Searcher
+
     started = time.perf_counter()
-    spec = embedders.parse_embedder_arg(f"demo={embedder}")
-    items = make_images(variants)
-    print(f"demo: {len(PHOTOS)} photos x (1 original + {variants} variants) = {len(items)} images")
+    photos = originals()
+    shard_dir = os.path.join(output, "shards")
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    shards = write_shards(shard_dir, photos, variants)
+    print(f"demo: {len(photos)} photos x {variants} variants -> {len(shards)} WebDataset shards in {shard_dir}")
 
-    model, spec = embedders.complete_spec(spec)
-    decoded = [imaging.decode(data, min_size=spec.input_size) for _, _, data in items]
-    pixels = np.stack([imaging.resize(d.image, spec.input_size, spec.resize) for d in decoded])
-    vectors = np.concatenate([embedders.embed_batch(model, spec, pixels[i:i + batch_size])
-                              for i in range(0, len(pixels), batch_size)])
+    result = build.run([f"--input={shard_dir}/*.tar", f"--output={output}", f"--embedder=demo={embedder}",
+                        "--metadata=json"])
+    print(build.summary(result))
 
-    os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
-    table_path = os.path.join(output, "embeddings", "part-00000.parquet")
-    tables.write_embeddings(
-        table_path, spec, ids=[i for i, _, _ in items], vectors=vectors,
-        sha256s=[imaging.sha256_hex(d) for _, _, d in items],
-        sources=[f"skimage-data:{i}" for i, _, _ in items],
-        widths=[d.width for d in decoded], heights=[d.height for d in decoded])
-    data = tables.read_embeddings(table_path)
-    built = index.build_index(data.vectors, data.ids, distance="cosine", embedder=spec.to_dict())
-    index_dir = os.path.join(output, "index")
-    built.save(index_dir, overwrite=True)
-    loaded = index.load_index(index_dir)
-
-    groups = {i: g for i, g, _ in items}
-    encoded = {i: d for i, _, d in items}
-    queries = [(i, v) for (i, _, _), v in zip(items, vectors) if i.endswith("/original")]
-    # One extra hit because each query finds itself first; at least `variants` to score.
-    ids, scores = loaded.search_batch(np.stack([v for _, v in queries]), k=max(k, variants) + 1)
+    searcher = Searcher.open(output)
+    indexed = _shard_images(shards)
     found, rows = [], []
-    print(f"\n{'query':28} top {k} hits (cosine similarity; * = a variant of the query photo)")
-    for (qid, _), hit_ids, hit_scores in zip(queries, ids, scores):
-        hits = [(h, s) for h, s in zip(hit_ids, hit_scores) if h != qid]
-        relevant = [groups[h] == groups[qid] for h, _ in hits]
+    print(f"\nquery (not in the index)  top {k} hits, cosine similarity (* = a variant of the query photo)")
+    for photo, data in photos.items():
+        hits = searcher.search_image(data, k=max(k, variants))
+        relevant = [hit.id.split("/")[0] == photo for hit in hits]
         found.append(sum(relevant[:variants]) / variants)
-        hits, relevant = hits[:k], relevant[:k]
-        cells = "  ".join(f"{'*' if r else ' '}{h} {s:.2f}" for (h, s), r in zip(hits[:3], relevant))
-        print(f"{qid:28} {cells}  ...")
-        rows.append((encoded[qid], [(encoded[h], r) for (h, _), r in zip(hits, relevant)]))
+        cells = "  ".join(f"{'*' if r else ' '}{hit.id} {hit.score:.2f}" for hit, r in zip(hits[:3], relevant))
+        print(f"{photo:25} {cells}  ...")
+        rows.append((data, [(indexed[hit.id], r) for hit, r in zip(hits[:k], relevant)]))
 
     sheet = os.path.join(output, "contact_sheet.png")
     contact_sheet(rows, sheet)
-    print(f"\nhit rate: {np.mean(found):.3f} of each photo's {variants} variants are in its top "
-          f"{variants} hits (mean over {len(queries)} queries)")
-    print(f"index recall@{loaded.manifest.recall['k']} vs exact: {loaded.manifest.recall['value']:.3f}")
-    print(f"embeddings: {table_path}\nindex:      {index_dir}\ncontact sheet: {sheet}")
+    print(f"\nhit rate: {np.mean(found):.3f} of each photo's {variants} variants are among its top "
+          f"{variants} hits (mean over {len(photos)} query photos)")
+    print(f"published run: {result.run_dir}\ncontact sheet: {sheet}")
     print(f"done in {time.perf_counter() - started:.1f}s")
     return 0

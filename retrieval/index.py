@@ -221,6 +221,7 @@ class Index:
         self.manifest = manifest
 
     n = property(lambda self: self.manifest.n)
+    ids = property(lambda self: self._ids, doc="row i -> id of vector i (numpy object array)")
     d = property(lambda self: self.manifest.d)
     distance = property(lambda self: self.manifest.distance)
     method = property(lambda self: self.manifest.index_config["method"])

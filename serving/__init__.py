@@ -1,0 +1,31 @@
+"""Serving: `Searcher` answers vector, image and id queries against a published run.
+
+`serving.http` (optional extra `serve`: Starlette + uvicorn) puts it behind HTTP.
+Importing this package loads NumPy only; ScaNN and pyarrow are imported by
+`Searcher.open`, TensorFlow by the first image query.
+"""
+from serving.searcher import (
+    BadImageError,
+    DimensionMismatchError,
+    EmbedderRequiredError,
+    NonFiniteQueryError,
+    QueryError,
+    SearchHit,
+    SearchResult,
+    Searcher,
+    UnknownEmbedderError,
+    UnknownIdError,
+)
+
+__all__ = [
+    "BadImageError",
+    "DimensionMismatchError",
+    "EmbedderRequiredError",
+    "NonFiniteQueryError",
+    "QueryError",
+    "SearchHit",
+    "SearchResult",
+    "Searcher",
+    "UnknownEmbedderError",
+    "UnknownIdError",
+]

@@ -1,0 +1,370 @@
+"""HTTP adapter for `serving.Searcher`: a Starlette (ASGI) app run by uvicorn.
+
+Why Starlette + uvicorn: a small, well-maintained ASGI stack with few dependencies (anyio,
+h11) that any ASGI server can also run; no gRPC toolchain or generated stubs, and FastAPI's
+validation layer is not needed for three endpoints whose few fields are checked here with
+error messages written for this API.
+
+Endpoints (JSON in and out):
+
+    POST /v1/search    {"vector": [...]} | {"image": "<base64>"} | {"id": "..."}
+                       + "k" (1..1000, default 10), "embedder" (required when the run has
+                       several), "exclude_self" (id queries only, default false);
+                       or multipart/form-data with a file field "image" (+ "k", "embedder")
+        -> {"embedder", "run_id", "k", "distance", "higher_is_better",
+            "hits": [{"rank", "id", "score", "metadata": {...}}], "took_ms"}
+    GET  /v1/healthz   {"status": "ok", "run_id": ...}
+    GET  /v1/index     Searcher.info(): run, embedders (n, d, distance, method, recall, ...)
+
+Scores: similarities for cosine / dot_product indexes (highest first), squared distances
+for squared_l2 (lowest first); "higher_is_better" says which.  Ranks start at 1.
+
+Errors are {"error": {"code": ..., "message": ...}}: 400 for a bad request (bad_json,
+unknown_field, query_kind, bad_k, bad_vector, dimension_mismatch, non_finite, zero_vector,
+bad_base64, bad_id, bad_embedder, embedder_required, unknown_embedder, bad_multipart), 404
+unknown_id (and unknown paths), 405, 413 body_too_large (by Content-Length, and counted
+while reading), 415 unsupported_media_type, 422 undecodable_image, 503 embedder_unavailable
+(the image model cannot be loaded or has other weights than the index), 500 internal.
+
+Queries run in Starlette's thread pool, so the event loop never waits for ScaNN or the
+model.  With refresh_seconds, a lifespan task checks LATEST that often and loads a newly
+published run in a worker thread, then swaps it in; queries never wait for it.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import datetime
+import decimal
+import json
+import logging
+import math
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from retrieval.errors import ConfigError, HandleError
+from serving.searcher import BadImageError, QueryError, Searcher, SearchResult, UnknownIdError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # a 12 MB image, base64-encoded
+DEFAULT_K = 10
+MAX_K = 1000
+QUERY_KINDS = ("vector", "image", "id")
+JSON_FIELDS = frozenset(QUERY_KINDS + ("k", "embedder", "exclude_self"))
+FORM_FIELDS = frozenset(("image", "k", "embedder"))
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class _JSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_jsonable(content), ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8")
+
+
+def _jsonable(value: Any) -> Any:
+    """Metadata values as JSON: NaN/inf -> null, bytes -> base64, dates -> ISO 8601."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return _jsonable(float(value))
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # NumPy scalar
+        return _jsonable(value.item())
+    return value
+
+
+def _error(status: int, code: str, message: str) -> _JSONResponse:
+    return _JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(searcher: Searcher, refresh_seconds: float | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+    """The ASGI app serving `searcher`; with refresh_seconds, LATEST is re-checked that often."""
+    if refresh_seconds is not None and not refresh_seconds > 0:
+        raise ConfigError(f"refresh_seconds must be > 0 or None, got {refresh_seconds!r}")
+    if max_body_bytes < 1:
+        raise ConfigError(f"max_body_bytes must be >= 1, got {max_body_bytes!r}")
+
+    async def search(request: Request) -> _JSONResponse:
+        started = time.perf_counter()
+        try:
+            query = await _parse_request(request, max_body_bytes)
+            result = await run_in_threadpool(_run_query, searcher, query)
+        except ApiError as exc:
+            return _error(exc.status, exc.code, exc.message)
+        return _JSONResponse({
+            "embedder": result.embedder,
+            "run_id": result.run_id,
+            "k": query["k"],
+            "distance": result.distance,
+            "higher_is_better": result.higher_is_better,
+            "hits": [hit.to_dict() for hit in result],
+            "took_ms": round((time.perf_counter() - started) * 1000, 3),
+        })
+
+    async def healthz(request: Request) -> _JSONResponse:
+        return _JSONResponse({"status": "ok", "run_id": searcher.run_id})
+
+    async def index_info(request: Request) -> _JSONResponse:
+        return _JSONResponse(searcher.info())
+
+    async def http_error(request: Request, exc: HTTPException) -> _JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = exc.detail if exc.status_code not in (404, 405) else (
+            f"{request.method} {request.url.path} is not an endpoint; use POST /v1/search, "
+            "GET /v1/healthz or GET /v1/index")
+        return _error(exc.status_code, code, str(message))
+
+    async def internal_error(request: Request, exc: Exception) -> _JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal", f"internal error: {type(exc).__name__}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if not refresh_seconds:
+            yield
+            return
+        import anyio
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_refresh_loop, searcher, refresh_seconds)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+
+    return Starlette(
+        routes=[
+            Route("/v1/search", search, methods=["POST"]),
+            Route("/v1/healthz", healthz, methods=["GET"]),
+            Route("/v1/index", index_info, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        lifespan=lifespan,
+    )
+
+
+async def _refresh_loop(searcher: Searcher, seconds: float) -> None:
+    import anyio
+    import anyio.to_thread
+
+    while True:
+        await anyio.sleep(seconds)
+        try:
+            # Loading a run takes a worker thread; abandoned (not awaited) at shutdown.
+            await anyio.to_thread.run_sync(searcher.refresh, abandon_on_cancel=True)
+        except Exception:  # logged and recorded in info()["refresh"] by refresh()
+            pass
+
+
+# ------------------------------------------------------------------ request parsing
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise ApiError(400, "bad_request", f"invalid Content-Length {length!r}") from None
+        if declared > limit:
+            raise ApiError(413, "body_too_large",
+                           f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large",
+                           f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse_request(request: Request, limit: int) -> dict[str, Any]:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in ("application/json", "multipart/form-data", ""):
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type {media_type!r} is not supported; send application/json "
+                       "or multipart/form-data")
+    body = await _read_body(request, limit)
+    if media_type == "multipart/form-data":
+        return await _parse_form(request, body, limit)
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+    return _parse_json(payload)
+
+
+def _parse_json(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise ApiError(400, "bad_json", f"the body must be a JSON object, got {type(payload).__name__}")
+    unknown = sorted(payload.keys() - JSON_FIELDS)
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field(s) {', '.join(unknown)}; allowed: "
+                       f"{', '.join(sorted(JSON_FIELDS))}")
+    query = _common_fields(payload)
+    kind = query["kind"]
+    value = payload[kind]
+    if kind == "vector":
+        if not isinstance(value, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            raise ApiError(400, "bad_vector", "\"vector\" must be a flat list of numbers")
+        query["value"] = value
+    elif kind == "image":
+        if not isinstance(value, str):
+            raise ApiError(400, "bad_base64", "\"image\" must be a base64 string")
+        query["value"] = _b64decode(value)
+    else:
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, "bad_id", "\"id\" must be a non-empty string")
+        query["value"] = value
+    exclude_self = payload.get("exclude_self", False)
+    if not isinstance(exclude_self, bool) or (exclude_self and kind != "id"):
+        raise ApiError(400, "bad_request", "\"exclude_self\" must be true or false, and applies "
+                       "to id queries only")
+    query["exclude_self"] = exclude_self
+    return query
+
+
+def _common_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    kinds = [kind for kind in QUERY_KINDS if kind in fields]
+    if len(kinds) != 1:
+        got = ", ".join(kinds) or "none"
+        raise ApiError(400, "query_kind",
+                       f'give exactly one of "vector", "image", "id" (got {got})')
+    k = fields.get("k", DEFAULT_K)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ApiError(400, "bad_k", f"\"k\" must be an integer from 1 to {MAX_K}, got {k!r}")
+    embedder = fields.get("embedder")
+    if embedder is not None and not isinstance(embedder, str):
+        raise ApiError(400, "bad_embedder", "\"embedder\" must be a string")
+    return {"kind": kinds[0], "k": k, "embedder": embedder}
+
+
+def _b64decode(text: str) -> bytes:
+    if text.startswith("data:") and "," in text:  # a data URL
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "bad_base64", f"\"image\" is not valid base64: {exc}") from None
+    if not data:
+        raise ApiError(400, "bad_base64", "\"image\" is empty")
+    return data
+
+
+async def _parse_form(request: Request, body: bytes, limit: int) -> dict[str, Any]:
+    from starlette import formparsers
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if getattr(formparsers, "multipart", None) is None:  # pragma: no cover - extras dependent
+        raise ApiError(415, "unsupported_media_type", "multipart uploads need the "
+                       "python-multipart package on the server; send JSON with a base64 image")
+
+    async def stream():
+        yield body
+        yield b""
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=10,
+                                     max_part_size=limit).parse()
+    except MultiPartException as exc:
+        raise ApiError(400, "bad_multipart", f"invalid multipart/form-data body: {exc.message}") from None
+    try:
+        unknown = sorted(set(form.keys()) - FORM_FIELDS)
+        if unknown:
+            raise ApiError(400, "unknown_field", f"unknown form field(s) {', '.join(unknown)}; "
+                           f"allowed: {', '.join(sorted(FORM_FIELDS))}")
+        if "image" not in form:
+            raise ApiError(400, "query_kind", "the multipart form needs a file field \"image\"")
+        upload = form["image"]
+        if isinstance(upload, str) or not hasattr(upload, "read"):
+            raise ApiError(400, "bad_multipart", "form field \"image\" must be a file upload")
+        data = await upload.read()
+        fields: dict[str, Any] = {"image": data}
+        if "k" in form:
+            try:
+                fields["k"] = int(form["k"])
+            except (TypeError, ValueError):
+                raise ApiError(400, "bad_k", f"\"k\" must be an integer from 1 to {MAX_K}, "
+                               f"got {form['k']!r}") from None
+        if "embedder" in form:
+            fields["embedder"] = form["embedder"] if isinstance(form["embedder"], str) else None
+        query = _common_fields(fields)
+    finally:
+        await form.close()
+    if not data:
+        raise ApiError(400, "query_kind", "the uploaded \"image\" file is empty")
+    query.update(value=data, exclude_self=False)
+    return query
+
+
+# ------------------------------------------------------------------ running a query
+
+def _run_query(searcher: Searcher, query: dict[str, Any]) -> SearchResult:
+    kind, k, embedder = query["kind"], query["k"], query["embedder"]
+    try:
+        if kind == "vector":
+            return searcher.search_vector(query["value"], k=k, embedder=embedder)
+        if kind == "image":
+            return searcher.search_image(query["value"], k=k, embedder=embedder)
+        return searcher.search_id(query["value"], k=k, embedder=embedder,
+                                  exclude_self=query["exclude_self"])
+    except UnknownIdError as exc:
+        raise ApiError(404, exc.code, str(exc)) from None
+    except BadImageError as exc:
+        raise ApiError(422, exc.code, str(exc)) from None
+    except QueryError as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
+    except HandleError as exc:
+        raise ApiError(503, "embedder_unavailable", str(exc)) from None
+    except ConfigError as exc:
+        raise ApiError(400, "bad_query", str(exc)) from None
+
+
+# ------------------------------------------------------------------ running the server
+
+def serve(path: str, host: str = "127.0.0.1", port: int = 8080, refresh_seconds: float | None = 60,
+          *, embedder: str | None = None, verify: bool = True,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
+          uvicorn_options: dict[str, Any] | None = None, **open_options: Any) -> None:
+    """Open `path` (output root or run directory) and serve it with uvicorn until stopped.
+
+    Binds 127.0.0.1 unless `host` says otherwise.  refresh_seconds: how often LATEST is
+    re-checked (None: never; ignored for a run directory).  open_options go to
+    Searcher.open (handles, model_cache_dir, allow_unpublished, max_image_pixels);
+    uvicorn_options to uvicorn.run (e.g. limit_concurrency, ssl_keyfile).
+    """
+    import uvicorn
+
+    searcher = Searcher.open(path, embedder=embedder, verify=verify, **open_options)
+    if refresh_seconds and not searcher.info()["refresh"]["follows_latest"]:
+        log.info("%s is a run directory: it is served as is, LATEST is not followed", path)
+        refresh_seconds = None
+    log.info("serving run %s (%s) on http://%s:%d", searcher.run_id,
+             ", ".join(searcher.embedders), host, port)
+    app = create_app(searcher, refresh_seconds=refresh_seconds, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **(uvicorn_options or {}))

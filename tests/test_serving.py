@@ -1,0 +1,349 @@
+"""Searcher: opening published runs, vector / id / image queries, refresh under load, errors."""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval import runs
+from retrieval.errors import HandleError, IndexFormatError
+from retrieval.exact import exact_search, normalize_rows
+from retrieval.index import IndexConfig
+from serving import (
+    BadImageError,
+    DimensionMismatchError,
+    EmbedderRequiredError,
+    NonFiniteQueryError,
+    QueryError,
+    Searcher,
+    UnknownEmbedderError,
+    UnknownIdError,
+)
+from tests import runs_fixture as rf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TREE = IndexConfig(method="tree_ah", num_leaves=10, training_sample_size=1500,
+                   leaves_to_search=10, pre_reorder_num_neighbors=100)
+
+
+def two_embedders():
+    """"a": cosine brute force (2000 x 32); "b": squared_l2 tree-AH (1500 x 16), searching
+    every leaf and reordering 100 candidates exactly, so both answer exactly."""
+    return {
+        "a": rf.vector_embedder("a", 2000, 32, seed=0),
+        "b": rf.vector_embedder("b", 1500, 16, seed=1, distance="squared_l2", config=TREE),
+    }
+
+
+@pytest.fixture(scope="module")
+def vec_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vec_root")
+    data = two_embedders()
+    run_dir = rf.write_run(root, data, run_id="20260101T000000Z-aaaaaa")
+    return root, run_dir, data
+
+
+@pytest.fixture(scope="module")
+def searcher(vec_run):
+    return Searcher.open(vec_run[0])
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, tiny_savedmodel):
+    root = tmp_path_factory.mktemp("img_root")
+    images = rf.colour_images(24)
+    data = rf.image_embedder(tiny_savedmodel, images)
+    rf.write_run(root, {"tiny": data}, run_id="20260101T000000Z-image0")
+    return root, images, data
+
+
+def test_open_root_follows_latest_and_run_dir_opens_directly(vec_run, searcher):
+    root, run_dir, _ = vec_run
+    assert searcher.run_id == "20260101T000000Z-aaaaaa"
+    assert searcher.embedders == ["a", "b"]
+    fixed = Searcher.open(run_dir)
+    assert fixed.run_id == searcher.run_id
+    assert fixed.refresh() is False  # a run directory is never swapped
+    info = searcher.info()
+    assert info["run_id"] == searcher.run_id and info["refresh"]["follows_latest"] is True
+    a, b = info["embedders"]["a"], info["embedders"]["b"]
+    assert (a["n"], a["d"], a["distance"], a["method"]) == (2000, 32, "cosine", "brute_force")
+    assert (b["n"], b["d"], b["distance"], b["method"]) == (1500, 16, "squared_l2", "tree_ah")
+    assert a["recall"]["value"] == 1.0 and a["fingerprint"].startswith("sha256-tree:")
+    assert a["metadata_columns"] == ["sha256", "source", "width", "height", "label", "caption"]
+    assert a["id_queries"] and info["loaded_at"]
+    json.dumps(info)  # serialisable as is
+    only_b = Searcher.open(root, embedder="b")
+    assert only_b.embedders == ["b"]
+    assert only_b.search_id("b-00007", k=1)[0].id == "b-00007"  # no embedder= needed
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_vector_queries_match_exact_search(searcher, vec_run, name):
+    data = vec_run[2][name]
+    rng = np.random.default_rng(5)
+    queries = data.vectors[rng.choice(len(data.ids), 20, replace=False)] + 0.05 * rng.standard_normal(
+        (20, data.vectors.shape[1])).astype(np.float32)
+    database = normalize_rows(data.vectors) if data.distance == "cosine" else data.vectors
+    exact_rows, exact_scores = exact_search(queries, database, 10, data.distance)
+    batch = searcher.search_vector(queries, k=10, embedder=name)
+    assert len(batch) == 20
+    for q, result in enumerate(batch):
+        assert [hit.id for hit in result] == [data.ids[r] for r in exact_rows[q]]
+        np.testing.assert_allclose([hit.score for hit in result], exact_scores[q], rtol=1e-4, atol=1e-4)
+        assert [hit.rank for hit in result] == list(range(1, 11))
+        assert result.run_id == searcher.run_id and result.embedder == name
+    single = searcher.search_vector(queries[0].tolist(), k=10, embedder=name)
+    assert [h.id for h in single] == [h.id for h in batch[0]]
+    scores = [h.score for h in single]
+    if name == "a":  # cosine: similarities, highest first
+        assert single.higher_is_better and scores == sorted(scores, reverse=True)
+    else:  # squared_l2: distances, lowest first
+        assert not single.higher_is_better and scores == sorted(scores)
+
+
+def test_id_query_equals_vector_query_and_returns_metadata(searcher, vec_run):
+    data = vec_run[2]["a"]
+    row = 123
+    by_id = searcher.search_id(data.ids[row], k=5, embedder="a")
+    by_vector = searcher.search_vector(data.vectors[row], k=5, embedder="a")
+    assert [h.id for h in by_id] == [h.id for h in by_vector]
+    np.testing.assert_allclose([h.score for h in by_id], [h.score for h in by_vector], atol=1e-5)
+    assert by_id[0].id == data.ids[row] and by_id[0].score == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(searcher.get_vector(data.ids[row], embedder="a"),
+                               normalize_rows(data.vectors[row:row + 1])[0], atol=1e-6)
+    expected = rf.default_metadata(data.ids).to_pylist()
+    for hit in by_id:
+        want = dict(expected[data.ids.index(hit.id)])
+        del want["id"]
+        assert hit.metadata == want
+    others = searcher.search_id(data.ids[row], k=4, embedder="a", exclude_self=True)
+    assert [h.id for h in others] == [h.id for h in by_id[1:]]
+    assert [h.rank for h in others] == [1, 2, 3, 4]
+
+
+def test_metadata_types_and_nulls_round_trip(tmp_path):
+    import datetime
+
+    import pyarrow as pa
+
+    data = rf.vector_embedder("m", 4, 8, seed=3)
+    stamp = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    data.metadata = pa.table({
+        "id": data.ids,
+        "score": pa.array([0.5, float("nan"), None, 2.0], pa.float64()),
+        "count": pa.array([1, None, 3, 4], pa.int64()),
+        "flag": pa.array([True, False, None, True]),
+        "taken": pa.array([stamp] * 4, pa.timestamp("s")),
+        "blob": pa.array([b"\x00\x01", None, b"", b"z"], pa.binary()),
+    })
+    rf.write_run(tmp_path, {"m": data}, run_id="20260101T000000Z-meta00")
+    searcher = Searcher.open(tmp_path)
+    got = {hit.id: hit.metadata for hit in searcher.search_id("m-00000", k=4)}
+    assert got["m-00000"] == {"score": 0.5, "count": 1, "flag": True, "taken": stamp, "blob": b"\x00\x01"}
+    assert got["m-00002"] == {"score": None, "count": 3, "flag": None, "taken": stamp, "blob": b""}
+    assert np.isnan(got["m-00001"]["score"]) and got["m-00001"]["count"] is None
+
+
+def test_query_errors_say_what_was_wrong(searcher):
+    with pytest.raises(UnknownIdError, match="'nope'") as err:
+        searcher.search_id("nope", embedder="a")
+    assert isinstance(err.value, KeyError) and "nope" in str(err.value)
+    with pytest.raises(EmbedderRequiredError, match="a, b"):
+        searcher.search_vector(np.ones(32))
+    with pytest.raises(UnknownEmbedderError, match="available: a, b"):
+        searcher.search_vector(np.ones(32), embedder="c")
+    with pytest.raises(DimensionMismatchError, match="dimension 32, got 31") as err:
+        searcher.search_vector(np.ones(31), embedder="a")
+    assert (err.value.expected, err.value.got) == (32, 31)
+    for bad in (np.nan, np.inf, 1e39):  # 1e39 overflows float32
+        vector = np.ones(32)
+        vector[3] = bad
+        with pytest.raises(NonFiniteQueryError, match="NaN or infinite"):
+            searcher.search_vector(vector, embedder="a")
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(QueryError, match="k must be an integer") as err:
+            searcher.search_vector(np.ones(32), k=k, embedder="a")
+        assert err.value.code == "bad_k"
+    with pytest.raises(QueryError, match="zero vector"):
+        searcher.search_vector(np.zeros(32), embedder="a")
+    with pytest.raises(QueryError, match="numbers"):
+        searcher.search_vector(["x"] * 32, embedder="a")
+    # k above n is clamped to n.
+    assert len(searcher.search_vector(np.ones(16), k=5000, embedder="b")) == 1500
+
+
+def _copy_run(vec_run, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(vec_run[0], root)
+    return root, Path(runs.read_latest(str(root)))
+
+
+def test_corrupted_index_file_is_refused_at_open(vec_run, tmp_path):
+    root, run_dir = _copy_run(vec_run, tmp_path)
+    path = run_dir / "index" / "a" / "scann" / "dataset.npy"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexFormatError, match=r"scann/dataset.npy is corrupted"):
+        Searcher.open(root)
+    # Opening only the intact embedder still works.
+    assert Searcher.open(root, embedder="b").embedders == ["b"]
+
+
+def test_replaced_index_and_unpublished_runs_are_refused(vec_run, tmp_path):
+    root, run_dir = _copy_run(vec_run, tmp_path)
+    manifest_path = run_dir / "index" / "b" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["build_seconds"] += 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="index_manifest_sha256"):
+        Searcher.open(root)
+    run = runs.read_run_manifest(str(run_dir))
+    run.status = "rejected"
+    runs.write_run_manifest(str(run_dir), run)
+    with pytest.raises(IndexFormatError, match="status 'rejected'"):
+        Searcher.open(run_dir, embedder="a")
+    assert Searcher.open(run_dir, embedder="a", allow_unpublished=True).embedders == ["a"]
+    with pytest.raises(IndexFormatError, match="no run_manifest.json|run_manifest.json|LATEST"):
+        Searcher.open(tmp_path / "empty-root")
+
+
+def test_refresh_while_four_threads_query(tmp_path):
+    root = tmp_path / "root"
+    run1 = "20260101T000000Z-111111"
+    run2 = "20260102T000000Z-222222"
+    rf.write_run(root, {"v": rf.vector_embedder("v", 600, 16, seed=1)}, run_id=run1)
+    searcher = Searcher.open(root)
+    # Run 2 is complete on disk before it is published, as `imgindex build` does.
+    rf.write_run(root, {"v": rf.vector_embedder("v", 800, 16, seed=2)}, run_id=run2, publish=False)
+    assert searcher.refresh() is False  # LATEST still names run 1
+
+    stop = threading.Event()
+    errors, seen, counts = [], [], [0] * 4
+
+    def worker(t):
+        rng = np.random.default_rng(t)
+        while not stop.is_set():
+            try:
+                started = time.monotonic()
+                if rng.random() < 0.5:
+                    result = searcher.search_vector(rng.standard_normal(16), k=5)
+                else:
+                    result = searcher.search_id(f"v-{rng.integers(600):05d}", k=5)
+                assert len(result) == 5
+                seen.append((started, result.run_id))
+                counts[t] += 1
+            except BaseException as exc:  # noqa: BLE001 - any failure fails the test
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        runs.publish(str(root), run2)
+        assert searcher.refresh() is True
+        swapped_at = time.monotonic()
+        assert searcher.info()["run_id"] == run2
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[:3]
+    assert min(counts) > 10
+    assert {run_id for _, run_id in seen} == {run1, run2}
+    # Queries started after the swap all ran on the new run.
+    assert {run_id for started, run_id in seen if started > swapped_at} == {run2}
+    assert searcher.refresh() is False
+
+    # Rolling LATEST back is followed too, here in a background thread.
+    runs.publish(str(root), run1)
+    assert searcher.refresh(background=True).result(timeout=30) is True
+    assert searcher.run_id == run1
+
+    # A broken new run leaves the old one served, and is reported.
+    runs.publish(str(root), run2)
+    index_file = Path(runs.run_dir(str(root), run2)) / "index" / "v" / "ids.parquet"
+    index_file.write_bytes(index_file.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(IndexFormatError, match="ids.parquet is corrupted"):
+        searcher.refresh()
+    assert searcher.run_id == run1
+    info = searcher.info()["refresh"]
+    assert "ids.parquet is corrupted" in info["last_error"] and info["failed_run"].endswith(run2)
+    assert searcher.refresh() is False  # not retried until LATEST changes
+    assert len(searcher.search_id("v-00001", k=3)) == 3
+
+
+def test_image_query_finds_the_indexed_image_and_agrees_with_id_query(image_run):
+    root, images, data = image_run
+    searcher = Searcher.open(root)
+    for item_id in ("img-000", "img-007", "img-023"):
+        by_image = searcher.search_image(images[item_id], k=5)
+        assert by_image[0].id == item_id
+        assert by_image[0].score == pytest.approx(1.0, abs=1e-5)
+        assert by_image[1].score < by_image[0].score - 1e-4
+        by_id = searcher.search_id(item_id, k=5)
+        assert [h.id for h in by_image] == [h.id for h in by_id]
+        assert by_image[0].metadata["width"] == 40 and by_image[0].metadata["height"] == 30
+        assert by_image[0].metadata["source"] == f"file:///images/{item_id}.png"
+    assert searcher.info()["embedders"]["tiny"]["model_loaded"] is True
+    with pytest.raises(BadImageError, match="cannot be used"):
+        searcher.search_image(b"definitely not an image")
+    with pytest.raises(BadImageError):
+        searcher.search_image(b"")
+
+
+def test_image_query_refuses_other_weights(image_run, tmp_path, tiny_savedmodel):
+    _, images, data = image_run
+    data = dataclasses.replace(data, spec={**data.spec, "fingerprint": "sha256-tree:" + "0" * 64})
+    rf.write_run(tmp_path, {"tiny": data}, run_id="20260101T000000Z-other0")
+    searcher = Searcher.open(tmp_path)
+    for _ in range(2):  # the second refusal comes from the remembered failure
+        with pytest.raises(HandleError, match="built with other weights"):
+            searcher.search_image(images["img-001"])
+    assert searcher.search_id("img-001", k=1)[0].id == "img-001"  # vectors still served
+
+
+def test_handle_override_loads_the_model_from_elsewhere(image_run, tmp_path, tiny_savedmodel):
+    _, images, data = image_run
+    # The handle recorded at build time does not exist on this machine.
+    data = dataclasses.replace(data, spec={**data.spec, "handle": str(tmp_path / "moved-away")})
+    rf.write_run(tmp_path, {"tiny": data}, run_id="20260101T000000Z-moved0")
+    with pytest.raises(HandleError, match="moved-away"):
+        Searcher.open(tmp_path).search_image(images["img-002"])
+    searcher = Searcher.open(tmp_path, handles={"tiny": tiny_savedmodel})
+    assert searcher.search_image(images["img-002"], k=1)[0].id == "img-002"
+
+
+def test_vector_path_never_imports_tensorflow(vec_run):
+    code = textwrap.dedent(f"""
+        import sys, time
+        t = time.perf_counter()
+        import serving
+        import_ms = (time.perf_counter() - t) * 1000
+        assert "scann" not in sys.modules and "pyarrow" not in sys.modules, "import serving is not cheap"
+        s = serving.Searcher.open({str(vec_run[0])!r})
+        assert s.search_vector([1.0] * 32, k=3, embedder="a")[0].id
+        assert s.search_id("b-00001", k=3, embedder="b")[0].id == "b-00001"
+        s.info()
+        import serving.http
+        serving.http.create_app(s)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_hub", "keras")))
+        print(round(import_ms, 1))
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modules, _ = proc.stdout.strip().splitlines()[-2:]
+    assert modules == "[]"
