@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipelines import embed
 from pipelines.options import EmbedOptions
 from retrieval import index as index_lib
-from retrieval import runs, tables
+from retrieval import projection, runs, tables
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.manifest import sha256_file
 from retrieval.version import __version__
@@ -43,6 +43,9 @@ class BuildOptions(EmbedOptions):
                             help="index distance (cosine needs L2-normalised embeddings, the default)")
         parser.add_argument("--recall_k", type=int, default=10,
                             help="k of the recall gate and the index's default k")
+        parser.add_argument("--pca_dim", type=int, default=0,
+                            help="project embeddings to this many dimensions with a PCA learned at "
+                            "build time (re-normalised, no whitening; cosine only); 0 = off")
         parser.add_argument("--run_id", default=None,
                             help="name of the run directory (default: UTC timestamp + random suffix)")
 
@@ -62,6 +65,9 @@ def _check(opts: BuildOptions) -> None:
         raise ConfigError(f"--min_recall must be in (0, 1], got {opts.min_recall}")
     if not 0 <= opts.max_failure_rate <= 1:
         raise ConfigError(f"--max_failure_rate must be in [0, 1], got {opts.max_failure_rate}")
+    if opts.pca_dim < 0 or (opts.pca_dim and opts.distance != "cosine"):
+        raise ConfigError(f"--pca_dim {opts.pca_dim}: must be >= 0, and a projection (re-normalised) "
+                          "needs --distance cosine")
     if opts.recall_k < 1:
         raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id or opts.run_id.startswith(".")):
@@ -81,12 +87,17 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions) -> dict:
     out = {}
     for name, info in report["embedders"].items():
         data = tables.read_embeddings(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}", with_columns=True)
-        built = index_lib.build_index(data.vectors, data.ids, distance=opts.distance,
+        extra = {runs.METADATA_FILE: data.columns}
+        vectors = data.vectors
+        if opts.pca_dim:
+            extra[projection.PROJECTION_FILE] = projection.fit_pca(vectors, opts.pca_dim)
+            vectors = projection.project(vectors, extra[projection.PROJECTION_FILE])
+        built = index_lib.build_index(vectors, data.ids, distance=opts.distance,
                                       embedder=data.spec.to_dict(), k=opts.recall_k,
                                       target_recall=opts.min_recall)
-        del data.vectors  # the searcher holds its own copy from here on
+        del data.vectors, vectors  # the searcher holds its own copy from here on
         path = runs.index_dir(run_directory, name)
-        built.save(path, tables={runs.METADATA_FILE: data.columns})
+        built.save(path, tables=extra)
         m = built.manifest
         out[name] = {
             "spec": data.spec.to_dict(),
@@ -95,6 +106,7 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions) -> dict:
             "index_manifest_sha256": sha256_file(os.path.join(path, "manifest.json")),
             "n": m.n, "d": m.d, "distance": m.distance, "method": built.method,
             "search_defaults": m.search_defaults, "recall": m.recall, "build_seconds": m.build_seconds,
+            "pca_dim": opts.pca_dim or None,
         }
     return out
 

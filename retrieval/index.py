@@ -313,9 +313,9 @@ class Index:
         """Write the index directory at `path`, published by a rename only when complete.
 
         Everything is written into a temporary sibling directory, manifest.json last,
-        then renamed to `path`.  `tables` ({file name: pyarrow.Table}) are written beside
-        ids.parquet and covered by the manifest's checksums (e.g. metadata.parquet, rows
-        aligned with the ids).  An existing `path` is replaced only with
+        then renamed to `path`.  `tables` ({file name: pyarrow.Table or numpy array}) are
+        written beside ids.parquet (Parquet, rows aligned with the ids; or .npy) and covered
+        by the manifest's checksums (e.g. metadata.parquet, projection.npy).  An existing `path` is replaced only with
         overwrite=True and only if it is an imgindex index (or empty); the old
         directory is moved aside and restored if the final rename fails.
         """
@@ -334,12 +334,17 @@ class Index:
     def _write_contents(self, directory, tables):
         import pyarrow.parquet as pq
 
-        for name, table in tables.items():
-            if name in (SCANN_DIR, IDS_FILE, mf.MANIFEST_NAME) or "/" in name or table.num_rows != self.n:
-                raise ConfigError(f"extra table {name!r} must be a plain file name other than the "
-                                  f"index's own files, with one row per vector ({self.n}), "
-                                  f"got {table.num_rows} rows")
-            pq.write_table(table, directory / name)
+        for name, value in tables.items():
+            if name in (SCANN_DIR, IDS_FILE, mf.MANIFEST_NAME) or "/" in name:
+                raise ConfigError(f"extra file {name!r} must be a plain file name other than the "
+                                  "index's own files")
+            if isinstance(value, np.ndarray):
+                np.save(directory / name, value, allow_pickle=False)
+            elif value.num_rows != self.n:
+                raise ConfigError(f"extra table {name!r} must have one row per vector ({self.n}), "
+                                  f"got {value.num_rows} rows")
+            else:
+                pq.write_table(value, directory / name)
         scann_dir = directory / SCANN_DIR
         scann_dir.mkdir()
         # The default (relative_path=False) records absolute asset paths in

@@ -156,6 +156,19 @@ class _EmbedderState:
     row_of: Mapping[str, int]  # id -> row
     metadata: "_Metadata | None"  # metadata.parquet without "id", rows aligned with ids
     vectors: np.ndarray | None  # memory-mapped (n, d) float32 (normalised for cosine), or None
+    projection: np.ndarray | None = None  # PCA learned at build time (retrieval.projection)
+
+    @property
+    def input_dim(self) -> int:
+        """Dimension of query vectors: the embedder's, before any build-time projection."""
+        return self.index.d if self.projection is None else self.projection.shape[1]
+
+    def to_index_space(self, queries: np.ndarray) -> np.ndarray:
+        if self.projection is None:
+            return queries
+        from retrieval.projection import project
+
+        return project(queries, self.projection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +268,20 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
         row_of=row_of,
         metadata=_load_metadata(index, index_path),
         vectors=_load_vectors(index, index_path),
+        projection=_load_projection(index, index_path),
     )
+
+
+def _load_projection(index, index_path: Path) -> np.ndarray | None:
+    from retrieval.projection import PROJECTION_FILE
+
+    if PROJECTION_FILE not in index.manifest.files:  # listed files were verified by load_index
+        return None
+    projection = np.load(index_path / PROJECTION_FILE)
+    if projection.ndim != 2 or projection.shape[0] != index.d + 1:
+        raise IndexFormatError(f"{index_path / PROJECTION_FILE}: shape {projection.shape} does not "
+                               f"project to the index dimension {index.d}; rebuild the run")
+    return projection
 
 
 def _index_ids(index, index_path) -> np.ndarray:
@@ -423,7 +449,9 @@ class Searcher:
         handle = self._handles.get(emb.name, spec.get("handle"))
         return {
             "n": emb.index.n,
-            "d": emb.index.d,
+            "d": emb.input_dim,
+            "index_d": emb.index.d,
+            "pca": emb.projection is not None,
             "distance": emb.index.distance,
             "higher_is_better": emb.index.distance != "squared_l2",
             "method": emb.index.method,
@@ -547,10 +575,10 @@ class Searcher:
             raise BadImageError(f"the query image cannot be used: {exc}") from exc
         model = self._model(spec)
         vector = embedders.embed_batch(model, spec, pixels[None])[0]
-        if vector.shape != (emb.index.d,):
+        if vector.shape != (emb.input_dim,):
             raise HandleError(f"embedder {emb.name!r} ({spec.handle}) returned a vector of shape "
-                              f"{vector.shape}, but the index holds dimension {emb.index.d}")
-        return _search(state, emb, vector[None], k)[0]
+                              f"{vector.shape}, but the index expects dimension {emb.input_dim}")
+        return _search(state, emb, emb.to_index_space(vector[None]), k)[0]
 
     def _image_spec(self, emb: _EmbedderState):
         from retrieval.embedders import EmbedderSpec
@@ -634,7 +662,7 @@ def _check_vectors(emb: _EmbedderState, vector) -> tuple[np.ndarray, bool]:
     except (TypeError, ValueError) as exc:
         raise QueryError(f"the query vector must be numbers, got {type(vector).__name__} "
                          f"({exc})", code="bad_vector") from exc
-    d = emb.index.d
+    d = emb.input_dim
     if arr.ndim not in (1, 2) or arr.shape[-1] != d:
         got = arr.shape[-1] if arr.ndim else "a scalar"
         raise DimensionMismatchError(
@@ -650,7 +678,7 @@ def _check_vectors(emb: _EmbedderState, vector) -> tuple[np.ndarray, bool]:
     if emb.index.distance == "cosine" and not np.linalg.norm(arr, axis=1).all():
         raise QueryError("a zero vector has no direction; cosine similarity is undefined for it",
                          code="zero_vector")
-    return arr, single
+    return emb.to_index_space(arr), single
 
 
 def _stored_vector(state: _RunState, emb: _EmbedderState, item_id) -> np.ndarray:
