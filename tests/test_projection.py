@@ -34,6 +34,8 @@ def test_pca_rejects_bad_dimensions():
     x = np.zeros((10, 4), np.float32)
     with pytest.raises(ConfigError, match="between 1 and"):
         fit_pca(x, 4)
+    with pytest.raises(ConfigError, match="needs more than 3 vectors"):
+        fit_pca(np.random.rand(3, 8).astype(np.float32), 3)
     with pytest.raises(ConfigError, match="dimension 4"):
         project(np.zeros((2, 3), np.float32), fit_pca(np.random.rand(10, 4).astype(np.float32), 2))
 
