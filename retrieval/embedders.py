@@ -14,6 +14,8 @@ import os
 import re
 from typing import Any
 
+import numpy as np
+
 from retrieval import builtin
 from retrieval.errors import ConfigError, HandleError
 from retrieval.imaging import RESIZE_MODES
@@ -212,8 +214,6 @@ def load(handle: str, cache_dir: str | None = None):
 def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None):
     """Loads the model and returns (model, spec with fingerprint and dim filled in)."""
     model, resolved = load(spec.handle, cache_dir=cache_dir)
-    import numpy as np
-
     probe = np.zeros((1, spec.input_size, spec.input_size, 3), np.float32)
     out = np.asarray(model(probe))
     if out.ndim != 2 or out.shape[0] != 1:
@@ -224,10 +224,8 @@ def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None):
     return model, dataclasses.replace(spec, fingerprint=resolved.fingerprint, dim=int(out.shape[1]))
 
 
-def embed_batch(model, spec: EmbedderSpec, images) -> "np.ndarray":
+def embed_batch(model, spec: EmbedderSpec, images) -> np.ndarray:
     """Embeds a uint8 batch [b, s, s, 3] with a loaded model; applies the spec's normalisation."""
-    import numpy as np
-
     batch = np.asarray(images, dtype=np.float32) * np.float32(1.0 / 255.0)
     vectors = np.asarray(model(batch), dtype=np.float32)
     return l2_normalise(vectors) if spec.normalisation == "l2" else vectors
@@ -235,7 +233,5 @@ def embed_batch(model, spec: EmbedderSpec, images) -> "np.ndarray":
 
 def l2_normalise(vectors):
     """Row-wise L2 normalisation; all-zero rows stay zero."""
-    import numpy as np
-
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, np.float32(1e-12))
