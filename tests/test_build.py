@@ -102,3 +102,20 @@ def test_cli_build_exit_status_and_summary(tmp_path, tiny_savedmodel, capsys):
     assert "refused" in capsys.readouterr().err and runs.read_latest(root) is None
     assert cli.main(["build", *_argv(tiny_savedmodel, [src], root, "--max_failure_rate=0.5")]) == 0
     assert "published" in capsys.readouterr().out and runs.read_latest(root) is not None
+
+
+def test_two_embedders_give_two_indexes_served_side_by_side(tmp_path, tiny_savedmodel):
+    from serving import Searcher
+    from serving.searcher import EmbedderRequiredError
+
+    root = str(tmp_path / "root")
+    result = build.run([f"--input={_images(tmp_path / 'in', 10)}", f"--output={root}",
+                        f"--embedder=small={tiny_savedmodel},size=32",
+                        f"--embedder=big={tiny_savedmodel},size=48,resize=crop"])
+    assert sorted(result.manifest.embedders) == ["big", "small"]
+    searcher = Searcher.open(root)
+    assert searcher.embedders == ["big", "small"]
+    with pytest.raises(EmbedderRequiredError, match="big, small"):
+        searcher.search_id("img003.jpg")
+    for name in ("big", "small"):
+        assert searcher.search_id("img003.jpg", k=1, embedder=name)[0].id == "img003.jpg"
