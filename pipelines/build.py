@@ -92,9 +92,10 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions) -> dict:
         if opts.pca_dim:
             extra[projection.PROJECTION_FILE] = projection.fit_pca(vectors, opts.pca_dim)
             vectors = projection.project(vectors, extra[projection.PROJECTION_FILE])
+        # The matrix is ours alone: normalise it in place rather than holding two copies.
         built = index_lib.build_index(vectors, data.ids, distance=opts.distance,
                                       embedder=data.spec.to_dict(), k=opts.recall_k,
-                                      target_recall=opts.min_recall)
+                                      target_recall=opts.min_recall, copy=False)
         del data.vectors, vectors  # the searcher holds its own copy from here on
         path = runs.index_dir(run_directory, name)
         built.save(path, tables=extra)

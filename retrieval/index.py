@@ -471,6 +471,7 @@ def build_index(
     k=10,
     target_recall=0.95,
     seed=0,
+    copy=True,
 ):
     """Build a ScaNN index over `vectors` and measure its recall@k against exact search.
 
@@ -487,6 +488,8 @@ def build_index(
       num_queries: database rows sampled (with `seed`) to measure recall; at most n.
       k: default number of neighbours for searches, and the recall cut-off.
       target_recall: recall@k that tree-AH tuning aims for.
+      copy: False lets cosine normalise a float32 C-contiguous `vectors` in place instead
+        of copying it (saves one matrix of memory when the caller no longer needs it).
 
     Recall is measured leave-self-out: min(num_queries, n) database rows, sampled
     with `seed`, are queried for k+1 neighbours both in the index and by exact
@@ -517,7 +520,7 @@ def build_index(
     ids = _check_ids(ids, n)
     config = choose_config(n, d, distance, k=k) if config is None else config
     _validate_config(config, n, d, k)
-    x = _prepare_vectors(arr, distance)
+    x = _prepare_vectors(arr, distance, copy)
 
     searcher = _build_searcher(x, config, distance, k)
     probe = _RecallProbe.sample(x, _SCANN_DISTANCE[distance], k, num_queries, seed)
@@ -571,14 +574,15 @@ def _check_ids(ids, n):
     return np.array(ids, dtype=object)
 
 
-def _prepare_vectors(arr, distance):
+def _prepare_vectors(arr, distance, copy=True):
     """float32 C-contiguous matrix for ScaNN, copied only when needed."""
     with np.errstate(over="ignore"):  # values beyond float32 become inf, reported just below
         x = np.ascontiguousarray(arr, dtype=np.float32)
     check_finite(x, "vectors")
     if distance == "cosine":
-        # Never normalise the caller's memory; a copy made by the cast above is ours.
-        x = normalize_rows(x, what="vectors", in_place=not np.may_share_memory(x, arr))
+        # The caller's memory is normalised only when it said copy=False; a copy made by
+        # the cast above is ours anyway.
+        x = normalize_rows(x, what="vectors", in_place=not copy or not np.may_share_memory(x, arr))
     return x
 
 

@@ -71,7 +71,7 @@ def read_embeddings(source: str | list[str], with_columns: bool = False) -> Embe
     ids: list[str] = []
     pieces = []
     row = 0
-    for batch in dataset.to_batches(columns=[S.EMBEDDING] + (others if with_columns else [S.ID])):
+    for batch in _batches(dataset.files, [S.EMBEDDING] + (others if with_columns else [S.ID])):
         m = batch.num_rows
         flat = batch.column(S.EMBEDDING).flatten().to_numpy(zero_copy_only=False)
         vectors[row:row + m] = flat.reshape(m, spec.dim)
@@ -83,4 +83,15 @@ def read_embeddings(source: str | list[str], with_columns: bool = False) -> Embe
     if with_columns:
         schema = pa.schema([dataset.schema.field(name) for name in others])
         columns = pa.concat_tables(pieces).cast(schema) if pieces else schema.empty_table()
+    # Decoded row groups are freed by now; hand the allocator's cached pages back.
+    pa.default_memory_pool().release_unused()
     return Embeddings(ids=ids, vectors=vectors, spec=spec, columns=columns)
+
+
+def _batches(files: list[str], columns: list[str]):
+    """Record batches file by file, one row group at a time: a dataset scan's read-ahead
+    would hold many decoded row groups (measured 3.5x the matrix for one 500k x 256 file)."""
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            yield from parquet.read_row_group(group, columns=columns).to_batches()

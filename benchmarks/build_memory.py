@@ -1,0 +1,61 @@
+"""Peak memory of the index stage of `imgindex build` against the float32 matrix it indexes.
+
+Writes an embedding table of N x D clustered synthetic vectors (L2-normalised, as the
+pipeline writes them) once under benchmarks/out/, then runs the real index stage
+(`pipelines.build.build_indexes`: read Parquet into one matrix, build and tune the ScaNN
+index, save it with metadata) in a fresh process and samples that process's RSS.
+"""
+import argparse
+import os
+import shutil
+
+from benchmarks.common import environment, run_child
+from benchmarks.pipeline_throughput import OUT
+from benchmarks.serving_latency import clustered
+
+MODULE = "benchmarks.build_memory"
+
+
+def make_table(n: int, d: int) -> str:
+    from retrieval import tables
+    from retrieval.embedders import EmbedderSpec
+
+    run_dir = os.path.join(OUT, f"build-memory-{n}x{d}")
+    table_dir = os.path.join(run_dir, "embeddings", "synthetic")
+    if os.path.isdir(table_dir):
+        return run_dir
+    os.makedirs(table_dir)
+    x = clustered(n, d)
+    spec = EmbedderSpec(name="synthetic", handle="synthetic", fingerprint="synthetic", dim=d)
+    tables.write_embeddings(os.path.join(table_dir, "part-0.parquet"), spec, [f"v{i}" for i in range(n)], x,
+                            ["0" * 64] * n, [f"synthetic#{i}" for i in range(n)], [1] * n, [1] * n)
+    return run_dir
+
+
+def child(run_dir: str) -> None:
+    from pipelines import build
+
+    shutil.rmtree(os.path.join(run_dir, "index"), ignore_errors=True)
+    opts = build.BuildOptions(flags=["--output=unused"]).view_as(build.BuildOptions)
+    entry = build.build_indexes(run_dir, {"embedders": {"synthetic": {}}}, opts)["synthetic"]
+    print(f"method {entry['method']} recall {entry['recall']['value']} build_seconds {entry['build_seconds']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=500_000)
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child)
+    run_dir = make_table(args.n, args.d)
+    wall, rss, out = run_child(MODULE, ["--child", run_dir])
+    matrix_mb = args.n * args.d * 4 / 2**20
+    print(f"# index stage of imgindex build: n={args.n} d={args.d}, {environment()}")
+    print(f"| {out.strip().splitlines()[-1]} | wall {wall:.1f} s | peak RSS {rss:.0f} MB | matrix {matrix_mb:.0f} MB | "
+          f"{rss / matrix_mb:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
