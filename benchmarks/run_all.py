@@ -2,7 +2,8 @@
 import subprocess
 import sys
 
-BENCHMARKS = ["benchmarks.model_throughput", "benchmarks.index_search", "benchmarks.pipeline_throughput"]
+BENCHMARKS = ["benchmarks.model_throughput", "benchmarks.index_search", "benchmarks.pipeline_throughput",
+              "benchmarks.serving_latency", "benchmarks.build_memory"]
 
 
 def main():
