@@ -9,9 +9,8 @@ import argparse
 import os
 import shutil
 
-from benchmarks.common import environment, run_child
+from benchmarks.common import clustered, environment, run_child
 from benchmarks.pipeline_throughput import OUT
-from benchmarks.serving_latency import clustered
 
 MODULE = "benchmarks.build_memory"
 

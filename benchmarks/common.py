@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 
 def median_rate(fn, items_per_call: int, rounds: int = 5, calls: int = 3) -> float:
     """Median over `rounds` of items/second, each round timing `calls` calls of fn()."""
@@ -75,3 +77,17 @@ def run_child(module: str, args: list[str]) -> tuple[float, float, str]:
     if proc.returncode:
         raise RuntimeError(f"benchmark child {args} failed with {proc.returncode}:\n{out}")
     return wall, peak[0] / 1024, out
+
+
+def clustered(n, d, clusters=2000, seed=0, noise=0.5, chunk=200_000):
+    """n x d float32 points around `clusters` Gaussian centres, L2-normalised; made in chunks
+    of `chunk` rows (None: all at once) so the float64 noise never exceeds one chunk."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d)).astype(np.float32)
+    x = np.empty((n, d), np.float32)
+    chunk = chunk or n
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        block = centres[rng.integers(0, clusters, m)] + noise * rng.normal(size=(m, d)).astype(np.float32)
+        x[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return x

@@ -7,16 +7,8 @@ single-query (one at a time) and batched, as medians of rounds, with ratios to e
 import argparse
 import time
 
-import numpy as np
 
-from benchmarks.common import environment, median_rate, peak_rss_mb
-
-
-def clustered(n, d, clusters, seed):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, d)).astype(np.float32)
-    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.normal(size=(n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from benchmarks.common import clustered, environment, median_rate, peak_rss_mb
 
 
 def main(argv=None):
@@ -29,7 +21,7 @@ def main(argv=None):
 
     from retrieval import exact, index, metrics
 
-    data = clustered(args.n + args.queries, args.d, 1000, seed=0)
+    data = clustered(args.n + args.queries, args.d, clusters=1000, seed=0, noise=0.35, chunk=None)
     x, queries = data[: args.n], data[args.n:]
     ids = [str(i) for i in range(args.n)]
     start = time.perf_counter()

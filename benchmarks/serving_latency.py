@@ -25,7 +25,7 @@ import urllib.request
 
 import numpy as np
 
-from benchmarks.common import environment, run_child
+from benchmarks.common import clustered, environment, run_child
 from benchmarks.pipeline_throughput import OUT
 
 MODULE = "benchmarks.serving_latency"
@@ -33,23 +33,11 @@ UKBENCH = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "
                                         "ukbench56", "images"))
 
 
-def clustered(n, d, clusters=2000, seed=0, chunk=200_000):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, d)).astype(np.float32)
-    x = np.empty((n, d), np.float32)
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        block = centres[rng.integers(0, clusters, m)] + 0.5 * rng.normal(size=(m, d)).astype(np.float32)
-        x[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return x
-
-
 def child_build(root: str, n: int, d: int) -> None:
     """Builds and publishes the benchmark run (called in a fresh process)."""
     import pyarrow as pa
 
     from retrieval import index, runs
-    from retrieval.manifest import sha256_file
 
     x = clustered(n, d)
     ids = [f"v{i}" for i in range(n)]
@@ -65,11 +53,7 @@ def child_build(root: str, n: int, d: int) -> None:
     spec = {"name": "synthetic", "handle": "synthetic", "fingerprint": "synthetic", "dim": d}
     runs.write_run_manifest(run_directory, runs.RunManifest(
         run_id=run_id, status="published", inputs={}, counts={"records": n}, gates={"passed": True},
-        timings={}, embedders={"synthetic": {
-            "spec": spec, "index": f"{runs.INDEX_DIR}/synthetic", "table": None,
-            "index_manifest_sha256": sha256_file(os.path.join(path, "manifest.json")),
-            "n": n, "d": d, "distance": "cosine", "method": built.method,
-            "search_defaults": m.search_defaults, "recall": m.recall, "build_seconds": m.build_seconds}}))
+        timings={}, embedders={"synthetic": runs.embedder_entry(run_directory, "synthetic", built, spec)}))
     runs.publish(root, run_id)
     print(f"build {seconds:.2f} recall {m.recall['value']} method {built.method} search {m.search_defaults}")
 

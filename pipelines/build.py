@@ -24,7 +24,6 @@ from pipelines.options import EmbedOptions
 from retrieval import index as index_lib
 from retrieval import projection, runs, tables
 from retrieval.errors import ConfigError, ImgIndexError
-from retrieval.manifest import sha256_file
 from retrieval.version import __version__
 
 DISTANCES = ("cosine", "dot_product", "squared_l2")
@@ -97,18 +96,9 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions) -> dict:
                                       embedder=data.spec.to_dict(), k=opts.recall_k,
                                       target_recall=opts.min_recall, copy=False)
         del data.vectors, vectors  # the searcher holds its own copy from here on
-        path = runs.index_dir(run_directory, name)
-        built.save(path, tables=extra)
-        m = built.manifest
-        out[name] = {
-            "spec": data.spec.to_dict(),
-            "table": f"{runs.EMBEDDINGS_DIR}/{name}",
-            "index": f"{runs.INDEX_DIR}/{name}",
-            "index_manifest_sha256": sha256_file(os.path.join(path, "manifest.json")),
-            "n": m.n, "d": m.d, "distance": m.distance, "method": built.method,
-            "search_defaults": m.search_defaults, "recall": m.recall, "build_seconds": m.build_seconds,
-            "pca_dim": opts.pca_dim or None,
-        }
+        built.save(runs.index_dir(run_directory, name), tables=extra)
+        out[name] = runs.embedder_entry(run_directory, name, built, data.spec.to_dict(),
+                                        pca_dim=opts.pca_dim or None)
     return out
 
 

@@ -103,18 +103,8 @@ def parse_embedder_arg(text: str) -> EmbedderSpec:
             )
         kwargs[allowed[key]] = int(value) if key == "size" else value
     if "input_size" not in kwargs and builtin.is_builtin(handle):
-        kwargs["input_size"] = builtin.BUILTIN_MODELS[_builtin_name(handle)].input_size
+        kwargs["input_size"] = builtin.spec_of(handle).input_size
     return EmbedderSpec(name=name, handle=handle, **kwargs)
-
-
-def _builtin_name(handle: str) -> str:
-    name = handle[len(builtin.BUILTIN_PREFIX):]
-    if name not in builtin.BUILTIN_MODELS:
-        raise HandleError(
-            f"unknown builtin embedder {handle!r}; allowed: "
-            f"{[builtin.BUILTIN_PREFIX + n for n in builtin.builtin_names()]}"
-        )
-    return name
 
 
 def _default_name(handle: str) -> str:
@@ -145,7 +135,6 @@ def resolve(handle: str, cache_dir: str | None = None) -> ResolvedHandle:
     Local and builtin handles are checked without touching the network.
     """
     if builtin.is_builtin(handle):
-        _builtin_name(handle)
         model = builtin.materialize(handle, cache_dir=cache_dir)
         return ResolvedHandle(handle, model.path, model.fingerprint)
     if handle.startswith(_REMOTE_PREFIXES):

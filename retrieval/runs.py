@@ -148,5 +148,16 @@ def resolve_run(path: str) -> str:
     return latest
 
 
-def checksum(path: str) -> str:
-    return sha256_file(path)
+def embedder_entry(run_directory: str, name: str, index, spec: dict, **extra) -> dict:
+    """The run manifest's record of one embedder's saved index (`index`: a saved
+    retrieval.index.Index), tying the run to that index's manifest by its sha256."""
+    m = index.manifest
+    return {
+        "spec": spec,
+        "table": f"{EMBEDDINGS_DIR}/{name}",
+        "index": f"{INDEX_DIR}/{name}",
+        "index_manifest_sha256": sha256_file(os.path.join(index_dir(run_directory, name), "manifest.json")),
+        "n": m.n, "d": m.d, "distance": m.distance, "method": index.method,
+        "search_defaults": m.search_defaults, "recall": m.recall, "build_seconds": m.build_seconds,
+        **extra,
+    }

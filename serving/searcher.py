@@ -257,7 +257,7 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
             f"index of embedder {name!r}: its manifest names embedder fingerprint "
             f"{index_spec.get('fingerprint')!r} but the run manifest says "
             f"{spec.get('fingerprint')!r}; the run is inconsistent")
-    ids = _index_ids(index, index_path)
+    ids = _index_ids(index)
     row_of = dict(zip(ids.tolist(), range(len(ids))))
     return _EmbedderState(
         name=name,
@@ -284,7 +284,7 @@ def _load_projection(index, index_path: Path) -> np.ndarray | None:
     return projection
 
 
-def _index_ids(index, index_path) -> np.ndarray:
+def _index_ids(index) -> np.ndarray:
     """The index's id array (row i names vector i), shared with the Index (no copy)."""
     return np.asarray(index.ids, dtype=object)
 

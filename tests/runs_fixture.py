@@ -14,7 +14,6 @@ import pyarrow as pa
 
 from retrieval import runs
 from retrieval.index import IndexConfig, build_index
-from retrieval.manifest import sha256_file
 
 PREPROCESSING = "float32 RGB in [0, 1], shape [batch, height, width, 3] (TF Hub image convention)"
 
@@ -73,25 +72,13 @@ def write_run(root, embedders: dict[str, EmbedderData], run_id=None, status="pub
     for name, data in embedders.items():
         index = build_index(data.vectors, data.ids, distance=data.distance, config=data.config,
                             embedder=data.spec, num_queries=min(100, len(data.ids)))
-        rel = f"{runs.INDEX_DIR}/{name}"
         if data.metadata is False:
             tables = {}
         else:
             metadata = data.metadata if data.metadata is not None else default_metadata(data.ids)
             tables = {runs.METADATA_FILE: metadata}
         index.save(runs.index_dir(directory, name), tables=tables)
-        entries[name] = {
-            "spec": data.spec,
-            "table": f"{runs.EMBEDDINGS_DIR}/{name}",
-            "index": rel,
-            "index_manifest_sha256": sha256_file(f"{directory}/{rel}/manifest.json"),
-            "n": index.n,
-            "d": index.d,
-            "method": index.method,
-            "recall": index.manifest.recall,
-            "build_seconds": index.manifest.build_seconds,
-            "search_defaults": index.search_defaults,
-        }
+        entries[name] = runs.embedder_entry(directory, name, index, data.spec)
     manifest = runs.RunManifest(
         run_id=run_id, status=status, inputs={"globs": ["test"]},
         counts={name: len(data.ids) for name, data in embedders.items()},

@@ -26,6 +26,7 @@ from retrieval.builtin.materialize import (
     fingerprint,
     is_builtin,
     materialize,
+    spec_of,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "fingerprint",
     "is_builtin",
     "materialize",
+    "spec_of",
 ]

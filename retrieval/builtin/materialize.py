@@ -82,7 +82,8 @@ def builtin_names() -> list[str]:
     return sorted(BUILTIN_MODELS)
 
 
-def _resolve(name_or_handle: str) -> BuiltinSpec:
+def spec_of(name_or_handle: str) -> BuiltinSpec:
+    """The registry entry of a builtin name or handle; HandleError listing the allowed ones."""
     name = name_or_handle[len(BUILTIN_PREFIX):] if is_builtin(name_or_handle) else name_or_handle
     spec = BUILTIN_MODELS.get(name)
     if spec is None:
@@ -117,7 +118,7 @@ def _fingerprint(name: str) -> str:
 
 def fingerprint(name: str) -> str:
     """Identity of what materialize would export: weights file hash + exporter version."""
-    return _fingerprint(_resolve(name).name)
+    return _fingerprint(spec_of(name).name)
 
 
 def cpu_has_bf16() -> bool:
@@ -204,7 +205,7 @@ def materialize(name_or_handle: str, cache_dir: str | None = None) -> Materializ
 
     Cache: `cache_dir`, else $IMGINDEX_CACHE_DIR, else ~/.cache/imgindex.
     """
-    spec = _resolve(name_or_handle)
+    spec = spec_of(name_or_handle)
     if spec.precision == "bfloat16" and not cpu_has_bf16():
         logging.getLogger(__name__).warning(
             "%s runs bfloat16 convolutions, but this CPU has no native bfloat16 support "
