@@ -217,9 +217,17 @@ def _run_inspect(args) -> int:
     import os
 
     from retrieval import manifest as index_manifest
-    from retrieval import runs
+    from retrieval import runs, sharded
 
-    if os.path.isfile(os.path.join(args.path, index_manifest.MANIFEST_NAME)):
+    if sharded.manifest_kind(args.path) == sharded.KIND:
+        data = json.loads(open(os.path.join(args.path, index_manifest.MANIFEST_NAME)).read())
+        if not args.json:
+            print(f"sharded index {args.path}: n={data['n']} d={data['d']} distance={data['distance']} "
+                  f"shards={data['num_shards']} recall@{data['recall'].get('k')}={data['recall'].get('value')} "
+                  f"(merged; per shard {data['recall'].get('per_shard')})")
+            for shard in data["shards"]:
+                print(f"  {shard['dir']}: n={shard['n']} {shard.get('method')} search {shard.get('search_defaults')}")
+    elif os.path.isfile(os.path.join(args.path, index_manifest.MANIFEST_NAME)):
         m = index_manifest.read_manifest(args.path)
         data = m.to_dict()
         if not args.json:

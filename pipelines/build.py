@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipelines import embed
 from pipelines.options import EmbedOptions
 from retrieval import index as index_lib
-from retrieval import projection, runs, tables
+from retrieval import projection, runs, sharded, tables
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
@@ -45,6 +45,13 @@ class BuildOptions(EmbedOptions):
         parser.add_argument("--pca_dim", type=int, default=0,
                             help="project embeddings to this many dimensions with a PCA learned at "
                             "build time (re-normalised, no whitening; cosine only); 0 = off")
+        parser.add_argument("--index_shards", type=int, default=0,
+                            help="build each embedder's index as N shards, rows partitioned by a stable "
+                            "hash of the id, each shard built by a Beam worker (0 = one index, or as "
+                            "many shards as --max_shard_vectors needs)")
+        parser.add_argument("--max_shard_vectors", type=int, default=0,
+                            help="memory budget: the most rows one shard (one worker's matrix) may "
+                            "hold; picks the number of shards when --index_shards is 0 (0 = no limit)")
         parser.add_argument("--run_id", default=None,
                             help="name of the run directory (default: UTC timestamp + random suffix)")
 
@@ -67,6 +74,12 @@ def _check(opts: BuildOptions) -> None:
     if opts.pca_dim < 0 or (opts.pca_dim and opts.distance != "cosine"):
         raise ConfigError(f"--pca_dim {opts.pca_dim}: must be >= 0, and a projection (re-normalised) "
                           "needs --distance cosine")
+    if opts.index_shards < 0 or opts.max_shard_vectors < 0:
+        raise ConfigError(f"--index_shards ({opts.index_shards}) and --max_shard_vectors "
+                          f"({opts.max_shard_vectors}) must be >= 0 (0 = automatic / no limit)")
+    if opts.pca_dim and (opts.index_shards > 1 or opts.max_shard_vectors):
+        raise ConfigError("--pca_dim cannot be combined with a sharded build (--index_shards > 1 or "
+                          "--max_shard_vectors) yet: the projection is learned on one machine's matrix")
     if opts.recall_k < 1:
         raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id or opts.run_id.startswith(".")):
@@ -81,10 +94,33 @@ def _versions() -> dict:
             "pyarrow": pa.__version__, "numpy": numpy.__version__}
 
 
-def build_indexes(run_directory: str, report: dict, opts: BuildOptions) -> dict:
-    """One index per embedder from its tables; returns the run manifest's `embedders` entry."""
+def _sharded(run_directory: str, name: str, opts: BuildOptions) -> bool:
+    if opts.index_shards > 1:
+        return True
+    if opts.index_shards == 0 and opts.max_shard_vectors:
+        n = tables.count_rows(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}")
+        return sharded.shards_for(n, opts.max_shard_vectors) > 1
+    return False
+
+
+def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=None) -> dict:
+    """One index per embedder from its tables; returns the run manifest's `embedders` entry.
+
+    A sharded index (--index_shards, --max_shard_vectors) is built by a Beam pipeline on the
+    runner `options` names (pipelines.build_shards); a single index in this process.
+    """
     out = {}
     for name, info in report["embedders"].items():
+        if _sharded(run_directory, name, opts):
+            from pipelines import build_shards
+
+            built = build_shards.build_sharded(
+                options if options is not None else opts, run_directory, name,
+                num_shards=opts.index_shards or None, max_shard_vectors=opts.max_shard_vectors or None,
+                distance=opts.distance, k=opts.recall_k, target_recall=opts.min_recall)
+            out[name] = runs.embedder_entry(run_directory, name, built, built.manifest.embedder,
+                                            shards=built.num_shards)
+            continue
         data = tables.read_embeddings(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}", with_columns=True)
         extra = {runs.METADATA_FILE: data.columns}
         vectors = data.vectors
@@ -151,7 +187,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> BuildResult:
         timings["embed_seconds"] = report["seconds"]
         manifest.inputs, manifest.counts = report["inputs"], report["counts"]
         step = time.time()
-        manifest.embedders = build_indexes(run_directory, report, opts)
+        manifest.embedders = build_indexes(run_directory, report, opts, options)
         timings["index_seconds"] = round(time.time() - step, 2)
         manifest.gates = gates(report, manifest.embedders, opts)
         manifest.status = "published" if manifest.gates["passed"] else "rejected"

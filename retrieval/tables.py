@@ -95,3 +95,8 @@ def _batches(files: list[str], columns: list[str]):
         parquet = pq.ParquetFile(path)
         for group in range(parquet.num_row_groups):
             yield from parquet.read_row_group(group, columns=columns).to_batches()
+
+
+def count_rows(source: str | list[str]) -> int:
+    """Rows of embedding tables, from the Parquet footers only."""
+    return ds.dataset(source, format="parquet").count_rows()

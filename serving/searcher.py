@@ -224,7 +224,7 @@ def _load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: b
 
 
 def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _EmbedderState:
-    from retrieval.index import load_index
+    from retrieval.sharded import open_index
 
     if not isinstance(entry, dict):
         raise IndexFormatError(f"{run_dir}/{runs.RUN_MANIFEST}: embedder {name!r} entry is not an object")
@@ -243,7 +243,7 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
             f"index of embedder {name!r} ({index_path}): manifest.json does not match the "
             "run manifest's index_manifest_sha256 (the index was replaced or modified after "
             "the run was published); rebuild the run")
-    index = load_index(index_path, verify=verify)
+    index = open_index(index_path, verify=verify)
     for key, value in (("n", index.n), ("d", index.d)):
         if key in entry and entry[key] != value:
             raise IndexFormatError(f"index of embedder {name!r}: the run manifest says "
@@ -275,7 +275,7 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
 def _load_projection(index, index_path: Path) -> np.ndarray | None:
     from retrieval.projection import PROJECTION_FILE
 
-    if PROJECTION_FILE not in index.manifest.files:  # listed files were verified by load_index
+    if PROJECTION_FILE not in getattr(index.manifest, "files", {}):  # sharded builds never project  # listed files were verified by load_index
         return None
     projection = np.load(index_path / PROJECTION_FILE)
     if projection.ndim != 2 or projection.shape[0] != index.d + 1:
@@ -289,7 +289,31 @@ def _index_ids(index) -> np.ndarray:
     return np.asarray(index.ids, dtype=object)
 
 
+def _parts(index, index_path: Path) -> list[tuple[Any, Path]]:
+    """(index, directory) of every shard, or of the one index."""
+    if hasattr(index, "shards"):
+        return list(zip(index.shards, index.directories))
+    return [(index, index_path)]
+
+
 def _load_metadata(index, index_path: Path):
+    import pyarrow as pa
+
+    tables = [_load_metadata_table(part, path) for part, path in _parts(index, index_path)]
+    if all(t is None for t in tables):
+        return None
+    if any(t is None for t in tables):
+        raise IndexFormatError(f"{index_path}: some shards have {runs.METADATA_FILE} and others do not; "
+                               "rebuild the index")
+    try:
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    except pa.ArrowInvalid as exc:
+        raise IndexFormatError(f"{index_path}: the shards' {runs.METADATA_FILE} schemas differ ({exc}); "
+                               "rebuild the index") from exc
+    return _Metadata(table.combine_chunks())
+
+
+def _load_metadata_table(index, index_path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -315,7 +339,7 @@ def _load_metadata(index, index_path: Path):
             raise IndexFormatError(f"{path}: rows are not aligned with ids.parquet (the id "
                                    "columns differ); rebuild the index")
         table = table.drop_columns(["id"])
-    return _Metadata(table.combine_chunks())
+    return table
 
 
 class _Metadata:
@@ -348,7 +372,31 @@ class _Metadata:
         return [dict(zip(self.column_names, row)) for row in zip(*values)]
 
 
-def _load_vectors(index, index_path: Path) -> np.ndarray | None:
+def _load_vectors(index, index_path: Path):
+    """The stored vectors by global row: one memory-mapped array, a _ShardVectors over the
+    shards' arrays, or None when any shard lacks them."""
+    arrays = [_load_shard_vectors(part, path) for part, path in _parts(index, index_path)]
+    if any(a is None for a in arrays):
+        return None
+    return arrays[0] if len(arrays) == 1 else _ShardVectors(arrays)
+
+
+class _ShardVectors:
+    """Row lookup across the shards' memory-mapped vectors (global row = shard offset + row)."""
+
+    def __init__(self, arrays):
+        self._arrays = arrays
+        self._offsets = np.cumsum([0] + [len(a) for a in arrays])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        shard = int(np.searchsorted(self._offsets, row, side="right")) - 1
+        return self._arrays[shard][row - self._offsets[shard]]
+
+
+def _load_shard_vectors(index, index_path: Path) -> np.ndarray | None:
     """scann/dataset.npy (float32 (n, d), normalised for cosine) memory-mapped, or None."""
     if DATASET_FILE not in index.manifest.files:
         return None

@@ -1,0 +1,235 @@
+"""The sharded index build, a Beam pipeline (`imgindex build --index_shards N`).
+
+    Partition (one element per embedding file): stream the file row group by row group and
+      append each row to the partition of shard `retrieval.sharded.shard_of(id, N)`:
+      <index dir>/.partitions/shard-i/part-<file number>.parquet.  Rows whose id falls in a
+      stable hash sample become recall probes.
+    Build (one element per shard, spread over workers by a Reshuffle): read only that
+      shard's partition, build and tune its ScaNN index (retrieval.index.build_index), save it
+      as <index dir>/shard-i-of-N, and answer the probe queries both exactly and with the
+      index over the shard's rows; the answers go to .partitions/probe-shard-i.json.
+    Driver: merge the shards' probe answers into the global exact and approximate top k
+      (recall of the merged search), write the sharded manifest last, drop the partitions.
+
+No process holds more than one shard's matrix: partitioning holds one row group, a build
+worker one shard.  The partitions are a file-based shuffle, so the runner's own shuffle
+(in memory on the local runners) never carries vectors; they cost one extra write and
+read of the tables.  The output must be a path every worker can write (local for the
+local runners; a shared mount for a distributed runner).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import StandardOptions
+
+from retrieval import index as index_lib
+from retrieval import manifest as mf
+from retrieval import metrics, runs, sharded, tables
+from retrieval import schema as S
+from retrieval.errors import ConfigError, ImgIndexError
+from retrieval.exact import exact_search, normalize_rows
+
+PARTITIONS = ".partitions"
+_PROBE_PERSON = b"imgindex-probe"
+
+
+class ShardSizeError(ImgIndexError):
+    """A shard came out empty or above the memory budget."""
+
+
+def _probe_key(item_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(item_id.encode("utf-8"), digest_size=8, person=_PROBE_PERSON).digest(),
+                          "little")
+
+
+def _partition_dir(index_dir: str, shard: int) -> str:
+    return os.path.join(index_dir, PARTITIONS, f"shard-{shard:05d}")
+
+
+class PartitionFile(beam.DoFn):
+    """(file number, path) -> partition files per shard; yields (shard, rows) counts and
+    probe candidates (tagged "probe") as (hash key, id, vector)."""
+
+    def __init__(self, index_dir: str, num_shards: int, probe_threshold: int):
+        self.index_dir, self.num_shards, self.probe_threshold = index_dir, num_shards, probe_threshold
+
+    def process(self, element):
+        number, path = element
+        parquet = pq.ParquetFile(path)
+        writers, tmp_paths, counts = {}, {}, np.zeros(self.num_shards, np.int64)
+        try:
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group)
+                ids = table.column(S.ID).to_pylist()
+                shards = sharded.shard_of(ids, self.num_shards)
+                for shard in np.unique(shards):
+                    if shard not in writers:
+                        directory = _partition_dir(self.index_dir, int(shard))
+                        os.makedirs(directory, exist_ok=True)
+                        tmp_paths[shard] = os.path.join(directory, f".part-{number:05d}.parquet.tmp-{os.getpid()}")
+                        writers[shard] = pq.ParquetWriter(tmp_paths[shard], parquet.schema_arrow)
+                    writers[shard].write_table(table.take(np.flatnonzero(shards == shard)))
+                counts += np.bincount(shards, minlength=self.num_shards)
+                for row, item_id in enumerate(ids):
+                    key = _probe_key(item_id)
+                    if key < self.probe_threshold:
+                        vector = np.asarray(table.column(S.EMBEDDING)[row].values.to_numpy(), np.float32)
+                        yield beam.pvalue.TaggedOutput("probe", (key, item_id, vector))
+            for shard, writer in writers.items():
+                writer.close()
+                os.replace(tmp_paths[shard], os.path.join(os.path.dirname(tmp_paths[shard]),
+                                                          f"part-{number:05d}.parquet"))
+        except BaseException:
+            for shard, writer in writers.items():
+                writer.close()
+                Path(tmp_paths[shard]).unlink(missing_ok=True)
+            raise
+        for shard, count in enumerate(counts):
+            if count:
+                yield shard, int(count)
+
+
+class BuildShard(beam.DoFn):
+    """shard number -> that shard's saved index; writes its probe answers beside the partitions."""
+
+    def __init__(self, index_dir: str, num_shards: int, distance: str, k: int, target_recall: float,
+                 max_shard_vectors: int | None):
+        self.index_dir, self.num_shards, self.distance = index_dir, num_shards, distance
+        self.k, self.target_recall, self.max_shard_vectors = k, target_recall, max_shard_vectors
+
+    def process(self, shard, probes, counts):
+        rows = dict(counts).get(shard, 0)
+        if rows == 0:
+            raise ShardSizeError(f"shard {shard} of {self.num_shards} got no rows; use fewer --index_shards")
+        if self.max_shard_vectors and rows > self.max_shard_vectors:
+            raise ShardSizeError(f"shard {shard} has {rows} rows, above --max_shard_vectors "
+                                 f"{self.max_shard_vectors}; use more --index_shards")
+        data = tables.read_embeddings(_partition_dir(self.index_dir, shard), with_columns=True)
+        built = index_lib.build_index(data.vectors, data.ids, distance=self.distance,
+                                      embedder=data.spec.to_dict(), k=self.k,
+                                      target_recall=self.target_recall, copy=False)
+        answers = self._answer(probes, built, data)
+        del data.vectors
+        directory = os.path.join(self.index_dir, sharded.shard_name(shard, self.num_shards))
+        # A retried bundle replaces its own earlier, unpublished attempt.
+        built.save(directory, overwrite=True, tables={runs.METADATA_FILE: data.columns})
+        answers["manifest_sha256"] = mf.sha256_file(os.path.join(directory, "manifest.json"))
+        answers.update(shard=shard, n=built.n, method=built.method, recall=built.manifest.recall,
+                       search_defaults=built.search_defaults, build_seconds=built.manifest.build_seconds)
+        mf.write_json_atomic(os.path.join(self.index_dir, PARTITIONS, f"probe-shard-{shard:05d}.json"),
+                                       answers)
+        yield shard
+
+    def _answer(self, probes, built, data):
+        """Top k+1 of each probe among this shard's rows: exactly, and with the built index."""
+        if not probes:
+            return {"probe_ids": [], "exact": [], "approx": []}
+        queries = np.stack([vector for _, _, vector in probes]).astype(np.float32)
+        scann_distance = "dot_product" if self.distance == "cosine" else self.distance
+        if self.distance == "cosine":
+            queries = normalize_rows(queries, what="probe")  # data.vectors were normalised by the build
+        rows, scores = exact_search(queries, data.vectors, self.k + 1, scann_distance)
+        ids = np.asarray(data.ids, dtype=object)
+        approx_ids, approx_scores = built.search_batch(queries, k=self.k + 1)
+        return {"probe_ids": [item_id for _, item_id, _ in probes],
+                "exact": [[ids[r].tolist(), s.tolist()] for r, s in zip(rows, scores)],
+                "approx": [[a, [float(x) for x in s[:len(a)]]] for a, s in zip(approx_ids, approx_scores)]}
+
+
+def build_sharded(options, run_directory: str, embedder: str, num_shards: int | None,
+                  max_shard_vectors: int | None, distance: str, k: int, target_recall: float,
+                  num_queries: int = index_lib.MAX_RECALL_QUERIES) -> sharded.ShardedIndex:
+    """Builds <run>/index/<embedder>/ as a sharded index on the runner `options` name."""
+    start = time.perf_counter()
+    source = f"{run_directory}/{runs.EMBEDDINGS_DIR}/{embedder}"
+    dataset = ds.dataset(source, format="parquet")
+    files = sorted(dataset.files)
+    if not files:
+        raise ConfigError(f"no embedding tables under {source}")
+    n = dataset.count_rows()  # from the Parquet footers
+    if num_shards is None:
+        num_shards = sharded.shards_for(n, max_shard_vectors)
+    index_dir = runs.index_dir(run_directory, embedder)
+    if os.path.exists(index_dir):
+        raise ConfigError(f"{index_dir} exists already; sharded builds write a new index directory")
+    os.makedirs(index_dir)
+    probe_threshold = min(2**64 - 1, int(2**64 * min(1.0, 2 * num_queries / max(n, 1))))
+    if options.view_as(StandardOptions).runner is None:
+        from pipelines.embed import LOCAL_RUNNER
+
+        options.view_as(StandardOptions).runner = LOCAL_RUNNER
+    builder = BuildShard(index_dir, num_shards, distance, k, target_recall, max_shard_vectors)
+    with beam.Pipeline(options=options) as p:
+        parts = (p | "Files" >> beam.Create(list(enumerate(files)))
+                 | "Partition" >> beam.ParDo(PartitionFile(index_dir, num_shards, probe_threshold))
+                 .with_outputs("probe", main="counts"))
+        counts = parts.counts | "CountPerShard" >> beam.CombinePerKey(sum)
+        probes = parts.probe | "Probes" >> beam.combiners.Top.Of(num_queries, key=lambda t: -t[0])
+        _ = (p | "Shards" >> beam.Create(range(num_shards))
+             | "Spread" >> beam.Reshuffle()
+             | "Build" >> beam.ParDo(builder, probes=beam.pvalue.AsSingleton(probes),
+                                     counts=beam.pvalue.AsList(counts)))
+    return _finish(index_dir, num_shards, distance, k, target_recall, n, start)
+
+
+def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
+    partitions = os.path.join(index_dir, PARTITIONS)
+    answers = []
+    for shard in range(num_shards):
+        with open(os.path.join(partitions, f"probe-shard-{shard:05d}.json")) as f:
+            answers.append(json.load(f))
+    higher = distance != "squared_l2"
+    recall = _merged_recall(answers, k, higher)
+    recall.update(target=target_recall, per_shard=[a["recall"]["value"] for a in answers])
+    recall["reached_target"] = recall["value"] is not None and recall["value"] >= target_recall
+    first = index_lib.load_index(os.path.join(index_dir, sharded.shard_name(0, num_shards)), verify=False)
+    manifest = sharded.ShardedManifest(
+        distance=distance, n=sum(a["n"] for a in answers), d=first.d, num_shards=num_shards,
+        shards=[{"dir": sharded.shard_name(a["shard"], num_shards), "n": a["n"],
+                 "manifest_sha256": a["manifest_sha256"], "method": a["method"],
+                 "search_defaults": a["search_defaults"], "build_seconds": a["build_seconds"]}
+                for a in answers],
+        recall=recall, search_defaults={"k": k}, build_seconds=round(time.perf_counter() - start, 3),
+        embedder=first.manifest.embedder)
+    if manifest.n != n:
+        raise ShardSizeError(f"the shards hold {manifest.n} rows but the embedding tables {n}")
+    shutil.rmtree(partitions)
+    sharded.write_manifest(index_dir, manifest)
+    return sharded.open_index(index_dir, verify=False)
+
+
+def _merged_recall(answers, k, higher_is_better):
+    """Recall@k of the merged shard answers against the merged exact answers, leave-self-out
+    (each probe is a database row; its own id is dropped from both lists)."""
+    queries = len(answers[0]["exact"])
+    if queries == 0:
+        return {"k": k, "value": None, "n_queries": 0}
+    approx_lists, exact_lists = [], []
+    for query in range(queries):
+        merged = {}
+        for kind in ("exact", "approx"):
+            ids, _ = sharded.merge_top_k([a[kind][query][0] for a in answers],
+                                         [a[kind][query][1] for a in answers], k + 1, higher_is_better)
+            merged[kind] = ids
+        self_id = answers[0]["probe_ids"][query]
+        exact_lists.append([i for i in merged["exact"] if i != self_id][:k])
+        approx_lists.append([i for i in merged["approx"] if i != self_id][:k])
+    k_eff = min(k, min(len(e) for e in exact_lists))
+    if k_eff < 1:
+        return {"k": k, "value": None, "n_queries": 0}
+    return {"k": k_eff, "value": metrics.recall_at_k(approx_lists, exact_lists, k_eff), "n_queries": queries,
+            "method": f"leave-self-out over the merged shards: {queries} rows chosen by a hash of the id are "
+                      f"queried for k+1 neighbours in every shard, exactly and with each shard's index; the "
+                      f"per-shard lists are merged, the query's own id dropped, and recall@k = mean "
+                      f"|approx & exact| / k"}
+

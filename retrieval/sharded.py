@@ -1,0 +1,237 @@
+"""A sharded index: rows partitioned by a stable hash of their id, one index per shard.
+
+    <index dir>/
+        shard-00000-of-00004/   an index directory (retrieval.index), with its own manifest
+        ...
+        manifest.json           kind "imgindex.sharded_index", written last: the shards with
+                                their row counts and the SHA-256 of each shard's manifest.json,
+                                the hash, the merged recall
+
+Row i of shard s is id `ids[i]` of that shard; a row belongs to shard `shard_of(id, N)`,
+which depends only on the id and N (not on the input order, file layout or runner), so a
+rebuild puts every id in the same shard.  A query searches every shard for its top k and
+merges them: the result is the exact top k of the union of what the shards returned.
+
+`open_index` loads either layout; a missing, replaced or corrupted shard is an
+IndexFormatError naming it, never a silently smaller index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from retrieval import manifest as mf
+from retrieval.errors import ConfigError, IndexFormatError
+from retrieval.version import __version__
+
+KIND = "imgindex.sharded_index"
+FORMAT_VERSION = 1
+HASH = "blake2b(id as UTF-8, digest_size=8, person=b'imgindex-shard') as little-endian uint64 mod num_shards"
+_PERSON = b"imgindex-shard"
+# Shard sizes from a hash are binomial around n/N; `shards_for` keeps this many standard
+# deviations of headroom so that no shard exceeds the budget in practice (and the build
+# checks it anyway).
+_SIGMAS = 6.0
+
+
+def shard_of(ids, num_shards: int) -> np.ndarray:
+    """The shard of each id (an int64 array); stable across runs, machines and Python versions."""
+    _check_num_shards(num_shards)
+    keys = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8, person=_PERSON).digest(),
+                        "little") for i in ids),
+        dtype=np.uint64, count=len(ids))
+    return (keys % np.uint64(num_shards)).astype(np.int64)
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+def shards_for(n: int, max_shard_vectors: int) -> int:
+    """The fewest shards whose hash-partitioned sizes stay within max_shard_vectors
+    (mean n/N plus six standard deviations)."""
+    if max_shard_vectors < 1:
+        raise ConfigError(f"max_shard_vectors must be >= 1, got {max_shard_vectors}")
+    shards = max(1, math.ceil(n / max_shard_vectors))
+    while True:
+        mean = n / shards
+        if mean + _SIGMAS * math.sqrt(mean * (1 - 1 / shards)) <= max_shard_vectors or mean < 1:
+            return shards
+        shards += 1
+
+
+def _check_num_shards(num_shards) -> None:
+    if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+        raise ConfigError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+
+
+@dataclasses.dataclass
+class ShardedManifest:
+    """The sharded index's manifest.
+
+    shards: [{"dir": "shard-00000-of-00002", "n": rows, "manifest_sha256": hex}, ...] in
+      shard order.
+    recall: recall@k of the merged search against exact search over all rows (see
+      pipelines.build_shards), with "per_shard" values as the shards measured them.
+    search_defaults: {"k": ...}; the search knobs of each shard are in its own manifest.
+    """
+
+    distance: str
+    n: int
+    d: int
+    num_shards: int
+    shards: list
+    recall: dict
+    search_defaults: dict
+    build_seconds: float
+    embedder: dict | None = None
+    hash: str = HASH
+    created_at: str = dataclasses.field(default_factory=mf._utc_now)
+    producer_version: str = __version__
+    kind: str = KIND
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data, source):
+        if data.get("format_version") != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{source}: unsupported sharded index format_version {data.get('format_version')!r}; "
+                f"this imgindex ({__version__}) reads {FORMAT_VERSION}. Rebuild the index.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        try:
+            manifest = cls(**{key: value for key, value in data.items() if key in fields})
+        except TypeError as e:
+            raise IndexFormatError(f"{source}: incomplete sharded index manifest ({e}). Rebuild the index.") from e
+        if data.get("hash") != HASH:
+            raise IndexFormatError(f"{source}: rows were partitioned by {data.get('hash')!r}, which this "
+                                   f"imgindex does not know ({HASH}). Rebuild the index.")
+        if (not isinstance(manifest.shards, list) or len(manifest.shards) != manifest.num_shards
+                or not all(isinstance(s, dict) and {"dir", "n", "manifest_sha256"} <= s.keys()
+                           for s in manifest.shards)):
+            raise IndexFormatError(f"{source}: the shard list is damaged (expected {manifest.num_shards} "
+                                   "entries with dir, n and manifest_sha256). Rebuild the index.")
+        return manifest
+
+
+def write_manifest(directory, manifest: ShardedManifest) -> None:
+    mf.write_json_atomic(Path(directory) / mf.MANIFEST_NAME, manifest.to_dict())
+
+
+def manifest_kind(directory) -> str | None:
+    """The `kind` of directory/manifest.json, or None when it is missing or unreadable."""
+    try:
+        return json.loads((Path(directory) / mf.MANIFEST_NAME).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def merge_top_k(id_lists, score_lists, k: int, higher_is_better: bool):
+    """Merge per-shard results (lists of ids, scores best first) into the best k overall."""
+    ids = [i for part in id_lists for i in part]
+    scores = np.concatenate([np.asarray(s, dtype=np.float32)[:len(part)]
+                             for part, s in zip(id_lists, score_lists)]) if ids else np.empty(0, np.float32)
+    keep = ~np.isnan(scores)
+    order = np.flatnonzero(keep)
+    key = -scores[order] if higher_is_better else scores[order]
+    order = order[np.argsort(key, kind="stable")[:k]]
+    return [ids[i] for i in order], scores[order]
+
+
+class ShardedIndex:
+    """Several indexes searched as one; same query interface as retrieval.index.Index."""
+
+    def __init__(self, shards, manifest: ShardedManifest, directories):
+        self.shards = list(shards)
+        self.manifest = manifest
+        self.directories = [Path(d) for d in directories]
+        self.offsets = np.cumsum([0] + [s.n for s in self.shards])
+        self._ids = np.concatenate([np.asarray(s.ids, dtype=object) for s in self.shards])
+
+    n = property(lambda self: self.manifest.n)
+    d = property(lambda self: self.manifest.d)
+    distance = property(lambda self: self.manifest.distance)
+    ids = property(lambda self: self._ids, doc="global row -> id (shard 0's rows first, then shard 1's...)")
+    num_shards = property(lambda self: len(self.shards))
+
+    @property
+    def method(self) -> str:
+        methods = sorted({s.method for s in self.shards})
+        return f"sharded({self.num_shards}x {'/'.join(methods)})"
+
+    @property
+    def search_defaults(self):
+        return dict(self.manifest.search_defaults)
+
+    def __repr__(self):
+        return f"ShardedIndex(n={self.n}, d={self.d}, distance={self.distance!r}, shards={self.num_shards})"
+
+    def search(self, query, k=None):
+        """Top k of one query over all shards: (ids, scores) best first."""
+        k = self.manifest.search_defaults["k"] if k is None else k
+        parts = [shard.search(query, k=k) for shard in self.shards]
+        return merge_top_k([p[0] for p in parts], [p[1] for p in parts], k, self.distance != "squared_l2")
+
+    def search_batch(self, queries, k=None):
+        """Top k of each query over all shards: (list of id lists, (q, k) float32 scores, NaN-padded)."""
+        k = self.manifest.search_defaults["k"] if k is None else k
+        parts = [shard.search_batch(queries, k=k) for shard in self.shards]
+        q = len(parts[0][0])
+        width = min(k, self.n)
+        out_ids, out_scores = [], np.full((q, width), np.nan, dtype=np.float32)
+        higher = self.distance != "squared_l2"
+        for row in range(q):
+            ids, scores = merge_top_k([p[0][row] for p in parts], [p[1][row] for p in parts], width, higher)
+            out_ids.append(ids)
+            out_scores[row, :len(ids)] = scores
+        return out_ids, out_scores
+
+
+def open_index(path, verify: bool = True):
+    """Load an index directory of either layout: retrieval.index.Index or ShardedIndex.
+
+    For a sharded index every shard listed in its manifest must be present, have the
+    manifest.json recorded there (SHA-256) and hold the recorded number of rows; each shard
+    is then loaded (and, with verify, checksummed) by retrieval.index.load_index.
+    """
+    from retrieval.index import load_index
+
+    path = Path(path)
+    if manifest_kind(path) != KIND:
+        return load_index(path, verify=verify)
+    source = path / mf.MANIFEST_NAME
+    manifest = ShardedManifest.from_dict(json.loads(source.read_text(encoding="utf-8")), source)
+    shards, directories = [], []
+    for number, entry in enumerate(manifest.shards):
+        expected_dir = shard_name(number, manifest.num_shards)
+        if entry["dir"] != expected_dir:
+            raise IndexFormatError(f"{source}: shard {number} is recorded as {entry['dir']!r}, expected "
+                                   f"{expected_dir!r}. Rebuild the index.")
+        directory = path / expected_dir
+        try:
+            actual = mf.sha256_file(directory / mf.MANIFEST_NAME)
+        except FileNotFoundError as e:
+            raise IndexFormatError(f"{path}: shard {number} of {manifest.num_shards} ({directory}) is missing "
+                                   "or incomplete; refusing to serve a partial index. Rebuild the index.") from e
+        if actual != entry["manifest_sha256"]:
+            raise IndexFormatError(f"{path}: shard {number} ({directory}) was replaced or modified after the "
+                                   "sharded index was written (its manifest.json does not match). Rebuild the index.")
+        shard = load_index(directory, verify=verify)
+        if (shard.n, shard.d, shard.distance) != (entry["n"], manifest.d, manifest.distance):
+            raise IndexFormatError(
+                f"{path}: shard {number} holds n={shard.n} d={shard.d} {shard.distance}, the sharded manifest "
+                f"says n={entry['n']} d={manifest.d} {manifest.distance}. Rebuild the index.")
+        shards.append(shard)
+        directories.append(directory)
+    if sum(s.n for s in shards) != manifest.n:
+        raise IndexFormatError(f"{path}: the shards hold {sum(s.n for s in shards)} rows, the manifest says "
+                               f"n={manifest.n}. Rebuild the index.")
+    return ShardedIndex(shards, manifest, directories)

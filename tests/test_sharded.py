@@ -1,0 +1,206 @@
+"""Sharded index: the Beam build (pipelines.build_shards), the merged search, the layout checks."""
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import build, build_shards
+from retrieval import exact, metrics, runs, sharded, tables
+from retrieval.embedders import EmbedderSpec
+from retrieval.errors import ConfigError, IndexFormatError
+from retrieval.index import build_index
+from serving import Searcher
+from tests import images
+from tests.runs_fixture import clustered
+
+SPEC = EmbedderSpec(name="vec", handle="synthetic", fingerprint="synthetic:1", dim=16)
+
+
+def _run_with_table(tmp_path, n, d=16, seed=0, files=2):
+    """A run directory holding an embedding table of n clustered unit vectors in `files` files."""
+    run_dir = str(tmp_path / "run")
+    table_dir = os.path.join(run_dir, runs.EMBEDDINGS_DIR, "vec")
+    os.makedirs(table_dir)
+    x = clustered(n, d, seed=seed, n_clusters=50)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"img-{i:06d}" for i in range(n)]
+    spec = EmbedderSpec(name="vec", handle="synthetic", fingerprint="synthetic:1", dim=d)
+    for part, rows in enumerate(np.array_split(np.arange(n), files)):
+        tables.write_embeddings(os.path.join(table_dir, f"part-{part}.parquet"), spec, [ids[r] for r in rows],
+                                x[rows], ["0" * 64] * len(rows), [f"src#{r}" for r in rows], [1] * len(rows),
+                                [1] * len(rows), row_group_size=1000)
+    return run_dir, x, ids
+
+
+def _build(run_dir, num_shards=None, max_shard_vectors=None, flags=(), k=10, target=0.95):
+    return build_shards.build_sharded(PipelineOptions(flags=list(flags)), run_dir, "vec", num_shards=num_shards,
+                                      max_shard_vectors=max_shard_vectors, distance="cosine", k=k,
+                                      target_recall=target)
+
+
+def test_shard_of_is_a_stable_hash_of_the_id_alone():
+    ids = [f"id-{i}" for i in range(5000)]
+    shards = sharded.shard_of(ids, 7)
+    expected = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, person=b"imgindex-shard").digest(),
+                               "little") % 7 for i in ids[:50]]
+    assert shards[:50].tolist() == expected
+    assert sharded.shard_of(ids[::-1], 7).tolist() == shards[::-1].tolist()  # order does not matter
+    counts = np.bincount(shards, minlength=7)
+    assert counts.min() > 600 and counts.max() < 830  # ~714 each
+    with pytest.raises(ConfigError, match="num_shards"):
+        sharded.shard_of(ids, 0)
+
+
+def test_shards_for_keeps_six_sigma_headroom_below_the_budget():
+    assert sharded.shards_for(1000, 1000) == 1
+    assert sharded.shards_for(1000, 999) >= 2
+    for n, budget in [(10_000, 3_000), (1_000_000, 300_000), (123_457, 10_000)]:
+        shards = sharded.shards_for(n, budget)
+        mean = n / shards
+        assert mean + 6 * np.sqrt(mean * (1 - 1 / shards)) <= budget
+        assert sharded.shards_for(n, budget) == shards
+        smaller = n / (shards - 1)
+        assert shards == 1 or smaller + 6 * np.sqrt(smaller * (1 - 1 / (shards - 1))) > budget
+
+
+def test_merge_top_k_orders_by_score_and_skips_padding():
+    ids, scores = sharded.merge_top_k([["a", "b"], ["c"], []], [[0.9, 0.1], [0.5, np.nan], []], 2, True)
+    assert ids == ["a", "c"] and scores.tolist() == pytest.approx([0.9, 0.5])
+    ids, _ = sharded.merge_top_k([["a", "b"], ["c"]], [[0.9, 1.1], [0.5]], 3, False)
+    assert ids == ["c", "a", "b"]
+
+
+def test_sharded_build_partitions_by_id_and_merged_search_is_exact_for_brute_force_shards(tmp_path):
+    run_dir, x, ids = _run_with_table(tmp_path, 3000)
+    built = _build(run_dir, num_shards=3)
+    index_dir = runs.index_dir(run_dir, "vec")
+    assert sorted(os.listdir(index_dir)) == ["manifest.json"] + [sharded.shard_name(i, 3) for i in range(3)]
+    loaded = sharded.open_index(index_dir)
+    assert isinstance(loaded, sharded.ShardedIndex) and loaded.n == 3000 and loaded.num_shards == 3
+    for number, shard in enumerate(loaded.shards):
+        assert set(sharded.shard_of(list(shard.ids), 3)) == {number}
+    assert sorted(loaded.ids) == ids
+    # Brute-force shards: the merged top k is the exact top k.
+    queries = x[:50] + 0.01
+    got, scores = loaded.search_batch(queries, k=10)
+    truth, truth_scores = exact.exact_search(queries, x, 10, "cosine")
+    assert [[ids[r] for r in row] for row in truth] == got
+    np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
+    single_ids, single_scores = loaded.search(queries[0], k=10)
+    assert single_ids == got[0]
+    m = built.manifest
+    assert m.recall["value"] == 1.0 and m.recall["n_queries"] > 500 and m.recall["reached_target"]
+    assert [s["n"] for s in m.shards] == [shard.n for shard in loaded.shards]
+    assert not os.path.exists(os.path.join(index_dir, build_shards.PARTITIONS))
+
+
+def test_sharded_tree_ah_index_agrees_with_exact_search_like_a_single_index(tmp_path):
+    n, d = 44_000, 16
+    run_dir, x, ids = _run_with_table(tmp_path, n, d, seed=3)
+    built = _build(run_dir, num_shards=2, target=0.95)
+    assert all(s["method"] == "tree_ah" for s in built.manifest.shards)
+    single = build_index(x, ids, distance="cosine", k=10, target_recall=0.95)
+    rng = np.random.default_rng(1)
+    queries = x[rng.choice(n, 300, replace=False)] + 0.05 * rng.standard_normal((300, d)).astype(np.float32)
+    truth, _ = exact.exact_search(queries, x, 10, "cosine")
+    truth_ids = [[ids[r] for r in row] for row in truth]
+    sharded_recall = metrics.recall_at_k(built.search_batch(queries, k=10)[0], truth_ids, 10)
+    single_recall = metrics.recall_at_k(single.search_batch(queries, k=10)[0], truth_ids, 10)
+    assert sharded_recall >= 0.95 and single_recall >= 0.95
+    # The recall recorded by the build (merged, leave-self-out) is in line with the measured one.
+    assert built.manifest.recall["value"] >= 0.95
+    assert abs(built.manifest.recall["value"] - sharded_recall) < 0.04
+
+
+def test_max_shard_vectors_picks_the_shard_count_and_bounds_every_shard(tmp_path):
+    run_dir, _, _ = _run_with_table(tmp_path, 3000, files=3)
+    built = _build(run_dir, max_shard_vectors=1000)
+    assert built.num_shards == sharded.shards_for(3000, 1000) > 3
+    sizes = [shard.n for shard in built.shards]
+    assert sum(sizes) == 3000 and max(sizes) <= 1000
+    # Each shard's matrix is all a build worker held: the shard index's own row count.
+    assert sizes == [s["n"] for s in built.manifest.shards]
+
+
+def test_a_shard_above_the_budget_or_empty_is_refused(tmp_path):
+    run_dir, _, _ = _run_with_table(tmp_path, 200)
+    with pytest.raises(Exception, match="above --max_shard_vectors 90"):
+        _build(run_dir, num_shards=2, max_shard_vectors=90)
+    shutil.rmtree(runs.index_dir(run_dir, "vec"))
+    tiny_dir, _, _ = _run_with_table(tmp_path / "tiny", 3, files=1)
+    with pytest.raises(Exception, match="got no rows; use fewer --index_shards"):
+        _build(tiny_dir, num_shards=40)
+
+
+def test_missing_or_corrupted_shard_is_a_clear_error(tmp_path):
+    run_dir, _, _ = _run_with_table(tmp_path, 600)
+    _build(run_dir, num_shards=2)
+    index_dir = runs.index_dir(run_dir, "vec")
+    shard1 = os.path.join(index_dir, sharded.shard_name(1, 2))
+    broken = str(tmp_path / "broken")
+    shutil.copytree(index_dir, broken)
+    with open(os.path.join(broken, sharded.shard_name(1, 2), "ids.parquet"), "r+b") as f:
+        f.seek(10)
+        f.write(b"XXXX")
+    with pytest.raises(IndexFormatError, match="corrupted"):
+        sharded.open_index(broken)
+    shutil.rmtree(shard1)
+    with pytest.raises(IndexFormatError, match="shard 1 of 2 .* is missing"):
+        sharded.open_index(index_dir)
+    # A shard swapped for another index (its manifest differs from the recorded one).
+    other = str(tmp_path / "other")
+    shutil.copytree(broken, other)
+    manifest = json.load(open(os.path.join(other, "manifest.json")))
+    manifest["shards"][0]["manifest_sha256"] = "0" * 64
+    with open(os.path.join(other, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(IndexFormatError, match="shard 0 .* replaced or modified"):
+        sharded.open_index(other)
+
+
+def test_sharded_build_in_multi_processing_mode_gives_the_same_index(tmp_path):
+    run_dir, _, _ = _run_with_table(tmp_path, 1200)
+    local = _build(run_dir, num_shards=2)
+    other_dir = str(tmp_path / "mp")
+    shutil.copytree(os.path.join(run_dir, runs.EMBEDDINGS_DIR), os.path.join(other_dir, runs.EMBEDDINGS_DIR))
+    mp = _build(other_dir, num_shards=2, flags=["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert [list(s.ids) for s in mp.shards] != [] and sorted(mp.ids) == sorted(local.ids)
+    assert [set(s.ids) for s in mp.shards] == [set(s.ids) for s in local.shards]
+    assert mp.manifest.recall["value"] == local.manifest.recall["value"]
+
+
+def test_imgindex_build_with_shards_is_served_by_the_searcher(tmp_path, tiny_savedmodel):
+    src = tmp_path / "in"
+    os.makedirs(src)
+    for i in range(40):
+        with open(src / f"img{i:03d}.jpg", "wb") as f:
+            f.write(images.jpeg(48 + i % 7, 40, seed=i))
+    root = str(tmp_path / "root")
+    result = build.run([f"--input={src}", f"--output={root}", f"--embedder=tiny={tiny_savedmodel},size=32",
+                        "--index_shards=2"])
+    entry = result.manifest.embedders["tiny"]
+    assert entry["shards"] == 2 and entry["method"] == "sharded(2x brute_force)" and entry["n"] == 40
+    searcher = Searcher.open(root)
+    info = searcher.info()["embedders"]["tiny"]
+    assert info["n"] == 40 and info["id_queries"] and "source" in info["metadata_columns"]
+    some_id = searcher.search_vector(np.ones(8, np.float32), k=40)[5].id
+    hits = searcher.search_id(some_id, k=5)
+    assert hits[0].id == some_id and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].metadata["source"].endswith(some_id.split("/")[-1])
+    # The same scores as an exact search over all 40 stored vectors (brute-force shards).
+    all_ids = [h.id for h in searcher.search_vector(np.ones(8, np.float32), k=100)]
+    assert len(all_ids) == 40
+    stored = np.stack([searcher.get_vector(i) for i in all_ids])
+    expected = np.sort(stored @ searcher.get_vector(some_id))[::-1][:5]
+    np.testing.assert_allclose([h.score for h in hits], expected, atol=1e-5)
+
+
+def test_bad_shard_options_fail_before_work(tmp_path):
+    for flags, words in [(["--index_shards=-1"], "must be >= 0"),
+                         (["--index_shards=2", "--pca_dim=8"], "cannot be combined")]:
+        with pytest.raises(ConfigError, match=words):
+            build.run(["--input=x", f"--output={tmp_path}", *flags])
