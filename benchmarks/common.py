@@ -30,8 +30,8 @@ def environment() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def _tree_rss_kb(pid: int) -> int:
-    """Resident KiB of pid and all its descendants (Linux /proc)."""
+def _tree_rss_kb(pid: int) -> tuple[int, int]:
+    """Resident KiB of pid and all its descendants (Linux /proc): (sum, largest single process)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -44,12 +44,13 @@ def _tree_rss_kb(pid: int) -> int:
             rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [pid]
+    total, biggest, stack = 0, 0, [pid]
     while stack:
         p = stack.pop()
         total += rss.get(p, 0)
+        biggest = max(biggest, rss.get(p, 0))
         stack.extend(children.get(p, []))
-    return total
+    return total, biggest
 
 
 def run_child(module: str, args: list[str]) -> tuple[float, float, str]:
@@ -58,15 +59,22 @@ def run_child(module: str, args: list[str]) -> tuple[float, float, str]:
     Peak RSS is the largest sum of resident memory over the process and all its descendants,
     sampled every 0.1 s.
     """
+    wall, tree, _, out = run_child_rss(module, args)
+    return wall, tree, out
+
+
+def run_child_rss(module: str, args: list[str]) -> tuple[float, float, float, str]:
+    """`run_child`, also returning the peak RSS of the largest single process (MB)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", module, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    peak = [0]
+    peak = [0, 0]
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
+            total, largest = _tree_rss_kb(proc.pid)
+            peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -76,7 +84,7 @@ def run_child(module: str, args: list[str]) -> tuple[float, float, str]:
     sampler.join()
     if proc.returncode:
         raise RuntimeError(f"benchmark child {args} failed with {proc.returncode}:\n{out}")
-    return wall, peak[0] / 1024, out
+    return wall, peak[0] / 1024, peak[1] / 1024, out
 
 
 def clustered(n, d, clusters=2000, seed=0, noise=0.5, chunk=200_000):
