@@ -6,10 +6,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help run test bench venv clean
+.PHONY: help run test bench bench-peers venv clean
 
 help: ## List the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## Create .venv and install the project with its test, serve and demo extras
 
@@ -26,6 +26,10 @@ test: $(STAMP) ## Run the test suite
 
 bench: $(STAMP) ## Run the benchmarks and print their results (see BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.run_all
+
+bench-peers: $(STAMP) ## Index vs ScaNN autopilot, faiss, hnswlib (installs the bench extra; ~40 min)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test,serve,demo,bench]'
+	$(BIN)/python -m benchmarks.peers --dataset both
 
 clean: ## Remove the virtualenv and local run outputs
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 BENCHMARKS = ["benchmarks.model_throughput", "benchmarks.index_search", "benchmarks.pipeline_throughput",
-              "benchmarks.serving_latency", "benchmarks.build_memory"]
+              "benchmarks.serving_latency", "benchmarks.build_memory", "benchmarks.sharded_build"]
 
 
 def main():

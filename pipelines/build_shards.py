@@ -126,8 +126,7 @@ class BuildShard(beam.DoFn):
         answers["manifest_sha256"] = mf.sha256_file(os.path.join(directory, "manifest.json"))
         answers.update(shard=shard, n=built.n, method=built.method, recall=built.manifest.recall,
                        search_defaults=built.search_defaults, build_seconds=built.manifest.build_seconds)
-        mf.write_json_atomic(os.path.join(self.index_dir, PARTITIONS, f"probe-shard-{shard:05d}.json"),
-                                       answers)
+        mf.write_json_atomic(os.path.join(self.index_dir, PARTITIONS, f"probe-shard-{shard:05d}.json"), answers)
         yield shard
 
     def _answer(self, probes, built, data):

@@ -14,6 +14,7 @@ it is the squared distance, lower is better.  Results are always best first.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -34,15 +35,20 @@ SEARCH_KNOBS = ("leaves_to_search", "pre_reorder_num_neighbors")
 SCANN_DIR = "scann"
 IDS_FILE = "ids.parquet"
 
-# Below this many vectors the index is exact brute force.  Measured on this 2-core
-# machine (clustered data, k=10): at n=20k brute force answers a single query in
-# 0.18 ms (d=128) / 4.3 ms (d=1280), and batched queries in 0.07 / 0.65 ms each, with
-# no training and recall 1.  Its cost grows linearly with n (n=100k: 1.7 / 23 ms),
-# while tree-AH stays at 0.05-0.2 ms but needs 1-5 s of training at n=20k.
-BRUTE_FORCE_MAX_N = 20_000
-# Partitioner and AH codebooks are trained on a sample of at most this many
-# vectors: k-means time is linear in the sample, and 250k still leaves >= 50
-# points per leaf for up to 5000 leaves (n = 25M at num_leaves ~ sqrt(n)).
+# Below this many stored numbers (n * d) the index is exact brute force.  A brute-force
+# query reads all n * d floats: measured on this 2-core machine, 20k x 128 (2.6M) answers
+# a single query in 0.18 ms, but 9,056 x 1280 (11.6M, real CIFAR/UKBench embeddings) in
+# 1.7 ms (585 QPS), where tree-AH answers at recall@10 0.95 at ~10k QPS (benchmarks/peers.py).
+# At <= 1M numbers a brute-force query takes ~0.1 ms, needs no training and is exact.
+BRUTE_FORCE_MAX_ELEMENTS = 1_000_000
+# Partitioner and AH codebooks are trained on a sample of TRAINING_POINTS_PER_LEAF points
+# per leaf, at least MIN_TRAINING_SAMPLE and at most MAX_TRAINING_SAMPLE (never more than
+# n).  Measured on 200k x 256 (benchmarks/peers.py data, 447 leaves): a 50k sample trains
+# in 9.8 s instead of 33 s for all 200k, at the same recall-vs-QPS curve (0.95: 9.8k vs
+# 9.5k single-query QPS); a smaller AH sample (32k) lost QPS at recall 0.99.  k-means time
+# and the training copies ScaNN makes are linear in the sample.
+TRAINING_POINTS_PER_LEAF = 100
+MIN_TRAINING_SAMPLE = 50_000
 MAX_TRAINING_SAMPLE = 250_000
 # Keep at least this many training points per leaf (ScaNN's min_partition_size
 # default), otherwise k-means leaves become tiny and noisy.
@@ -115,10 +121,11 @@ _TREE_FIELDS = tuple(name for name in _CONFIG_FIELDS if name != "method")
 def choose_config(n, d, distance, k=10, **overrides):
     """Default IndexConfig for n vectors of dimension d, with optional field overrides.
 
-    n < BRUTE_FORCE_MAX_N gives brute force; otherwise tree-AH with
-    num_leaves ~ sqrt(n), training_sample_size = min(n, MAX_TRAINING_SAMPLE) and
-    tuning on.  Overriding leaves_to_search or pre_reorder_num_neighbors fixes
-    them (tuning off) unless tune=True is also given.
+    n * d < BRUTE_FORCE_MAX_ELEMENTS gives brute force; otherwise tree-AH with
+    num_leaves ~ sqrt(n), training_sample_size = TRAINING_POINTS_PER_LEAF per leaf (within
+    MIN_TRAINING_SAMPLE..MAX_TRAINING_SAMPLE, at most n) and tuning on.  Overriding
+    leaves_to_search or pre_reorder_num_neighbors fixes them (tuning off) unless tune=True
+    is also given.
     """
     check_distance(distance)
     _check_positive_int(k, "k")
@@ -128,12 +135,12 @@ def choose_config(n, d, distance, k=10, **overrides):
             f"Unknown IndexConfig field(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(_CONFIG_FIELDS)}."
         )
-    method = overrides.get("method", "brute_force" if n < BRUTE_FORCE_MAX_N else "tree_ah")
+    method = overrides.get("method", "brute_force" if n * d < BRUTE_FORCE_MAX_ELEMENTS else "tree_ah")
     if method == "brute_force":
         tree_overrides = sorted(overrides.keys() & set(_TREE_FIELDS))
         if tree_overrides:
             reason = (
-                "" if "method" in overrides else f" (chosen because n={n} < {BRUTE_FORCE_MAX_N})"
+                "" if "method" in overrides else f" (chosen because n*d={n * d} < {BRUTE_FORCE_MAX_ELEMENTS})"
             )
             raise ConfigError(
                 f"{', '.join(tree_overrides)} only apply to method='tree_ah', but the config "
@@ -149,8 +156,8 @@ def choose_config(n, d, distance, k=10, **overrides):
 
 
 def _default_tree_config(n, distance, k):
-    sample = min(n, MAX_TRAINING_SAMPLE)
-    num_leaves = max(1, min(round(math.sqrt(n)), sample // MIN_TRAINING_POINTS_PER_LEAF))
+    num_leaves = max(1, min(round(math.sqrt(n)), min(n, MAX_TRAINING_SAMPLE) // MIN_TRAINING_POINTS_PER_LEAF))
+    sample = min(n, MAX_TRAINING_SAMPLE, max(MIN_TRAINING_SAMPLE, TRAINING_POINTS_PER_LEAF * num_leaves))
     return IndexConfig(
         method="tree_ah",
         num_leaves=num_leaves,
@@ -250,8 +257,11 @@ class Index:
                 f"search() takes one query of shape ({self.d},), got shape {query.shape}; "
                 "use search_batch() for several."
             )
-        query = self._prepare_queries(query[None, :])[0]
-        k, knobs = self._search_params(k, overrides)
+        query = self._prepare_one(query)
+        if k is None and not overrides:
+            k, knobs = self._default_params
+        else:
+            k, knobs = self._search_params(k, overrides)
         rows, scores = self._searcher.search(query, final_num_neighbors=k, **knobs)
         return self._ids[rows].tolist(), np.asarray(scores, dtype=np.float32)
 
@@ -274,6 +284,23 @@ class Index:
         # ScaNN pads missing neighbours with row 0 and a NaN score.
         found = ~np.isnan(scores)
         return [self._ids[r[f]].tolist() for r, f in zip(rows, found)], scores
+
+    @functools.cached_property
+    def _default_params(self):
+        return self._search_params(None, {})
+
+    def _prepare_one(self, query):
+        """One query vector, ready for ScaNN.  A fast path for the common case (a finite
+        non-zero vector of the right size): measured 3.5 us instead of 13 us for the general
+        path plus knob checks (d=256), against ~100-300 us for a tree-AH query.  Anything unusual goes through _prepare_queries, which
+        raises the explanatory errors."""
+        if query.shape == (self.d,) and query.dtype.kind in "fiu":
+            with np.errstate(over="ignore"):
+                q = query.astype(np.float32)
+            norm2 = float(np.dot(q, q))
+            if 0.0 < norm2 < math.inf:  # finite and non-zero (NaN fails both comparisons)
+                return q / np.float32(math.sqrt(norm2)) if self.distance == "cosine" else q
+        return self._prepare_queries(query[None, :])[0]
 
     def _prepare_queries(self, queries):
         queries = np.asarray(queries)

@@ -15,7 +15,7 @@ import retrieval.index as index_module
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.exact import exact_search, normalize_rows
 from retrieval.index import (
-    BRUTE_FORCE_MAX_N,
+    BRUTE_FORCE_MAX_ELEMENTS,
     IndexConfig,
     build_index,
     choose_config,
@@ -89,14 +89,18 @@ def _exact_ids(index_distance, database, queries, ids, k):
 
 
 def test_choose_config_thresholds():
-    assert choose_config(BRUTE_FORCE_MAX_N - 1, D, "cosine").method == "brute_force"
-    config = choose_config(BRUTE_FORCE_MAX_N, D, "cosine")
+    assert BRUTE_FORCE_MAX_ELEMENTS == 15_625 * D
+    assert choose_config(15_624, D, "cosine").method == "brute_force"
+    assert choose_config(15_625, D, "cosine").method == "tree_ah"
+    assert choose_config(800, 1280, "cosine").method == "tree_ah"  # 1.02M numbers
+    assert choose_config(20_000, 32, "cosine").method == "brute_force"  # 640k numbers
+    config = choose_config(20_000, D, "cosine")
     assert config.method == "tree_ah" and config.tune
     assert config.num_leaves == 141  # round(sqrt(20000))
     assert config.training_sample_size == 20_000
     assert config.anisotropic_quantization_threshold == 0.2
     assert (
-        choose_config(BRUTE_FORCE_MAX_N, D, "squared_l2").anisotropic_quantization_threshold is None
+        choose_config(20_000, D, "squared_l2").anisotropic_quantization_threshold is None
     )
     huge = choose_config(10_000_000, D, "dot_product")
     assert huge.training_sample_size == 250_000 and huge.num_leaves == 3162
@@ -110,7 +114,7 @@ def test_choose_config_overrides():
     with pytest.raises(ConfigError, match="Unknown IndexConfig field.*leaves; allowed: method"):
         choose_config(50_000, D, "cosine", leaves=3)
     with pytest.raises(
-        ConfigError, match=r"num_leaves only apply to method='tree_ah'.*n=100 < 20000"
+        ConfigError, match=r"num_leaves only apply to method='tree_ah'.*n\*d=6400 < 1000000"
     ):
         choose_config(100, D, "cosine", num_leaves=4)
     with pytest.raises(
@@ -260,11 +264,35 @@ def test_build_rejects_bad_input(change, message):
         (np.ones((2, D)), r"search\(\) takes one query of shape \(64,\)"),
         (np.full(D, np.nan), "query: row 0 contains NaN"),
         (np.zeros(D), "zero L2 norm"),
+        (np.r_[np.full(D - 1, 0.1), np.inf], "query: row 0 contains NaN or infinite"),
+        (np.full(D, 1e39), "query: row 0 contains NaN or infinite"),  # beyond float32
     ],
 )
 def test_search_rejects_bad_queries(tree_indexes, query, message):
     with pytest.raises(ConfigError, match=message):
         tree_indexes["cosine"].search(query)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "dot_product", "squared_l2"])
+def test_single_query_scores_are_exact_for_any_numeric_input(tree_indexes, large, distance):
+    index = tree_indexes[distance]
+    vectors, ids, queries = large
+    row_of = {i: r for r, i in enumerate(ids.tolist())}
+    query = np.round(queries[3] * 70)  # unnormalised, integral values
+    expected_ids, _ = index.search(query.astype(np.float32))
+    for variant in (query.astype(np.float64), query.astype(np.int32), query.astype(np.int64)):
+        found, scores = index.search(variant)
+        assert found == expected_ids
+        x = vectors[[row_of[i] for i in found]].astype(np.float64)
+        q = query.astype(np.float64)
+        if distance == "cosine":
+            exact = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (q / np.linalg.norm(q))
+        elif distance == "dot_product":
+            exact = x @ q
+        else:
+            exact = ((x - q) ** 2).sum(axis=1)
+        # Reordered tree-AH scores are exact float32 scores of the returned rows.
+        np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-3)
 
 
 def test_search_batch_rejects_wrong_dimension(tree_indexes):

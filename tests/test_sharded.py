@@ -99,7 +99,7 @@ def test_sharded_build_partitions_by_id_and_merged_search_is_exact_for_brute_for
 
 
 def test_sharded_tree_ah_index_agrees_with_exact_search_like_a_single_index(tmp_path):
-    n, d = 44_000, 16
+    n, d = 40_000, 64  # 20k x 64 per shard: tree-AH
     run_dir, x, ids = _run_with_table(tmp_path, n, d, seed=3)
     built = _build(run_dir, num_shards=2, target=0.95)
     assert all(s["method"] == "tree_ah" for s in built.manifest.shards)
