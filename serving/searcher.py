@@ -9,8 +9,9 @@
 What is loaded (per embedder of the run, or only the one asked for): the index directory
 named by the run manifest, after checking that its manifest.json is the one the run
 published (`index_manifest_sha256`) and -- in `load_index` -- that every file matches its
-SHA-256; the ids; metadata.parquet when present (kept as one Arrow table, rows aligned with
-the ids); and the stored vectors `scann/dataset.npy` memory-mapped (never read into memory
+SHA-256 (for a sharded index, `retrieval.sharded.open_index` checks every shard the same
+way and a query merges the shards' top k); the ids; metadata.parquet when present (kept as
+one Arrow table, rows aligned with the ids); and the stored vectors `scann/dataset.npy` memory-mapped (never read into memory
 as a whole), which answer id queries.
 
 Scores follow `retrieval.index`: for "cosine" and "dot_product" indexes the score is a
@@ -275,7 +276,8 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
 def _load_projection(index, index_path: Path) -> np.ndarray | None:
     from retrieval.projection import PROJECTION_FILE
 
-    if PROJECTION_FILE not in getattr(index.manifest, "files", {}):  # sharded builds never project  # listed files were verified by load_index
+    # Listed files were verified by load_index; a sharded index has no file list (and no projection).
+    if PROJECTION_FILE not in getattr(index.manifest, "files", {}):
         return None
     projection = np.load(index_path / PROJECTION_FILE)
     if projection.ndim != 2 or projection.shape[0] != index.d + 1:
