@@ -43,10 +43,10 @@ IDS_FILE = "ids.parquet"
 BRUTE_FORCE_MAX_ELEMENTS = 1_000_000
 # Partitioner and AH codebooks are trained on a sample of TRAINING_POINTS_PER_LEAF points
 # per leaf, at least MIN_TRAINING_SAMPLE and at most MAX_TRAINING_SAMPLE (never more than
-# n).  Measured on 200k x 256 (benchmarks/peers.py data, 447 leaves): a 50k sample trains
-# in 9.8 s instead of 33 s for all 200k, at the same recall-vs-QPS curve (0.95: 9.8k vs
-# 9.5k single-query QPS); a smaller AH sample (32k) lost QPS at recall 0.99.  k-means time
-# and the training copies ScaNN makes are linear in the sample.
+# n).  Measured on 200k x 256 (benchmarks/config_variants.py on peer_data's set, 447
+# leaves): a 50k sample trains in 9.8 s instead of 33 s for all 200k, at the same
+# recall-vs-QPS curve (0.95: 9.8k vs 9.5k single-query QPS); a smaller AH sample (32k)
+# lost QPS at recall 0.99.  k-means time and ScaNN's training copies grow with the sample.
 TRAINING_POINTS_PER_LEAF = 100
 MIN_TRAINING_SAMPLE = 50_000
 MAX_TRAINING_SAMPLE = 250_000
