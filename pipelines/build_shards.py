@@ -124,7 +124,8 @@ class BuildShard(beam.DoFn):
         # A retried bundle replaces its own earlier, unpublished attempt.
         built.save(directory, overwrite=True, tables={runs.METADATA_FILE: data.columns})
         answers["manifest_sha256"] = mf.sha256_file(os.path.join(directory, "manifest.json"))
-        answers.update(shard=shard, n=built.n, method=built.method, recall=built.manifest.recall,
+        answers.update(shard=shard, n=built.n, d=built.d, embedder=built.manifest.embedder,
+                       method=built.method, recall=built.manifest.recall,
                        search_defaults=built.search_defaults, build_seconds=built.manifest.build_seconds)
         mf.write_json_atomic(os.path.join(self.index_dir, PARTITIONS, f"probe-shard-{shard:05d}.json"), answers)
         yield shard
@@ -191,15 +192,14 @@ def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
     recall = _merged_recall(answers, k, higher)
     recall.update(target=target_recall, per_shard=[a["recall"]["value"] for a in answers])
     recall["reached_target"] = recall["value"] is not None and recall["value"] >= target_recall
-    first = index_lib.load_index(os.path.join(index_dir, sharded.shard_name(0, num_shards)), verify=False)
     manifest = sharded.ShardedManifest(
-        distance=distance, n=sum(a["n"] for a in answers), d=first.d, num_shards=num_shards,
+        distance=distance, n=sum(a["n"] for a in answers), d=answers[0]["d"], num_shards=num_shards,
         shards=[{"dir": sharded.shard_name(a["shard"], num_shards), "n": a["n"],
                  "manifest_sha256": a["manifest_sha256"], "method": a["method"],
                  "search_defaults": a["search_defaults"], "build_seconds": a["build_seconds"]}
                 for a in answers],
         recall=recall, search_defaults={"k": k}, build_seconds=round(time.perf_counter() - start, 3),
-        embedder=first.manifest.embedder)
+        embedder=answers[0]["embedder"])
     if manifest.n != n:
         raise ShardSizeError(f"the shards hold {manifest.n} rows but the embedding tables {n}")
     shutil.rmtree(partitions)

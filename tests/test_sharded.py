@@ -62,7 +62,6 @@ def test_shards_for_keeps_six_sigma_headroom_below_the_budget():
         shards = sharded.shards_for(n, budget)
         mean = n / shards
         assert mean + 6 * np.sqrt(mean * (1 - 1 / shards)) <= budget
-        assert sharded.shards_for(n, budget) == shards
         smaller = n / (shards - 1)
         assert shards == 1 or smaller + 6 * np.sqrt(smaller * (1 - 1 / (shards - 1))) > budget
 
@@ -168,7 +167,7 @@ def test_sharded_build_in_multi_processing_mode_gives_the_same_index(tmp_path):
     other_dir = str(tmp_path / "mp")
     shutil.copytree(os.path.join(run_dir, runs.EMBEDDINGS_DIR), os.path.join(other_dir, runs.EMBEDDINGS_DIR))
     mp = _build(other_dir, num_shards=2, flags=["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
-    assert [list(s.ids) for s in mp.shards] != [] and sorted(mp.ids) == sorted(local.ids)
+    assert sorted(mp.ids) == sorted(local.ids)
     assert [set(s.ids) for s in mp.shards] == [set(s.ids) for s in local.shards]
     assert mp.manifest.recall["value"] == local.manifest.recall["value"]
 
