@@ -9,7 +9,7 @@ the method's parameter sweep with ONE search thread.  Prints one JSON object on 
 
 Methods (all cosine = inner product on the L2-normalised vectors, k = 10):
   imgindex         retrieval.index.build_index(base, ids, distance="cosine", k=10,
-                   target_recall=0.95, copy=False): what `imgindex build` configures and tunes
+                   target_recall=0.95) with base a memory map: what `imgindex build` configures and tunes
                    by default.  Tree-AH: a leaves_to_search x pre_reorder_num_neighbors grid
                    (leaves 1, 2, 3, 4, 6, 8, 12, ... up to num_leaves / 4 and 0.5-2x the tuned
                    default; reorder 20, 50, 100, 200, 400 and 0.5-2x the tuned default);
@@ -41,8 +41,9 @@ For exact search the single-query loop uses the first SINGLE_BUDGET / (n d) quer
 least 50, at most all) to keep its time bounded.
 
 Memory: rss_loaded_mb is the process's peak RSS (getrusage ru_maxrss) after loading the data
-(the float32 base matrix is in memory for every method, as the float32 embedding matrix is
-in `imgindex build`); rss_build_mb the peak after building the index.  The parent also
+(the float32 base matrix is in memory for every method but imgindex, which is given a
+read-only memory map of the .npy file and streams it, as `imgindex build` streams its matrix
+from a file); rss_build_mb the peak after building the index.  The parent also
 samples the whole process's peak RSS (benchmarks.common.run_child).
 """
 from __future__ import annotations
@@ -171,7 +172,8 @@ class Imgindex(_ScannBase):
 
         config = index.choose_config(*base.shape, "cosine", k=K, **overrides) if overrides else None
         self.index = index.build_index(base, [str(i) for i in range(len(base))], distance="cosine", k=K,
-                                       config=config, target_recall=0.95, copy=False)
+                                       config=config, target_recall=0.95,
+                                       work_dir=os.path.dirname(os.path.abspath(base.filename)))
         defaults = self.index.search_defaults
         self._init_knobs(self.index._searcher, defaults.get("leaves_to_search"),
                          defaults.get("pre_reorder_num_neighbors"))
@@ -382,7 +384,9 @@ def _timed(fn):
 
 
 def run(method: str, data: str, rounds: int, overrides=None) -> dict:
-    base = np.load(data + "_base.npy")
+    # imgindex streams its matrix from a file, as `imgindex build` does (retrieval.scann_assets);
+    # every other method needs the matrix in memory to add it.
+    base = np.load(data + "_base.npy", mmap_mode="r" if method == "imgindex" else None)
     queries = np.ascontiguousarray(np.load(data + "_queries.npy"), dtype=np.float32)
     truth = np.load(data + "_truth.npy")
     n_base = base.shape[0]

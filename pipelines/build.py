@@ -15,8 +15,10 @@ import dataclasses
 import os
 import platform
 import sys
+import tempfile
 import time
 
+import numpy as np
 import pyarrow as pa
 
 from pipelines import embed
@@ -121,18 +123,29 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
             out[name] = runs.embedder_entry(run_directory, name, built, built.manifest.embedder,
                                             shards=built.num_shards)
             continue
-        data = tables.read_embeddings(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}", with_columns=True)
-        extra = {runs.METADATA_FILE: data.columns}
-        vectors = data.vectors
-        if opts.pca_dim:
-            extra[projection.PROJECTION_FILE] = projection.fit_pca(vectors, opts.pca_dim)
-            vectors = projection.project(vectors, extra[projection.PROJECTION_FILE])
-        # The matrix is ours alone: normalise it in place rather than holding two copies.
-        built = index_lib.build_index(vectors, data.ids, distance=opts.distance,
-                                      embedder=data.spec.to_dict(), k=opts.recall_k,
-                                      target_recall=opts.min_recall, copy=False)
-        del data.vectors, vectors  # the searcher holds its own copy from here on
-        built.save(runs.index_dir(run_directory, name), tables=extra)
+        index_dir = runs.index_dir(run_directory, name)
+        work_dir = os.path.dirname(index_dir)
+        os.makedirs(work_dir, exist_ok=True)
+        # The matrix goes to a local file, not the heap: the index build streams it and
+        # ScaNN's searcher then holds the only in-memory copy (BENCHMARKS.md, build memory).
+        vectors_file = tempfile.NamedTemporaryFile(dir=work_dir, prefix=f".vectors-{name}-", suffix=".npy",
+                                                   delete=False)
+        vectors_file.close()
+        try:
+            data = tables.read_embeddings(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}", with_columns=True,
+                                          vectors_path=vectors_file.name)
+            extra = {runs.METADATA_FILE: data.columns}
+            vectors = data.vectors
+            if opts.pca_dim:
+                extra[projection.PROJECTION_FILE] = projection.fit_pca(np.asarray(vectors), opts.pca_dim)
+                vectors = projection.project(np.asarray(vectors), extra[projection.PROJECTION_FILE])
+            built = index_lib.build_index(vectors, data.ids, distance=opts.distance,
+                                          embedder=data.spec.to_dict(), k=opts.recall_k,
+                                          target_recall=opts.min_recall, copy=False, work_dir=work_dir)
+            del data.vectors, vectors
+            built.save(index_dir, tables=extra)
+        finally:
+            os.remove(vectors_file.name)
         out[name] = runs.embedder_entry(run_directory, name, built, data.spec.to_dict(),
                                         pca_dim=opts.pca_dim or None)
     return out

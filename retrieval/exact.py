@@ -29,12 +29,13 @@ def check_distance(distance):
         raise ConfigError(f"Unknown distance {distance!r}; allowed values: {', '.join(DISTANCES)}.")
 
 
-def normalize_rows(x, what="vectors", in_place=False):
+def normalize_rows(x, what="vectors", in_place=False, row_offset=0):
     """Return `x` (2-D) as float32 with every row scaled to unit L2 norm.
 
     A new array unless `in_place` and `x` is already a float32 C-contiguous
     ndarray, which is then modified and returned.  Raises ConfigError naming the
-    first zero row: a zero vector has no direction, so cosine is undefined for it.
+    first zero row (numbered from `row_offset`, for a chunk of a larger matrix): a
+    zero vector has no direction, so cosine is undefined for it.
     """
     out = np.array(x, dtype=np.float32, order="C", copy=None if in_place else True)
     # einsum, unlike np.linalg.norm(axis=1), allocates no (n, d) temporary.
@@ -42,7 +43,7 @@ def normalize_rows(x, what="vectors", in_place=False):
     zero_rows = np.flatnonzero(norms == 0)
     if zero_rows.size:
         raise ConfigError(
-            f"{what}: {zero_rows.size} row(s) have zero L2 norm (first: row {zero_rows[0]}); "
+            f"{what}: {zero_rows.size} row(s) have zero L2 norm (first: row {row_offset + zero_rows[0]}); "
             "cosine distance is undefined for zero vectors. Remove them or use "
             "distance='squared_l2'."
         )
@@ -109,15 +110,16 @@ def _check_arrays(queries, database):
     return queries, database
 
 
-def check_finite(x, what, rows_per_chunk=65536):
-    """Raise ConfigError naming the first row of `x` (2-D) holding NaN or infinity.
+def check_finite(x, what, rows_per_chunk=65536, row_offset=0):
+    """Raise ConfigError naming the first row of `x` (2-D) holding NaN or infinity
+    (numbered from `row_offset`, for a chunk of a larger matrix).
 
     Checked in row chunks so the boolean temporary stays small for large matrices.
     """
     for r0 in range(0, x.shape[0], rows_per_chunk):
         bad = ~np.isfinite(x[r0 : r0 + rows_per_chunk]).all(axis=1)
         if bad.any():
-            row = r0 + int(np.argmax(bad))
+            row = row_offset + r0 + int(np.argmax(bad))
             raise ConfigError(
                 f"{what}: row {row} contains NaN or infinite values (after conversion to "
                 "float32); all vector components must be finite."

@@ -20,14 +20,17 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
 
 from retrieval import manifest as mf
+from retrieval import scann_assets
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.exact import check_distance, check_finite, exact_search, normalize_rows
 from retrieval.metrics import recall_at_k
+from retrieval.npy_stream import CHUNK_ROWS, chunk_bounds, release_pages
 from retrieval.scann_import import import_scann_pybind
 
 METHODS = ("brute_force", "tree_ah")
@@ -66,6 +69,7 @@ REORDER_COST_IN_POINTS = 30
 # Reorder depths tried while tuning, as multiples of k.
 REORDER_MULTIPLES = (2, 5, 10, 20, 50, 100)
 MAX_RECALL_QUERIES = 1000
+_TRAINING_SEED = 0
 
 # cosine is served as dot product over L2-normalised vectors.
 _SCANN_DISTANCE = {
@@ -222,10 +226,13 @@ def _check_positive_int(value, name, upper=None, upper_name=None):
 class Index:
     """A searchable ScaNN index with string ids; made by `build_index` or `load_index`."""
 
-    def __init__(self, searcher, ids, manifest):
+    def __init__(self, searcher, ids, manifest, assets=None):
         self._searcher = searcher
         self._ids = ids
         self.manifest = manifest
+        # Built tree-AH indexes keep the ScaNN assets they were loaded from, so save()
+        # links them instead of serialising again (which copies the whole dataset once more).
+        self._assets = assets
 
     n = property(lambda self: self.manifest.n)
     ids = property(lambda self: self._ids, doc="row i -> id of vector i (numpy object array)")
@@ -377,7 +384,10 @@ class Index:
         # The default (relative_path=False) records absolute asset paths in
         # scann_assets.pbtxt, which point into the staging directory and break
         # after the rename; relative paths are resolved against the scann/ dir.
-        self._searcher.serialize(str(scann_dir), relative_path=True)
+        if self._assets is not None:
+            self._assets.copy_to(scann_dir)
+        else:
+            self._searcher.serialize(str(scann_dir), relative_path=True)
         _write_ids(directory / IDS_FILE, self._ids)
         manifest = dataclasses.replace(self.manifest, files=mf.describe_files(directory))
         mf.write_manifest(directory, manifest)
@@ -499,14 +509,17 @@ def build_index(
     target_recall=0.95,
     seed=0,
     copy=True,
+    work_dir=None,
 ):
     """Build a ScaNN index over `vectors` and measure its recall@k against exact search.
 
     Args:
-      vectors: (n, d) array; float32 C-contiguous input is used without a copy
-        (except for cosine, which normalises a copy).  ScaNN itself keeps its own
-        copy of the float32 matrix (for brute force / exact reordering), so peak
-        memory is about twice n*d*4 bytes.
+      vectors: (n, d) array, or a memory map of one (`np.load(path, mmap_mode="r")`).
+        tree-AH reads it in row chunks and never holds a second in-memory copy:
+        ScaNN's assets are made on disk under `work_dir` (`retrieval.scann_assets`) and
+        the searcher then loads them, so peak memory is about one float32 matrix plus
+        the AH codes (~1.2x), plus `vectors` itself when it is an in-memory array.
+        Brute force (small n*d) builds in memory: about twice n*d*4 bytes.
       ids: n unique strings; ids[i] names vectors[i].
       distance: "cosine" (vectors are L2-normalised, served as dot product),
         "dot_product" or "squared_l2".
@@ -515,8 +528,12 @@ def build_index(
       num_queries: database rows sampled (with `seed`) to measure recall; at most n.
       k: default number of neighbours for searches, and the recall cut-off.
       target_recall: recall@k that tree-AH tuning aims for.
-      copy: False lets cosine normalise a float32 C-contiguous `vectors` in place instead
-        of copying it (saves one matrix of memory when the caller no longer needs it).
+      copy: brute force only: False lets cosine normalise a float32 C-contiguous
+        `vectors` in place instead of copying it (tree-AH never modifies `vectors`).
+      work_dir: where tree-AH writes its assets (a temporary directory inside it,
+        removed with the Index; default: the system's temporary directory).  On the
+        same filesystem as the later `Index.save` target, saving hard-links the files
+        instead of copying them.  Needs about 1.2x the float32 matrix of disk.
 
     Recall is measured leave-self-out: min(num_queries, n) database rows, sampled
     with `seed`, are queried for k+1 neighbours both in the index and by exact
@@ -547,10 +564,18 @@ def build_index(
     ids = _check_ids(ids, n)
     config = choose_config(n, d, distance, k=k) if config is None else config
     _validate_config(config, n, d, k)
-    x = _prepare_vectors(arr, distance, copy)
-
-    searcher = _build_searcher(x, config, distance, k)
-    probe = _RecallProbe.sample(x, _SCANN_DISTANCE[distance], k, num_queries, seed)
+    assets = None
+    if config.method == "brute_force":
+        x = _prepare_vectors(arr, distance, copy)
+        searcher = _build_searcher(x, config, distance, k)
+        probe = _RecallProbe.sample(x, _SCANN_DISTANCE[distance], k, num_queries, seed)
+    else:
+        assets = _AssetsDirectory(work_dir)
+        try:
+            searcher, probe = _build_tree_ah(arr, config, distance, k, num_queries, seed, assets.path)
+        except BaseException:
+            assets.remove()
+            raise
     search_defaults, recall = _choose_search_defaults(searcher, config, probe, k, target_recall)
     if probe is not None:
         recall["method"] = _RECALL_METHOD.format(q=len(probe.rows), seed=seed)
@@ -565,11 +590,12 @@ def build_index(
         build_seconds=round(time.perf_counter() - start, 3),
         embedder=embedder,
     )
-    return Index(searcher, ids, manifest)
+    return Index(searcher, ids, manifest, assets=assets)
 
 
 def _as_matrix(vectors):
-    arr = np.asarray(vectors)
+    # A memory map stays one, so that reading it chunk by chunk can release its pages.
+    arr = vectors if isinstance(vectors, np.memmap) else np.asarray(vectors)
     if arr.ndim != 2:
         raise ConfigError(f"vectors must be a 2-D array (n, d), got shape {arr.shape}.")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -609,33 +635,77 @@ def _prepare_vectors(arr, distance, copy=True):
     if distance == "cosine":
         # The caller's memory is normalised only when it said copy=False; a copy made by
         # the cast above is ours anyway.
-        x = normalize_rows(x, what="vectors", in_place=not copy or not np.may_share_memory(x, arr))
+        in_place = (not copy or not np.may_share_memory(x, arr)) and x.flags.writeable
+        x = normalize_rows(x, what="vectors", in_place=in_place)
     return x
 
 
 def _build_searcher(x, config, distance, k):
-    """Train the ScaNN searcher.  ScaNN copies `x` into its own C++ dataset."""
+    """Brute-force ScaNN searcher.  ScaNN copies `x` into its own C++ dataset."""
     scann = import_scann_pybind()
-    builder = scann.builder(x, k, _SCANN_DISTANCE[distance])
-    if config.method == "brute_force":
-        builder = builder.score_brute_force()
-    else:
+    return scann.builder(x, k, _SCANN_DISTANCE[distance]).score_brute_force().build()
+
+
+def _build_tree_ah(arr, config, distance, k, num_queries, seed, directory):
+    """Tree-AH searcher made through its on-disk assets, and the recall probe.
+
+    The probe's exact search streams over the dataset file before the searcher loads it,
+    so the two never hold the matrix at the same time.
+    """
+    scann = import_scann_pybind()
+    scann_distance = _SCANN_DISTANCE[distance]
+    x = scann_assets.write_dataset(arr, directory / scann_assets.DATASET[1], normalize=distance == "cosine")
+    n, d = x.shape
+
+    def configure(builder):
         threshold = config.anisotropic_quantization_threshold
-        builder = (
-            builder.tree(
-                num_leaves=config.num_leaves,
-                num_leaves_to_search=config.leaves_to_search,
-                training_sample_size=config.training_sample_size,
-                random_init=not config.deterministic_training,
-            )
-            .score_ah(
-                config.dims_per_block,
-                anisotropic_quantization_threshold=float("nan") if threshold is None else threshold,
-                training_sample_size=config.training_sample_size,
-            )
-            .reorder(config.pre_reorder_num_neighbors)
+        return builder.tree(
+            num_leaves=config.num_leaves,
+            num_leaves_to_search=config.leaves_to_search,
+            training_sample_size=config.training_sample_size,
+            random_init=not config.deterministic_training,
+        ).score_ah(
+            config.dims_per_block,
+            anisotropic_quantization_threshold=float("nan") if threshold is None else threshold,
+            training_sample_size=config.training_sample_size,
         )
-    return builder.build()
+
+    # The rows ScaNN's own builder would sample for training; seeded so builds repeat.
+    sample = scann_assets.sample_rows(x, config.training_sample_size, seed=_TRAINING_SEED)
+    trained = scann_assets.train(sample, scann_distance, k, configure, directory)
+    del sample
+    scann_assets.hash_rows(trained, directory)
+    reorder = configure(scann.builder(np.zeros((1, d), np.float32), k, scann_distance))
+    reorder = reorder.reorder(config.pre_reorder_num_neighbors).create_config()
+    scann_assets.finish(trained, scann_assets.reorder_stanza(reorder), directory)
+    probe = _RecallProbe.sample(x, scann_distance, k, num_queries, seed)
+    release_pages(x)
+    del x
+    scann_assets.trim_heap()  # measured: ~100 MB of freed training and probe buffers at 500k x 256
+    return _load_searcher(directory), probe
+
+
+class _AssetsDirectory:
+    """A build's ScaNN assets: a temporary directory removed when its Index goes away."""
+
+    def __init__(self, work_dir):
+        if work_dir is not None:
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(dir=work_dir, prefix=".imgindex-build-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    def remove(self):
+        self._finalizer()
+
+    def copy_to(self, directory):
+        """Hard-link (or, across filesystems, copy) the assets into `directory`."""
+        for path in sorted(self.path.iterdir()):
+            if path.name.startswith("."):
+                continue
+            try:
+                os.link(path, directory / path.name)
+            except OSError:
+                shutil.copyfile(path, directory / path.name)
 
 
 @dataclasses.dataclass
@@ -655,9 +725,9 @@ class _RecallProbe:
             return None
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=min(num_queries, n), replace=False))
-        queries = x[rows]
+        queries = np.array(x[rows])
         # x is already normalised for cosine, so dot product is the exact cosine score.
-        exact, _ = exact_search(queries, x, k + 1, scann_distance)
+        exact = _exact_by_chunks(queries, x, k + 1, scann_distance)
         return cls(rows=rows, queries=queries, exact=_drop_self(exact, rows, k), k=k)
 
     def split(self):
@@ -680,6 +750,25 @@ class _RecallProbe:
         rows = rows.astype(np.int64)
         rows[np.isnan(scores)] = -1  # ScaNN's padding for "not found"
         return recall_at_k(_drop_self(rows, self.rows, self.k), self.exact, self.k)
+
+
+def _exact_by_chunks(queries, x, k, scann_distance, chunk_rows=CHUNK_ROWS):
+    """exact_search over `x` one row chunk at a time (a memory map's pages are released after
+    each), merged; ties still go to the lower row."""
+    best_rows = best_scores = None
+    for start, stop in chunk_bounds(x.shape[0], chunk_rows):
+        rows, scores = exact_search(queries, x[start:stop], k, scann_distance)
+        release_pages(x)
+        rows = rows + start
+        if best_rows is not None:
+            rows = np.concatenate([best_rows, rows], axis=1)
+            scores = np.concatenate([best_scores, scores], axis=1)
+            # Stable, and earlier chunks come first: equal scores keep the lower row first.
+            order = np.argsort(scores if scann_distance == "squared_l2" else -scores, axis=1, kind="stable")[:, :k]
+            rows = np.take_along_axis(rows, order, axis=1)
+            scores = np.take_along_axis(scores, order, axis=1)
+        best_rows, best_scores = rows, scores
+    return best_rows
 
 
 def _drop_self(neighbours, query_rows, k):

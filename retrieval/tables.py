@@ -5,6 +5,7 @@ peak memory stays near the matrix itself rather than the table plus a copy.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from retrieval import npy_stream
 from retrieval import schema as S
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
@@ -47,11 +49,14 @@ def write_embeddings(path: str, spec: EmbedderSpec, ids, vectors: np.ndarray, sh
     os.replace(tmp, path)
 
 
-def read_embeddings(source: str | list[str], with_columns: bool = False) -> Embeddings:
+def read_embeddings(source: str | list[str], with_columns: bool = False,
+                    vectors_path: str | None = None) -> Embeddings:
     """Reads embedding tables (a file, a directory of .parquet files, or a list of files).
 
     with_columns: also return every column but the embedding (id, source, sha256, width,
     height, passthrough metadata) as an Arrow table aligned with the vectors.
+    vectors_path: write the vectors to this local .npy file row group by row group and
+    return them as a read-only memory map of it, instead of one in-memory matrix.
     """
     dataset = ds.dataset(source, format="parquet", exclude_invalid_files=False)
     if not dataset.files:
@@ -66,19 +71,26 @@ def read_embeddings(source: str | list[str], with_columns: bool = False) -> Embe
                 f"({spec.fingerprint}, dim {spec.dim}); build one index per embedder"
             )
     n = dataset.count_rows()
-    vectors = np.empty((n, spec.dim), np.float32)
+    vectors = np.empty((n, spec.dim), np.float32) if vectors_path is None else None
     others = [name for name in dataset.schema.names if name != S.EMBEDDING]
     ids: list[str] = []
     pieces = []
     row = 0
-    for batch in _batches(dataset.files, [S.EMBEDDING] + (others if with_columns else [S.ID])):
-        m = batch.num_rows
-        flat = batch.column(S.EMBEDDING).flatten().to_numpy(zero_copy_only=False)
-        vectors[row:row + m] = flat.reshape(m, spec.dim)
-        ids.extend(batch.column(S.ID).to_pylist())
-        if with_columns:
-            pieces.append(pa.Table.from_batches([batch]).drop_columns([S.EMBEDDING]))
-        row += m
+    sink = contextlib.nullcontext() if vectors_path is None else npy_stream.NpyWriter(vectors_path, (n, spec.dim), np.float32)
+    with sink:
+        for batch in _batches(dataset.files, [S.EMBEDDING] + (others if with_columns else [S.ID])):
+            m = batch.num_rows
+            flat = batch.column(S.EMBEDDING).flatten().to_numpy(zero_copy_only=False).reshape(m, spec.dim)
+            if vectors is None:
+                sink.append(flat)
+            else:
+                vectors[row:row + m] = flat
+            ids.extend(batch.column(S.ID).to_pylist())
+            if with_columns:
+                pieces.append(pa.Table.from_batches([batch]).drop_columns([S.EMBEDDING]))
+            row += m
+    if vectors is None:
+        vectors = npy_stream.open_read(vectors_path)
     columns = None
     if with_columns:
         schema = pa.schema([dataset.schema.field(name) for name in others])

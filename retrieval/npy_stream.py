@@ -1,0 +1,73 @@
+"""Streaming .npy files: matrices written and read in row chunks without holding them in memory.
+
+Large embedding matrices go through .npy files so that the index stage never needs an extra
+in-memory copy: writes are plain file writes (no page of the file is mapped), and reads of
+a memory map release their pages after every chunk, so they never accumulate in the RSS.
+"""
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+# Rows per chunk when streaming a matrix: 65,536 x 256 float32 = 64 MiB.
+CHUNK_ROWS = 65_536
+
+
+def chunk_bounds(n, chunk_rows=CHUNK_ROWS):
+    """(start, stop) pairs covering range(n) in near-equal chunks of at most chunk_rows."""
+    count = max(1, -(-n // chunk_rows))
+    edges = np.linspace(0, n, count + 1).round().astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def release_pages(array):
+    """Drop the resident pages of a NumPy memory map from this process (no-op for other arrays).
+
+    Pages read through a memory map count in the process's RSS until unmapped; the file's
+    page cache stays, so reading them again costs no disk I/O while memory allows.
+    """
+    mapped = getattr(array, "_mmap", None)
+    if isinstance(mapped, mmap.mmap):
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def open_read(path):
+    """A .npy file as a read-only memory map (read into memory when it holds no data: an
+    empty mapping is not allowed)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError:
+        return np.load(path, allow_pickle=False)
+
+
+class NpyWriter:
+    """Writes a .npy file of known shape row chunk by row chunk (a context manager).
+
+    On a clean exit the number of rows written must match the shape, else ValueError.
+    """
+
+    def __init__(self, path, shape, dtype):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.rows = 0
+        self._file = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": self.shape}
+        np.lib.format.write_array_header_2_0(self._file, header)
+
+    def append(self, rows):
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.rows + rows.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path.name}: {rows.shape[0]} rows of shape {rows.shape[1:]} do not fit "
+                             f"after {self.rows} rows of {self.shape}")
+        self._file.write(rows.tobytes())
+        self.rows += rows.shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._file.close()
+        if exc_type is None and self.rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: wrote {self.rows} rows, the header says {self.shape[0]}")
+        return False

@@ -1,0 +1,192 @@
+"""A tree-AH ScaNN searcher built into ScaNN's own on-disk asset format, chunk by chunk.
+
+Why: ScaNN's in-memory builder (`scann.builder(x, ...).build()`) copies the whole matrix
+into its own dataset, computes the AH residual of every row, and `serialize()` makes one
+more copy while writing `dataset.npy`; measured on 500k x 256 the index stage peaked at
+4.1x the float32 matrix (BENCHMARKS.md).  Here no process step holds more than one copy:
+
+1. `write_dataset`: the vectors are cast to float32, checked, L2-normalised for cosine and
+   written to `dataset.npy` in row chunks (the input may itself be a memory map).
+2. `train`: the partitioner and AH codebooks are trained by ScaNN's builder on a row
+   sample only (the builder samples the same number of rows from the full matrix anyway).
+3. `hash_rows`: every row is tokenized and AH-encoded by ScaNN itself: a searcher without
+   reordering (it keeps codes, not float rows) is loaded from the trained assets, the rows
+   are upserted into it chunk by chunk, and its serialisation gives `datapoint_to_token.npy`
+   and `hashed_dataset.npy`.  A row's token and code depend only on that row and the
+   trained assets, so they are byte-identical to ScaNN's own build
+   (tests/test_scann_assets.py checks this).
+4. `finish`: the asset list and the final config (trained config + exact reordering) are
+   written; `scann.load_searcher(directory)` then loads it like any serialized searcher.
+
+The asset names and types are the ones ScaNN 1.4's `serialize()` writes and
+`load_searcher()` reads (scann_assets.pbtxt).
+"""
+
+import ctypes
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import ConfigError
+from retrieval.exact import check_finite, normalize_rows
+from retrieval.npy_stream import CHUNK_ROWS, NpyWriter, chunk_bounds, open_read, release_pages
+from retrieval.scann_import import import_scann_pybind
+
+ASSETS_FILE = "scann_assets.pbtxt"
+CONFIG_FILE = "scann_config.pb"
+DATASET = ("DATASET_NPY", "dataset.npy")
+PARTITIONER = ("PARTITIONER", "serialized_partitioner.pb")
+AH_CENTERS = ("AH_CENTERS", "ah_codebook.pb")
+TOKENIZATION = ("TOKENIZATION_NPY", "datapoint_to_token.npy")
+AH_DATASET = ("AH_DATASET_NPY", "hashed_dataset.npy")
+
+
+def trim_heap():
+    """Hand freed heap memory back to the OS (glibc keeps large freed arenas otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def write_dataset(vectors, path, normalize, what="vectors", chunk_rows=CHUNK_ROWS):
+    """Write `vectors` (n, d) as a float32 .npy at `path`, checked and optionally L2-normalised
+    chunk by chunk; returns the file as a read-only memory map.
+
+    Raises ConfigError naming the first row holding NaN/inf (or, with normalize, a zero row).
+    """
+    n, d = vectors.shape
+    with NpyWriter(path, (n, d), np.float32) as out:
+        for start, stop in chunk_bounds(n, chunk_rows):
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf, reported just below
+                chunk = np.array(vectors[start:stop], dtype=np.float32, order="C")
+            release_pages(vectors)
+            check_finite(chunk, what, row_offset=start)
+            if normalize:
+                chunk = normalize_rows(chunk, what=what, in_place=True, row_offset=start)
+            out.append(chunk)
+    return open_read(path)
+
+
+def sample_rows(x, size, seed, chunk_rows=CHUNK_ROWS):
+    """`size` distinct rows of `x` chosen with `seed`, in row order, gathered chunk by chunk."""
+    n = x.shape[0]
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    out = np.empty((size, x.shape[1]), np.float32)
+    for start, stop in chunk_bounds(n, chunk_rows):
+        lo, hi = np.searchsorted(rows, [start, stop])
+        out[lo:hi] = x[rows[lo:hi]]
+        release_pages(x)
+    return out
+
+
+def train(sample, scann_distance, k, configure, directory):
+    """Train partitioner and AH codebooks on `sample`; write them and the trained config.
+
+    configure(builder) adds the tree and score_ah stanzas (no reordering) to a ScaNN builder.
+    Returns the trained ScannConfig message.
+    """
+    scann = import_scann_pybind()
+    directory = Path(directory)
+    trained = directory / ".trained"
+    trained.mkdir()
+    searcher = configure(scann.builder(sample, k, scann_distance)).build()
+    searcher.serialize(str(trained), relative_path=True)
+    del searcher
+    trim_heap()
+    for _, name in (PARTITIONER, AH_CENTERS):
+        os.replace(trained / name, directory / name)
+    config = _read_config(trained / CONFIG_FILE)
+    shutil.rmtree(trained)
+    return config
+
+
+def hash_rows(trained_config, directory, chunk_rows=CHUNK_ROWS, threads=None):
+    """Tokenize and AH-encode every row of directory/dataset.npy with the trained assets in
+    `directory`, writing datapoint_to_token.npy and hashed_dataset.npy there.
+
+    A searcher without reordering (so it keeps no float rows) is loaded from the trained
+    assets and the first row, the other rows are upserted chunk by chunk on `threads`
+    threads (default: the available cores), and serialising it writes the two files.
+    Measured at 500k x 256, 707 leaves: ~25 us a row on 2 threads; serialising holds
+    ~0.65 MB per leaf for a moment.
+    """
+    scann = import_scann_pybind()
+    directory = Path(directory)
+    x = open_read(directory / DATASET[1])
+    n = x.shape[0]
+    seed, out = directory / ".hash-seed", directory / ".hash-out"
+    try:
+        for path in (seed, out):
+            path.mkdir()
+        for _, name in (PARTITIONER, AH_CENTERS):
+            os.link(directory / name, seed / name)
+        np.save(seed / DATASET[1], np.asarray(x[:1]))
+        write_assets(seed, trained_config, [AH_CENTERS, PARTITIONER, DATASET])
+        searcher = scann.load_searcher(str(seed), assets_backcompat_shim=False).searcher
+        searcher.set_num_threads(threads or _available_cores())
+        for start, stop in chunk_bounds(n - 1, chunk_rows) if n > 1 else ():
+            chunk = np.array(x[1 + start:1 + stop])
+            release_pages(x)
+            searcher.upsert([None] * len(chunk), list(chunk), _UPSERT_BATCH)
+        if searcher.size() != n:
+            raise RuntimeError(f"ScaNN holds {searcher.size()} rows after upserting {n}")
+        searcher.serialize(str(out), True)
+        del searcher
+        trim_heap()  # the serialisation's per-leaf buffers
+        for _, name in (TOKENIZATION, AH_DATASET):
+            rows = np.load(out / name, mmap_mode="r").shape[0]
+            if rows != n:
+                raise RuntimeError(f"ScaNN wrote {rows} rows of {name} for {n} vectors")
+            os.replace(out / name, directory / name)
+    finally:
+        shutil.rmtree(seed, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+_UPSERT_BATCH = 256
+
+
+def _available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def finish(trained_config, reorder_config, directory):
+    """Write the final config (trained + exact reordering) and the full asset list."""
+    config = type(trained_config)()
+    config.CopyFrom(trained_config)
+    if reorder_config is not None:
+        config.exact_reordering.CopyFrom(reorder_config.exact_reordering)
+    write_assets(directory, config, [AH_CENTERS, PARTITIONER, TOKENIZATION, AH_DATASET, DATASET])
+
+
+def reorder_stanza(builder_config_text):
+    """The ScannConfig parsed from a builder's create_config() text (for its exact_reordering)."""
+    from google.protobuf import text_format
+    from scann.proto import scann_pb2
+
+    return text_format.Parse(builder_config_text, scann_pb2.ScannConfig())
+
+
+def write_assets(directory, config, assets):
+    directory = Path(directory)
+    (directory / CONFIG_FILE).write_bytes(config.SerializeToString())
+    entries = [CONFIG_FILE]
+    with open(directory / ASSETS_FILE, "w") as f:
+        for kind, name in assets:
+            if not (directory / name).is_file():
+                raise ConfigError(f"ScaNN asset {name} missing from {directory}")
+            f.write(f'assets {{\n  asset_type: {kind}\n  asset_path: "{name}"\n}}\n')
+            entries.append(name)
+    return entries
+
+
+def _read_config(path):
+    from scann.proto import scann_pb2
+
+    config = scann_pb2.ScannConfig()
+    config.ParseFromString(Path(path).read_bytes())
+    return config
+

@@ -1,0 +1,164 @@
+"""Tree-AH built through ScaNN's asset files chunk by chunk (retrieval.scann_assets): identical
+to ScaNN's own build, streamed from memory maps, and cleaned up."""
+
+import gc
+import math
+
+import numpy as np
+import pytest
+
+import retrieval.index as index_module
+from retrieval import npy_stream, scann_assets, tables
+from retrieval.embedders import EmbedderSpec
+from retrieval.errors import ConfigError
+from retrieval.exact import exact_search
+from retrieval.index import build_index, choose_config, load_index
+from retrieval.scann_import import import_scann_pybind
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((60, D)).astype(np.float32)
+    x = centres[rng.integers(0, 60, 6000)] + 0.3 * rng.standard_normal((6000, D)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _configure(builder):
+    return builder.tree(num_leaves=40, num_leaves_to_search=6, training_sample_size=6000).score_ah(
+        2, anisotropic_quantization_threshold=0.2, training_sample_size=6000)
+
+
+def test_chunked_hashing_is_byte_identical_to_scann_build(clustered, tmp_path):
+    scann = import_scann_pybind()
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    built = _configure(scann.builder(clustered, 10, "dot_product")).reorder(50).build()
+    built.serialize(str(reference), relative_path=True)
+
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    trained = scann_assets._read_config(reference / scann_assets.CONFIG_FILE)
+    reorder = type(trained)()
+    reorder.CopyFrom(trained)
+    trained.ClearField("exact_reordering")
+    for _, name in (scann_assets.PARTITIONER, scann_assets.AH_CENTERS):
+        (staged / name).write_bytes((reference / name).read_bytes())
+    np.save(staged / "dataset.npy", clustered)
+    # Several chunks of uneven sizes, so that appending is exercised.
+    scann_assets.hash_rows(trained, staged, chunk_rows=1700)
+    for _, name in (scann_assets.TOKENIZATION, scann_assets.AH_DATASET):
+        np.testing.assert_array_equal(np.load(staged / name), np.load(reference / name))
+    assert sorted(p.name for p in staged.iterdir()) == sorted(
+        ["dataset.npy", "datapoint_to_token.npy", "hashed_dataset.npy", "ah_codebook.pb", "serialized_partitioner.pb"])
+
+    scann_assets.finish(trained, reorder, staged)
+    loaded = scann.load_searcher(str(staged), assets_backcompat_shim=False)
+    queries = clustered[:200] + 0.01
+    expected_rows, expected_scores = built.search_batched(queries)
+    rows, scores = loaded.search_batched(queries)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_memory_mapped_input_gives_the_same_index_and_is_not_modified(clustered, tmp_path):
+    raw = clustered * 3.0  # not unit length: cosine normalises, but never the caller's file
+    path = tmp_path / "vectors.npy"
+    np.save(path, raw)
+    mapped = np.load(path, mmap_mode="r")
+    ids = [f"v{i}" for i in range(len(raw))]
+    config = choose_config(len(raw), D, "cosine", method="tree_ah")
+    from_file = build_index(mapped, ids, config=config, work_dir=tmp_path / "work")
+    in_memory = build_index(raw, ids, config=config)
+    np.testing.assert_array_equal(np.load(path), raw)
+    assert from_file.manifest.search_defaults == in_memory.manifest.search_defaults
+    assert from_file.manifest.recall["value"] == in_memory.manifest.recall["value"] >= 0.95
+    queries = clustered[::97] + 0.02
+    assert from_file.search_batch(queries)[0] == in_memory.search_batch(queries)[0]
+
+
+def test_saving_links_the_built_assets_and_the_work_directory_goes_with_the_index(clustered, tmp_path):
+    work = tmp_path / "work"
+    index = build_index(clustered, [f"v{i}" for i in range(len(clustered))],
+                        config=choose_config(len(clustered), D, "cosine", method="tree_ah"), work_dir=work)
+    (build_dir,) = work.iterdir()
+    index.save(tmp_path / "index")
+    saved = tmp_path / "index" / "scann"
+    assert {p.name for p in saved.iterdir()} == {
+        "scann_config.pb", "scann_assets.pbtxt", "ah_codebook.pb", "serialized_partitioner.pb",
+        "datapoint_to_token.npy", "hashed_dataset.npy", "dataset.npy"}
+    # Same file, not a copy: saving costs no second dataset on disk or in memory.
+    assert (saved / "dataset.npy").stat().st_ino == (build_dir / "dataset.npy").stat().st_ino
+    loaded = load_index(tmp_path / "index")
+    queries = clustered[:50] + 0.01
+    assert loaded.search_batch(queries)[0] == index.search_batch(queries)[0]
+    del index
+    gc.collect()
+    assert not build_dir.exists()
+    assert loaded.search(queries[0])[0]  # the loaded index owns its own files
+
+
+def test_a_failed_build_leaves_no_work_files(clustered, tmp_path):
+    bad = clustered.copy()
+    bad[4321, 3] = np.nan
+    with pytest.raises(ConfigError, match="row 4321 contains NaN"):
+        build_index(bad, [f"v{i}" for i in range(len(bad))],
+                    config=choose_config(len(bad), D, "cosine", method="tree_ah"), work_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("row, value, message", [
+    (70_000, np.nan, "row 70000 contains NaN"),  # in the second chunk: numbered in the whole matrix
+    (65_535, 0.0, r"zero L2 norm \(first: row 65535\)"),
+])
+def test_write_dataset_names_rows_of_the_whole_matrix(tmp_path, row, value, message):
+    x = np.ones((70_001, 2), np.float32)
+    x[row] = value
+    with pytest.raises(ConfigError, match=message):
+        scann_assets.write_dataset(x, tmp_path / "dataset.npy", normalize=True)
+
+
+def test_exact_by_chunks_equals_exact_search_with_ties():
+    rng = np.random.default_rng(3)
+    x = np.repeat(rng.standard_normal((40, 8)).astype(np.float32), 3, axis=0)  # every row 3 times
+    queries = x[::7] + 0.001
+    for distance in ("dot_product", "squared_l2"):
+        expected, _ = exact_search(queries, x, 9, distance)
+        got = index_module._exact_by_chunks(queries, x, 9, distance, chunk_rows=17)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_npy_writer_checks_the_row_count(tmp_path):
+    with pytest.raises(ValueError, match="wrote 2 rows, the header says 3"):
+        with npy_stream.NpyWriter(tmp_path / "a.npy", (3, 2), np.float32) as out:
+            out.append(np.zeros((2, 2)))
+    with npy_stream.NpyWriter(tmp_path / "b.npy", (3, 2), np.float32) as out:
+        with pytest.raises(ValueError, match="do not fit"):
+            out.append(np.zeros((4, 2)))
+        out.append(np.arange(6).reshape(3, 2))
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), np.arange(6, dtype=np.float32).reshape(3, 2))
+    assert npy_stream.chunk_bounds(10, 4) == [(0, 3), (3, 7), (7, 10)]
+    assert npy_stream.chunk_bounds(0, 4) == [(0, 0)]
+
+
+def test_read_embeddings_into_a_file_matches_the_in_memory_read(tmp_path, clustered):
+    spec = EmbedderSpec(name="t", handle="t", fingerprint="f", dim=D)
+    n = 1000
+    tables.write_embeddings(str(tmp_path / "part-0.parquet"), spec, [f"v{i}" for i in range(n)], clustered[:n],
+                            ["0" * 64] * n, [f"s{i}" for i in range(n)], [1] * n, [1] * n)
+    in_memory = tables.read_embeddings(str(tmp_path), with_columns=True)
+    from_file = tables.read_embeddings(str(tmp_path), with_columns=True, vectors_path=str(tmp_path / "v.npy"))
+    assert isinstance(from_file.vectors, np.memmap) and from_file.ids == in_memory.ids
+    np.testing.assert_array_equal(from_file.vectors, in_memory.vectors)
+    assert from_file.columns.equals(in_memory.columns)
+
+
+def test_training_sample_is_seeded_and_sorted(clustered):
+    a = scann_assets.sample_rows(clustered, 500, seed=0, chunk_rows=1000)
+    b = scann_assets.sample_rows(clustered, 500, seed=0, chunk_rows=333)
+    np.testing.assert_array_equal(a, b)
+    rows = np.sort(np.random.default_rng(0).choice(len(clustered), 500, replace=False))
+    np.testing.assert_array_equal(a, clustered[rows])
+    assert math.isclose(float(np.linalg.norm(a[0])), 1.0, rel_tol=1e-5)
