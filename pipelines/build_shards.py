@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import apache_beam as beam
@@ -37,7 +38,7 @@ from retrieval import manifest as mf
 from retrieval import metrics, runs, sharded, tables
 from retrieval import schema as S
 from retrieval.errors import ConfigError, ImgIndexError
-from retrieval.exact import exact_search, normalize_rows
+from retrieval.exact import exact_search_by_chunks, normalize_rows
 
 PARTITIONS = ".partitions"
 _PROBE_PERSON = b"imgindex-probe"
@@ -114,15 +115,22 @@ class BuildShard(beam.DoFn):
         if self.max_shard_vectors and rows > self.max_shard_vectors:
             raise ShardSizeError(f"shard {shard} has {rows} rows, above --max_shard_vectors "
                                  f"{self.max_shard_vectors}; use more --index_shards")
-        data = tables.read_embeddings(_partition_dir(self.index_dir, shard), with_columns=True)
-        built = index_lib.build_index(data.vectors, data.ids, distance=self.distance,
-                                      embedder=data.spec.to_dict(), k=self.k,
-                                      target_recall=self.target_recall, copy=False)
-        answers = self._answer(probes, built, data)
-        del data.vectors
         directory = os.path.join(self.index_dir, sharded.shard_name(shard, self.num_shards))
-        # A retried bundle replaces its own earlier, unpublished attempt.
-        built.save(directory, overwrite=True, tables={runs.METADATA_FILE: data.columns})
+        work_dir = os.path.join(self.index_dir, PARTITIONS)
+        # The shard's matrix goes to a local file that the build streams (retrieval.scann_assets).
+        vectors_path = os.path.join(work_dir, f"vectors-shard-{shard:05d}-{uuid.uuid4().hex}.npy")
+        try:
+            data = tables.read_embeddings(_partition_dir(self.index_dir, shard), with_columns=True,
+                                          vectors_path=vectors_path)
+            built = index_lib.build_index(data.vectors, data.ids, distance=self.distance,
+                                          embedder=data.spec.to_dict(), k=self.k,
+                                          target_recall=self.target_recall, work_dir=work_dir)
+            answers = self._answer(probes, built, data)
+            del data.vectors
+            # A retried bundle replaces its own earlier, unpublished attempt.
+            built.save(directory, overwrite=True, tables={runs.METADATA_FILE: data.columns})
+        finally:
+            Path(vectors_path).unlink(missing_ok=True)
         answers["manifest_sha256"] = mf.sha256_file(os.path.join(directory, "manifest.json"))
         answers.update(shard=shard, n=built.n, d=built.d, embedder=built.manifest.embedder,
                        method=built.method, recall=built.manifest.recall,
@@ -136,9 +144,11 @@ class BuildShard(beam.DoFn):
             return {"probe_ids": [], "exact": [], "approx": []}
         queries = np.stack([vector for _, _, vector in probes]).astype(np.float32)
         scann_distance = "dot_product" if self.distance == "cosine" else self.distance
-        if self.distance == "cosine":
-            queries = normalize_rows(queries, what="probe")  # data.vectors were normalised by the build
-        rows, scores = exact_search(queries, data.vectors, self.k + 1, scann_distance)
+        cosine = self.distance == "cosine"
+        if cosine:
+            queries = normalize_rows(queries, what="probe")
+        rows, scores = exact_search_by_chunks(queries, data.vectors, self.k + 1, scann_distance,
+                                              normalize_database=cosine)
         ids = np.asarray(data.ids, dtype=object)
         approx_ids, approx_scores = built.search_batch(queries, k=self.k + 1)
         return {"probe_ids": [item_id for _, item_id, _ in probes],

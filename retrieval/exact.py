@@ -91,6 +91,33 @@ def exact_search(queries, database, k, distance, block_elements=DEFAULT_BLOCK_EL
     return indices, keys
 
 
+def exact_search_by_chunks(queries, database, k, distance, normalize_database=False, chunk_rows=None):
+    """`exact_search` over `database` one row chunk at a time, merged; same results and ties.
+
+    For a database too large to copy (e.g. a memory map: its pages are released after each
+    chunk).  normalize_database: L2-normalise each chunk first (cosine over raw rows).
+    """
+    from retrieval.npy_stream import CHUNK_ROWS, chunk_bounds, release_pages
+
+    best_rows = best_scores = None
+    for start, stop in chunk_bounds(database.shape[0], chunk_rows or CHUNK_ROWS):
+        chunk = database[start:stop]
+        if normalize_database:
+            chunk = normalize_rows(chunk, what="database", row_offset=start)
+        rows, scores = exact_search(queries, chunk, k, distance)
+        release_pages(database)
+        rows = rows + start
+        if best_rows is not None:
+            rows = np.concatenate([best_rows, rows], axis=1)
+            scores = np.concatenate([best_scores, scores], axis=1)
+            # Stable, and earlier chunks come first: equal scores keep the lower row first.
+            order = np.argsort(scores if distance == "squared_l2" else -scores, axis=1, kind="stable")[:, :k]
+            rows = np.take_along_axis(rows, order, axis=1)
+            scores = np.take_along_axis(scores, order, axis=1)
+        best_rows, best_scores = rows, scores
+    return best_rows, best_scores
+
+
 def _check_arrays(queries, database):
     queries = np.asarray(queries, dtype=np.float32)
     database = np.asarray(database, dtype=np.float32)

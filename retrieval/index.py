@@ -28,9 +28,9 @@ import numpy as np
 from retrieval import manifest as mf
 from retrieval import scann_assets
 from retrieval.errors import ConfigError, IndexFormatError
-from retrieval.exact import check_distance, check_finite, exact_search, normalize_rows
+from retrieval.exact import check_distance, check_finite, exact_search_by_chunks, normalize_rows
 from retrieval.metrics import recall_at_k
-from retrieval.npy_stream import CHUNK_ROWS, chunk_bounds, release_pages
+from retrieval.npy_stream import release_pages
 from retrieval.scann_import import import_scann_pybind
 
 METHODS = ("brute_force", "tree_ah")
@@ -727,7 +727,7 @@ class _RecallProbe:
         rows = np.sort(rng.choice(n, size=min(num_queries, n), replace=False))
         queries = np.array(x[rows])
         # x is already normalised for cosine, so dot product is the exact cosine score.
-        exact = _exact_by_chunks(queries, x, k + 1, scann_distance)
+        exact, _ = exact_search_by_chunks(queries, x, k + 1, scann_distance)
         return cls(rows=rows, queries=queries, exact=_drop_self(exact, rows, k), k=k)
 
     def split(self):
@@ -750,25 +750,6 @@ class _RecallProbe:
         rows = rows.astype(np.int64)
         rows[np.isnan(scores)] = -1  # ScaNN's padding for "not found"
         return recall_at_k(_drop_self(rows, self.rows, self.k), self.exact, self.k)
-
-
-def _exact_by_chunks(queries, x, k, scann_distance, chunk_rows=CHUNK_ROWS):
-    """exact_search over `x` one row chunk at a time (a memory map's pages are released after
-    each), merged; ties still go to the lower row."""
-    best_rows = best_scores = None
-    for start, stop in chunk_bounds(x.shape[0], chunk_rows):
-        rows, scores = exact_search(queries, x[start:stop], k, scann_distance)
-        release_pages(x)
-        rows = rows + start
-        if best_rows is not None:
-            rows = np.concatenate([best_rows, rows], axis=1)
-            scores = np.concatenate([best_scores, scores], axis=1)
-            # Stable, and earlier chunks come first: equal scores keep the lower row first.
-            order = np.argsort(scores if scann_distance == "squared_l2" else -scores, axis=1, kind="stable")[:, :k]
-            rows = np.take_along_axis(rows, order, axis=1)
-            scores = np.take_along_axis(scores, order, axis=1)
-        best_rows, best_scores = rows, scores
-    return best_rows
 
 
 def _drop_self(neighbours, query_rows, k):

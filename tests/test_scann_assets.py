@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 
-import retrieval.index as index_module
 from retrieval import npy_stream, scann_assets, tables
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
-from retrieval.exact import exact_search
+from retrieval.exact import exact_search, exact_search_by_chunks, normalize_rows
 from retrieval.index import build_index, choose_config, load_index
 from retrieval.scann_import import import_scann_pybind
 
@@ -120,14 +119,17 @@ def test_write_dataset_names_rows_of_the_whole_matrix(tmp_path, row, value, mess
         scann_assets.write_dataset(x, tmp_path / "dataset.npy", normalize=True)
 
 
-def test_exact_by_chunks_equals_exact_search_with_ties():
+def test_exact_search_by_chunks_equals_exact_search_with_ties():
     rng = np.random.default_rng(3)
     x = np.repeat(rng.standard_normal((40, 8)).astype(np.float32), 3, axis=0)  # every row 3 times
     queries = x[::7] + 0.001
-    for distance in ("dot_product", "squared_l2"):
-        expected, _ = exact_search(queries, x, 9, distance)
-        got = index_module._exact_by_chunks(queries, x, 9, distance, chunk_rows=17)
-        np.testing.assert_array_equal(got, expected)
+    for distance in ("dot_product", "squared_l2", "cosine"):
+        database = normalize_rows(x) if distance == "cosine" else x
+        expected_rows, expected_scores = exact_search(queries, database, 9, distance)
+        rows, scores = exact_search_by_chunks(queries, x, 9, distance, normalize_database=distance == "cosine",
+                                              chunk_rows=17)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
 
 
 def test_npy_writer_checks_the_row_count(tmp_path):
