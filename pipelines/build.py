@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -126,14 +127,14 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
         index_dir = runs.index_dir(run_directory, name)
         work_dir = os.path.dirname(index_dir)
         os.makedirs(work_dir, exist_ok=True)
-        # The matrix goes to a local file, not the heap: the index build streams it and
-        # ScaNN's searcher then holds the only in-memory copy (BENCHMARKS.md, build memory).
-        vectors_file = tempfile.NamedTemporaryFile(dir=work_dir, prefix=f".vectors-{name}-", suffix=".npy",
-                                                   delete=False)
-        vectors_file.close()
+        # The matrix and the metadata columns go to local files, not the heap: the index build
+        # streams the matrix, ScaNN's searcher then holds the only in-memory copy, and the
+        # metadata file is linked into the index (BENCHMARKS.md, build memory).
+        scratch = tempfile.mkdtemp(dir=work_dir, prefix=f".read-{name}-")
         try:
             data = tables.read_embeddings(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}", with_columns=True,
-                                          vectors_path=vectors_file.name)
+                                          vectors_path=os.path.join(scratch, "vectors.npy"),
+                                          columns_path=os.path.join(scratch, "columns.parquet"))
             extra = {runs.METADATA_FILE: data.columns}
             vectors = data.vectors
             if opts.pca_dim:
@@ -145,7 +146,7 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
             del data.vectors, vectors
             built.save(index_dir, tables=extra)
         finally:
-            os.remove(vectors_file.name)
+            shutil.rmtree(scratch, ignore_errors=True)
         out[name] = runs.embedder_entry(run_directory, name, built, data.spec.to_dict(),
                                         pca_dim=opts.pca_dim or None)
     return out

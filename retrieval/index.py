@@ -347,7 +347,8 @@ class Index:
         """Write the index directory at `path`, published by a rename only when complete.
 
         Everything is written into a temporary sibling directory, manifest.json last,
-        then renamed to `path`.  `tables` ({file name: pyarrow.Table or numpy array}) are
+        then renamed to `path`.  `tables` ({file name: pyarrow.Table, numpy array, or the
+        pathlib.Path of a Parquet file, hard-linked or copied}) are
         written beside ids.parquet (Parquet, rows aligned with the ids; or .npy) and covered
         by the manifest's checksums (e.g. metadata.parquet, projection.npy).  An existing `path` is replaced only with
         overwrite=True and only if it is an imgindex index (or empty); the old
@@ -374,6 +375,12 @@ class Index:
                                   "index's own files")
             if isinstance(value, np.ndarray):
                 np.save(directory / name, value, allow_pickle=False)
+            elif isinstance(value, os.PathLike):
+                rows = pq.read_metadata(value).num_rows
+                if rows != self.n:
+                    raise ConfigError(f"extra table {name!r} ({value}) must have one row per vector "
+                                      f"({self.n}), got {rows} rows")
+                _link_or_copy(Path(value), directory / name)
             elif value.num_rows != self.n:
                 raise ConfigError(f"extra table {name!r} must have one row per vector ({self.n}), "
                                   f"got {value.num_rows} rows")
@@ -700,12 +707,15 @@ class _AssetsDirectory:
     def copy_to(self, directory):
         """Hard-link (or, across filesystems, copy) the assets into `directory`."""
         for path in sorted(self.path.iterdir()):
-            if path.name.startswith("."):
-                continue
-            try:
-                os.link(path, directory / path.name)
-            except OSError:
-                shutil.copyfile(path, directory / path.name)
+            if not path.name.startswith("."):
+                _link_or_copy(path, directory / path.name)
+
+
+def _link_or_copy(source, target):
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or no hard links there
+        shutil.copyfile(source, target)
 
 
 @dataclasses.dataclass

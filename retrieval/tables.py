@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -50,13 +51,15 @@ def write_embeddings(path: str, spec: EmbedderSpec, ids, vectors: np.ndarray, sh
 
 
 def read_embeddings(source: str | list[str], with_columns: bool = False,
-                    vectors_path: str | None = None) -> Embeddings:
+                    vectors_path: str | None = None, columns_path: str | None = None) -> Embeddings:
     """Reads embedding tables (a file, a directory of .parquet files, or a list of files).
 
     with_columns: also return every column but the embedding (id, source, sha256, width,
     height, passthrough metadata) as an Arrow table aligned with the vectors.
     vectors_path: write the vectors to this local .npy file row group by row group and
     return them as a read-only memory map of it, instead of one in-memory matrix.
+    columns_path: with with_columns, write those columns to this local Parquet file as they
+    are read and return its path (a pathlib.Path) as `columns` instead of a table.
     """
     dataset = ds.dataset(source, format="parquet", exclude_invalid_files=False)
     if not dataset.files:
@@ -73,27 +76,37 @@ def read_embeddings(source: str | list[str], with_columns: bool = False,
     n = dataset.count_rows()
     vectors = np.empty((n, spec.dim), np.float32) if vectors_path is None else None
     others = [name for name in dataset.schema.names if name != S.EMBEDDING]
+    schema = pa.schema([dataset.schema.field(name) for name in others])
     ids: list[str] = []
     pieces = []
     row = 0
-    sink = contextlib.nullcontext() if vectors_path is None else npy_stream.NpyWriter(vectors_path, (n, spec.dim), np.float32)
-    with sink:
+    with contextlib.ExitStack() as sinks:
+        vector_sink = column_sink = None
+        if vectors_path is not None:
+            vector_sink = sinks.enter_context(npy_stream.NpyWriter(vectors_path, (n, spec.dim), np.float32))
+        if with_columns and columns_path is not None:
+            column_sink = sinks.enter_context(pq.ParquetWriter(columns_path, schema))
         for batch in _batches(dataset.files, [S.EMBEDDING] + (others if with_columns else [S.ID])):
             m = batch.num_rows
             flat = batch.column(S.EMBEDDING).flatten().to_numpy(zero_copy_only=False).reshape(m, spec.dim)
-            if vectors is None:
-                sink.append(flat)
+            if vector_sink is not None:
+                vector_sink.append(flat)
             else:
                 vectors[row:row + m] = flat
             ids.extend(batch.column(S.ID).to_pylist())
             if with_columns:
-                pieces.append(pa.Table.from_batches([batch]).drop_columns([S.EMBEDDING]))
+                piece = pa.Table.from_batches([batch]).drop_columns([S.EMBEDDING])
+                if column_sink is not None:
+                    column_sink.write_table(piece.cast(schema))
+                else:
+                    pieces.append(piece)
             row += m
     if vectors is None:
         vectors = npy_stream.open_read(vectors_path)
     columns = None
-    if with_columns:
-        schema = pa.schema([dataset.schema.field(name) for name in others])
+    if with_columns and columns_path is not None:
+        columns = Path(columns_path)
+    elif with_columns:
         columns = pa.concat_tables(pieces).cast(schema) if pieces else schema.empty_table()
     # Decoded row groups are freed by now; hand the allocator's cached pages back.
     pa.default_memory_pool().release_unused()

@@ -5,6 +5,7 @@ import gc
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from retrieval import npy_stream, scann_assets, tables
@@ -148,13 +149,26 @@ def test_npy_writer_checks_the_row_count(tmp_path):
 def test_read_embeddings_into_a_file_matches_the_in_memory_read(tmp_path, clustered):
     spec = EmbedderSpec(name="t", handle="t", fingerprint="f", dim=D)
     n = 1000
-    tables.write_embeddings(str(tmp_path / "part-0.parquet"), spec, [f"v{i}" for i in range(n)], clustered[:n],
+    source = tmp_path / "tables"
+    source.mkdir()
+    tables.write_embeddings(str(source / "part-0.parquet"), spec, [f"v{i}" for i in range(n)], clustered[:n],
                             ["0" * 64] * n, [f"s{i}" for i in range(n)], [1] * n, [1] * n)
-    in_memory = tables.read_embeddings(str(tmp_path), with_columns=True)
-    from_file = tables.read_embeddings(str(tmp_path), with_columns=True, vectors_path=str(tmp_path / "v.npy"))
+    in_memory = tables.read_embeddings(str(source), with_columns=True)
+    from_file = tables.read_embeddings(str(source), with_columns=True, vectors_path=str(tmp_path / "v.npy"))
     assert isinstance(from_file.vectors, np.memmap) and from_file.ids == in_memory.ids
     np.testing.assert_array_equal(from_file.vectors, in_memory.vectors)
     assert from_file.columns.equals(in_memory.columns)
+    streamed = tables.read_embeddings(str(source), with_columns=True, columns_path=str(tmp_path / "c.parquet"))
+    assert streamed.columns == tmp_path / "c.parquet"
+    assert pq.read_table(streamed.columns).equals(in_memory.columns)
+    # An index saved with the file as its metadata holds the same rows; a wrong row count is refused.
+    built = build_index(in_memory.vectors, in_memory.ids)
+    built.save(tmp_path / "index", tables={"metadata.parquet": streamed.columns})
+    assert pq.read_table(tmp_path / "index" / "metadata.parquet").equals(in_memory.columns)
+    short = tmp_path / "short.parquet"
+    pq.write_table(in_memory.columns.slice(0, 10), short)
+    with pytest.raises(ConfigError, match="must have one row per vector"):
+        built.save(tmp_path / "index2", tables={"metadata.parquet": short})
 
 
 def test_training_sample_is_seeded_and_sorted(clustered):
