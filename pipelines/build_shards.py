@@ -149,7 +149,7 @@ class BuildShard(beam.DoFn):
             queries = normalize_rows(queries, what="probe")
         rows, scores = exact_search_by_chunks(queries, data.vectors, self.k + 1, scann_distance,
                                               normalize_database=cosine)
-        ids = np.asarray(data.ids, dtype=object)
+        ids = built.ids  # row -> id, the array the index's own searches use
         approx_ids, approx_scores = built.search_batch(queries, k=self.k + 1)
         return {"probe_ids": [item_id for _, item_id, _ in probes],
                 "exact": [[ids[r].tolist(), s.tolist()] for r, s in zip(rows, scores)],

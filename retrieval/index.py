@@ -228,6 +228,9 @@ class Index:
 
     def __init__(self, searcher, ids, manifest, assets=None):
         self._searcher = searcher
+        # A numpy object array, or a pyarrow string array as built from Arrow ids: that one
+        # becomes Python strings only when a search or `ids` needs them, so a build that
+        # just saves never holds a Python object per id (~65 MB at 1M short ids).
         self._ids = ids
         self.manifest = manifest
         # Built tree-AH indexes keep the ScaNN assets they were loaded from, so save()
@@ -235,7 +238,13 @@ class Index:
         self._assets = assets
 
     n = property(lambda self: self.manifest.n)
-    ids = property(lambda self: self._ids, doc="row i -> id of vector i (numpy object array)")
+    @property
+    def ids(self):
+        """row i -> id of vector i (numpy object array)."""
+        if not isinstance(self._ids, np.ndarray):
+            self._ids = self._ids.to_numpy(zero_copy_only=False).astype(object, copy=False)
+        return self._ids
+
     d = property(lambda self: self.manifest.d)
     distance = property(lambda self: self.manifest.distance)
     method = property(lambda self: self.manifest.index_config["method"])
@@ -270,7 +279,7 @@ class Index:
         else:
             k, knobs = self._search_params(k, overrides)
         rows, scores = self._searcher.search(query, final_num_neighbors=k, **knobs)
-        return self._ids[rows].tolist(), np.asarray(scores, dtype=np.float32)
+        return self.ids[rows].tolist(), np.asarray(scores, dtype=np.float32)
 
     def search_batch(self, queries, k=None, **overrides):
         """Nearest neighbours of each row of `queries` (q, d); see `search`.
@@ -290,7 +299,8 @@ class Index:
         scores = np.asarray(scores, dtype=np.float32)
         # ScaNN pads missing neighbours with row 0 and a NaN score.
         found = ~np.isnan(scores)
-        return [self._ids[r[f]].tolist() for r, f in zip(rows, found)], scores
+        ids = self.ids
+        return [ids[r[f]].tolist() for r, f in zip(rows, found)], scores
 
     @functools.cached_property
     def _default_params(self):
@@ -434,7 +444,8 @@ def _write_ids(path, ids):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"id": pa.array(ids, type=pa.string())}), path)
+    column = ids if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
+    pq.write_table(pa.table({"id": column}), path)
 
 
 def _read_ids(path, n):
@@ -619,6 +630,11 @@ def _as_matrix(vectors):
 
 
 def _check_ids(ids, n):
+    """The ids as a numpy object array, or as one pyarrow string array when given Arrow."""
+    import pyarrow as pa
+
+    if isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        return _check_arrow_ids(ids, n)
     ids = list(ids)
     if len(ids) != n:
         raise ConfigError(f"Got {len(ids)} ids for {n} vectors; need exactly one id per vector.")
@@ -634,6 +650,29 @@ def _check_ids(ids, n):
         raise ConfigError(f"ids must be unique; {duplicate!r} occurs more than once.")
     return np.array(ids, dtype=object)
 
+
+
+def _check_arrow_ids(ids, n):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(ids) != n:
+        raise ConfigError(f"Got {len(ids)} ids for {n} vectors; need exactly one id per vector.")
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+        raise ConfigError(f"ids must be strings; got an Arrow array of type {ids.type}.")
+    if ids.null_count:
+        first = pc.index(pc.is_null(ids), True).as_py()
+        raise ConfigError(f"ids must be strings; ids[{first}] is null.")
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    distinct = pc.count_distinct(ids).as_py()
+    # The hash table behind the count stays in Arrow's pool (~100 MB at 1M ids) until released.
+    pa.default_memory_pool().release_unused()
+    if distinct != n:
+        counts = pc.value_counts(ids)
+        duplicate = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        raise ConfigError(f"ids must be unique; {duplicate!r} occurs more than once.")
+    return ids
 
 def _prepare_vectors(arr, distance, copy=True):
     """float32 C-contiguous matrix for ScaNN, copied only when needed."""

@@ -23,7 +23,7 @@ from retrieval.errors import ConfigError
 
 @dataclasses.dataclass
 class Embeddings:
-    ids: list[str]
+    ids: list[str] | pa.StringArray  # a pyarrow array when read with vectors_path
     vectors: np.ndarray  # (n, d) float32, C-contiguous
     spec: EmbedderSpec
     columns: pa.Table | None = None  # the other columns, rows aligned with ids (when asked)
@@ -57,7 +57,9 @@ def read_embeddings(source: str | list[str], with_columns: bool = False,
     with_columns: also return every column but the embedding (id, source, sha256, width,
     height, passthrough metadata) as an Arrow table aligned with the vectors.
     vectors_path: write the vectors to this local .npy file row group by row group and
-    return them as a read-only memory map of it, instead of one in-memory matrix.
+    return them as a read-only memory map of it, instead of one in-memory matrix; the ids
+    then come as one pyarrow string array rather than a list of Python strings (about a
+    sixth of the memory for short ids).
     columns_path: with with_columns, write those columns to this local Parquet file as they
     are read and return its path (a pathlib.Path) as `columns` instead of a table.
     """
@@ -77,7 +79,7 @@ def read_embeddings(source: str | list[str], with_columns: bool = False,
     vectors = np.empty((n, spec.dim), np.float32) if vectors_path is None else None
     others = [name for name in dataset.schema.names if name != S.EMBEDDING]
     schema = pa.schema([dataset.schema.field(name) for name in others])
-    ids: list[str] = []
+    id_chunks = []
     pieces = []
     row = 0
     with contextlib.ExitStack() as sinks:
@@ -93,7 +95,7 @@ def read_embeddings(source: str | list[str], with_columns: bool = False,
                 vector_sink.append(flat)
             else:
                 vectors[row:row + m] = flat
-            ids.extend(batch.column(S.ID).to_pylist())
+            id_chunks.append(batch.column(S.ID))
             if with_columns:
                 piece = pa.Table.from_batches([batch]).drop_columns([S.EMBEDDING])
                 if column_sink is not None:
@@ -103,6 +105,10 @@ def read_embeddings(source: str | list[str], with_columns: bool = False,
             row += m
     if vectors is None:
         vectors = npy_stream.open_read(vectors_path)
+        ids = pa.chunked_array(id_chunks, schema.field(S.ID).type).combine_chunks()
+    else:
+        ids = [item for chunk in id_chunks for item in chunk.to_pylist()]
+    del id_chunks
     columns = None
     if with_columns and columns_path is not None:
         columns = Path(columns_path)

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import retrieval.index as index_module
@@ -230,6 +231,10 @@ def test_cosine_build_leaves_the_callers_array_alone(small):
         ({"ids": ["a", "b"]}, "Got 2 ids for 3 vectors"),
         ({"ids": ["a", "b", "a"]}, "ids must be unique; 'a' occurs more than once"),
         ({"ids": ["a", "b", 3]}, r"ids\[2\] is 3 \(int\)"),
+        ({"ids": pa.array(["a", "b"])}, "Got 2 ids for 3 vectors"),
+        ({"ids": pa.chunked_array([["a", "b"], ["a"]])}, "ids must be unique; 'a' occurs more than once"),
+        ({"ids": pa.array(["a", None, "c"])}, r"ids\[1\] is null"),
+        ({"ids": pa.array([1, 2, 3])}, "ids must be strings; got an Arrow array of type int64"),
         (
             {"distance": "l2"},
             "Unknown distance 'l2'; allowed values: dot_product, cosine, squared_l2",

@@ -5,6 +5,7 @@ import gc
 import math
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -155,16 +156,23 @@ def test_read_embeddings_into_a_file_matches_the_in_memory_read(tmp_path, cluste
                             ["0" * 64] * n, [f"s{i}" for i in range(n)], [1] * n, [1] * n)
     in_memory = tables.read_embeddings(str(source), with_columns=True)
     from_file = tables.read_embeddings(str(source), with_columns=True, vectors_path=str(tmp_path / "v.npy"))
-    assert isinstance(from_file.vectors, np.memmap) and from_file.ids == in_memory.ids
+    assert isinstance(from_file.vectors, np.memmap) and isinstance(from_file.ids, pa.StringArray)
+    assert from_file.ids.to_pylist() == in_memory.ids
     np.testing.assert_array_equal(from_file.vectors, in_memory.vectors)
     assert from_file.columns.equals(in_memory.columns)
     streamed = tables.read_embeddings(str(source), with_columns=True, columns_path=str(tmp_path / "c.parquet"))
     assert streamed.columns == tmp_path / "c.parquet"
     assert pq.read_table(streamed.columns).equals(in_memory.columns)
     # An index saved with the file as its metadata holds the same rows; a wrong row count is refused.
-    built = build_index(in_memory.vectors, in_memory.ids)
+    # Arrow ids stay Arrow through build and save (no Python string per id) and answer searches.
+    built = build_index(from_file.vectors, from_file.ids)
+    assert isinstance(built._ids, pa.StringArray)
     built.save(tmp_path / "index", tables={"metadata.parquet": streamed.columns})
+    assert isinstance(built._ids, pa.StringArray)
     assert pq.read_table(tmp_path / "index" / "metadata.parquet").equals(in_memory.columns)
+    assert pq.read_table(tmp_path / "index" / "ids.parquet").column("id").to_pylist() == in_memory.ids
+    assert built.search(in_memory.vectors[7], k=1)[0] == ["v7"]
+    assert list(built.ids) == in_memory.ids == list(load_index(tmp_path / "index").ids)
     short = tmp_path / "short.parquet"
     pq.write_table(in_memory.columns.slice(0, 10), short)
     with pytest.raises(ConfigError, match="must have one row per vector"):
