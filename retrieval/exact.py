@@ -170,14 +170,45 @@ def _search_query_block(queries, database, db_sq_norms, k, db_block):
             keys *= 2.0
             keys -= q_sq_norms[:, None]
             keys -= db_sq_norms[None, n0 : n0 + db_block]
-        local = _top_k_by_position(keys, k)
+        beating = _beating_best(keys, best_keys, k)
+        if beating is None:
+            local = _top_k_by_position(keys, k)
+            local_keys = np.take_along_axis(keys, local, axis=1)
+        else:
+            local, local_keys = beating
         cand_idx = np.concatenate([best_idx, local + n0], axis=1)
-        cand_keys = np.concatenate([best_keys, np.take_along_axis(keys, local, axis=1)], axis=1)
+        cand_keys = np.concatenate([best_keys, local_keys], axis=1)
         best_idx, best_keys = _top_k_sorted(cand_idx, cand_keys, k)
     if db_sq_norms is not None:
         best_keys = _negated_squared_distances(queries, database, best_idx, db_block)
         best_idx, best_keys = _top_k_sorted(best_idx, best_keys, k)
     return best_idx, best_keys
+
+
+def _beating_best(keys, best_keys, k):
+    """(positions, keys) of the block's keys above each query's current k-th best, padded
+    with -inf, or None (use argpartition) when there is no full finite top k yet or too
+    many keys beat it.
+
+    Once k neighbours are known, few keys of a later block beat the k-th best, and a
+    comparison plus np.nonzero costs far less than argpartition over the whole block
+    (measured at 1M x 256, 1,000 queries: ~2x faster overall).  Only strictly greater keys
+    can enter: a later block's equal key has a higher row, so it loses the tie.
+    """
+    # -inf padding must rank below every real key, so the k-th best has to be finite.
+    if best_keys.shape[1] < k or not np.isfinite(best_keys[:, k - 1]).all():
+        return None
+    rows, cols = np.nonzero(keys > best_keys[:, k - 1 : k])
+    if rows.size > 4 * k * keys.shape[0]:
+        return None
+    counts = np.bincount(rows, minlength=keys.shape[0])
+    width = max(1, int(counts.max(initial=0)))
+    slot = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    positions = np.zeros((keys.shape[0], width), dtype=np.int64)
+    picked = np.full((keys.shape[0], width), -np.inf, dtype=np.float32)
+    positions[rows, slot] = cols
+    picked[rows, slot] = keys[rows, cols]
+    return positions, picked
 
 
 def _negated_squared_distances(queries, database, indices, block_elements):

@@ -87,6 +87,19 @@ def test_ties_at_the_cut_off_keep_the_lowest_indices(distance):
     np.testing.assert_array_equal(indices[0], copies[:3])
 
 
+@pytest.mark.parametrize("distance", ["dot_product", "squared_l2"])
+def test_many_ties_across_many_blocks_match_the_reference(distance):
+    # Small integers give exact float scores with many equal keys, so later blocks hold
+    # keys equal to the current k-th best (they must not enter) and rows differ in how
+    # many keys beat it (the padded candidate path).
+    rng = np.random.default_rng(11)
+    database = rng.integers(-2, 3, size=(2000, 3)).astype(np.float32)
+    queries = rng.integers(-2, 3, size=(30, 3)).astype(np.float32)
+    for k, block_elements in ((1, 900), (7, 3000), (40, 30 * 64)):
+        indices, _ = exact_search(queries, database, k, distance, block_elements=block_elements)
+        np.testing.assert_array_equal(indices, _naive(queries, database, k, distance)[0])
+
+
 def test_squared_l2_self_distance_is_exactly_zero():
     x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32) * 100
     indices, scores = exact_search(x, x, 1, "squared_l2")
