@@ -17,6 +17,7 @@ from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.exact import exact_search, normalize_rows
 from retrieval.index import (
     BRUTE_FORCE_MAX_ELEMENTS,
+    RANDOM_INIT_MIN_ROWS,
     IndexConfig,
     build_index,
     choose_config,
@@ -105,6 +106,11 @@ def test_choose_config_thresholds():
     )
     huge = choose_config(10_000_000, D, "dot_product")
     assert huge.training_sample_size == 250_000 and huge.num_leaves == 3162
+    # k-means++ (reproducible) below RANDOM_INIT_MIN_ROWS, random initialisation (faster) above.
+    assert config.deterministic_training and not huge.deterministic_training
+    assert choose_config(RANDOM_INIT_MIN_ROWS - 1, D, "cosine").deterministic_training
+    assert not choose_config(RANDOM_INIT_MIN_ROWS, D, "cosine").deterministic_training
+    assert choose_config(10_000_000, D, "cosine", deterministic_training=True).deterministic_training
 
 
 def test_choose_config_overrides():
