@@ -6,7 +6,8 @@ PREFIX names the .npy files of benchmarks/peer_data.py (e.g. benchmarks/out/peer
 made by `python -m benchmarks.peer_data --dataset scale --scale_n 200000`).  The variant (JSON)
 sets: num_leaves (default sqrt(n)), sample (partitioner training sample, default min(n, 250k)),
 ah_sample (AH training sample, default = sample), random_init, iters (k-means iterations),
-quantize_centroids, soar (SOAR lambda), dpb (AH dims per block), reorder_q (BFLOAT16 / INT8).
+quantize_centroids, soar (SOAR lambda), dpb (AH dims per block), reorder_q (BFLOAT16 / INT8);
+autopilot: true builds ScaNN's autopilot instead (the other keys are then ignored).
 Builds once, then for a grid of leaves_to_search x reorder depth measures recall@10 against the
 ground truth and QPS with one thread (single queries one call each; one batched call), one
 round; prints the build seconds and the best QPS reaching recall 0.90 / 0.95 / 0.99.  Used to
@@ -25,6 +26,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         sys.exit(__doc__)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from benchmarks.peer_methods import num_leaves_of
     from retrieval.scann_import import import_scann_pybind
 
     prefix, variant = argv[0], json.loads(argv[1] if len(argv) > 1 else "{}")
@@ -34,23 +36,15 @@ def main(argv=None):
     leaves = variant.get("num_leaves", round(n ** 0.5))
     sample = variant.get("sample", min(n, 250_000))
     start = time.perf_counter()
-    builder = scann.builder(base, 10, "dot_product").tree(
-        num_leaves=leaves, num_leaves_to_search=10, training_sample_size=sample,
-        random_init=variant.get("random_init", False), training_iterations=variant.get("iters", 12),
-        quantize_centroids=variant.get("quantize_centroids", False), soar_lambda=variant.get("soar"))
-    builder = builder.score_ah(variant.get("dpb", 2), anisotropic_quantization_threshold=0.2,
-                               training_sample_size=variant.get("ah_sample", sample))
-    if variant.get("reorder_q"):
-        from scann.scann_ops.py.scann_builder import ReorderType
-
-        builder = builder.reorder(100, quantize=getattr(ReorderType, variant["reorder_q"]))
+    if variant.get("autopilot"):
+        searcher = scann.builder(base, 10, "dot_product").autopilot().build()
+        leaves = num_leaves_of(searcher.config())
     else:
-        builder = builder.reorder(100)
-    searcher = builder.build()
+        searcher = _build(scann, base, leaves, sample, variant)
     build_s = time.perf_counter() - start
     best = {}
     for lv in sorted({1, 2, 3, 4, 6, 8, 11, 16, 22, 32, 45, 64, 90, 128} & set(range(1, leaves + 1))):
-        for reorder in (10, 20, 30, 50, 80, 120, 200, 300):
+        for reorder in (10, 20, 30, 50, 80, 120, 200, 300, 450, 650):
             rows, _ = searcher.search_batched(queries, leaves_to_search=lv, pre_reorder_num_neighbors=reorder)
             recall = np.mean([len(set(r[:10]) & set(t[:10])) / 10 for r, t in zip(rows, truth)])
             if recall < 0.85:
@@ -68,6 +62,24 @@ def main(argv=None):
                     best[str(target)] = [max(old[0], round(single)), max(old[1], round(batched)),
                                          f"L{lv}/R{reorder}" if single > old[0] else old[2]]
     print(json.dumps({"variant": variant, "leaves": leaves, "build_s": round(build_s, 1), "best": best}))
+
+
+
+def _build(scann, base, leaves, sample, variant):
+    builder = scann.builder(base, 10, "dot_product").tree(
+        num_leaves=leaves, num_leaves_to_search=10, training_sample_size=sample,
+        random_init=variant.get("random_init", False), training_iterations=variant.get("iters", 12),
+        quantize_centroids=variant.get("quantize_centroids", False), soar_lambda=variant.get("soar"))
+    builder = builder.score_ah(variant.get("dpb", 2), anisotropic_quantization_threshold=0.2,
+                               training_sample_size=variant.get("ah_sample", sample))
+    if variant.get("reorder_q"):
+        from scann.scann_ops.py.scann_builder import ReorderType
+
+        builder = builder.reorder(100, quantize=getattr(ReorderType, variant["reorder_q"]))
+    else:
+        builder = builder.reorder(100)
+    searcher = builder.build()
+    return searcher
 
 
 if __name__ == "__main__":
