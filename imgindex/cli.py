@@ -43,6 +43,10 @@ def _add_index(sub) -> None:
     p.add_argument("--k", type=int, default=10, help="neighbours the recall is measured at")
     p.add_argument("--target_recall", type=float, default=0.95,
                    help="search knobs are tuned to the cheapest setting reaching this recall@k")
+    p.add_argument("--tuning_queries", default=None,
+                   help="held-out query vectors (a .npy file, or embedding tables from the same "
+                   "embedder) that measure recall and tune the search knobs instead of sampled "
+                   "database rows")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
     p.set_defaults(func=_run_index)
 
@@ -51,9 +55,14 @@ def _run_index(args) -> int:
     from retrieval import index, tables
 
     data = tables.read_embeddings(args.embeddings)
+    queries = None
+    if args.tuning_queries:
+        from pipelines.build import load_tuning_queries
+
+        queries = load_tuning_queries(args.tuning_queries, data.spec)
     built = index.build_index(data.vectors, data.ids, distance=args.distance,
                               embedder=data.spec.to_dict(), k=args.k,
-                              target_recall=args.target_recall)
+                              target_recall=args.target_recall, tuning_queries=queries)
     built.save(args.output, overwrite=args.overwrite)
     m = built.manifest
     recall = "not measured (fewer than 2 vectors)" if m.recall["value"] is None else (

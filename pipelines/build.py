@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipelines import embed
 from pipelines.options import EmbedOptions
 from retrieval import index as index_lib
-from retrieval import projection, runs, sharded, tables
+from retrieval import embedders, projection, runs, sharded, tables
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
@@ -55,6 +55,13 @@ class BuildOptions(EmbedOptions):
         parser.add_argument("--max_shard_vectors", type=int, default=0,
                             help="memory budget: the most rows one shard (one worker's matrix) may "
                             "hold; picks the number of shards when --index_shards is 0 (0 = no limit)")
+        parser.add_argument("--tuning_queries", action="append", default=None,
+                            help="held-out query vectors that measure each index's recall and tune its "
+                            "search knobs instead of sampled database rows (use them when queries are "
+                            "unlike the indexed images, e.g. past queries): [EMBEDDER=]PATH, PATH a local "
+                            ".npy file (q, dim) or Parquet embedding table(s) written by `imgindex embed` "
+                            "with the same embedder; repeat per embedder; without EMBEDDER= it applies "
+                            "to the run's only embedder; not with a sharded build")
         parser.add_argument("--run_id", default=None,
                             help="name of the run directory (default: UTC timestamp + random suffix)")
 
@@ -87,6 +94,52 @@ def _check(opts: BuildOptions) -> None:
         raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id or opts.run_id.startswith(".")):
         raise ConfigError(f"--run_id {opts.run_id!r} must be a plain directory name")
+    tuning_queries_of(opts)
+
+
+def tuning_queries_of(opts: BuildOptions) -> dict[str, str]:
+    """--tuning_queries as {embedder name: path}, checked against the run's embedders."""
+    if not opts.tuning_queries:
+        return {}
+    if opts.index_shards > 1 or opts.max_shard_vectors:
+        raise ConfigError("--tuning_queries cannot be combined with a sharded build (--index_shards > 1 or "
+                          "--max_shard_vectors) yet; drop one of them")
+    names = [embedders.parse_embedder_arg(e).name for e in (opts.embedder or [embed.DEFAULT_EMBEDDER])]
+    out = {}
+    for value in opts.tuning_queries:
+        name, sep, path = value.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise ConfigError(f"--tuning_queries {value!r}: the run has embedders {names}; "
+                                  "say which one with EMBEDDER=PATH")
+            name, path = names[0], value
+        if name not in names:
+            raise ConfigError(f"--tuning_queries {value!r}: unknown embedder {name!r}; the run's "
+                              f"embedders are {names}")
+        if name in out:
+            raise ConfigError(f"--tuning_queries given twice for embedder {name!r}")
+        if "://" in path or not os.path.exists(path):
+            raise ConfigError(f"--tuning_queries {value!r}: {path!r} is not an existing local file or "
+                              "directory (a .npy file or Parquet embedding tables)")
+        out[name] = path
+    return out
+
+
+def load_tuning_queries(path: str, spec) -> np.ndarray:
+    """Query vectors from a .npy file or from embedding tables made with the same embedder."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--tuning_queries {path!r} does not exist (a .npy file or Parquet embedding tables)")
+    if path.endswith(".npy"):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--tuning_queries {path!r} is not a readable .npy array ({exc})") from exc
+    queries = tables.read_embeddings(path)
+    if queries.spec.fingerprint != spec.fingerprint:
+        raise ConfigError(f"--tuning_queries {path!r} was embedded by {queries.spec.name!r} "
+                          f"({queries.spec.fingerprint}), the index by {spec.name!r} ({spec.fingerprint}); "
+                          "embed the queries with the same embedder")
+    return queries.vectors
 
 
 def _versions() -> dict:
@@ -113,6 +166,7 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
     runner `options` names (pipelines.build_shards); a single index in this process.
     """
     out = {}
+    tuning = tuning_queries_of(opts)
     for name, info in report["embedders"].items():
         if _sharded(run_directory, name, opts):
             from pipelines import build_shards
@@ -137,12 +191,16 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
                                           columns_path=os.path.join(scratch, "columns.parquet"))
             extra = {runs.METADATA_FILE: data.columns}
             vectors = data.vectors
+            queries = load_tuning_queries(tuning[name], data.spec) if name in tuning else None
             if opts.pca_dim:
                 extra[projection.PROJECTION_FILE] = projection.fit_pca(np.asarray(vectors), opts.pca_dim)
                 vectors = projection.project(np.asarray(vectors), extra[projection.PROJECTION_FILE])
+                if queries is not None:
+                    queries = projection.project(np.asarray(queries, np.float32), extra[projection.PROJECTION_FILE])
             built = index_lib.build_index(vectors, data.ids, distance=opts.distance,
                                           embedder=data.spec.to_dict(), k=opts.recall_k,
-                                          target_recall=opts.min_recall, copy=False, work_dir=work_dir)
+                                          target_recall=opts.min_recall, copy=False, work_dir=work_dir,
+                                          tuning_queries=queries)
             del data.vectors, vectors
             built.save(index_dir, tables=extra)
         finally:

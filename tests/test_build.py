@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -83,10 +84,29 @@ def test_failed_run_is_recorded_and_latest_unchanged(tmp_path, tiny_savedmodel):
         runs.publish(root, failed)
 
 
+def test_tuning_queries_measure_the_published_recall(tmp_path, tiny_savedmodel):
+    # Held-out queries from a .npy file and from embedding tables of the same embedder.
+    root = str(tmp_path / "root")
+    queries = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    np.save(tmp_path / "q.npy", queries)
+    result = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "in", 30)], root,
+                             f"--tuning_queries=tiny={tmp_path / 'q.npy'}"))
+    recall = result.manifest.embedders["tiny"]["recall"]
+    assert recall["method"].startswith("held-out: 20 query vectors") and recall["n_queries"] == 20
+    assert recall["value"] == 1.0  # brute force is exact
+    tables = os.path.join(result.run_dir, runs.EMBEDDINGS_DIR, "tiny")
+    again = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "in2", 30, seed=50)], root,
+                            f"--tuning_queries={tables}"))
+    assert again.manifest.embedders["tiny"]["recall"]["method"].startswith("held-out: 30 query vectors")
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--min_recall=1.5"], "--min_recall"),
     (["--max_failure_rate=-1"], "--max_failure_rate"),
     (["--run_id=../x"], "--run_id"),
+    (["--tuning_queries=other=q.npy"], "unknown embedder 'other'; the run's embedders are \\['tiny'\\]"),
+    (["--tuning_queries=/no/such/file.npy"], "is not an existing local file"),
+    (["--tuning_queries=tiny=x.npy", "--index_shards=2"], "cannot be combined with a sharded build"),
 ])
 def test_bad_build_options_fail_before_work(tmp_path, tiny_savedmodel, extra, words):
     root = tmp_path / "root"

@@ -66,3 +66,25 @@ def test_embed_runs_the_pipeline_and_prints_a_summary(tmp_path, capsys):
     assert code == 0
     assert "lite: embedded 1, failed 0" in out and "decode/ImageDecodeError" in out
     assert (tmp_path / "out" / "run_report.json").is_file()
+
+
+def test_index_with_tuning_queries_records_held_out_recall(tmp_path, capsys):
+    import numpy as np
+
+    from retrieval import tables
+    from retrieval.embedders import EmbedderSpec
+    from retrieval.index import load_index
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, 4)).astype(np.float32)
+    spec = EmbedderSpec(name="t", handle="t", fingerprint="f", dim=4)
+    tables.write_embeddings(str(tmp_path / "e.parquet"), spec, [f"v{i}" for i in range(50)], vectors,
+                            ["0" * 64] * 50, ["s"] * 50, [1] * 50, [1] * 50)
+    np.save(tmp_path / "q.npy", rng.standard_normal((6, 4)).astype(np.float32))
+    assert cli.main(["index", "--embeddings", str(tmp_path / "e.parquet"), "--output", str(tmp_path / "ix"),
+                     "--tuning_queries", str(tmp_path / "q.npy"), "--distance", "dot_product"]) == 0
+    recall = load_index(tmp_path / "ix").manifest.recall
+    assert recall["method"].startswith("held-out: 6 query vectors") and recall["value"] == 1.0
+    assert cli.main(["index", "--embeddings", str(tmp_path / "e.parquet"), "--output", str(tmp_path / "iy"),
+                     "--tuning_queries", str(tmp_path / "missing.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err

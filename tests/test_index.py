@@ -468,3 +468,51 @@ def test_unparseable_manifest(damaged):
     (damaged / "manifest.json").write_text('{"kind": "imgindex.index", ')
     with pytest.raises(IndexFormatError, match="manifest.json is unreadable .*Rebuild the index"):
         load_index(damaged)
+
+
+def _near_duplicates(rng, groups=200, copies=30, d=32, noise=0.01):
+    centres = normalize_rows(rng.standard_normal((groups, d)).astype(np.float32))
+    rows = np.repeat(centres, copies, axis=0) + noise * rng.standard_normal((groups * copies, d))
+    return normalize_rows(rows.astype(np.float32))
+
+
+def test_held_out_tuning_queries_measure_and_tune_on_outside_queries():
+    # Every row has 29 near-copies, so leave-self-out finds them in the query's own leaf;
+    # random outside queries have their neighbours spread over many leaves.
+    rng = np.random.default_rng(4)
+    vectors = _near_duplicates(rng)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    queries = rng.standard_normal((300, vectors.shape[1])).astype(np.float32) * 3.0
+    config = choose_config(len(vectors), vectors.shape[1], "cosine", method="tree_ah")
+    self_tuned = build_index(vectors, ids, config=config, target_recall=0.9)
+    held_out = build_index(vectors, ids, config=config, target_recall=0.9, tuning_queries=queries)
+    recall = held_out.manifest.recall
+    assert recall["method"].startswith("held-out: 300 query vectors")
+    assert recall["n_queries"] + recall["n_tuning_queries"] == 300
+    assert self_tuned.manifest.recall["method"].startswith("leave-self-out")
+    # The recorded value is the recall of the reporting half (odd queries) at the defaults
+    # (within float noise: the build re-normalises the rows, which can swap near-ties).
+    report = normalize_rows(queries[1::2])
+    found, _ = held_out.search_batch(report)
+    exact_rows, _ = exact_search(report, vectors, 10, "dot_product")
+    row_of = {item: row for row, item in enumerate(ids)}
+    approx = [[row_of[item] for item in hits] for hits in found]
+    assert recall["value"] == pytest.approx(recall_at_k(approx, exact_rows, 10), abs=0.005)
+    assert recall["reached_target"] and recall["value"] >= 0.9
+    assert (held_out.search_defaults["leaves_to_search"]
+            > self_tuned.search_defaults["leaves_to_search"])
+
+
+@pytest.mark.parametrize(
+    "queries, message",
+    [
+        (np.zeros((3, 5), np.float32), r"tuning_queries must be a non-empty 2-D array \(q, 4\)"),
+        (np.zeros((0, 4), np.float32), "non-empty"),
+        (np.array([[1.0, np.nan, 0, 0]]), "tuning_queries: row 0 contains NaN"),
+        (np.array([[1.0, 0, 0, 0], [0, 0, 0, 0]]), "zero L2 norm"),
+    ],
+)
+def test_bad_tuning_queries_are_refused(queries, message):
+    vectors = np.eye(4, dtype=np.float32) + 0.1
+    with pytest.raises(ConfigError, match=message):
+        build_index(vectors, list("abcd"), tuning_queries=queries)
