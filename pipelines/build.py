@@ -61,7 +61,7 @@ class BuildOptions(EmbedOptions):
                             "unlike the indexed images, e.g. past queries): [EMBEDDER=]PATH, PATH a local "
                             ".npy file (q, dim) or Parquet embedding table(s) written by `imgindex embed` "
                             "with the same embedder; repeat per embedder; without EMBEDDER= it applies "
-                            "to the run's only embedder; not with a sharded build")
+                            "to the run's only embedder")
         parser.add_argument("--run_id", default=None,
                             help="name of the run directory (default: UTC timestamp + random suffix)")
 
@@ -101,9 +101,6 @@ def tuning_queries_of(opts: BuildOptions) -> dict[str, str]:
     """--tuning_queries as {embedder name: path}, checked against the run's embedders."""
     if not opts.tuning_queries:
         return {}
-    if opts.index_shards > 1 or opts.max_shard_vectors:
-        raise ConfigError("--tuning_queries cannot be combined with a sharded build (--index_shards > 1 or "
-                          "--max_shard_vectors) yet; drop one of them")
     names = [embedders.parse_embedder_arg(e).name for e in (opts.embedder or [embed.DEFAULT_EMBEDDER])]
     out = {}
     for value in opts.tuning_queries:
@@ -171,10 +168,15 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
         if _sharded(run_directory, name, opts):
             from pipelines import build_shards
 
+            queries = None
+            if name in tuning:
+                spec = tables.embedder_spec(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}")
+                queries = load_tuning_queries(tuning[name], spec)
             built = build_shards.build_sharded(
                 options if options is not None else opts, run_directory, name,
                 num_shards=opts.index_shards or None, max_shard_vectors=opts.max_shard_vectors or None,
-                distance=opts.distance, k=opts.recall_k, target_recall=opts.min_recall)
+                distance=opts.distance, k=opts.recall_k, target_recall=opts.min_recall,
+                tuning_queries=queries)
             out[name] = runs.embedder_entry(run_directory, name, built, built.manifest.embedder,
                                             shards=built.num_shards)
             continue

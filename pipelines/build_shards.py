@@ -3,7 +3,8 @@
     Partition (one element per embedding file): stream the file row group by row group and
       append each row to the partition of shard `retrieval.sharded.shard_of(id, N)`:
       <index dir>/.partitions/shard-i/part-<file number>.parquet.  Rows whose id falls in a
-      stable hash sample become recall probes.
+      stable hash sample become recall probes, unless held-out tuning queries are given:
+      then those are the probes, and they also tune every shard's search knobs.
     Build (one element per shard, spread over workers by a Reshuffle): read only that
       shard's partition, build and tune its ScaNN index (retrieval.index.build_index), save it
       as <index dir>/shard-i-of-N, and answer the probe queries both exactly and with the
@@ -104,9 +105,11 @@ class BuildShard(beam.DoFn):
     """shard number -> that shard's saved index; writes its probe answers beside the partitions."""
 
     def __init__(self, index_dir: str, num_shards: int, distance: str, k: int, target_recall: float,
-                 max_shard_vectors: int | None):
+                 max_shard_vectors: int | None, held_out: bool = False):
         self.index_dir, self.num_shards, self.distance = index_dir, num_shards, distance
         self.k, self.target_recall, self.max_shard_vectors = k, target_recall, max_shard_vectors
+        # The probes are held-out query vectors (id None) that also tune each shard's knobs.
+        self.held_out = held_out
 
     def process(self, shard, probes, counts):
         rows = dict(counts).get(shard, 0)
@@ -122,9 +125,11 @@ class BuildShard(beam.DoFn):
         try:
             data = tables.read_embeddings(_partition_dir(self.index_dir, shard), with_columns=True,
                                           vectors_path=vectors_path)
+            tuning = np.stack([vector for _, _, vector in probes]) if self.held_out and probes else None
             built = index_lib.build_index(data.vectors, data.ids, distance=self.distance,
                                           embedder=data.spec.to_dict(), k=self.k,
-                                          target_recall=self.target_recall, work_dir=work_dir)
+                                          target_recall=self.target_recall, work_dir=work_dir,
+                                          tuning_queries=tuning)
             answers = self._answer(probes, built, data)
             del data.vectors
             # A retried bundle replaces its own earlier, unpublished attempt.
@@ -158,8 +163,13 @@ class BuildShard(beam.DoFn):
 
 def build_sharded(options, run_directory: str, embedder: str, num_shards: int | None,
                   max_shard_vectors: int | None, distance: str, k: int, target_recall: float,
-                  num_queries: int = index_lib.MAX_RECALL_QUERIES) -> sharded.ShardedIndex:
-    """Builds <run>/index/<embedder>/ as a sharded index on the runner `options` name."""
+                  num_queries: int = index_lib.MAX_RECALL_QUERIES,
+                  tuning_queries: np.ndarray | None = None) -> sharded.ShardedIndex:
+    """Builds <run>/index/<embedder>/ as a sharded index on the runner `options` name.
+
+    tuning_queries: held-out query vectors that tune every shard and measure the merged
+    recall instead of database rows sampled by id (see retrieval.index.build_index).
+    """
     start = time.perf_counter()
     source = f"{run_directory}/{runs.EMBEDDINGS_DIR}/{embedder}"
     dataset = ds.dataset(source, format="parquet")
@@ -167,24 +177,30 @@ def build_sharded(options, run_directory: str, embedder: str, num_shards: int | 
     if not files:
         raise ConfigError(f"no embedding tables under {source}")
     n = dataset.count_rows()  # from the Parquet footers
+    held_out = tuning_queries is not None
+    if held_out:  # checked before any work: dimension, finite values, non-zero for cosine
+        tuning_queries = index_lib.prepare_tuning_queries(tuning_queries, tables.embedder_spec(files).dim, distance)
     if num_shards is None:
         num_shards = sharded.shards_for(n, max_shard_vectors)
     index_dir = runs.index_dir(run_directory, embedder)
     if os.path.exists(index_dir):
         raise ConfigError(f"{index_dir} exists already; sharded builds write a new index directory")
     os.makedirs(index_dir)
-    probe_threshold = min(2**64 - 1, int(2**64 * min(1.0, 2 * num_queries / max(n, 1))))
+    probe_threshold = 0 if held_out else min(2**64 - 1, int(2**64 * min(1.0, 2 * num_queries / max(n, 1))))
     if options.view_as(StandardOptions).runner is None:
         from pipelines.embed import LOCAL_RUNNER
 
         options.view_as(StandardOptions).runner = LOCAL_RUNNER
-    builder = BuildShard(index_dir, num_shards, distance, k, target_recall, max_shard_vectors)
+    builder = BuildShard(index_dir, num_shards, distance, k, target_recall, max_shard_vectors, held_out)
     with beam.Pipeline(options=options) as p:
         parts = (p | "Files" >> beam.Create(list(enumerate(files)))
                  | "Partition" >> beam.ParDo(PartitionFile(index_dir, num_shards, probe_threshold))
                  .with_outputs("probe", main="counts"))
         counts = parts.counts | "CountPerShard" >> beam.CombinePerKey(sum)
-        probes = parts.probe | "Probes" >> beam.combiners.Top.Of(num_queries, key=lambda t: -t[0])
+        if held_out:
+            probes = p | "HeldOutQueries" >> beam.Create([[(i, None, q) for i, q in enumerate(tuning_queries)]])
+        else:
+            probes = parts.probe | "Probes" >> beam.combiners.Top.Of(num_queries, key=lambda t: -t[0])
         _ = (p | "Shards" >> beam.Create(range(num_shards))
              | "Spread" >> beam.Reshuffle()
              | "Build" >> beam.ParDo(builder, probes=beam.pvalue.AsSingleton(probes),
@@ -218,8 +234,9 @@ def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
 
 
 def _merged_recall(answers, k, higher_is_better):
-    """Recall@k of the merged shard answers against the merged exact answers, leave-self-out
-    (each probe is a database row; its own id is dropped from both lists)."""
+    """Recall@k of the merged shard answers against the merged exact answers: leave-self-out
+    when each probe is a database row (its own id is dropped from both lists), plain when the
+    probes are held-out queries (id None)."""
     queries = len(answers[0]["exact"])
     if queries == 0:
         return {"k": k, "value": None, "n_queries": 0}
@@ -236,9 +253,15 @@ def _merged_recall(answers, k, higher_is_better):
     k_eff = min(k, min(len(e) for e in exact_lists))
     if k_eff < 1:
         return {"k": k, "value": None, "n_queries": 0}
+    if answers[0]["probe_ids"][0] is None:
+        method = (f"held-out over the merged shards: {queries} query vectors given to the build are "
+                  f"queried in every shard, exactly and with each shard's index; the per-shard lists are "
+                  f"merged and recall@k = mean |approx & exact| / k")
+    else:
+        method = (f"leave-self-out over the merged shards: {queries} rows chosen by a hash of the id are "
+                  f"queried for k+1 neighbours in every shard, exactly and with each shard's index; the "
+                  f"per-shard lists are merged, the query's own id dropped, and recall@k = mean "
+                  f"|approx & exact| / k")
     return {"k": k_eff, "value": metrics.recall_at_k(approx_lists, exact_lists, k_eff), "n_queries": queries,
-            "method": f"leave-self-out over the merged shards: {queries} rows chosen by a hash of the id are "
-                      f"queried for k+1 neighbours in every shard, exactly and with each shard's index; the "
-                      f"per-shard lists are merged, the query's own id dropped, and recall@k = mean "
-                      f"|approx & exact| / k"}
+            "method": method}
 

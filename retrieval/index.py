@@ -610,7 +610,7 @@ def build_index(
     config = choose_config(n, d, distance, k=k) if config is None else config
     _validate_config(config, n, d, k)
     if tuning_queries is not None:
-        tuning_queries = _prepare_tuning_queries(tuning_queries, d, distance)
+        tuning_queries = prepare_tuning_queries(tuning_queries, d, distance)
 
     def make_probe(x):
         if tuning_queries is not None:
@@ -711,7 +711,7 @@ def _check_arrow_ids(ids, n):
     return ids
 
 
-def _prepare_tuning_queries(queries, d, distance):
+def prepare_tuning_queries(queries, d, distance):
     """Held-out queries as float32 (q, d), checked, L2-normalised for cosine (a copy)."""
     queries = np.asarray(queries)
     if queries.ndim != 2 or queries.shape[0] == 0 or queries.shape[1] != d:

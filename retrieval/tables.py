@@ -63,18 +63,7 @@ def read_embeddings(source: str | list[str], with_columns: bool = False,
     columns_path: with with_columns, write those columns to this local Parquet file as they
     are read and return its path (a pathlib.Path) as `columns` instead of a table.
     """
-    dataset = ds.dataset(source, format="parquet", exclude_invalid_files=False)
-    if not dataset.files:
-        raise ConfigError(f"no Parquet files found at {source!r}")
-    spec = S.embedder_of(pq.read_schema(dataset.files[0]))
-    for other in dataset.files[1:]:
-        other_spec = S.embedder_of(pq.read_schema(other))
-        if other_spec.fingerprint != spec.fingerprint or other_spec.dim != spec.dim:
-            raise ConfigError(
-                f"{other} was made by embedder {other_spec.name!r} ({other_spec.fingerprint}, "
-                f"dim {other_spec.dim}) but {dataset.files[0]} by {spec.name!r} "
-                f"({spec.fingerprint}, dim {spec.dim}); build one index per embedder"
-            )
+    dataset, spec = _dataset_and_spec(source)
     n = dataset.count_rows()
     vectors = np.empty((n, spec.dim), np.float32) if vectors_path is None else None
     others = [name for name in dataset.schema.names if name != S.EMBEDDING]
@@ -117,6 +106,27 @@ def read_embeddings(source: str | list[str], with_columns: bool = False,
     # Decoded row groups are freed by now; hand the allocator's cached pages back.
     pa.default_memory_pool().release_unused()
     return Embeddings(ids=ids, vectors=vectors, spec=spec, columns=columns)
+
+
+def embedder_spec(source: str | list[str]) -> EmbedderSpec:
+    """The embedder that made the tables at `source` (all files must agree)."""
+    return _dataset_and_spec(source)[1]
+
+
+def _dataset_and_spec(source):
+    dataset = ds.dataset(source, format="parquet", exclude_invalid_files=False)
+    if not dataset.files:
+        raise ConfigError(f"no Parquet files found at {source!r}")
+    spec = S.embedder_of(pq.read_schema(dataset.files[0]))
+    for other in dataset.files[1:]:
+        other_spec = S.embedder_of(pq.read_schema(other))
+        if other_spec.fingerprint != spec.fingerprint or other_spec.dim != spec.dim:
+            raise ConfigError(
+                f"{other} was made by embedder {other_spec.name!r} ({other_spec.fingerprint}, "
+                f"dim {other_spec.dim}) but {dataset.files[0]} by {spec.name!r} "
+                f"({spec.fingerprint}, dim {spec.dim}); build one index per embedder"
+            )
+    return dataset, spec
 
 
 def _batches(files: list[str], columns: list[str]):

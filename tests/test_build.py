@@ -98,6 +98,11 @@ def test_tuning_queries_measure_the_published_recall(tmp_path, tiny_savedmodel):
     again = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "in2", 30, seed=50)], root,
                             f"--tuning_queries={tables}"))
     assert again.manifest.embedders["tiny"]["recall"]["method"].startswith("held-out: 30 query vectors")
+    sharded_run = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "in3", 30, seed=90)], root,
+                                  f"--tuning_queries={tmp_path / 'q.npy'}", "--index_shards=2"))
+    recall = sharded_run.manifest.embedders["tiny"]["recall"]
+    assert recall["method"].startswith("held-out over the merged shards: 20 query vectors")
+    assert recall["value"] == 1.0  # brute-force shards
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -106,7 +111,6 @@ def test_tuning_queries_measure_the_published_recall(tmp_path, tiny_savedmodel):
     (["--run_id=../x"], "--run_id"),
     (["--tuning_queries=other=q.npy"], "unknown embedder 'other'; the run's embedders are \\['tiny'\\]"),
     (["--tuning_queries=/no/such/file.npy"], "is not an existing local file"),
-    (["--tuning_queries=tiny=x.npy", "--index_shards=2"], "cannot be combined with a sharded build"),
 ])
 def test_bad_build_options_fail_before_work(tmp_path, tiny_savedmodel, extra, words):
     root = tmp_path / "root"

@@ -115,6 +115,26 @@ def test_sharded_tree_ah_index_agrees_with_exact_search_like_a_single_index(tmp_
     assert abs(built.manifest.recall["value"] - sharded_recall) < 0.04
 
 
+def test_sharded_build_with_held_out_tuning_queries(tmp_path):
+    n, d = 40_000, 64  # tree-AH shards
+    run_dir, x, ids = _run_with_table(tmp_path, n, d, seed=5)
+    rng = np.random.default_rng(2)
+    queries = x[rng.choice(n, 400, replace=False)] + 0.3 * rng.standard_normal((400, d)).astype(np.float32)
+    built = build_shards.build_sharded(PipelineOptions(flags=[]), run_dir, "vec", num_shards=2,
+                                       max_shard_vectors=None, distance="cosine", k=10, target_recall=0.9,
+                                       tuning_queries=queries[:200])
+    recall = built.manifest.recall
+    assert recall["method"].startswith("held-out over the merged shards: 200 query vectors")
+    assert recall["n_queries"] == 200 and len(recall["per_shard"]) == 2
+    for shard in built.shards:
+        assert shard.manifest.recall["method"].startswith("held-out: 200 query vectors")
+    # The recorded merged recall predicts the recall of other queries of the same kind.
+    truth, _ = exact.exact_search(queries[200:], x, 10, "cosine")
+    measured = metrics.recall_at_k(built.search_batch(queries[200:], k=10)[0],
+                                   [[ids[r] for r in row] for row in truth], 10)
+    assert abs(recall["value"] - measured) < 0.05
+
+
 def test_max_shard_vectors_picks_the_shard_count_and_bounds_every_shard(tmp_path):
     run_dir, _, _ = _run_with_table(tmp_path, 3000, files=3)
     built = _build(run_dir, max_shard_vectors=1000)
@@ -203,3 +223,12 @@ def test_bad_shard_options_fail_before_work(tmp_path):
                          (["--index_shards=2", "--pca_dim=8"], "cannot be combined")]:
         with pytest.raises(ConfigError, match=words):
             build.run(["--input=x", f"--output={tmp_path}", *flags])
+
+
+def test_sharded_build_refuses_bad_tuning_queries_before_work(tmp_path):
+    run_dir, _, _ = _run_with_table(tmp_path, 200, d=16)
+    with pytest.raises(ConfigError, match=r"tuning_queries must be a non-empty 2-D array \(q, 16\)"):
+        build_shards.build_sharded(PipelineOptions(flags=[]), run_dir, "vec", num_shards=2, max_shard_vectors=None,
+                                   distance="cosine", k=10, target_recall=0.9,
+                                   tuning_queries=np.ones((5, 8), np.float32))
+    assert not os.path.exists(runs.index_dir(run_dir, "vec"))
