@@ -255,6 +255,7 @@ class Index:
         self._assets = assets
 
     n = property(lambda self: self.manifest.n)
+
     @property
     def ids(self):
         """row i -> id of vector i (numpy object array)."""
@@ -687,7 +688,6 @@ def _check_ids(ids, n):
     return np.array(ids, dtype=object)
 
 
-
 def _check_arrow_ids(ids, n):
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -725,6 +725,7 @@ def prepare_tuning_queries(queries, d, distance):
     if distance == "cosine":
         queries = normalize_rows(queries, what="tuning_queries", in_place=True)
     return queries
+
 
 def _prepare_vectors(arr, distance, copy=True):
     """float32 C-contiguous matrix for ScaNN, copied only when needed."""
