@@ -31,9 +31,42 @@ def make_table(n: int, d: int) -> str:
     return run_dir
 
 
-def child(run_dir: str) -> None:
+def _rss_line(step: str) -> None:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    mb = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM", "RssAnon")}
+    print(f"step {step:<24} RSS {mb['VmRSS']:7.0f} MB  peak so far {mb['VmHWM']:7.0f} MB  "
+          f"anonymous {mb['RssAnon']:7.0f} MB", flush=True)
+
+
+def _probe_steps() -> None:
+    """Print this process's RSS after each step of the index stage (the --steps view)."""
+    from retrieval import index, scann_assets, tables
+
+    def after(owner, name, label):
+        inner = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            result = inner(*args, **kwargs)
+            _rss_line(label)
+            return result
+        setattr(owner, name, wrapped)
+
+    _rss_line("imports")
+    after(tables, "read_embeddings", "read tables")
+    after(index, "_check_ids", "ids checked")
+    for name in ("write_dataset", "train", "hash_rows"):
+        after(scann_assets, name, name)
+    after(index, "_load_searcher", "searcher loaded")
+    after(index, "_choose_search_defaults", "tuned")
+    after(index.Index, "save", "saved")
+
+
+def child(run_dir: str, steps: bool = False) -> None:
     from pipelines import build
 
+    if steps:
+        _probe_steps()
     shutil.rmtree(os.path.join(run_dir, "index"), ignore_errors=True)
     opts = build.BuildOptions(flags=["--output=unused"]).view_as(build.BuildOptions)
     entry = build.build_indexes(run_dir, {"embedders": {"synthetic": {}}}, opts)["synthetic"]
@@ -44,12 +77,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=500_000)
     parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--steps", action="store_true",
+                        help="also print the build process's RSS after each step (read, ids, dataset file, "
+                        "training, hashing, searcher load, tuning, save)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return child(args.child)
+        return child(args.child, args.steps)
     run_dir = make_table(args.n, args.d)
-    wall, rss, out = run_child(MODULE, ["--child", run_dir])
+    wall, rss, out = run_child(MODULE, ["--child", run_dir] + (["--steps"] if args.steps else []))
+    if args.steps:
+        print("\n".join(line for line in out.splitlines() if line.startswith("step ")))
     matrix_mb = args.n * args.d * 4 / 2**20
     print(f"# index stage of imgindex build: n={args.n} d={args.d}, {environment()}")
     print(f"| {out.strip().splitlines()[-1]} | wall {wall:.1f} s | peak RSS {rss:.0f} MB | matrix {matrix_mb:.0f} MB | "
