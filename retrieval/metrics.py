@@ -20,7 +20,12 @@ from retrieval.errors import ConfigError
 
 
 def recall_at_k(approx_ids, exact_ids, k):
-    """Mean over queries of |approx[:k] ∩ exact[:k]| / k.
+    """Mean over queries of |approx[:k] ∩ exact[:k]| / k (see `recall_per_query`)."""
+    return _mean(recall_per_query(approx_ids, exact_ids, k))
+
+
+def recall_per_query(approx_ids, exact_ids, k):
+    """Per query, |approx[:k] ∩ exact[:k]| / k, as a list of floats.
 
     Args:
       approx_ids: per query, the ids returned by the approximate index, best first.
@@ -39,7 +44,7 @@ def recall_at_k(approx_ids, exact_ids, k):
         if len(exact) < k:
             raise ConfigError(f"recall_at_k: an exact row has {len(exact)} < k={k} ids.")
         hits.append(len(set(list(approx)[:k]) & set(exact[:k])) / k)
-    return _mean(hits)
+    return hits
 
 
 def relevance(ranking, relevant):
