@@ -31,24 +31,28 @@ def make_table(n: int, d: int) -> str:
     return run_dir
 
 
-def _rss_line(step: str) -> None:
+def _rss_line(step: str, seconds: float | None = None) -> None:
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f)
     mb = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM", "RssAnon")}
+    took = "" if seconds is None else f"  took {seconds:6.1f} s"
     print(f"step {step:<24} RSS {mb['VmRSS']:7.0f} MB  peak so far {mb['VmHWM']:7.0f} MB  "
-          f"anonymous {mb['RssAnon']:7.0f} MB", flush=True)
+          f"anonymous {mb['RssAnon']:7.0f} MB{took}", flush=True)
 
 
 def _probe_steps() -> None:
-    """Print this process's RSS after each step of the index stage (the --steps view)."""
+    """Print this process's RSS and the time of each step of the index stage (the --steps view)."""
+    import time
+
     from retrieval import index, scann_assets, tables
 
     def after(owner, name, label):
         inner = getattr(owner, name)
 
         def wrapped(*args, **kwargs):
+            start = time.perf_counter()
             result = inner(*args, **kwargs)
-            _rss_line(label)
+            _rss_line(label, time.perf_counter() - start)
             return result
         setattr(owner, name, wrapped)
 
@@ -57,6 +61,7 @@ def _probe_steps() -> None:
     after(index, "_check_ids", "ids checked")
     for name in ("write_dataset", "train", "hash_rows"):
         after(scann_assets, name, name)
+    after(index._RecallProbe, "sample", "recall probe (exact)")
     after(index, "_load_searcher", "searcher loaded")
     after(index, "_choose_search_defaults", "tuned")
     after(index.Index, "save", "saved")
@@ -78,8 +83,8 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=500_000)
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--steps", action="store_true",
-                        help="also print the build process's RSS after each step (read, ids, dataset file, "
-                        "training, hashing, searcher load, tuning, save)")
+                        help="also print the build process's RSS and time after each step (read, ids, "
+                        "dataset file, training, hashing, exact recall probe, searcher load, tuning, save)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

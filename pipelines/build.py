@@ -198,7 +198,7 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
                 extra[projection.PROJECTION_FILE] = projection.fit_pca(np.asarray(vectors), opts.pca_dim)
                 vectors = projection.project(np.asarray(vectors), extra[projection.PROJECTION_FILE])
                 if queries is not None:
-                    queries = projection.project(np.asarray(queries, np.float32), extra[projection.PROJECTION_FILE])
+                    queries = projection.project(queries, extra[projection.PROJECTION_FILE])
             built = index_lib.build_index(vectors, data.ids, distance=opts.distance,
                                           embedder=data.spec.to_dict(), k=opts.recall_k,
                                           target_recall=opts.min_recall, copy=False, work_dir=work_dir,

@@ -60,7 +60,7 @@ class NpyWriter:
         if rows.shape[1:] != self.shape[1:] or self.rows + rows.shape[0] > self.shape[0]:
             raise ValueError(f"{self.path.name}: {rows.shape[0]} rows of shape {rows.shape[1:]} do not fit "
                              f"after {self.rows} rows of {self.shape}")
-        self._file.write(rows.tobytes())
+        rows.tofile(self._file)  # the array's own buffer, no bytes copy
         self.rows += rows.shape[0]
 
     def __enter__(self):
