@@ -6,7 +6,8 @@ PREFIX names the .npy files of benchmarks/peer_data.py (e.g. benchmarks/out/peer
 made by `python -m benchmarks.peer_data --dataset scale --scale_n 200000`).  The variant (JSON)
 sets: num_leaves (default sqrt(n)), sample (partitioner training sample, default min(n, 250k)),
 ah_sample (AH training sample, default = sample), random_init, iters (k-means iterations),
-quantize_centroids, soar (SOAR lambda), dpb (AH dims per block), aniso (AH anisotropic
+quantize_centroids, spherical (spherical k-means partitioning), avq (the partitioner's
+anisotropic centroid update, ScaNN's `avq` eta), soar (SOAR lambda), dpb (AH dims per block), aniso (AH anisotropic
 threshold, default 0.2; NaN turns it off), reorder_q (BFLOAT16 / INT8);
 autopilot: true builds ScaNN's autopilot instead (the other keys are then ignored).
 Builds once, then for a grid of leaves_to_search x reorder depth measures recall@10 against the
@@ -70,7 +71,8 @@ def _build(scann, base, leaves, sample, variant):
     builder = scann.builder(base, 10, "dot_product").tree(
         num_leaves=leaves, num_leaves_to_search=10, training_sample_size=sample,
         random_init=variant.get("random_init", False), training_iterations=variant.get("iters", 12),
-        quantize_centroids=variant.get("quantize_centroids", False), soar_lambda=variant.get("soar"))
+        quantize_centroids=variant.get("quantize_centroids", False), soar_lambda=variant.get("soar"),
+        spherical=variant.get("spherical", False), avq=variant.get("avq"))
     builder = builder.score_ah(variant.get("dpb", 2), anisotropic_quantization_threshold=variant.get("aniso", 0.2),
                                training_sample_size=variant.get("ah_sample", sample))
     if variant.get("reorder_q"):

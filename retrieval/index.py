@@ -778,10 +778,11 @@ def _build_tree_ah(arr, config, distance, k, make_probe, directory):
         )
 
     # The rows ScaNN's own builder would sample for training; seeded so builds repeat.
-    sample = scann_assets.sample_rows(x, config.training_sample_size, seed=_TRAINING_SEED)
+    rows = scann_assets.sample_indices(x.shape[0], config.training_sample_size, seed=_TRAINING_SEED)
+    sample = scann_assets.sample_rows(x, rows)
     trained = scann_assets.train(sample, scann_distance, k, configure, directory)
     del sample
-    scann_assets.hash_rows(trained, directory)
+    scann_assets.hash_rows(trained, directory, sample=rows)
     reorder = configure(scann.builder(np.zeros((1, d), np.float32), k, scann_distance))
     reorder = reorder.reorder(config.pre_reorder_num_neighbors).create_config()
     scann_assets.finish(trained, scann_assets.reorder_stanza(reorder), directory)

@@ -14,7 +14,8 @@ more copy while writing `dataset.npy`; measured on 500k x 256 the index stage pe
    are upserted into it chunk by chunk, and its serialisation gives `datapoint_to_token.npy`
    and `hashed_dataset.npy`.  A row's token and code depend only on that row and the
    trained assets, so they are byte-identical to ScaNN's own build
-   (tests/test_scann_assets.py checks this).
+   (tests/test_scann_assets.py checks this); the training sample's rows, which step 2's
+   build has encoded already, are taken from it rather than encoded twice.
 4. `finish`: the asset list and the final config (trained config + exact reordering) are
    written; `scann.load_searcher(directory)` then loads it like any serialized searcher.
 
@@ -40,6 +41,8 @@ PARTITIONER = ("PARTITIONER", "serialized_partitioner.pb")
 AH_CENTERS = ("AH_CENTERS", "ah_codebook.pb")
 TOKENIZATION = ("TOKENIZATION_NPY", "datapoint_to_token.npy")
 AH_DATASET = ("AH_DATASET_NPY", "hashed_dataset.npy")
+# The training sample's tokens and codes, kept by `train` for `hash_rows`.
+SAMPLE_HASHES = {TOKENIZATION[1]: "sample-datapoint_to_token.npy", AH_DATASET[1]: "sample-hashed_dataset.npy"}
 
 
 def trim_heap():
@@ -69,12 +72,15 @@ def write_dataset(vectors, path, normalize, what="vectors", chunk_rows=CHUNK_ROW
     return open_read(path)
 
 
-def sample_rows(x, size, seed, chunk_rows=CHUNK_ROWS):
-    """`size` distinct rows of `x` chosen with `seed`, in row order, gathered chunk by chunk."""
-    n = x.shape[0]
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-    out = np.empty((size, x.shape[1]), np.float32)
-    for start, stop in chunk_bounds(n, chunk_rows):
+def sample_indices(n, size, seed):
+    """`size` distinct row numbers of range(n) chosen with `seed`, sorted."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def sample_rows(x, rows, chunk_rows=CHUNK_ROWS):
+    """The rows of `x` numbered by the sorted array `rows`, gathered chunk by chunk."""
+    out = np.empty((len(rows), x.shape[1]), np.float32)
+    for start, stop in chunk_bounds(x.shape[0], chunk_rows):
         lo, hi = np.searchsorted(rows, [start, stop])
         out[lo:hi] = x[rows[lo:hi]]
         release_pages(x)
@@ -85,7 +91,8 @@ def train(sample, scann_distance, k, configure, directory):
     """Train partitioner and AH codebooks on `sample`; write them and the trained config.
 
     configure(builder) adds the tree and score_ah stanzas (no reordering) to a ScaNN builder.
-    Returns the trained ScannConfig message.
+    The sample's own tokens and codes are kept too (SAMPLE_HASHES), so that `hash_rows` need
+    not encode those rows again.  Returns the trained ScannConfig message.
     """
     scann = import_scann_pybind()
     directory = Path(directory)
@@ -97,52 +104,104 @@ def train(sample, scann_distance, k, configure, directory):
     trim_heap()
     for _, name in (PARTITIONER, AH_CENTERS):
         os.replace(trained / name, directory / name)
+    for name, kept in SAMPLE_HASHES.items():
+        os.replace(trained / name, directory / kept)
     config = _read_config(trained / CONFIG_FILE)
     shutil.rmtree(trained)
     return config
 
 
-def hash_rows(trained_config, directory, chunk_rows=CHUNK_ROWS, threads=None):
+def hash_rows(trained_config, directory, sample=None, chunk_rows=CHUNK_ROWS, threads=None):
     """Tokenize and AH-encode every row of directory/dataset.npy with the trained assets in
     `directory`, writing datapoint_to_token.npy and hashed_dataset.npy there.
 
     A searcher without reordering (so it keeps no float rows) is loaded from the trained
-    assets and the first row, the other rows are upserted chunk by chunk on `threads`
-    threads (default: the available cores), and serialising it writes the two files.
+    assets and the first row to encode, the other rows are upserted chunk by chunk on
+    `threads` threads (default: the available cores), and serialising it writes their tokens
+    and codes.  `sample`, the sorted row numbers `train` was given, takes those rows' tokens
+    and codes from the files `train` kept instead: ScaNN's build already encoded them, the
+    same way (tests/test_scann_assets.py checks the bytes).
     Measured on 131k x 256 rows, 707 leaves: 25 us a row on 2 threads (39 on one); serialising
     holds ~0.65 MB per leaf for a moment.
     """
-    scann = import_scann_pybind()
     directory = Path(directory)
     x = open_read(directory / DATASET[1])
     n = x.shape[0]
-    seed, out = directory / ".hash-seed", directory / ".hash-out"
+    sample = np.empty(0, np.int64) if sample is None else np.asarray(sample, np.int64)
+    rest = np.ones(n, bool)
+    rest[sample] = False
+    encoded = directory / ".hash-out"
     try:
-        for path in (seed, out):
-            path.mkdir()
+        encoded.mkdir()
+        if rest.any():
+            _encode_rows(x, rest, trained_config, directory, encoded, chunk_rows, threads)
+        for name, kept in SAMPLE_HASHES.items():
+            if len(sample) == 0:
+                os.replace(encoded / name, directory / name)
+            elif not rest.any():
+                os.replace(directory / kept, directory / name)
+            else:
+                _interleave(encoded / name, directory / kept, rest, directory / name, chunk_rows)
+        for _, name in (TOKENIZATION, AH_DATASET):
+            rows = np.load(directory / name, mmap_mode="r").shape[0]
+            if rows != n:
+                raise RuntimeError(f"ScaNN wrote {rows} rows of {name} for {n} vectors")
+    finally:
+        shutil.rmtree(encoded, ignore_errors=True)
+        for kept in SAMPLE_HASHES.values():
+            (directory / kept).unlink(missing_ok=True)
+
+
+def _encode_rows(x, selected, trained_config, directory, out, chunk_rows, threads):
+    """Tokens and codes of the rows of `x` where `selected` is true, in row order, written to
+    `out` by serialising a ScaNN searcher seeded with the first of them."""
+    scann = import_scann_pybind()
+    first = int(np.argmax(selected))
+    seed = directory / ".hash-seed"
+    try:
+        seed.mkdir()
         for _, name in (PARTITIONER, AH_CENTERS):
             os.link(directory / name, seed / name)
-        np.save(seed / DATASET[1], np.asarray(x[:1]))
+        np.save(seed / DATASET[1], np.asarray(x[first:first + 1]))
         write_assets(seed, trained_config, [AH_CENTERS, PARTITIONER, DATASET])
         searcher = scann.load_searcher(str(seed), assets_backcompat_shim=False).searcher
         searcher.set_num_threads(threads or _available_cores())
-        for start, stop in chunk_bounds(n - 1, chunk_rows) if n > 1 else ():
-            chunk = np.array(x[1 + start:1 + stop])
+        for start, stop in chunk_bounds(x.shape[0] - first - 1, chunk_rows):
+            start, stop = start + first + 1, stop + first + 1
+            chunk = x[start:stop][selected[start:stop]]  # boolean indexing copies the rows
             release_pages(x)
-            searcher.upsert([None] * len(chunk), list(chunk), _UPSERT_BATCH)
-        if searcher.size() != n:
-            raise RuntimeError(f"ScaNN holds {searcher.size()} rows after upserting {n}")
+            if len(chunk):
+                searcher.upsert([None] * len(chunk), list(chunk), _UPSERT_BATCH)
+        expected = int(np.count_nonzero(selected))
+        if searcher.size() != expected:
+            raise RuntimeError(f"ScaNN holds {searcher.size()} rows after upserting {expected}")
         searcher.serialize(str(out), True)
         del searcher
         trim_heap()  # the serialisation's per-leaf buffers
-        for _, name in (TOKENIZATION, AH_DATASET):
-            rows = np.load(out / name, mmap_mode="r").shape[0]
-            if rows != n:
-                raise RuntimeError(f"ScaNN wrote {rows} rows of {name} for {n} vectors")
-            os.replace(out / name, directory / name)
     finally:
         shutil.rmtree(seed, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
+
+
+def _interleave(encoded_path, sample_path, rest, path, chunk_rows):
+    """Write `path` with the rows of encoded_path where `rest` is true and those of
+    sample_path elsewhere, both in row order."""
+    encoded, sampled = open_read(encoded_path), open_read(sample_path)
+    n = len(rest)
+    if encoded.shape[0] + sampled.shape[0] != n or encoded.dtype != sampled.dtype:
+        raise RuntimeError(f"{path.name}: {encoded.shape[0]} encoded rows and {sampled.shape[0]} sample rows "
+                           f"do not make up {n}")
+    taken = 0
+    with NpyWriter(path, (n,) + encoded.shape[1:], encoded.dtype) as out:
+        for start, stop in chunk_bounds(n, chunk_rows):
+            mask = rest[start:stop]
+            count = int(np.count_nonzero(mask))
+            chunk = np.empty((stop - start,) + encoded.shape[1:], encoded.dtype)
+            chunk[mask] = encoded[taken:taken + count]
+            chunk[~mask] = sampled[start - taken:stop - taken - count]
+            taken += count
+            out.append(chunk)
+            release_pages(encoded)
+            release_pages(sampled)
 
 
 _UPSERT_BATCH = 256

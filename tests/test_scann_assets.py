@@ -3,6 +3,7 @@ to ScaNN's own build, streamed from memory maps, and cleaned up."""
 
 import gc
 import math
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +63,30 @@ def test_chunked_hashing_is_byte_identical_to_scann_build(clustered, tmp_path):
     rows, scores = loaded.search_batched(queries)
     np.testing.assert_array_equal(rows, expected_rows)
     np.testing.assert_array_equal(scores, expected_scores)
+
+
+@pytest.mark.parametrize("size", [2500, 6000])
+def test_hashing_reuses_the_training_samples_codes_byte_identically(clustered, tmp_path, size):
+    def configure(builder):
+        return builder.tree(num_leaves=40, num_leaves_to_search=6, training_sample_size=size).score_ah(
+            2, anisotropic_quantization_threshold=0.2, training_sample_size=size)
+
+    rows = scann_assets.sample_indices(len(clustered), size, seed=3)
+    reused, encoded = tmp_path / "reused", tmp_path / "encoded"
+    reused.mkdir()
+    np.save(reused / "dataset.npy", clustered)
+    trained = scann_assets.train(scann_assets.sample_rows(clustered, rows), "dot_product", 10, configure, reused)
+    assert sorted(p.name for p in reused.iterdir() if p.name.startswith("sample-")) == sorted(
+        scann_assets.SAMPLE_HASHES.values())
+    shutil.copytree(reused, encoded)
+    scann_assets.hash_rows(trained, reused, sample=rows, chunk_rows=1700)
+    scann_assets.hash_rows(trained, encoded, chunk_rows=1700)  # every row through ScaNN's upsert
+    for _, name in (scann_assets.TOKENIZATION, scann_assets.AH_DATASET):
+        np.testing.assert_array_equal(np.load(reused / name), np.load(encoded / name))
+    for directory in (reused, encoded):
+        assert sorted(p.name for p in directory.iterdir()) == sorted(
+            ["dataset.npy", "datapoint_to_token.npy", "hashed_dataset.npy", "ah_codebook.pb",
+             "serialized_partitioner.pb"])
 
 
 def test_memory_mapped_input_gives_the_same_index_and_is_not_modified(clustered, tmp_path):
@@ -180,9 +205,11 @@ def test_read_embeddings_into_a_file_matches_the_in_memory_read(tmp_path, cluste
 
 
 def test_training_sample_is_seeded_and_sorted(clustered):
-    a = scann_assets.sample_rows(clustered, 500, seed=0, chunk_rows=1000)
-    b = scann_assets.sample_rows(clustered, 500, seed=0, chunk_rows=333)
+    rows = scann_assets.sample_indices(len(clustered), 500, seed=0)
+    np.testing.assert_array_equal(rows, scann_assets.sample_indices(len(clustered), 500, seed=0))
+    assert len(np.unique(rows)) == 500 and np.all(np.diff(rows) > 0)
+    a = scann_assets.sample_rows(clustered, rows, chunk_rows=1000)
+    b = scann_assets.sample_rows(clustered, rows, chunk_rows=333)
     np.testing.assert_array_equal(a, b)
-    rows = np.sort(np.random.default_rng(0).choice(len(clustered), 500, replace=False))
     np.testing.assert_array_equal(a, clustered[rows])
     assert math.isclose(float(np.linalg.norm(a[0])), 1.0, rel_tol=1e-5)
