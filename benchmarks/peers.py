@@ -83,6 +83,10 @@ def run_method(method: str, prefix: str, rounds: int) -> dict:
     return result
 
 
+def _fmt_recall(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _fmt_params(params: dict) -> str:
     return ",".join(f"{SHORT.get(k, k)}={v}" if k != "impl" else str(v) for k, v in params.items()
                     if k != "api") or "default"
@@ -159,7 +163,7 @@ def table(label: str, results: list[dict], rounds: int) -> str:
         else:
             line = (f"imgindex default: tree_ah, num_leaves {cfg['index_config']['num_leaves']}, tuned search "
                     f"defaults {_fmt_params(defaults)}, build-time (leave-self-out) recall "
-                    f"{cfg['build_recall'].get('value')}")
+                    f"{_fmt_recall(cfg['build_recall'].get('value'))}")
         if api:
             p = api[0]
             line += (f"; through the Python API at those defaults: Index.search {_qps(p['single_qps'])} QPS "
