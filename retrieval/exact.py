@@ -92,11 +92,49 @@ def exact_search(queries, database, k, distance, block_elements=DEFAULT_BLOCK_EL
 
 
 def exact_search_by_chunks(queries, database, k, distance, normalize_database=False, chunk_rows=None):
-    """`exact_search` over `database` one row chunk at a time, merged; same results and ties.
+    """`exact_search` over `database` one row chunk at a time; same results and ties.
 
     For a database too large to copy (e.g. a memory map: its pages are released after each
     chunk).  normalize_database: L2-normalise each chunk first (cosine over raw rows).
+    For dot product and cosine, each query block's top k is carried from chunk to chunk, so
+    after the first block only the scores that beat the current k-th best are gathered (the
+    build's recall probe, 1,000 queries over 1M x 256: 6.5 s instead of 7.75 s, medians of 3
+    interleaved runs; the matrix products alone take ~3.5 s).
     """
+    check_distance(distance)
+    if distance == "squared_l2":
+        return _by_chunks_merged(queries, database, k, distance, normalize_database, chunk_rows)
+    from retrieval.npy_stream import CHUNK_ROWS, chunk_bounds, release_pages
+
+    queries, _ = _check_arrays(queries, database[:1])
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}.")
+    k = min(k, database.shape[0])
+    if distance == "cosine":
+        queries = normalize_rows(queries, what="queries")
+    if queries.shape[0] == 0:
+        return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+    q_block = max(1, min(_QUERY_BLOCK_ROWS, queries.shape[0]))
+    db_block = max(1, DEFAULT_BLOCK_ELEMENTS // q_block)
+    starts = range(0, queries.shape[0], q_block)
+    best = [(np.empty((len(queries[q0:q0 + q_block]), 0), np.int64),
+             np.empty((len(queries[q0:q0 + q_block]), 0), np.float32)) for q0 in starts]
+    for start, stop in chunk_bounds(database.shape[0], chunk_rows or CHUNK_ROWS):
+        chunk = np.asarray(database[start:stop], dtype=np.float32)
+        if normalize_database:
+            chunk = normalize_rows(chunk, what="database", row_offset=start)
+        check_finite(chunk, "database", row_offset=start)
+        for i, q0 in enumerate(starts):
+            best[i] = _search_query_block(queries[q0:q0 + q_block], chunk, None, k, db_block,
+                                          best=best[i], offset=start)
+        release_pages(database)
+    return np.concatenate([b[0] for b in best]), np.concatenate([b[1] for b in best])
+
+
+def _by_chunks_merged(queries, database, k, distance, normalize_database, chunk_rows):
+    """exact_search on each chunk, merged.  Used for squared_l2, whose scan keys (an
+    expansion) are re-scored exactly only at the end of each chunk, so a threshold carried
+    from earlier chunks would compare keys of different precision."""
     from retrieval.npy_stream import CHUNK_ROWS, chunk_bounds, release_pages
 
     best_rows = best_scores = None
@@ -111,7 +149,7 @@ def exact_search_by_chunks(queries, database, k, distance, normalize_database=Fa
             rows = np.concatenate([best_rows, rows], axis=1)
             scores = np.concatenate([best_scores, scores], axis=1)
             # Stable, and earlier chunks come first: equal scores keep the lower row first.
-            order = np.argsort(scores if distance == "squared_l2" else -scores, axis=1, kind="stable")[:, :k]
+            order = np.argsort(scores, axis=1, kind="stable")[:, :k]
             rows = np.take_along_axis(rows, order, axis=1)
             scores = np.take_along_axis(scores, order, axis=1)
         best_rows, best_scores = rows, scores
@@ -157,10 +195,17 @@ def _sq_norms(x):
     return np.einsum("ij,ij->i", x, x)
 
 
-def _search_query_block(queries, database, db_sq_norms, k, db_block):
-    """Top-k (indices, keys) for one block of queries, scanning the database in column blocks."""
-    best_idx = np.empty((queries.shape[0], 0), dtype=np.int64)
-    best_keys = np.empty((queries.shape[0], 0), dtype=np.float32)
+def _search_query_block(queries, database, db_sq_norms, k, db_block, best=None, offset=0):
+    """Top-k (indices, keys) for one block of queries, scanning the database in column blocks.
+
+    best: the (indices, keys) found so far in earlier rows (indices below `offset`, the row
+    number of database[0]), to continue from.
+    """
+    if best is None:
+        best_idx = np.empty((queries.shape[0], 0), dtype=np.int64)
+        best_keys = np.empty((queries.shape[0], 0), dtype=np.float32)
+    else:
+        best_idx, best_keys = best
     q_sq_norms = _sq_norms(queries) if db_sq_norms is not None else None
     for n0 in range(0, database.shape[0], db_block):
         block = database[n0 : n0 + db_block]
@@ -176,7 +221,7 @@ def _search_query_block(queries, database, db_sq_norms, k, db_block):
             local_keys = np.take_along_axis(keys, local, axis=1)
         else:
             local, local_keys = beating
-        cand_idx = np.concatenate([best_idx, local + n0], axis=1)
+        cand_idx = np.concatenate([best_idx, local + (offset + n0)], axis=1)
         cand_keys = np.concatenate([best_keys, local_keys], axis=1)
         best_idx, best_keys = _top_k_sorted(cand_idx, cand_keys, k)
     if db_sq_norms is not None:

@@ -146,7 +146,8 @@ def test_write_dataset_names_rows_of_the_whole_matrix(tmp_path, row, value, mess
         scann_assets.write_dataset(x, tmp_path / "dataset.npy", normalize=True)
 
 
-def test_exact_search_by_chunks_equals_exact_search_with_ties():
+@pytest.mark.parametrize("chunk_rows", [5, 17])  # chunks smaller than k, and triples split by chunks
+def test_exact_search_by_chunks_equals_exact_search_with_ties(chunk_rows):
     rng = np.random.default_rng(3)
     x = np.repeat(rng.standard_normal((40, 8)).astype(np.float32), 3, axis=0)  # every row 3 times
     queries = x[::7] + 0.001
@@ -154,9 +155,28 @@ def test_exact_search_by_chunks_equals_exact_search_with_ties():
         database = normalize_rows(x) if distance == "cosine" else x
         expected_rows, expected_scores = exact_search(queries, database, 9, distance)
         rows, scores = exact_search_by_chunks(queries, x, 9, distance, normalize_database=distance == "cosine",
-                                              chunk_rows=17)
+                                              chunk_rows=chunk_rows)
         np.testing.assert_array_equal(rows, expected_rows)
         np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+
+
+def test_exact_search_by_chunks_over_several_query_blocks_and_a_memory_map(tmp_path):
+    # More queries than one query block (256), and enough rows per chunk that later chunks
+    # take the path that only gathers keys beating the carried k-th best.
+    rng = np.random.default_rng(5)
+    x = normalize_rows(rng.standard_normal((6000, 16)).astype(np.float32))
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    queries = rng.standard_normal((600, 16)).astype(np.float32)
+    for distance in ("dot_product", "cosine"):
+        expected_rows, expected_scores = exact_search(queries, x, 11, distance)
+        rows, scores = exact_search_by_chunks(queries, mapped, 11, distance, chunk_rows=1400)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+    with pytest.raises(ConfigError, match="row 4321 contains NaN"):
+        bad = x.copy()
+        bad[4321, 3] = np.nan
+        exact_search_by_chunks(queries, bad, 11, "dot_product", chunk_rows=1400)
 
 
 def test_npy_writer_checks_the_row_count(tmp_path):
