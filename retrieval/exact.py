@@ -117,8 +117,7 @@ def exact_search_by_chunks(queries, database, k, distance, normalize_database=Fa
     q_block = max(1, min(_QUERY_BLOCK_ROWS, queries.shape[0]))
     db_block = max(1, DEFAULT_BLOCK_ELEMENTS // q_block)
     starts = range(0, queries.shape[0], q_block)
-    best = [(np.empty((len(queries[q0:q0 + q_block]), 0), np.int64),
-             np.empty((len(queries[q0:q0 + q_block]), 0), np.float32)) for q0 in starts]
+    best = [None] * len(starts)
     for start, stop in chunk_bounds(database.shape[0], chunk_rows or CHUNK_ROWS):
         chunk = np.asarray(database[start:stop], dtype=np.float32)
         if normalize_database:
