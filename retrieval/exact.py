@@ -66,18 +66,13 @@ def exact_search(queries, database, k, distance, block_elements=DEFAULT_BLOCK_EL
     """
     check_distance(distance)
     queries, database = _check_arrays(queries, database)
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}.")
-    k = min(k, database.shape[0])
-    if distance == "cosine":
-        queries = normalize_rows(queries, what="queries")
+    queries, k = _prepare(queries, database.shape[0], k, distance)
     # Keys are "higher is better" throughout: squared_l2 keys are negated distances.
     db_sq_norms = _sq_norms(database) if distance == "squared_l2" else None
 
     if queries.shape[0] == 0:
-        return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
-    q_block = max(1, min(_QUERY_BLOCK_ROWS, block_elements, queries.shape[0]))
-    db_block = max(1, block_elements // q_block)
+        return _no_results(k)
+    q_block, db_block = _block_sizes(queries.shape[0], block_elements)
     indices = np.empty((queries.shape[0], k), dtype=np.int64)
     keys = np.empty((queries.shape[0], k), dtype=np.float32)
     for q0 in range(0, queries.shape[0], q_block):
@@ -106,16 +101,11 @@ def exact_search_by_chunks(queries, database, k, distance, normalize_database=Fa
         return _by_chunks_merged(queries, database, k, distance, normalize_database, chunk_rows)
     from retrieval.npy_stream import CHUNK_ROWS, chunk_bounds, release_pages
 
-    queries, _ = _check_arrays(queries, database[:1])
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}.")
-    k = min(k, database.shape[0])
-    if distance == "cosine":
-        queries = normalize_rows(queries, what="queries")
+    queries, _ = _check_arrays(queries, database[:1])  # the rows are checked chunk by chunk
+    queries, k = _prepare(queries, database.shape[0], k, distance)
     if queries.shape[0] == 0:
-        return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
-    q_block = max(1, min(_QUERY_BLOCK_ROWS, queries.shape[0]))
-    db_block = max(1, DEFAULT_BLOCK_ELEMENTS // q_block)
+        return _no_results(k)
+    q_block, db_block = _block_sizes(queries.shape[0], DEFAULT_BLOCK_ELEMENTS)
     starts = range(0, queries.shape[0], q_block)
     best = [None] * len(starts)
     for start, stop in chunk_bounds(database.shape[0], chunk_rows or CHUNK_ROWS):
@@ -153,6 +143,25 @@ def _by_chunks_merged(queries, database, k, distance, normalize_database, chunk_
             scores = np.take_along_axis(scores, order, axis=1)
         best_rows, best_scores = rows, scores
     return best_rows, best_scores
+
+
+def _prepare(queries, n, k, distance):
+    """(queries, k): queries normalised for cosine, k checked and clamped to the n rows."""
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}.")
+    if distance == "cosine":
+        queries = normalize_rows(queries, what="queries")
+    return queries, min(k, n)
+
+
+def _no_results(k):
+    return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+
+
+def _block_sizes(num_queries, block_elements):
+    """(query rows, database rows) per scored block, at most block_elements scores."""
+    q_block = max(1, min(_QUERY_BLOCK_ROWS, block_elements, num_queries))
+    return q_block, max(1, block_elements // q_block)
 
 
 def _check_arrays(queries, database):

@@ -173,9 +173,9 @@ def test_exact_search_by_chunks_over_several_query_blocks_and_a_memory_map(tmp_p
         rows, scores = exact_search_by_chunks(queries, mapped, 11, distance, chunk_rows=1400)
         np.testing.assert_array_equal(rows, expected_rows)
         np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+    bad = x.copy()
+    bad[4321, 3] = np.nan
     with pytest.raises(ConfigError, match="row 4321 contains NaN"):
-        bad = x.copy()
-        bad[4321, 3] = np.nan
         exact_search_by_chunks(queries, bad, 11, "dot_product", chunk_rows=1400)
 
 
