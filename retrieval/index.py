@@ -292,6 +292,11 @@ class Index:
           (ids, scores): list of str and float32 array, best first.  Tree-AH can
           return fewer than k when the searched leaves hold fewer vectors.
         """
+        rows, scores = self.search_rows(query, k, **overrides)
+        return self.ids[rows].tolist(), scores
+
+    def search_rows(self, query, k=None, **overrides):
+        """`search`, answering with row numbers (an integer array; row i is ids[i]) instead of ids."""
         query = np.asarray(query)
         if query.ndim != 1:
             raise ConfigError(
@@ -304,7 +309,7 @@ class Index:
         else:
             k, knobs = self._search_params(k, overrides)
         rows, scores = self._searcher.search(query, final_num_neighbors=k, **knobs)
-        return self.ids[rows].tolist(), np.asarray(scores, dtype=np.float32)
+        return np.asarray(rows), np.asarray(scores, dtype=np.float32)
 
     def search_batch(self, queries, k=None, **overrides):
         """Nearest neighbours of each row of `queries` (q, d); see `search`.
@@ -314,6 +319,12 @@ class Index:
           finds fewer than k neighbours for a query, its id list is shorter and
           the trailing scores are NaN.
         """
+        row_lists, scores = self.search_batch_rows(queries, k, **overrides)
+        ids = self.ids
+        return [ids[rows].tolist() for rows in row_lists], scores
+
+    def search_batch_rows(self, queries, k=None, **overrides):
+        """`search_batch`, answering with q arrays of row numbers instead of id lists."""
         queries = self._prepare_queries(queries)
         k, knobs = self._search_params(k, overrides)
         if queries.shape[0] == 0:
@@ -324,8 +335,7 @@ class Index:
         scores = np.asarray(scores, dtype=np.float32)
         # ScaNN pads missing neighbours with row 0 and a NaN score.
         found = ~np.isnan(scores)
-        ids = self.ids
-        return [ids[r[f]].tolist() for r, f in zip(rows, found)], scores
+        return [r[f] for r, f in zip(np.asarray(rows), found)], scores
 
     @functools.cached_property
     def _default_params(self):

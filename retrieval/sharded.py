@@ -136,14 +136,9 @@ def manifest_kind(directory) -> str | None:
 
 def merge_top_k(id_lists, score_lists, k: int, higher_is_better: bool):
     """Merge per-shard results (lists of ids, scores best first) into the best k overall."""
-    ids = [i for part in id_lists for i in part]
-    scores = np.concatenate([np.asarray(s, dtype=np.float32)[:len(part)]
-                             for part, s in zip(id_lists, score_lists)]) if ids else np.empty(0, np.float32)
-    keep = ~np.isnan(scores)
-    order = np.flatnonzero(keep)
-    key = -scores[order] if higher_is_better else scores[order]
-    order = order[np.argsort(key, kind="stable")[:k]]
-    return [ids[i] for i in order], scores[order]
+    ids, scores = _merge_rows([np.asarray(part, dtype=object) for part in id_lists], score_lists,
+                              k, higher_is_better)
+    return ids.tolist(), scores
 
 
 class ShardedIndex:
@@ -176,23 +171,47 @@ class ShardedIndex:
 
     def search(self, query, k=None):
         """Top k of one query over all shards: (ids, scores) best first."""
-        k = self.manifest.search_defaults["k"] if k is None else k
-        parts = [shard.search(query, k=k) for shard in self.shards]
-        return merge_top_k([p[0] for p in parts], [p[1] for p in parts], k, self.distance != "squared_l2")
+        rows, scores = self.search_rows(query, k)
+        return self._ids[rows].tolist(), scores
 
     def search_batch(self, queries, k=None):
         """Top k of each query over all shards: (list of id lists, (q, k) float32 scores, NaN-padded)."""
+        row_lists, scores = self.search_batch_rows(queries, k)
+        return [self._ids[rows].tolist() for rows in row_lists], scores
+
+    def search_rows(self, query, k=None):
+        """`search`, answering with global row numbers (row i is ids[i]) instead of ids."""
         k = self.manifest.search_defaults["k"] if k is None else k
-        parts = [shard.search_batch(queries, k=k) for shard in self.shards]
+        parts = [shard.search_rows(query, k=k) for shard in self.shards]
+        return _merge_rows([rows + offset for (rows, _), offset in zip(parts, self.offsets)],
+                           [scores for _, scores in parts], k, self.distance != "squared_l2")
+
+    def search_batch_rows(self, queries, k=None):
+        """`search_batch`, answering with q arrays of global row numbers instead of id lists."""
+        k = self.manifest.search_defaults["k"] if k is None else k
+        parts = [shard.search_batch_rows(queries, k=k) for shard in self.shards]
         q = len(parts[0][0])
         width = min(k, self.n)
-        out_ids, out_scores = [], np.full((q, width), np.nan, dtype=np.float32)
+        out_rows, out_scores = [], np.full((q, width), np.nan, dtype=np.float32)
         higher = self.distance != "squared_l2"
         for row in range(q):
-            ids, scores = merge_top_k([p[0][row] for p in parts], [p[1][row] for p in parts], width, higher)
-            out_ids.append(ids)
-            out_scores[row, :len(ids)] = scores
-        return out_ids, out_scores
+            rows, scores = _merge_rows([p[0][row] + offset for p, offset in zip(parts, self.offsets)],
+                                       [p[1][row] for p in parts], width, higher)
+            out_rows.append(rows)
+            out_scores[row, :len(rows)] = scores
+        return out_rows, out_scores
+
+
+def _merge_rows(row_parts, score_parts, k: int, higher_is_better: bool):
+    """The best k of per-shard (rows, scores) parts as two arrays; NaN scores (ScaNN's padding)
+    are dropped, and ties keep shard order."""
+    rows = np.concatenate(row_parts)
+    scores = np.concatenate([np.asarray(s, dtype=np.float32)[:len(r)]
+                             for r, s in zip(row_parts, score_parts)])
+    order = np.flatnonzero(~np.isnan(scores))
+    key = -scores[order] if higher_is_better else scores[order]
+    order = order[np.argsort(key, kind="stable")[:k]]
+    return rows[order], scores[order]
 
 
 def open_index(path, verify: bool = True):

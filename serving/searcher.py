@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import math
 import os
 import threading
 import time
@@ -45,6 +44,7 @@ import numpy as np
 from retrieval import runs
 from retrieval.errors import ConfigError, HandleError, ImgIndexError, IndexFormatError
 from retrieval.manifest import sha256_file
+from serving.id_lookup import IdLookup
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class _EmbedderState:
     spec: Mapping[str, Any] | None  # EmbedderSpec dict
     index: Any  # retrieval.index.Index
     index_dir: str
-    row_of: Mapping[str, int]  # id -> row
+    row_of: IdLookup  # id -> row, for id queries
     metadata: "_Metadata | None"  # metadata.parquet without "id", rows aligned with ids
     vectors: np.ndarray | None  # memory-mapped (n, d) float32 (normalised for cosine), or None
     projection: np.ndarray | None = None  # PCA learned at build time (retrieval.projection)
@@ -259,7 +259,7 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
             f"{index_spec.get('fingerprint')!r} but the run manifest says "
             f"{spec.get('fingerprint')!r}; the run is inconsistent")
     ids = _index_ids(index)
-    row_of = dict(zip(ids.tolist(), range(len(ids))))
+    row_of = IdLookup(ids)
     return _EmbedderState(
         name=name,
         entry=types.MappingProxyType(dict(entry)),
@@ -364,7 +364,7 @@ class _Metadata:
             for array in self._arrow
         ]
 
-    def rows(self, rows: list[int]) -> list[dict]:
+    def rows(self, rows) -> list[dict]:
         import pyarrow as pa
 
         positions = np.asarray(rows, dtype=np.int64)
@@ -747,20 +747,22 @@ def _stored_vector(state: _RunState, emb: _EmbedderState, item_id) -> np.ndarray
 def _search(state: _RunState, emb: _EmbedderState, queries: np.ndarray, k: int) -> list[SearchResult]:
     index = emb.index
     if len(queries) == 1:
-        ids, scores = index.search(queries[0], k=k)
-        id_lists, score_rows = [ids], [scores]
+        rows, scores = index.search_rows(queries[0], k=k)
+        row_lists, score_rows = [rows], [scores]
     else:
-        id_lists, score_rows = index.search_batch(queries, k=k)
-    return [_result(state, emb, ids, scores) for ids, scores in zip(id_lists, score_rows)]
+        row_lists, score_rows = index.search_batch_rows(queries, k=k)
+    return [_result(state, emb, rows, scores) for rows, scores in zip(row_lists, score_rows)]
 
 
-def _result(state: _RunState, emb: _EmbedderState, ids, scores) -> SearchResult:
-    pairs = [(i, float(s)) for i, s in zip(ids, scores) if not math.isnan(s)]
-    if emb.metadata is not None and pairs:
-        rows = [emb.row_of[i] for i, _ in pairs]
+def _result(state: _RunState, emb: _EmbedderState, rows: np.ndarray, scores) -> SearchResult:
+    scores = np.asarray(scores, dtype=np.float32)[:len(rows)]
+    found = ~np.isnan(scores)
+    rows, scores = rows[found], scores[found].tolist()
+    ids = emb.index.ids[rows].tolist()
+    if emb.metadata is not None and len(rows):
         metadata = emb.metadata.rows(rows)
     else:
-        metadata = [{} for _ in pairs]
+        metadata = [{} for _ in ids]
     hits = [SearchHit(rank=rank, id=item_id, score=score, metadata=md)
-            for rank, ((item_id, score), md) in enumerate(zip(pairs, metadata), 1)]
+            for rank, (item_id, score, md) in enumerate(zip(ids, scores, metadata), 1)]
     return SearchResult(hits, embedder=emb.name, run_id=state.run_id, distance=emb.index.distance)

@@ -339,6 +339,12 @@ def test_save_load_round_trip_is_identical(tree_indexes, large, tmp_path, monkey
     assert got_ids == expected_ids
     np.testing.assert_array_equal(got_scores, expected_scores)
     assert loaded.search(queries[0])[0] == expected_ids[0]
+    # The row answers name the same hits as the id answers.
+    rows, row_scores = loaded.search_batch_rows(queries)
+    assert [loaded.ids[r].tolist() for r in rows] == expected_ids
+    np.testing.assert_array_equal(row_scores, expected_scores)
+    single_rows, _ = loaded.search_rows(queries[0])
+    assert single_rows.dtype.kind in "iu" and loaded.ids[single_rows].tolist() == expected_ids[0]
 
 
 def test_saved_directory_layout_and_checksums(saved_small):

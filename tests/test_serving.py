@@ -130,6 +130,20 @@ def test_id_query_equals_vector_query_and_returns_metadata(searcher, vec_run):
     assert [h.rank for h in others] == [1, 2, 3, 4]
 
 
+def test_id_lookup_finds_every_row_and_resolves_hash_collisions():
+    from serving.id_lookup import IdLookup
+
+    ids = np.array(["b", "a", "ccc", "dd", "ee", "", "fff", "é"], dtype=object)
+    # len() as the hash makes most ids collide; the lookup must compare the ids themselves.
+    for lookup in (IdLookup(ids), IdLookup(ids, hash_fn=len)):
+        assert len(lookup) == len(ids)
+        assert [lookup.get(i) for i in ids] == list(range(len(ids)))
+        for missing in ("x", "gg", "cccc", "e", "é "):
+            assert lookup.get(missing) is None
+    empty = IdLookup(np.array([], dtype=object))
+    assert len(empty) == 0 and empty.get("a") is None
+
+
 def test_metadata_types_and_nulls_round_trip(tmp_path):
     import datetime
 

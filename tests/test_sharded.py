@@ -91,6 +91,13 @@ def test_sharded_build_partitions_by_id_and_merged_search_is_exact_for_brute_for
     np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
     single_ids, single_scores = loaded.search(queries[0], k=10)
     assert single_ids == got[0]
+    # Row answers are global rows (shard 0's rows first) naming the same hits.
+    rows, row_scores = loaded.search_batch_rows(queries, k=10)
+    assert [loaded.ids[r].tolist() for r in rows] == got
+    np.testing.assert_array_equal(row_scores, scores)
+    single_rows, _ = loaded.search_rows(queries[0], k=10)
+    assert loaded.ids[single_rows].tolist() == got[0]
+    assert (single_rows >= loaded.offsets[1]).any()  # hits outside shard 0 carry its offset
     m = built.manifest
     assert m.recall["value"] == 1.0 and m.recall["n_queries"] > 500 and m.recall["reached_target"]
     assert [s["n"] for s in m.shards] == [shard.n for shard in loaded.shards]
