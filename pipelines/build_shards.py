@@ -20,6 +20,7 @@ local runners; a shared mount for a distributed runner).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -164,8 +165,11 @@ class BuildShard(beam.DoFn):
 def build_sharded(options, run_directory: str, embedder: str, num_shards: int | None,
                   max_shard_vectors: int | None, distance: str, k: int, target_recall: float,
                   num_queries: int = index_lib.MAX_RECALL_QUERIES,
-                  tuning_queries: np.ndarray | None = None) -> sharded.ShardedIndex:
+                  tuning_queries: np.ndarray | None = None) -> "ShardedBuild":
     """Builds <run>/index/<embedder>/ as a sharded index on the runner `options` name.
+
+    Returns its manifest and directory, not the loaded index: the launching process never
+    holds the shards (`ShardedBuild.open()` loads them).
 
     tuning_queries: held-out query vectors that tune every shard and measure the merged
     recall instead of database rows sampled by id (see retrieval.index.build_index).
@@ -230,7 +234,21 @@ def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
         raise ShardSizeError(f"the shards hold {manifest.n} rows but the embedding tables {n}")
     shutil.rmtree(partitions)
     sharded.write_manifest(index_dir, manifest)
-    return sharded.open_index(index_dir, verify=False)
+    return ShardedBuild(manifest, index_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedBuild:
+    """A written sharded index: its manifest and directory (the shards stay on disk)."""
+
+    manifest: sharded.ShardedManifest
+    directory: str
+
+    num_shards = property(lambda self: self.manifest.num_shards)
+    method = property(lambda self: sharded.describe_method(s["method"] for s in self.manifest.shards))
+
+    def open(self, verify: bool = True) -> sharded.ShardedIndex:
+        return sharded.open_index(self.directory, verify=verify)
 
 
 def _merged_recall(answers, k, higher_is_better):

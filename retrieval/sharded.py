@@ -134,6 +134,12 @@ def manifest_kind(directory) -> str | None:
         return None
 
 
+def describe_method(shard_methods) -> str:
+    """`sharded(<N>x <methods>)`, as run manifests and `info()` show a sharded index."""
+    shard_methods = list(shard_methods)
+    return f"sharded({len(shard_methods)}x {'/'.join(sorted(set(shard_methods)))})"
+
+
 def merge_top_k(id_lists, score_lists, k: int, higher_is_better: bool):
     """Merge per-shard results (lists of ids, scores best first) into the best k overall."""
     ids, scores = _merge_rows([np.asarray(part, dtype=object) for part in id_lists], score_lists,
@@ -159,8 +165,7 @@ class ShardedIndex:
 
     @property
     def method(self) -> str:
-        methods = sorted({s.method for s in self.shards})
-        return f"sharded({self.num_shards}x {'/'.join(methods)})"
+        return describe_method(s.method for s in self.shards)
 
     @property
     def search_defaults(self):

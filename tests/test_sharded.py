@@ -114,7 +114,7 @@ def test_sharded_tree_ah_index_agrees_with_exact_search_like_a_single_index(tmp_
     queries = x[rng.choice(n, 300, replace=False)] + 0.05 * rng.standard_normal((300, d)).astype(np.float32)
     truth, _ = exact.exact_search(queries, x, 10, "cosine")
     truth_ids = [[ids[r] for r in row] for row in truth]
-    sharded_recall = metrics.recall_at_k(built.search_batch(queries, k=10)[0], truth_ids, 10)
+    sharded_recall = metrics.recall_at_k(built.open().search_batch(queries, k=10)[0], truth_ids, 10)
     single_recall = metrics.recall_at_k(single.search_batch(queries, k=10)[0], truth_ids, 10)
     assert sharded_recall >= 0.95 and single_recall >= 0.95
     # The recall recorded by the build (merged, leave-self-out) is in line with the measured one.
@@ -133,11 +133,12 @@ def test_sharded_build_with_held_out_tuning_queries(tmp_path):
     recall = built.manifest.recall
     assert recall["method"].startswith("held-out over the merged shards: 200 query vectors")
     assert recall["n_queries"] == 200 and len(recall["per_shard"]) == 2
-    for shard in built.shards:
+    opened = built.open()
+    for shard in opened.shards:
         assert shard.manifest.recall["method"].startswith("held-out: 200 query vectors")
     # The recorded merged recall predicts the recall of other queries of the same kind.
     truth, _ = exact.exact_search(queries[200:], x, 10, "cosine")
-    measured = metrics.recall_at_k(built.search_batch(queries[200:], k=10)[0],
+    measured = metrics.recall_at_k(opened.search_batch(queries[200:], k=10)[0],
                                    [[ids[r] for r in row] for row in truth], 10)
     assert abs(recall["value"] - measured) < 0.05
 
@@ -146,7 +147,8 @@ def test_max_shard_vectors_picks_the_shard_count_and_bounds_every_shard(tmp_path
     run_dir, _, _ = _run_with_table(tmp_path, 3000, files=3)
     built = _build(run_dir, max_shard_vectors=1000)
     assert built.num_shards == sharded.shards_for(3000, 1000) > 3
-    sizes = [shard.n for shard in built.shards]
+    assert built.method == f"sharded({built.num_shards}x brute_force)"
+    sizes = [shard.n for shard in built.open().shards]
     assert sum(sizes) == 3000 and max(sizes) <= 1000
     # Each shard's matrix is all a build worker held: the shard index's own row count.
     assert sizes == [s["n"] for s in built.manifest.shards]
@@ -190,10 +192,10 @@ def test_missing_or_corrupted_shard_is_a_clear_error(tmp_path):
 
 def test_sharded_build_in_multi_processing_mode_gives_the_same_index(tmp_path):
     run_dir, _, _ = _run_with_table(tmp_path, 1200)
-    local = _build(run_dir, num_shards=2)
+    local = _build(run_dir, num_shards=2).open()
     other_dir = str(tmp_path / "mp")
     shutil.copytree(os.path.join(run_dir, runs.EMBEDDINGS_DIR), os.path.join(other_dir, runs.EMBEDDINGS_DIR))
-    mp = _build(other_dir, num_shards=2, flags=["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    mp = _build(other_dir, num_shards=2, flags=["--direct_running_mode=multi_processing", "--direct_num_workers=2"]).open()
     assert sorted(mp.ids) == sorted(local.ids)
     assert [set(s.ids) for s in mp.shards] == [set(s.ids) for s in local.shards]
     assert mp.manifest.recall["value"] == local.manifest.recall["value"]
