@@ -29,6 +29,9 @@ def check_distance(distance):
         raise ConfigError(f"Unknown distance {distance!r}; allowed values: {', '.join(DISTANCES)}.")
 
 
+_SMALL_NORM = 1e-15  # below this a float32 norm may have lost precision to underflow
+
+
 def normalize_rows(x, what="vectors", in_place=False, row_offset=0):
     """Return `x` (2-D) as float32 with every row scaled to unit L2 norm.
 
@@ -40,13 +43,23 @@ def normalize_rows(x, what="vectors", in_place=False, row_offset=0):
     out = np.array(x, dtype=np.float32, order="C", copy=None if in_place else True)
     # einsum, unlike np.linalg.norm(axis=1), allocates no (n, d) temporary.
     norms = np.sqrt(np.einsum("ij,ij->i", out, out))
-    zero_rows = np.flatnonzero(norms == 0)
-    if zero_rows.size:
-        raise ConfigError(
-            f"{what}: {zero_rows.size} row(s) have zero L2 norm (first: row {row_offset + zero_rows[0]}); "
-            "cosine distance is undefined for zero vectors. Remove them or use "
-            "distance='squared_l2'."
-        )
+    # A float32 sum of squares overflows above ~1.8e19 and underflows below ~1e-19: such rows
+    # (rare) are scaled by their largest component and normalised in float64 instead.
+    extreme = np.flatnonzero(~(norms > _SMALL_NORM) | ~(norms < np.inf))
+    if extreme.size:
+        rows = out[extreme].astype(np.float64)
+        largest = np.abs(rows).max(axis=1)
+        zero_rows = extreme[largest == 0]
+        if zero_rows.size:
+            raise ConfigError(
+                f"{what}: {zero_rows.size} row(s) have zero L2 norm (first: row {row_offset + zero_rows[0]}); "
+                "cosine distance is undefined for zero vectors. Remove them or use "
+                "distance='squared_l2'."
+            )
+        rows /= largest[:, None]
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        out[extreme] = rows
+        norms[extreme] = 1.0
     out /= norms[:, None]
     return out
 

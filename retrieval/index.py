@@ -350,7 +350,9 @@ class Index:
             with np.errstate(over="ignore"):
                 q = query.astype(np.float32)
             norm2 = float(np.dot(q, q))
-            if 0.0 < norm2 < math.inf:  # finite and non-zero (NaN fails both comparisons)
+            # Finite, and far from float32 under- or overflow (NaN fails both comparisons);
+            # anything else is normalised with care by _prepare_queries.
+            if 1e-30 < norm2 < math.inf:
                 return q / np.float32(math.sqrt(norm2)) if self.distance == "cosine" else q
         return self._prepare_queries(query[None, :])[0]
 

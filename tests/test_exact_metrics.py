@@ -117,6 +117,19 @@ def test_cosine_ignores_query_scale(data):
     assert np.all(np.abs(a[1]) <= 1 + 1e-6)
 
 
+def test_normalize_rows_survives_float32_overflow_and_underflow():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 40)).astype(np.float32)
+    unit = normalize_rows(x)
+    # Squares of 1e20 overflow float32, squares of 1e-25 underflow it; the direction stays.
+    scaled = x * np.array([1, 1e20, 1e-25, 3e38 / 5, 1e-35, 1], np.float32)[:, None]
+    np.testing.assert_allclose(normalize_rows(scaled), unit, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(normalize_rows(scaled), axis=1), 1, atol=1e-6)
+    scaled[4] = 0
+    with pytest.raises(ConfigError, match="1 row.* zero L2 norm .first: row 4"):
+        normalize_rows(scaled)
+
+
 def test_memory_is_bounded_by_the_block_budget():
     rng = np.random.default_rng(0)
     queries = rng.standard_normal((200, 8)).astype(np.float32)

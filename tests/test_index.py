@@ -199,6 +199,9 @@ def test_search_options(tree_indexes, large):
     index = tree_indexes["cosine"]
     ids, scores = index.search(vectors[7] * 3.0, k=3)  # cosine ignores the query scale
     assert ids[0] == "img00007" and len(ids) == 3 and scores[0] == pytest.approx(1.0, abs=1e-5)
+    for scale in (1e20, 1e-30):  # beyond float32's range for a sum of squares
+        assert index.search(vectors[7] * np.float32(scale), k=3)[0] == ids
+    assert index.search_batch(vectors[7:8] * np.float32(1e20), k=3)[0][0] == ids
     wide, _ = index.search(vectors[7], k=30, leaves_to_search=20, pre_reorder_num_neighbors=300)
     assert len(wide) == 30 and wide[:3] == ids
     with pytest.raises(
