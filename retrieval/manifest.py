@@ -133,18 +133,29 @@ def write_json_atomic(path, data):
 
     Readers see either the old file or the complete new one, never a prefix.
     """
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=_numpy_scalar) + "\n"
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path, text):
+    """Write `text` to `path` via a synced temporary sibling file and os.replace, then sync
+    the directory, so that after a crash or power loss `path` is the old or the new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, allow_nan=False, default=_numpy_scalar)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _numpy_scalar(value):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.errors import IndexFormatError
-from retrieval.manifest import sha256_file, write_json_atomic
+from retrieval.manifest import sha256_file, write_json_atomic, write_text_atomic
 from retrieval.version import __version__
 
 LATEST = "LATEST"
@@ -88,14 +88,31 @@ class RunManifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunManifest":
+        if not isinstance(data, dict):
+            raise IndexFormatError(f"not an imgindex run manifest (a JSON {type(data).__name__}, "
+                                   "not an object)")
         if data.get("kind") != RUN_KIND:
             raise IndexFormatError(f"not an imgindex run manifest (kind {data.get('kind')!r})")
         if data.get("format_version") != RUN_FORMAT_VERSION:
             raise IndexFormatError(
                 f"run manifest format version {data.get('format_version')!r} is not supported by "
                 f"imgindex {__version__} (reads version {RUN_FORMAT_VERSION}); upgrade imgindex")
-        known = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise IndexFormatError(f"the run manifest lacks {', '.join(missing)}; the run is incomplete "
+                                   "or was not written by imgindex; rebuild it")
+        wrong = [name for name in _OBJECT_FIELDS if not isinstance(data[name], dict)]
+        if wrong or not isinstance(data["run_id"], str) or not isinstance(data["status"], str):
+            raise IndexFormatError(
+                f"the run manifest is damaged: {', '.join(wrong) or 'run_id or status'} "
+                "has the wrong type; rebuild the run")
+        known = {f.name for f in fields}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_OBJECT_FIELDS = ("inputs", "counts", "embedders", "gates", "timings")
 
 
 def write_run_manifest(directory: str, manifest: RunManifest) -> None:
@@ -131,9 +148,7 @@ def publish(root: str, run_id: str) -> None:
     directory = run_dir(root, run_id)
     if read_run_manifest(directory).status != "published":
         raise IndexFormatError(f"run {run_id} is not publishable (its manifest status is not 'published')")
-    tmp = Path(root) / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.write_text(f"{RUNS_DIR}/{run_id}\n")
-    os.replace(tmp, Path(root) / LATEST)
+    write_text_atomic(Path(root) / LATEST, f"{RUNS_DIR}/{run_id}\n")
 
 
 def resolve_run(path: str) -> str:

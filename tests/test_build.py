@@ -8,7 +8,7 @@ import pytest
 from imgindex import cli
 from pipelines import build
 from retrieval import index, runs
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, IndexFormatError
 from tests import images
 
 
@@ -143,3 +143,26 @@ def test_two_embedders_give_two_indexes_served_side_by_side(tmp_path, tiny_saved
         searcher.search_id("img003.jpg")
     for name in ("big", "small"):
         assert searcher.search_id("img003.jpg", k=1, embedder=name)[0].id == "img003.jpg"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", "a JSON list, not an object"),
+    ('{"kind": "imgindex.run", "format_version": 1, "run_id": "r"}', "lacks status, inputs, counts"),
+    ('{"kind": "imgindex.run", "format_version": 1, "run_id": "r", "status": "published", "inputs": {}, '
+     '"counts": [], "embedders": {}, "gates": {}, "timings": {}}', "damaged: counts has the wrong type"),
+])
+def test_damaged_run_manifest_is_a_clear_error(tmp_path, content, message):
+    (tmp_path / runs.RUN_MANIFEST).write_text(content)
+    with pytest.raises(IndexFormatError, match=message):
+        runs.read_run_manifest(str(tmp_path))
+
+
+def test_publish_replaces_latest_atomically(tmp_path):
+    root = tmp_path / "root"
+    for run_id in ("r1", "r2"):
+        os.makedirs(runs.run_dir(str(root), run_id))
+        runs.write_run_manifest(runs.run_dir(str(root), run_id), runs.RunManifest(
+            run_id=run_id, status="published", inputs={}, counts={}, embedders={}, gates={}, timings={}))
+        runs.publish(str(root), run_id)
+        assert runs.read_latest(str(root)) == runs.run_dir(str(root), run_id)
+    assert sorted(os.listdir(root)) == [runs.LATEST, runs.RUNS_DIR]  # no temporary file left
