@@ -45,7 +45,7 @@ setup(
         # The HTTP adapter (issue: serving) runs on Starlette + uvicorn.
         # python-multipart: Starlette's form parser (image uploads); anyio>=4.1 for
         # abandon_on_cancel in the background refresh task.
-        "serve": ["starlette>=0.37", "uvicorn>=0.30", "python-multipart>=0.0.9", "anyio>=4.1"],
+        "serve": ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.9", "anyio>=4.1"],
         # Peer libraries and plots of `python -m benchmarks.peers` (issue 5).  hnswlib 0.8.0 has
         # no wheels on PyPI: pip builds it from source (needs a C++ compiler, ~30 s).
         "bench": ["faiss-cpu==1.15.1", "hnswlib==0.8.0", "matplotlib==3.11.2"],

@@ -96,8 +96,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _error(status: int, code: str, message: str) -> _JSONResponse:
-    return _JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(status: int, code: str, message: str, headers=None) -> _JSONResponse:
+    return _JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                         headers=headers)
 
 
 def create_app(searcher: Searcher, refresh_seconds: float | None = None,
@@ -136,7 +137,8 @@ def create_app(searcher: Searcher, refresh_seconds: float | None = None,
         message = exc.detail if exc.status_code not in (404, 405) else (
             f"{request.method} {request.url.path} is not an endpoint; use POST /v1/search, "
             "GET /v1/healthz or GET /v1/index")
-        return _error(exc.status_code, code, str(message))
+        # exc.headers carries what the status needs, e.g. Allow for 405.
+        return _error(exc.status_code, code, str(message), headers=exc.headers)
 
     async def internal_error(request: Request, exc: Exception) -> _JSONResponse:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)

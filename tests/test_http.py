@@ -205,6 +205,10 @@ def test_unknown_id_404_and_undecodable_image_422(served):
     assert status == 404 and body["error"]["code"] == "not_found"
     status, body = call(url, "/v1/search")  # GET
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(url + "/v1/search", timeout=30)
+    with caught.value as response:
+        assert response.code == 405 and response.headers["Allow"] == "POST"
 
 
 def test_body_too_large_413(served):
