@@ -92,7 +92,8 @@ def _run_demo(args) -> int:
 
 _BEAM_FLAGS = ("Any other flag (--runner, --direct_running_mode, --direct_num_workers, Dataflow, "
                "Flink or Spark options) goes to Beam; without --runner the pipeline runs locally "
-               "on Beam's FnApiRunner.")
+               "on Beam's FnApiRunner. A flag neither these nor Beam's pipeline options know is "
+               "an error (exit status 2), not ignored.")
 
 
 def _add_embed(sub) -> None:
@@ -129,6 +130,10 @@ def beam_help(command: str) -> str:
 
 
 def _run_embed(args, rest: list[str]) -> int:
+    from pipelines.options import EmbedOptions, check_flags
+
+    # Beam would only log and drop a misspelt flag; refuse it before any work (and TF) starts.
+    check_flags(rest, EmbedOptions)
     from pipelines import embed, report
 
     print(report.summary(embed.run(rest)))
@@ -137,7 +142,9 @@ def _run_embed(args, rest: list[str]) -> int:
 
 def _run_build(args, rest: list[str]) -> int:
     from pipelines import build
+    from pipelines.options import check_flags
 
+    check_flags(rest, build.BuildOptions)  # a misspelt --min_recall must not run with the default gate
     try:
         result = build.run(rest)
     except build.GateError as exc:
@@ -150,11 +157,15 @@ def _run_build(args, rest: list[str]) -> int:
 def _add_query(sub) -> None:
     p = sub.add_parser("query", help="query a published index by image file, vector or id",
                        description="Query the run published under an output root (following LATEST) "
-                       "or a run directory; prints the hits best first.")
+                       "or a run directory; prints the hits best first. A .npy --vector of shape (d,) "
+                       "or (1, d) (what the embedder returns for one image) is one query; a (q, d) "
+                       "array with q > 1 runs q queries: the table gains a leading 'query' column "
+                       "(the row, from 0) and --json prints one list of hits per row.")
     p.add_argument("path", help="output root or run directory")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="image file to embed with the index's embedder")
-    what.add_argument("--vector", help="comma-separated floats, or a .npy file holding one vector")
+    what.add_argument("--vector", help="comma-separated floats, or a .npy file holding one vector "
+                      "(d,) or (1, d), or several (q, d)")
     what.add_argument("--id", help="an indexed id: its own vector is the query")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--embedder", help="which index, when the run has several")
@@ -163,14 +174,30 @@ def _add_query(sub) -> None:
 
 
 def _query_vector(text: str):
+    """The query vector(s) of --vector: shape (d,) for one query, (q, d) for several."""
     import numpy as np
 
     if text.endswith(".npy"):
-        return np.load(text)
+        try:
+            array = np.load(text)
+        except (OSError, ValueError) as exc:  # missing, unreadable, not a .npy, pickled objects
+            raise ConfigError(f"--vector {text}: cannot read it as a .npy array: {exc}") from exc
+        if array.ndim not in (1, 2) or 0 in array.shape:
+            raise ConfigError(f"--vector {text} holds an array of shape {array.shape}; expected one "
+                              "vector (d,) or (1, d), or one query per row (q, d)")
+        return array[0] if array.ndim == 2 and len(array) == 1 else array
     try:
         return np.array([float(v) for v in text.split(",")], np.float32)
     except ValueError as exc:
         raise ConfigError(f"--vector must be comma-separated numbers or a .npy file: {exc}") from exc
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"--image {path}: cannot read it: {exc.strerror or exc}") from exc
 
 
 def _run_query(args) -> int:
@@ -178,20 +205,27 @@ def _run_query(args) -> int:
 
     from serving import Searcher
 
+    # Read the query before opening (and checksumming) the index: a typo fails at once.
+    image = _read_image(args.image) if args.image else None
+    vector = _query_vector(args.vector) if args.vector is not None else None
     searcher = Searcher.open(args.path, embedder=args.embedder)
-    if args.image:
-        with open(args.image, "rb") as f:
-            hits = searcher.search_image(f.read(), k=args.k, embedder=args.embedder)
+    if image is not None:
+        results = [searcher.search_image(image, k=args.k, embedder=args.embedder)]
     elif args.id is not None:
-        hits = searcher.search_id(args.id, k=args.k, embedder=args.embedder)
+        results = [searcher.search_id(args.id, k=args.k, embedder=args.embedder)]
     else:
-        hits = searcher.search_vector(_query_vector(args.vector), k=args.k, embedder=args.embedder)
+        found = searcher.search_vector(vector, k=args.k, embedder=args.embedder)
+        results = [found] if vector.ndim == 1 else found
+    several = vector is not None and vector.ndim == 2  # (1, d) became (d,) above
     if args.json:
-        print(json.dumps([hit.to_dict() for hit in hits], indent=2))
+        lists = [[hit.to_dict() for hit in hits] for hits in results]
+        print(json.dumps(lists if several else lists[0], indent=2))
         return 0
-    print(f"{'rank':>4}  {'score':>8}  {'id':40} source")
-    for hit in hits:
-        print(f"{hit.rank:4d}  {hit.score:8.4f}  {hit.id:40} {hit.metadata.get('source', '')}")
+    print(f"{'query':>5}  " * several + f"{'rank':>4}  {'score':>8}  {'id':40} source")
+    for row, hits in enumerate(results):
+        for hit in hits:
+            print(f"{row:5d}  " * several
+                  + f"{hit.rank:4d}  {hit.score:8.4f}  {hit.id:40} {hit.metadata.get('source', '')}")
     return 0
 
 

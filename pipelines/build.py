@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import embed
-from pipelines.options import EmbedOptions
+from pipelines.options import EmbedOptions, check_flags
 from retrieval import index as index_lib
 from retrieval import embedders, projection, runs, sharded, tables
 from retrieval.errors import ConfigError, ImgIndexError
@@ -243,7 +243,7 @@ class BuildResult:
 def run(argv: list[str] | None = None, test_pipeline=None) -> BuildResult:
     """Runs the whole job and publishes it.  Raises GateError when a gate refuses the run."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    options = BuildOptions(flags=argv)
+    options = BuildOptions(flags=check_flags(argv, BuildOptions))
     opts = options.view_as(BuildOptions)
     _check(opts)
     root = opts.output.rstrip("/")

@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 from pipelines import report as run_report
 from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan
 from pipelines.inference import TFHubImageEmbedder
-from pipelines.options import EmbedOptions
+from pipelines.options import EmbedOptions, check_flags
 from pipelines.shards import ReaderConfig, Record, expand_inputs, parse_metadata_columns, read_shard
 from retrieval import embedders
 from retrieval import schema as S
@@ -177,11 +177,12 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
 def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     """Runs the embedding pipeline; returns the run report (also written as run_report.json).
 
-    argv: command-line flags (defaults to sys.argv[1:]); unknown flags go to Beam.
+    argv: command-line flags (defaults to sys.argv[1:]); flags not declared here go to Beam,
+      and one that no Beam options class knows either is a ConfigError (check_flags).
     test_pipeline: a TestPipeline to build into instead of a new Pipeline.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run_with_options(EmbedOptions(flags=argv), test_pipeline)
+    return run_with_options(EmbedOptions(flags=check_flags(argv, EmbedOptions)), test_pipeline)
 
 
 def run_with_options(options, test_pipeline=None) -> dict:

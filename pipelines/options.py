@@ -1,11 +1,20 @@
 """Options of the embedding pipeline, as a Beam `PipelineOptions` subclass.
 
 Every flag not declared here (`--runner`, `--direct_running_mode`, Dataflow's `--project`,
-...) passes through to Beam untouched.
+...) passes through to Beam untouched, provided some Beam options class knows it:
+`check_flags` refuses the rest (Beam itself would only log and drop them).
 """
 from __future__ import annotations
 
+import difflib
+import re
+from typing import Sequence
+
 from apache_beam.options.pipeline_options import PipelineOptions
+# Beam's parser class: it knows `add_value_provider_argument`, which some option classes use.
+from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+from retrieval.errors import ConfigError
 
 FORMATS = ("auto", "tfrecord", "webdataset", "images")
 DEFAULT_ID_KEYS = ("image/key", "image/id", "image/source_id", "image/filename")
@@ -51,3 +60,64 @@ class EmbedOptions(PipelineOptions):
                             help="load one model per machine instead of one per worker process")
         parser.add_argument("--tf_intra_op_threads", type=int, default=0,
                             help="TensorFlow intra-op threads per worker (0 = TensorFlow's default)")
+
+
+def _option_classes(options_class: type[PipelineOptions]) -> list[type[PipelineOptions]]:
+    """Every registered PipelineOptions class whose flags `options_class` accepts: all of Beam's
+    (and any other library's) subclasses, found recursively as Beam's `get_all_options` does, but
+    of our own classes only `options_class` and its bases (`embed` does not take `build`'s flags)."""
+    seen, ordered, stack = set(), [], list(reversed(PipelineOptions.__subclasses__()))
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if not (issubclass(cls, EmbedOptions) and cls not in options_class.__mro__):
+            ordered.append(cls)
+        stack.extend(reversed(cls.__subclasses__()))
+    return ordered
+
+
+class _CheckingParser(_BeamArgumentParser):
+    def error(self, message):  # a bad value (--batch_size=x): a one-line error, not SystemExit
+        if not message.startswith("ambiguous option: "):  # ignored, as Beam's parser does
+            raise ConfigError(message)
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def check_flags(argv: Sequence[str], options_class: type[PipelineOptions] | None = None) -> list[str]:
+    """Refuses flags that no registered PipelineOptions class knows, before any work starts.
+
+    Beam's own parsing drops them with only a log line ("Discarding unparseable args"), so a
+    typo such as `--min_recal=0.99` would silently run with the default gate.  The parser is
+    built like Beam's (`allow_abbrev=False`, every option class's `_add_argparse_args`), so
+    whatever Beam understands (`--runner`, `--direct_num_workers 2`, `--project`,
+    `--experiments=...`) still passes, `--flag value` and `--flag=value` alike.  Raises
+    ConfigError naming each unknown flag, with the closest known flag when there is one, and
+    for values no known option takes (also: bad values of known flags).  Returns argv.
+    """
+    options_class = options_class or EmbedOptions
+    argv = list(argv)
+    parser = _CheckingParser(allow_abbrev=False, add_help=False, conflict_handler="resolve")
+    for cls in _option_classes(options_class):
+        if "_add_argparse_args" in vars(cls):
+            cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return argv
+    known = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+    problems, previous_was_unknown_flag = [], False
+    for arg in unknown:
+        if arg.startswith("-") and arg != "--" and not _NEGATIVE_NUMBER.match(arg):
+            name = arg.split("=", 1)[0]
+            match = difflib.get_close_matches(name.lstrip("-"), [k[2:] for k in known], n=1)
+            problems.append(name + (f" (did you mean --{match[0]}?)" if match else ""))
+            previous_was_unknown_flag = "=" not in arg
+        elif previous_was_unknown_flag:  # most likely the unknown flag's value
+            previous_was_unknown_flag = False
+        else:
+            problems.append(f"{arg!r} (no flag takes a value here)")
+    raise ConfigError("unrecognized arguments: " + ", ".join(problems)
+                      + "; see --help for the flags (any other must be a Beam pipeline option)")

@@ -61,7 +61,7 @@ def test_embed_runs_the_pipeline_and_prints_a_summary(tmp_path, capsys):
     (tmp_path / "in" / "a.jpg").write_bytes(images.jpeg())
     (tmp_path / "in" / "b.jpg").write_bytes(b"not an image")
     code = cli.main(["embed", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                     "--direct_running_mode=in_memory"])
+                     "--direct_running_mode=in_memory", "--experiments=foo", "--direct_num_workers", "1"])
     out = capsys.readouterr().out
     assert code == 0
     assert "lite: embedded 1, failed 0" in out and "decode/ImageDecodeError" in out
@@ -88,3 +88,106 @@ def test_index_with_tuning_queries_records_held_out_recall(tmp_path, capsys):
     assert cli.main(["index", "--embeddings", str(tmp_path / "e.parquet"), "--output", str(tmp_path / "iy"),
                      "--tuning_queries", str(tmp_path / "missing.npy")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- pass-through flags
+
+def test_misspelt_build_flags_fail_before_any_work_with_a_suggestion(tmp_path, capsys):
+    root = tmp_path / "root"
+    code = cli.main(["build", "--input", str(tmp_path / "*.jpg"), f"--output={root}",
+                     "--min_recal=0.99", "--max_shard_vector", "5", "--runner", "DirectRunner"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("imgindex build: error:") and len(err.strip().splitlines()) == 1
+    assert "--min_recal (did you mean --min_recall?)" in err
+    assert "--max_shard_vector (did you mean --max_shard_vectors?)" in err
+    assert "'5'" not in err and "--runner" not in err  # a flag's value, a known Beam flag
+    assert not root.exists()
+
+
+def test_embed_refuses_unknown_flags_including_builds(tmp_path, capsys):
+    assert cli.main(["embed", f"--input={tmp_path}/*.jpg", f"--output={tmp_path}/out",
+                     "--batchsize=8", "--min_recall=0.9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgindex embed: error:") and "did you mean --batch_size?" in err
+    assert "--min_recall" in err and not (tmp_path / "out").exists()
+    assert cli.main(["embed", "--batch_size=eight"]) == 2
+    assert "invalid int value: 'eight'" in capsys.readouterr().err
+
+
+def test_flags_beam_knows_pass_through(capsys):
+    from pipelines.build import BuildOptions
+    from pipelines.options import EmbedOptions, check_flags
+
+    beam = ["--direct_num_workers=2", "--direct_num_workers", "2", "--experiments=foo",
+            "--experiments", "bar,baz", "--runner", "DirectRunner", "--direct_running_mode=multi_threading",
+            "--project", "p", "--region=europe-west1", "--temp_location", "gs://b/tmp",
+            "--share_model_across_processes", "--batch_size", "8"]
+    assert check_flags(beam, EmbedOptions) == beam
+    assert check_flags(beam + ["--min_recall", "0.99"], BuildOptions)
+    # Past the flag check, build's own validation speaks: the Beam flags were accepted.
+    assert cli.main(["build", "--direct_num_workers=2", "--experiments=foo"]) == 2
+    assert "--output is required" in capsys.readouterr().err
+
+
+def test_pipeline_run_functions_check_flags_too(tmp_path):
+    from pipelines import build, embed
+    from retrieval.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--embeder \(did you mean --embedder\?\)"):
+        embed.run([f"--input={tmp_path}/*.jpg", f"--output={tmp_path}/out", "--embeder=x=builtin:efficientnet-lite0"])
+    with pytest.raises(ConfigError, match=r"--min_recal \(did you mean --min_recall\?\)"):
+        build.run([f"--input={tmp_path}/*.jpg", f"--output={tmp_path}/root", "--min_recal=0.99"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "root").exists()
+
+
+# --------------------------------------------------------------------------- query
+
+@pytest.fixture(scope="module")
+def vector_run(tmp_path_factory):
+    from tests import runs_fixture as rf
+
+    root = tmp_path_factory.mktemp("query") / "root"
+    rf.write_run(root, {"vec": rf.vector_embedder("vec", 200, 8)})
+    return root
+
+
+def test_query_missing_files_are_one_line_errors_before_the_index_opens(tmp_path, capsys):
+    not_an_index = str(tmp_path / "no-such-root")  # opening it first would fail differently
+    for flag, path in (("--image", tmp_path / "missing.jpg"), ("--vector", tmp_path / "missing.npy")):
+        assert cli.main(["query", not_an_index, flag, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"imgindex query: error: {flag} {path}") and "no-such-root" not in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_query_npy_of_shape_1_d_is_one_query(vector_run, tmp_path, capsys):
+    import numpy as np
+
+    vector = np.random.default_rng(1).standard_normal(8).astype(np.float32)
+    np.save(tmp_path / "flat.npy", vector)
+    np.save(tmp_path / "row.npy", vector[None])  # what embed_batch returns for one image
+    assert cli.main(["query", str(vector_run), "--vector", str(tmp_path / "flat.npy"), "--k", "3"]) == 0
+    flat = capsys.readouterr().out
+    assert cli.main(["query", str(vector_run), "--vector", str(tmp_path / "row.npy"), "--k", "3"]) == 0
+    assert capsys.readouterr().out == flat
+    assert flat.splitlines()[0].split()[:2] == ["rank", "score"] and len(flat.splitlines()) == 4
+
+
+def test_query_npy_of_several_rows_prints_each_querys_hits(vector_run, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    np.save(tmp_path / "q.npy", np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32))
+    assert cli.main(["query", str(vector_run), "--vector", str(tmp_path / "q.npy"), "--k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["query", "rank"]
+    assert [(line.split()[0], line.split()[1]) for line in lines[1:]] == [
+        (str(q), str(r)) for q in range(3) for r in (1, 2)]
+    assert cli.main(["query", str(vector_run), "--vector", str(tmp_path / "q.npy"), "--k", "2",
+                     "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 3 and all([h["rank"] for h in row] == [1, 2] for row in hits)
+    np.save(tmp_path / "cube.npy", np.zeros((2, 2, 8), np.float32))
+    assert cli.main(["query", str(vector_run), "--vector", str(tmp_path / "cube.npy")]) == 2
+    assert "shape (2, 2, 8)" in capsys.readouterr().err
