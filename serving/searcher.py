@@ -10,13 +10,18 @@ What is loaded (per embedder of the run, or only the one asked for): the index d
 named by the run manifest, after checking that its manifest.json is the one the run
 published (`index_manifest_sha256`) and -- in `load_index` -- that every file matches its
 SHA-256 (for a sharded index, `retrieval.sharded.open_index` checks every shard the same
-way and a query merges the shards' top k); the ids; metadata.parquet when present (kept as
-one Arrow table, rows aligned with the ids); and the stored vectors `scann/dataset.npy` memory-mapped (never read into memory
-as a whole), which answer id queries.
+way and a query merges the shards' top k); the ids; metadata.parquet when present (Arrow
+columns, rows aligned with the ids; see `_Metadata`); and the stored vectors
+`scann/dataset.npy` memory-mapped (never read into memory as a whole), which answer id
+queries.
 
 Scores follow `retrieval.index`: for "cosine" and "dot_product" indexes the score is a
 similarity and hits come highest first; for "squared_l2" it is the squared distance and
 hits come lowest first.  `SearchResult.higher_is_better` says which.  Ranks start at 1.
+
+Cosine queries are normalised here in float64 (any finite, non-zero vector has a
+direction, however large or small its values).  A refresh drops the cached image models
+that the new run does not use.
 
 Threads: every query reads the current loaded state (an immutable `_RunState`) once, so a
 query runs entirely against one run even when `refresh()` swaps in another meanwhile (a
@@ -31,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import threading
 import time
@@ -55,7 +61,15 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # A failed model load (e.g. fingerprint mismatch) is remembered this long, so a burst of
 # image queries does not re-hash the model directory each time.
 MODEL_FAILURE_TTL_SECONDS = 60.0
+# A run that LATEST names but that failed to load (e.g. a mirror sync copied LATEST before
+# the run) is retried by refresh() this long after the failure, twice as long after each
+# further failure of that run, at most REFRESH_RETRY_MAX_FACTOR times as long.
+DEFAULT_REFRESH_RETRY_SECONDS = 60.0
+REFRESH_RETRY_MAX_FACTOR = 16
 DATASET_FILE = "scann/dataset.npy"
+# A metadata column of several chunks is combined into one Arrow array (faster fetches)
+# only below this size: string and binary arrays have 32-bit offsets (at most 2 GiB of data).
+_COMBINE_MAX_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------- errors
@@ -165,11 +179,22 @@ class _EmbedderState:
         return self.index.d if self.projection is None else self.projection.shape[1]
 
     def to_index_space(self, queries: np.ndarray) -> np.ndarray:
-        if self.projection is None:
-            return queries
-        from retrieval.projection import project
+        """(q, input_dim) finite query vectors -> float32 (q, d) to hand to the index.
 
-        return project(queries, self.projection)
+        Cosine: each row's direction, normalised in float64 (a row of huge or tiny values
+        would overflow or underflow float32's sum of squares), so the index's own float32
+        normalisation sees a unit vector.  With a build-time PCA: projected as
+        `retrieval.projection.project` does (subtract the mean, multiply by the axes, unit
+        length), in float64 for the same reason.  Rows that are (or project to) zero stay
+        zero; the caller refuses them for cosine.
+        """
+        if self.projection is not None:
+            x = np.asarray(queries, dtype=np.float64)
+            projection = self.projection.astype(np.float64)
+            return _unit_rows((x - projection[0]) @ projection[1:].T)
+        if self.index.distance == "cosine":
+            return _unit_rows(queries)
+        return np.asarray(queries, dtype=np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +206,29 @@ class _RunState:
     embedders: Mapping[str, _EmbedderState]
     loaded_at: str
     load_seconds: float
+
+
+def _unit_rows(x) -> np.ndarray:
+    """The rows of finite `x` scaled to unit L2 norm in float64 -> float32 (q, d); all-zero
+    rows stay zero.  A row whose sum of squares would overflow or underflow (values beyond
+    ~1e+-150, which float32 values never are) is first divided by its largest magnitude."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 1:  # one query, the common case: ~3x faster than the general path
+        norm = math.sqrt(float(np.dot(x[0], x[0])))
+        if 1e-100 < norm < 1e100:
+            return (x / norm).astype(np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    odd = ~((norms > 1e-100) & (norms < 1e100))
+    if odd.any():
+        rows = x[odd]  # a copy: the caller's array is not modified
+        scale = np.abs(rows).max(axis=1, keepdims=True)
+        scale[scale == 0] = 1.0
+        rows /= scale
+        x = x.copy()
+        x[odd] = rows
+        norms[odd] = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    norms[norms == 0] = 1.0
+    return (x / norms[:, None]).astype(np.float32)
 
 
 def _utc_now() -> str:
@@ -312,7 +360,7 @@ def _load_metadata(index, index_path: Path):
     except pa.ArrowInvalid as exc:
         raise IndexFormatError(f"{index_path}: the shards' {runs.METADATA_FILE} schemas differ ({exc}); "
                                "rebuild the index") from exc
-    return _Metadata(table.combine_chunks())
+    return _Metadata(table)
 
 
 def _load_metadata_table(index, index_path: Path):
@@ -347,30 +395,80 @@ def _load_metadata_table(index, index_path: Path):
 class _Metadata:
     """metadata.parquet columns (without id) for fetching a few rows at a time.
 
-    Kept as Arrow arrays; null-free integer and float columns are also viewed (zero-copy)
-    as NumPy arrays, which are faster to index.  Measured 100k rows, 6 columns, 10 rows
-    fetched: 45 us instead of 70 us for Table.take(rows).to_pylist().
+    Null-free integer and float columns are NumPy arrays (faster to index); the others are
+    Arrow arrays, the chunks of each (one per shard or row group) combined into one when
+    they hold less than _COMBINE_MAX_BYTES.  A bigger column stays chunked and a fetch
+    takes from each chunk its rows: a string or binary column over 2 GiB (e.g. sha256 at
+    ~33M rows) cannot be one `string` array (32-bit offsets), and ChunkedArray.take
+    combines the chunks itself (pyarrow 25: "offset overflow").  Measured 100k rows,
+    6 columns, 10 rows fetched: 28 us combined (70 us for Table.take(rows).to_pylist()),
+    84 us from 3 chunks.
     """
 
     def __init__(self, table):
         import pyarrow as pa
 
         self.column_names = table.column_names
-        self._arrow = [table.column(name).combine_chunks() for name in self.column_names]
-        self._numpy = [
-            array.to_numpy(zero_copy_only=True)
-            if (pa.types.is_integer(array.type) or pa.types.is_floating(array.type))
-            and array.null_count == 0 else None
-            for array in self._arrow
-        ]
+        # Per column: a NumPy array, or the index of its chunk layout in self._layouts and
+        # its non-empty chunks.
+        self._numpy: list[np.ndarray | None] = []
+        self._chunks: list[list | None] = []
+        self._layout_of: list[int | None] = []
+        self._layouts: list[np.ndarray] = []  # first global row of each chunk
+        for name in self.column_names:
+            column = table.column(name)
+            if ((pa.types.is_integer(column.type) or pa.types.is_floating(column.type))
+                    and column.null_count == 0):
+                # Fixed-width values: combining cannot overflow (one copy when several chunks).
+                self._numpy.append(column.combine_chunks().to_numpy(zero_copy_only=True))
+                self._chunks.append(None)
+                self._layout_of.append(None)
+                continue
+            if column.num_chunks <= 1 or column.nbytes < _COMBINE_MAX_BYTES:
+                chunks = [column.combine_chunks()]
+            else:
+                chunks = [chunk for chunk in column.chunks if len(chunk)] or [column.chunk(0)]
+            starts = np.cumsum([0] + [len(chunk) for chunk in chunks[:-1]], dtype=np.int64)
+            for at, layout in enumerate(self._layouts):
+                if np.array_equal(layout, starts):
+                    break
+            else:
+                at = len(self._layouts)
+                self._layouts.append(starts)
+            self._numpy.append(None)
+            self._chunks.append(chunks)
+            self._layout_of.append(at)
 
     def rows(self, rows) -> list[dict]:
         import pyarrow as pa
 
         positions = np.asarray(rows, dtype=np.int64)
-        indices = pa.array(positions)
-        values = [numpy[positions].tolist() if numpy is not None else array.take(indices).to_pylist()
-                  for array, numpy in zip(self._arrow, self._numpy)]
+        # Per chunk layout: [(chunk number, positions in the result, rows in the chunk)].
+        groups = []
+        for starts in self._layouts:
+            if len(starts) == 1:
+                groups.append([(0, None, pa.array(positions))])
+                continue
+            chunk_of = np.searchsorted(starts, positions, side="right") - 1
+            parts = []
+            for c in np.unique(chunk_of).tolist():
+                where = np.flatnonzero(chunk_of == c)
+                parts.append((c, where, pa.array(positions[where] - starts[c])))
+            groups.append(parts)
+        values = []
+        for numpy, chunks, layout in zip(self._numpy, self._chunks, self._layout_of):
+            if numpy is not None:
+                values.append(numpy[positions].tolist())
+                continue
+            parts = groups[layout]
+            if len(parts) == 1:
+                values.append(chunks[parts[0][0]].take(parts[0][2]).to_pylist())
+                continue
+            column = [None] * len(positions)
+            for c, where, local in parts:
+                for at, value in zip(where.tolist(), chunks[c].take(local).to_pylist()):
+                    column[at] = value
+            values.append(column)
         return [dict(zip(self.column_names, row)) for row in zip(*values)]
 
 
@@ -421,7 +519,9 @@ class Searcher:
 
     def __init__(self, state: _RunState, *, root: str | None, embedder: str | None,
                  verify: bool, allow_unpublished: bool, handles: Mapping[str, str] | None,
-                 model_cache_dir: str | None, max_image_pixels: int):
+                 model_cache_dir: str | None, max_image_pixels: int,
+                 refresh_retry_seconds: float = DEFAULT_REFRESH_RETRY_SECONDS):
+        _check_retry_seconds(refresh_retry_seconds)
         self._state = state
         self._root = root
         self._only = embedder
@@ -431,8 +531,14 @@ class Searcher:
         self._model_cache_dir = model_cache_dir
         self._max_image_pixels = max_image_pixels
         self._refresh_lock = threading.Lock()
+        self._refresh_retry_seconds = float(refresh_retry_seconds)
+        # failed_run: the run LATEST names that failed to load (last_error says why);
+        # retry_at: when refresh() tries it again (UTC).  Both stay until a refresh succeeds
+        # or LATEST names the served run.
         self._refresh_status: dict[str, Any] = {"last_checked_at": None, "last_error": None,
-                                                "failed_run": None}
+                                                "failed_run": None, "retry_at": None}
+        self._retry_at = 0.0  # time.monotonic() of the next attempt at failed_run
+        self._failed_attempts = 0  # consecutive failures of failed_run
         self._models: dict[tuple[str, str], Any] = {}
         self._model_failures: dict[tuple[str, str], tuple[float, HandleError]] = {}
         self._model_lock = threading.Lock()
@@ -441,7 +547,8 @@ class Searcher:
     def open(cls, path: str | os.PathLike, embedder: str | None = None, verify: bool = True, *,
              allow_unpublished: bool = False, handles: Mapping[str, str] | None = None,
              model_cache_dir: str | None = None,
-             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "Searcher":
+             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+             refresh_retry_seconds: float = DEFAULT_REFRESH_RETRY_SECONDS) -> "Searcher":
         """Load the run at `path`: an output root (follows LATEST; `refresh()` can follow it
         later) or a run directory (fixed).
 
@@ -453,17 +560,22 @@ class Searcher:
           fingerprint must still match.
         model_cache_dir: cache for builtin models (default $IMGINDEX_CACHE_DIR).
         max_image_pixels: image queries above this many pixels are refused.
+        refresh_retry_seconds: how long `refresh()` waits before trying again a run that
+          failed to load (doubling with each further failure of it, up to 16x).
 
-        Raises IndexFormatError (missing, unpublished, inconsistent or corrupted run) or
-        UnknownEmbedderError.
+        Raises IndexFormatError (missing, unpublished, inconsistent or corrupted run, or
+        LATEST naming a run that does not exist) or UnknownEmbedderError.
         """
+        _check_retry_seconds(refresh_retry_seconds)
         path = os.fspath(path)
         run_dir = runs.resolve_run(path)
-        root = None if os.path.samefile(run_dir, path) else path
+        _check_run_exists(path, run_dir)
+        root = None if _same_dir(run_dir, path) else path
         state = _load_run(run_dir, embedder, verify, allow_unpublished)
         return cls(state, root=root, embedder=embedder, verify=verify,
                    allow_unpublished=allow_unpublished, handles=handles,
-                   model_cache_dir=model_cache_dir, max_image_pixels=max_image_pixels)
+                   model_cache_dir=model_cache_dir, max_image_pixels=max_image_pixels,
+                   refresh_retry_seconds=refresh_retry_seconds)
 
     # ------------------------------------------------------------------ description
 
@@ -513,7 +625,7 @@ class Searcher:
             "metadata_columns": emb.metadata.column_names if emb.metadata is not None else [],
             "id_queries": emb.vectors is not None,
             "image_queries": bool(handle and spec.get("fingerprint")),
-            "model_loaded": (handle, spec.get("fingerprint")) in self._models,
+            "model_loaded": self._model_key(emb) in self._models,
             "index_dir": emb.index_dir,
         }
 
@@ -524,10 +636,15 @@ class Searcher:
 
         Follows LATEST whichever way it moves (a rollback to an older run too).  Queries
         keep running on the old run until the swap, and those already running finish on
-        it.  A run that failed to load is not retried until LATEST changes, unless `force`.
-        A Searcher opened on a run directory never changes (returns False).
+        it.  A run that failed to load is tried again once refresh_retry_seconds (see
+        `open`) have passed since the failure, twice as long after each further failure,
+        at once when LATEST names another run in between, or when `force` (which also
+        reloads the run being served).  Until a refresh succeeds or LATEST names the
+        served run, info()["refresh"] keeps the failure: last_error, failed_run and
+        retry_at.  A Searcher opened on a run directory never changes (returns False).
 
-        Returns True when a new run was swapped in.  With background=True the work runs
+        Returns True when a new run was swapped in, False when there was nothing to load
+        (or the failed run's retry time has not come).  With background=True the work runs
         in a daemon thread and a concurrent.futures.Future of that bool is returned.
         Raises (or sets on the Future) the loading error; the old run stays served.
         """
@@ -547,7 +664,8 @@ class Searcher:
         with self._refresh_lock:
             if self._root is None:
                 return False
-            self._refresh_status["last_checked_at"] = _utc_now()
+            status = self._refresh_status
+            status["last_checked_at"] = _utc_now()
             target = None
             try:
                 target = runs.read_latest(self._root)
@@ -555,23 +673,39 @@ class Searcher:
                     raise IndexFormatError(f"{self._root}/{runs.LATEST} has disappeared; "
                                            f"still serving run {self._state.run_id}")
                 if _same_dir(target, self._state.run_dir) and not force:
-                    self._refresh_status["last_error"] = None
+                    self._clear_failure()  # what LATEST names is served
                     return False
-                if target == self._refresh_status["failed_run"] and not force:
+                failed = status["failed_run"]
+                if failed is not None and target != failed:
+                    self._failed_attempts = 0  # LATEST moved: try its run at once
+                elif failed is not None and not force and time.monotonic() < self._retry_at:
                     return False
+                _check_run_exists(self._root, target)
                 state = _load_run(target, self._only, self._verify, self._allow_unpublished)
             except Exception as exc:
-                self._refresh_status["last_error"] = f"{type(exc).__name__}: {exc}"
+                status["last_error"] = f"{type(exc).__name__}: {exc}"
                 if target is not None:
-                    self._refresh_status["failed_run"] = target
+                    self._failed_attempts = (self._failed_attempts + 1
+                                             if target == status["failed_run"] else 1)
+                    delay = self._refresh_retry_seconds * min(2 ** (self._failed_attempts - 1),
+                                                              REFRESH_RETRY_MAX_FACTOR)
+                    self._retry_at = time.monotonic() + delay
+                    status["failed_run"] = target
+                    status["retry_at"] = (datetime.datetime.now(datetime.timezone.utc)
+                                          + datetime.timedelta(seconds=delay)).isoformat(timespec="seconds")
                 log.error("refresh failed, still serving run %s: %s", self._state.run_id, exc)
                 raise
             old = self._state
             self._state = state  # the swap: one reference assignment
-            self._refresh_status.update(last_error=None, failed_run=None)
+            self._clear_failure()
+            self._forget_unused_models()
             log.info("now serving run %s (was %s), loaded in %.1f s", state.run_id, old.run_id,
                      state.load_seconds)
             return True
+
+    def _clear_failure(self) -> None:
+        self._refresh_status.update(last_error=None, failed_run=None, retry_at=None)
+        self._failed_attempts = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -628,7 +762,9 @@ class Searcher:
         if vector.shape != (emb.input_dim,):
             raise HandleError(f"embedder {emb.name!r} ({spec.handle}) returned a vector of shape "
                               f"{vector.shape}, but the index expects dimension {emb.input_dim}")
-        return _search(state, emb, emb.to_index_space(vector[None]), k)[0]
+        queries = emb.to_index_space(vector[None])
+        _refuse_zero_rows(emb, queries, single=True)
+        return _search(state, emb, queries, k)[0]
 
     def _image_spec(self, emb: _EmbedderState):
         from retrieval.embedders import EmbedderSpec
@@ -641,6 +777,24 @@ class Searcher:
                              "fingerprint), so image queries are unavailable; query by vector",
                              code="image_queries_unavailable")
         return EmbedderSpec.from_dict(spec)
+
+    def _model_key(self, emb: _EmbedderState) -> tuple[str | None, str | None]:
+        """(handle, fingerprint) under which the model of `emb` is cached (as in _model);
+        None for a value that is not a string (such an embedder has no usable model)."""
+        spec = emb.spec or {}
+        handle, fingerprint = self._handles.get(emb.name, spec.get("handle")), spec.get("fingerprint")
+        return (handle if isinstance(handle, str) else None,
+                fingerprint if isinstance(fingerprint, str) else None)
+
+    def _forget_unused_models(self) -> None:
+        """Drop the cached models (and remembered failures) that no embedder of the served
+        run uses, e.g. last night's model after a run built with new weights is swapped in.
+        A query still running on the old run keeps its own reference to its model."""
+        with self._model_lock:
+            used = {self._model_key(emb) for emb in self._state.embedders.values()}
+            for cache in (self._models, self._model_failures):
+                for key in [key for key in cache if key not in used]:
+                    del cache[key]
 
     def _model(self, spec):
         key = (spec.handle, spec.fingerprint)
@@ -668,10 +822,29 @@ class Searcher:
             except HandleError as exc:
                 self._model_failures[key] = (time.monotonic(), exc)
                 raise
-            self._models[key] = model
+            # Cached only while the served run uses it: a query that started on a run swapped
+            # out meanwhile gets its model without keeping it for the server's lifetime.
+            if key in {self._model_key(emb) for emb in self._state.embedders.values()}:
+                self._models[key] = model
             self._model_failures.pop(key, None)
             log.info("loaded embedder %s (%s)", spec.name, spec.handle)
             return model
+
+
+def _check_retry_seconds(seconds) -> None:
+    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+            or not 0 <= seconds < float("inf")):
+        raise ConfigError(f"refresh_retry_seconds must be a number >= 0, got {seconds!r}")
+
+
+def _check_run_exists(root: str, run_dir: str) -> None:
+    """Refuse a run directory that LATEST names but that does not exist."""
+    if not os.path.isdir(run_dir):
+        raise IndexFormatError(
+            f"{root}/{runs.LATEST} names run {os.path.basename(run_dir.rstrip('/'))} "
+            f"({run_dir}), which does not exist: it was deleted, or is not copied yet (a sync "
+            f"that copies {runs.LATEST} before the run); restore or finish copying the run "
+            f"directory, or point {runs.LATEST} at an existing run (`retrieval.runs.publish`)")
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -702,13 +875,14 @@ def _check_k(k) -> int:
 
 
 def _check_vectors(emb: _EmbedderState, vector) -> tuple[np.ndarray, bool]:
+    """The query (d,) or (q, d) checked -> ((q, index d) float32 for the index, single)."""
     try:
         arr = np.asarray(vector)
         if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating)
                                      or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(arr.dtype)
         with np.errstate(over="ignore"):
-            arr = arr.astype(np.float32)
+            arr32 = arr.astype(np.float32)
     except (TypeError, ValueError) as exc:
         raise QueryError(f"the query vector must be numbers, got {type(vector).__name__} "
                          f"({exc})", code="bad_vector") from exc
@@ -719,16 +893,29 @@ def _check_vectors(emb: _EmbedderState, vector) -> tuple[np.ndarray, bool]:
             f"the index of embedder {emb.name!r} holds vectors of dimension {d}, got {got} "
             f"(query shape {arr.shape})", expected=d, got=got)
     single = arr.ndim == 1
-    arr = arr.reshape(-1, d)
-    bad = ~np.isfinite(arr).all(axis=1)
+    arr32 = arr32.reshape(-1, d)
+    bad = ~np.isfinite(arr32).all(axis=1)
     if bad.any():
         raise NonFiniteQueryError(
             f"query vector{'' if single else f' (row {int(np.argmax(bad))})'} contains NaN or "
             "infinite values (after conversion to float32); all components must be finite")
-    if emb.index.distance == "cosine" and not np.linalg.norm(arr, axis=1).all():
-        raise QueryError("a zero vector has no direction; cosine similarity is undefined for it",
-                         code="zero_vector")
-    return emb.to_index_space(arr), single
+    if emb.projection is None and emb.index.distance != "cosine":
+        return arr32, single
+    # Directions are taken from the caller's values in float64: 1e-50 is not zero.
+    queries = emb.to_index_space(arr.reshape(-1, d))
+    _refuse_zero_rows(emb, queries, single)
+    return queries, single
+
+
+def _refuse_zero_rows(emb: _EmbedderState, queries: np.ndarray, single: bool) -> None:
+    if emb.index.distance != "cosine":
+        return
+    zero = ~queries.any(axis=1)
+    if zero.any():
+        where = "" if single else f" (row {int(np.argmax(zero))})"
+        what = "projects to zero by the index's PCA" if emb.projection is not None else "is all zeros"
+        raise QueryError(f"the query vector{where} {what}: a zero vector has no direction; "
+                         "cosine similarity is undefined for it", code="zero_vector")
 
 
 def _stored_vector(state: _RunState, emb: _EmbedderState, item_id) -> np.ndarray:

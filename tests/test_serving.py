@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from retrieval import runs
-from retrieval.errors import HandleError, IndexFormatError
+from retrieval.errors import ConfigError, HandleError, IndexFormatError
 from retrieval.exact import exact_search, normalize_rows
 from retrieval.index import IndexConfig
 from serving import (
@@ -294,8 +294,180 @@ def test_refresh_while_four_threads_query(tmp_path):
     assert searcher.run_id == run1
     info = searcher.info()["refresh"]
     assert "ids.parquet is corrupted" in info["last_error"] and info["failed_run"].endswith(run2)
-    assert searcher.refresh() is False  # not retried until LATEST changes
+    assert searcher.refresh() is False  # not retried before refresh_retry_seconds (60 s)
     assert len(searcher.search_id("v-00001", k=3)) == 3
+
+
+class _Clock:
+    """Stands in for the searcher module's `time`: monotonic() returns `now`."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.perf_counter = time.perf_counter
+
+    def monotonic(self):
+        return self.now
+
+
+def _point_latest(root, run_id):
+    """Writes LATEST as a mirror sync would: whether or not the run exists yet."""
+    (Path(root) / runs.LATEST).write_text(f"{runs.RUNS_DIR}/{run_id}\n")
+
+
+def test_refresh_retries_a_failed_run_after_a_backoff_and_keeps_reporting_it(tmp_path, monkeypatch):
+    import serving.searcher as searcher_module
+
+    clock = _Clock()
+    monkeypatch.setattr(searcher_module, "time", clock)
+    root = tmp_path / "root"
+    run1, run2, run3 = "20260101T000000Z-rtry01", "20260102T000000Z-rtry02", "20260103T000000Z-rtry03"
+    rf.write_run(root, {"v": rf.vector_embedder("v", 300, 8, seed=1)}, run_id=run1)
+    searcher = Searcher.open(root, refresh_retry_seconds=10)
+
+    # A sync copies LATEST before the run: the refresh fails and says so.
+    _point_latest(root, run2)
+    with pytest.raises(IndexFormatError, match=f"names run {run2} .*does not exist"):
+        searcher.refresh()
+    rf.write_run(root, {"v": rf.vector_embedder("v", 350, 8, seed=2)}, run_id=run2, publish=False)
+    clock.now += 9
+    assert searcher.refresh() is False  # within the backoff: not retried, still reported
+    status = searcher.info()["refresh"]
+    assert status["failed_run"].endswith(run2) and "does not exist" in status["last_error"]
+    assert status["retry_at"]
+    clock.now += 1.5
+    assert searcher.refresh() is True and searcher.run_id == run2  # retried after the backoff
+    assert searcher.info()["refresh"] | {"last_checked_at": None} == {
+        "follows_latest": True, "last_checked_at": None, "last_error": None, "failed_run": None,
+        "retry_at": None}
+
+    # Each further failure of the same run doubles the wait; force retries at once.
+    _point_latest(root, run3)
+    for wait in (10, 20, 40):
+        with pytest.raises(IndexFormatError, match="does not exist"):
+            searcher.refresh()
+        clock.now += wait - 0.5
+        assert searcher.refresh() is False
+        clock.now += 1
+    with pytest.raises(IndexFormatError, match="does not exist"):
+        searcher.refresh()  # the 4th failure: the next attempt in 80 s ...
+    assert searcher.refresh() is False
+    with pytest.raises(IndexFormatError, match="does not exist"):
+        searcher.refresh(force=True)  # ... unless forced
+
+    # LATEST moved to the served run: nothing is wrong any more.  Moved back: retried at once.
+    _point_latest(root, run2)
+    assert searcher.refresh() is False
+    assert searcher.info()["refresh"]["last_error"] is None
+    assert searcher.info()["refresh"]["failed_run"] is None
+    _point_latest(root, run3)
+    with pytest.raises(IndexFormatError, match="does not exist"):
+        searcher.refresh()
+    rf.write_run(root, {"v": rf.vector_embedder("v", 400, 8, seed=3)}, run_id=run3, publish=False)
+    assert searcher.refresh() is False  # backing off again (the first failure: 10 s)
+    _point_latest(root, run1)  # LATEST moves to another run, then back: both tried at once
+    assert searcher.refresh() is True and searcher.run_id == run1
+    _point_latest(root, run3)
+    assert searcher.refresh() is True and searcher.run_id == run3
+
+    # A broken run while another (older) one is served stays reported while it backs off.
+    _point_latest(root, run2)
+    index_file = Path(runs.run_dir(str(root), run2)) / "index" / "v" / "ids.parquet"
+    index_file.write_bytes(index_file.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(IndexFormatError, match="ids.parquet is corrupted"):
+        searcher.refresh()
+    assert searcher.refresh() is False
+    assert "ids.parquet is corrupted" in searcher.info()["refresh"]["last_error"]
+    assert searcher.run_id == run3 and len(searcher.search_id("v-00399", k=2)) == 2
+    with pytest.raises(ConfigError, match="refresh_retry_seconds"):
+        Searcher.open(root, refresh_retry_seconds=-1)
+
+
+def test_open_refuses_latest_naming_a_missing_run(tmp_path):
+    rf.write_run(tmp_path, {"v": rf.vector_embedder("v", 50, 8)}, run_id="20260101T000000Z-here00")
+    _point_latest(tmp_path, "20260102T000000Z-gone00")
+    with pytest.raises(IndexFormatError, match=r"LATEST names run 20260102T000000Z-gone00 .*does not "
+                                               r"exist.*point LATEST at an existing run"):
+        Searcher.open(tmp_path)
+
+
+def test_cosine_queries_of_any_magnitude_have_a_direction(searcher, vec_run):
+    from serving.searcher import _check_vectors
+
+    data = vec_run[2]["a"]
+    v = data.vectors[42] + 0.1 * np.random.default_rng(1).standard_normal(32).astype(np.float32)
+    want = searcher.search_vector(v, k=10, embedder="a")
+    assert want[0].score > 0.5
+    # 1e20: float32's sum of squares overflows; 1e-30: it underflows to 0; 1e-50: float64
+    # values that are 0 in float32.
+    for scaled in (v * np.float32(1e20), v * np.float32(1e-30), v.astype(np.float64) * 1e-50):
+        got = searcher.search_vector(scaled, k=10, embedder="a")
+        assert [h.id for h in got] == [h.id for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+    signs = np.sign(v).astype(np.float32)
+    subnormal = searcher.search_vector(signs * np.float32(1e-44), k=10, embedder="a")
+    assert [h.id for h in subnormal] == [h.id for h in searcher.search_vector(signs, k=10, embedder="a")]
+    # What the index is handed is the unit direction, in float32.
+    queries, single = _check_vectors(searcher._state.embedders["a"], np.stack([v * 1e20, v * 1e-30]))
+    assert not single and queries.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(queries[0], queries[1], atol=1e-7)
+    # Only a vector that is all zeros is refused.
+    with pytest.raises(QueryError, match="all zeros") as err:
+        searcher.search_vector(np.zeros(32), embedder="a")
+    assert err.value.code == "zero_vector"
+    with pytest.raises(QueryError, match=r"\(row 1\) is all zeros") as err:
+        searcher.search_vector(np.stack([v, np.zeros(32, np.float32)]), embedder="a")
+    assert err.value.code == "zero_vector"
+    assert len(searcher.search_vector(np.zeros(16), k=3, embedder="b")) == 3  # squared_l2
+
+
+def _chunked_metadata_table():
+    import pyarrow as pa
+
+    sizes = [3, 0, 4, 1, 5]  # an empty chunk too
+    n = sum(sizes)
+
+    def chunked(values, type_):
+        out, at = [], 0
+        for size in sizes:
+            out.append(pa.array(values[at:at + size], type_))
+            at += size
+        return pa.chunked_array(out, type_)
+
+    return pa.table({
+        "sha256": chunked([f"{i:064x}" for i in range(n)], pa.string()),
+        "blob": chunked([bytes([i]) * i if i % 4 else None for i in range(n)], pa.binary()),
+        "width": chunked(list(range(100, 100 + n)), pa.int32()),
+        "score": chunked([i / 3 for i in range(n)], pa.float64()),
+        "count": chunked([i if i % 3 else None for i in range(n)], pa.int64()),
+        "flag": chunked([bool(i % 2) if i % 5 else None for i in range(n)], pa.bool_()),
+        "tags": chunked([[f"t{i}", "x"] if i % 2 else [] for i in range(n)], pa.list_(pa.string())),
+    }), n
+
+
+def test_metadata_columns_too_big_to_combine_stay_chunked(monkeypatch):
+    """A string column over 2 GiB cannot be combined into one `string` array (nor taken from
+    with ChunkedArray.take); such columns stay chunked.  The threshold is lowered to 0 here
+    to run that path on a small table; the fetched rows are the same."""
+    import pyarrow as pa
+
+    import serving.searcher as searcher_module
+
+    table, n = _chunked_metadata_table()
+    combined = searcher_module._Metadata(table)
+    monkeypatch.setattr(searcher_module, "_COMBINE_MAX_BYTES", 0)
+    chunked = searcher_module._Metadata(table)
+    sha = chunked.column_names.index("sha256")
+    assert [len(c) for c in chunked._chunks[sha]] == [3, 4, 1, 5]  # not combined, empty chunk dropped
+    assert all(c.type == pa.string() for c in chunked._chunks[sha])
+    assert len(combined._chunks[sha]) == 1
+    assert chunked._numpy[chunked.column_names.index("width")] is not None  # numeric fast path kept
+    rng = np.random.default_rng(0)
+    for rows in ([0], [n - 1], [2, 3, 7, 8], [12, 0, 5, 5, 3], list(range(n))[::-1],
+                 rng.integers(0, n, 20), [3, 4, 5, 6], []):
+        want = table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+        assert chunked.rows(rows) == want
+        assert combined.rows(rows) == want
 
 
 def test_image_query_finds_the_indexed_image_and_agrees_with_id_query(image_run):
@@ -315,6 +487,27 @@ def test_image_query_finds_the_indexed_image_and_agrees_with_id_query(image_run)
         searcher.search_image(b"definitely not an image")
     with pytest.raises(BadImageError):
         searcher.search_image(b"")
+
+
+def test_refresh_drops_the_models_the_new_run_does_not_use(image_run, tmp_path):
+    _, images, data = image_run
+    rf.write_run(tmp_path, {"tiny": data}, run_id="20260101T000000Z-model1")
+    searcher = Searcher.open(tmp_path)
+    assert searcher.search_image(images["img-003"], k=1)[0].id == "img-003"
+    [model] = searcher._models.values()
+    old_spec = searcher._image_spec(searcher._state.embedders["tiny"])
+    # The next run was built with the same model: it stays loaded.
+    rf.write_run(tmp_path, {"tiny": data}, run_id="20260102T000000Z-model2")
+    assert searcher.refresh() is True
+    assert list(searcher._models.values()) == [model]
+    assert searcher.info()["embedders"]["tiny"]["model_loaded"] is True
+    # A run built with other weights: the old model is dropped ...
+    other = dataclasses.replace(data, spec={**data.spec, "fingerprint": "sha256-tree:" + "1" * 64})
+    rf.write_run(tmp_path, {"tiny": other}, run_id="20260103T000000Z-model3")
+    assert searcher.refresh() is True
+    assert searcher._models == {} and searcher.info()["embedders"]["tiny"]["model_loaded"] is False
+    # ... and a query that started on the old run still gets its model, which is not cached.
+    assert searcher._model(old_spec) is not None and searcher._models == {}
 
 
 def test_image_query_refuses_other_weights(image_run, tmp_path, tiny_savedmodel):
