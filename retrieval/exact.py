@@ -12,6 +12,8 @@ bounded by `block_elements` scores however large q and n are.  Ties are broken
 by database row index (lower index first), which makes results deterministic.
 """
 
+import math
+
 import numpy as np
 
 from retrieval.errors import ConfigError
@@ -32,36 +34,54 @@ def check_distance(distance):
 _SMALL_NORM = 1e-15  # below this a float32 norm may have lost precision to underflow
 
 
-def normalize_rows(x, what="vectors", in_place=False, row_offset=0):
-    """Return `x` (2-D) as float32 with every row scaled to unit L2 norm.
+def unit_rows(x, in_place=False, on_zero_rows=None):
+    """Return `x` (2-D) as float32 with every row scaled to unit L2 norm; all-zero rows
+    stay zero, or `on_zero_rows(indices)` is called first (it may raise; nothing is
+    written before it).
 
-    A new array unless `in_place` and `x` is already a float32 C-contiguous
-    ndarray, which is then modified and returned.  Raises ConfigError naming the
-    first zero row (numbered from `row_offset`, for a chunk of a larger matrix): a
-    zero vector has no direction, so cosine is undefined for it.
+    A new array unless `in_place` and `x` is already a float32 C-contiguous ndarray, which
+    is then modified and returned.  A float32 sum of squares overflows above ~1.8e19 and
+    underflows below ~1e-19: such rows (rare) are scaled by their largest component and
+    normalised in float64 instead, so any finite non-zero row keeps its direction.
     """
     out = np.array(x, dtype=np.float32, order="C", copy=None if in_place else True)
+    if len(out) == 1:  # one query: scalar arithmetic, ~4x faster than the array path below
+        with np.errstate(over="ignore", under="ignore"):  # the extreme rows go below
+            norm = math.sqrt(float(np.dot(out[0], out[0])))
+        if _SMALL_NORM < norm < math.inf:
+            out /= np.float32(norm)
+            return out
     # einsum, unlike np.linalg.norm(axis=1), allocates no (n, d) temporary.
     norms = np.sqrt(np.einsum("ij,ij->i", out, out))
-    # A float32 sum of squares overflows above ~1.8e19 and underflows below ~1e-19: such rows
-    # (rare) are scaled by their largest component and normalised in float64 instead.
     extreme = np.flatnonzero(~(norms > _SMALL_NORM) | ~(norms < np.inf))
     if extreme.size:
         rows = out[extreme].astype(np.float64)
-        largest = np.abs(rows).max(axis=1)
-        zero_rows = extreme[largest == 0]
-        if zero_rows.size:
-            raise ConfigError(
-                f"{what}: {zero_rows.size} row(s) have zero L2 norm (first: row {row_offset + zero_rows[0]}); "
-                "cosine distance is undefined for zero vectors. Remove them or use "
-                "distance='squared_l2'."
-            )
-        rows /= largest[:, None]
-        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-        out[extreme] = rows
+        largest = np.abs(rows).max(axis=1, keepdims=True)
+        zero = largest[:, 0] == 0
+        if zero.any() and on_zero_rows is not None:
+            on_zero_rows(extreme[zero])
+        largest[zero] = 1.0
+        rows /= largest
+        lengths = np.linalg.norm(rows, axis=1, keepdims=True)
+        lengths[zero] = 1.0
+        out[extreme] = rows / lengths
         norms[extreme] = 1.0
     out /= norms[:, None]
     return out
+
+
+def normalize_rows(x, what="vectors", in_place=False, row_offset=0):
+    """`unit_rows`, refusing zero rows: raises ConfigError naming the first (numbered from
+    `row_offset`, for a chunk of a larger matrix), since a zero vector has no direction, so
+    cosine is undefined for it."""
+    def refuse(zero_rows):
+        raise ConfigError(
+            f"{what}: {zero_rows.size} row(s) have zero L2 norm (first: row {row_offset + zero_rows[0]}); "
+            "cosine distance is undefined for zero vectors. Remove them or use "
+            "distance='squared_l2'."
+        )
+
+    return unit_rows(x, in_place, on_zero_rows=refuse)
 
 
 def exact_search(queries, database, k, distance, block_elements=DEFAULT_BLOCK_ELEMENTS):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from retrieval.errors import ConfigError
+from retrieval.exact import unit_rows
 
 PROJECTION_FILE = "projection.npy"
 DEFAULT_SAMPLE = 200_000
@@ -45,7 +46,5 @@ def project(vectors: np.ndarray, projection: np.ndarray, chunk: int = 65_536) ->
     mean, axes = projection[0], projection[1:]
     out = np.empty((vectors.shape[0], axes.shape[0]), np.float32)
     for start in range(0, vectors.shape[0], chunk):
-        block = (vectors[start:start + chunk] - mean) @ axes.T
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        out[start:start + chunk] = block / np.maximum(norms, np.float32(1e-12))
+        out[start:start + chunk] = unit_rows((vectors[start:start + chunk] - mean) @ axes.T, in_place=True)
     return out

@@ -19,8 +19,8 @@ Scores follow `retrieval.index`: for "cosine" and "dot_product" indexes the scor
 similarity and hits come highest first; for "squared_l2" it is the squared distance and
 hits come lowest first.  `SearchResult.higher_is_better` says which.  Ranks start at 1.
 
-Cosine queries are normalised here in float64 (any finite, non-zero vector has a
-direction, however large or small its values).  A refresh drops the cached image models
+Cosine queries are reduced to their direction (`retrieval.exact.unit_rows`), so any
+finite, non-zero vector has one, however large or small its values.  A refresh drops the cached image models
 that the new run does not use.
 
 Threads: every query reads the current loaded state (an immutable `_RunState`) once, so a
@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import math
 import os
 import threading
 import time
@@ -49,6 +48,7 @@ import numpy as np
 
 from retrieval import runs
 from retrieval.errors import ConfigError, HandleError, ImgIndexError, IndexFormatError
+from retrieval.exact import unit_rows
 from retrieval.manifest import sha256_file
 from serving.id_lookup import IdLookup
 
@@ -67,6 +67,8 @@ MODEL_FAILURE_TTL_SECONDS = 60.0
 DEFAULT_REFRESH_RETRY_SECONDS = 60.0
 REFRESH_RETRY_MAX_FACTOR = 16
 DATASET_FILE = "scann/dataset.npy"
+# Below this, float64 query values lose precision (or become 0) as float32.
+_FLOAT32_TINY = 1e-30
 # A metadata column of several chunks is combined into one Arrow array (faster fetches)
 # only below this size: string and binary arrays have 32-bit offsets (at most 2 GiB of data).
 _COMBINE_MAX_BYTES = 1 << 30
@@ -179,22 +181,17 @@ class _EmbedderState:
         return self.index.d if self.projection is None else self.projection.shape[1]
 
     def to_index_space(self, queries: np.ndarray) -> np.ndarray:
-        """(q, input_dim) finite query vectors -> float32 (q, d) to hand to the index.
-
-        Cosine: each row's direction, normalised in float64 (a row of huge or tiny values
-        would overflow or underflow float32's sum of squares), so the index's own float32
-        normalisation sees a unit vector.  With a build-time PCA: projected as
-        `retrieval.projection.project` does (subtract the mean, multiply by the axes, unit
-        length), in float64 for the same reason.  Rows that are (or project to) zero stay
-        zero; the caller refuses them for cosine.
-        """
+        """(q, input_dim) finite float32 query vectors -> float32 (q, d) to hand to the index:
+        projected by the build-time PCA (`retrieval.projection.project`), or for cosine each
+        row's direction (`retrieval.exact.unit_rows`, safe for huge and tiny values).  Rows
+        that are (or project to) zero stay zero; the caller refuses them for cosine."""
         if self.projection is not None:
-            x = np.asarray(queries, dtype=np.float64)
-            projection = self.projection.astype(np.float64)
-            return _unit_rows((x - projection[0]) @ projection[1:].T)
+            from retrieval.projection import project
+
+            return project(queries, self.projection)
         if self.index.distance == "cosine":
-            return _unit_rows(queries)
-        return np.asarray(queries, dtype=np.float32)
+            return unit_rows(queries)
+        return queries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,29 +203,6 @@ class _RunState:
     embedders: Mapping[str, _EmbedderState]
     loaded_at: str
     load_seconds: float
-
-
-def _unit_rows(x) -> np.ndarray:
-    """The rows of finite `x` scaled to unit L2 norm in float64 -> float32 (q, d); all-zero
-    rows stay zero.  A row whose sum of squares would overflow or underflow (values beyond
-    ~1e+-150, which float32 values never are) is first divided by its largest magnitude."""
-    x = np.asarray(x, dtype=np.float64)
-    if len(x) == 1:  # one query, the common case: ~3x faster than the general path
-        norm = math.sqrt(float(np.dot(x[0], x[0])))
-        if 1e-100 < norm < 1e100:
-            return (x / norm).astype(np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    odd = ~((norms > 1e-100) & (norms < 1e100))
-    if odd.any():
-        rows = x[odd]  # a copy: the caller's array is not modified
-        scale = np.abs(rows).max(axis=1, keepdims=True)
-        scale[scale == 0] = 1.0
-        rows /= scale
-        x = x.copy()
-        x[odd] = rows
-        norms[odd] = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-    norms[norms == 0] = 1.0
-    return (x / norms[:, None]).astype(np.float32)
 
 
 def _utc_now() -> str:
@@ -899,10 +873,15 @@ def _check_vectors(emb: _EmbedderState, vector) -> tuple[np.ndarray, bool]:
         raise NonFiniteQueryError(
             f"query vector{'' if single else f' (row {int(np.argmax(bad))})'} contains NaN or "
             "infinite values (after conversion to float32); all components must be finite")
-    if emb.projection is None and emb.index.distance != "cosine":
-        return arr32, single
-    # Directions are taken from the caller's values in float64: 1e-50 is not zero.
-    queries = emb.to_index_space(arr.reshape(-1, d))
+    if emb.projection is None and emb.index.distance == "cosine" and arr.dtype.itemsize > 4:
+        # A direction is scale-free: rows of values too small for float32 (1e-50 from a
+        # float64 client would become 0) are scaled by their largest magnitude first.
+        arr64 = arr.reshape(-1, d).astype(np.float64, copy=False)
+        largest = np.abs(arr64).max(axis=1)
+        tiny = (largest > 0) & (largest < _FLOAT32_TINY)
+        if tiny.any():
+            arr32[tiny] = arr64[tiny] / largest[tiny, None]
+    queries = emb.to_index_space(arr32)
     _refuse_zero_rows(emb, queries, single)
     return queries, single
 
