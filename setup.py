@@ -1,4 +1,5 @@
 """imgindex: offline image-similarity index builder (Beam + TF Hub + ScaNN)."""
+
 import re
 from pathlib import Path
 
@@ -42,6 +43,8 @@ setup(
         "test": ["pytest>=8", "pandas>=2", "scikit-image>=0.22"],
         # The demo photographs (`imgindex demo`, `make run`) are scikit-image's bundled samples.
         "demo": ["scikit-image>=0.22"],
+        # `make lint`; pinned so that a new release cannot fail CI by itself.
+        "lint": ["ruff==0.17.6", "mypy==2.4.1"],
         # The HTTP adapter (issue: serving) runs on Starlette + uvicorn.
         # python-multipart: Starlette's form parser (image uploads); anyio>=4.1 for
         # abandon_on_cancel in the background refresh task.

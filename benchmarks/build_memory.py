@@ -5,6 +5,7 @@ pipeline writes them) once under benchmarks/out/, then runs the real index stage
 (`pipelines.build.build_indexes`: read Parquet into one matrix, build and tune the ScaNN
 index, save it with metadata) in a fresh process and samples that process's RSS.
 """
+
 import argparse
 import os
 import shutil
@@ -26,8 +27,16 @@ def make_table(n: int, d: int) -> str:
     os.makedirs(table_dir)
     x = clustered(n, d)
     spec = EmbedderSpec(name="synthetic", handle="synthetic", fingerprint="synthetic", dim=d)
-    tables.write_embeddings(os.path.join(table_dir, "part-0.parquet"), spec, [f"v{i}" for i in range(n)], x,
-                            ["0" * 64] * n, [f"synthetic#{i}" for i in range(n)], [1] * n, [1] * n)
+    tables.write_embeddings(
+        os.path.join(table_dir, "part-0.parquet"),
+        spec,
+        [f"v{i}" for i in range(n)],
+        x,
+        ["0" * 64] * n,
+        [f"synthetic#{i}" for i in range(n)],
+        [1] * n,
+        [1] * n,
+    )
     return run_dir
 
 
@@ -36,8 +45,11 @@ def _rss_line(step: str, seconds: float | None = None) -> None:
         fields = dict(line.split(":", 1) for line in f)
     mb = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM", "RssAnon")}
     took = "" if seconds is None else f"  took {seconds:6.1f} s"
-    print(f"step {step:<24} RSS {mb['VmRSS']:7.0f} MB  peak so far {mb['VmHWM']:7.0f} MB  "
-          f"anonymous {mb['RssAnon']:7.0f} MB{took}", flush=True)
+    print(
+        f"step {step:<24} RSS {mb['VmRSS']:7.0f} MB  peak so far {mb['VmHWM']:7.0f} MB  "
+        f"anonymous {mb['RssAnon']:7.0f} MB{took}",
+        flush=True,
+    )
 
 
 def _probe_steps() -> None:
@@ -54,6 +66,7 @@ def _probe_steps() -> None:
             result = inner(*args, **kwargs)
             _rss_line(label, time.perf_counter() - start)
             return result
+
         setattr(owner, name, wrapped)
 
     _rss_line("imports")
@@ -75,16 +88,23 @@ def child(run_dir: str, steps: bool = False) -> None:
     shutil.rmtree(os.path.join(run_dir, "index"), ignore_errors=True)
     opts = build.BuildOptions(flags=["--output=unused"]).view_as(build.BuildOptions)
     entry = build.build_indexes(run_dir, {"embedders": {"synthetic": {}}}, opts)["synthetic"]
-    print(f"method {entry['method']} recall {entry['recall']['value']} build_seconds {entry['build_seconds']}")
+    print(
+        f"method {entry['method']} recall {entry['recall']['value']} build_seconds {entry['build_seconds']}"
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=500_000)
     parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--steps", action="store_true",
-                        help="also print the build process's RSS and time after each step (read, ids, "
-                        "dataset file, training, hashing, exact recall probe, searcher load, tuning, save)")
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="also print the build process's RSS and time after each step (read, ids, "
+        "dataset file, training, hashing, exact recall probe, searcher load, tuning, save)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -95,8 +115,10 @@ def main(argv=None):
         print("\n".join(line for line in out.splitlines() if line.startswith("step ")))
     matrix_mb = args.n * args.d * 4 / 2**20
     print(f"# index stage of imgindex build: n={args.n} d={args.d}, {environment()}")
-    print(f"| {out.strip().splitlines()[-1]} | wall {wall:.1f} s | peak RSS {rss:.0f} MB | matrix {matrix_mb:.0f} MB | "
-          f"{rss / matrix_mb:.2f}x |")
+    print(
+        f"| {out.strip().splitlines()[-1]} | wall {wall:.1f} s | peak RSS {rss:.0f} MB | matrix {matrix_mb:.0f} MB | "
+        f"{rss / matrix_mb:.2f}x |"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks: timing rounds, medians, environment line."""
+
 import os
 import platform
 import resource
@@ -67,8 +68,13 @@ def run_child_rss(module: str, args: list[str]) -> tuple[float, float, float, st
     """`run_child`, also returning the peak RSS of the largest single process (MB)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", module, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     peak = [0, 0]
 
     def sample():
@@ -97,5 +103,5 @@ def clustered(n, d, clusters=2000, seed=0, noise=0.5, chunk=200_000):
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         block = centres[rng.integers(0, clusters, m)] + noise * rng.normal(size=(m, d)).astype(np.float32)
-        x[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        x[start : start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return x

@@ -15,6 +15,7 @@ ground truth and QPS with one thread (single queries one call each; one batched 
 round; prints the build seconds and the best QPS reaching recall 0.90 / 0.95 / 0.99.  Used to
 pick retrieval.index's training-sample defaults; single rounds, so only large gaps count.
 """
+
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ def main(argv=None):
     base, queries, truth = (np.load(f"{prefix}_{part}.npy") for part in ("base", "queries", "truth"))
     n = base.shape[0]
     scann = import_scann_pybind()
-    leaves = variant.get("num_leaves", round(n ** 0.5))
+    leaves = variant.get("num_leaves", round(n**0.5))
     sample = variant.get("sample", min(n, 250_000))
     start = time.perf_counter()
     if variant.get("autopilot"):
@@ -61,20 +62,31 @@ def main(argv=None):
             for target in (0.9, 0.95, 0.99):
                 if recall >= target:
                     old = best.get(str(target), [0, 0, ""])
-                    best[str(target)] = [max(old[0], round(single)), max(old[1], round(batched)),
-                                         f"L{lv}/R{reorder}" if single > old[0] else old[2]]
+                    best[str(target)] = [
+                        max(old[0], round(single)),
+                        max(old[1], round(batched)),
+                        f"L{lv}/R{reorder}" if single > old[0] else old[2],
+                    ]
     print(json.dumps({"variant": variant, "leaves": leaves, "build_s": round(build_s, 1), "best": best}))
-
 
 
 def _build(scann, base, leaves, sample, variant):
     builder = scann.builder(base, 10, "dot_product").tree(
-        num_leaves=leaves, num_leaves_to_search=10, training_sample_size=sample,
-        random_init=variant.get("random_init", False), training_iterations=variant.get("iters", 12),
-        quantize_centroids=variant.get("quantize_centroids", False), soar_lambda=variant.get("soar"),
-        spherical=variant.get("spherical", False), avq=variant.get("avq"))
-    builder = builder.score_ah(variant.get("dpb", 2), anisotropic_quantization_threshold=variant.get("aniso", 0.2),
-                               training_sample_size=variant.get("ah_sample", sample))
+        num_leaves=leaves,
+        num_leaves_to_search=10,
+        training_sample_size=sample,
+        random_init=variant.get("random_init", False),
+        training_iterations=variant.get("iters", 12),
+        quantize_centroids=variant.get("quantize_centroids", False),
+        soar_lambda=variant.get("soar"),
+        spherical=variant.get("spherical", False),
+        avq=variant.get("avq"),
+    )
+    builder = builder.score_ah(
+        variant.get("dpb", 2),
+        anisotropic_quantization_threshold=variant.get("aniso", 0.2),
+        training_sample_size=variant.get("ah_sample", sample),
+    )
     if variant.get("reorder_q"):
         from scann.scann_ops.py.scann_builder import ReorderType
 

@@ -3,6 +3,7 @@
 Prints images/s (median of rounds) at several batch sizes for efficientnet-lite0, as the
 baseline the embedding pipeline is measured against.
 """
+
 import argparse
 
 import numpy as np
@@ -27,8 +28,9 @@ def main(argv=None):
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         x = np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32)
         np.asarray(model(x))  # trace and warm up
-        rate = median_rate(lambda: np.asarray(model(x)), batch, rounds=args.rounds,
-                           calls=max(1, 64 // batch))
+        rate = median_rate(
+            lambda x=x: np.asarray(model(x)), batch, rounds=args.rounds, calls=max(1, 64 // batch)
+        )
         print(f"| {batch} | {rate:.1f} |")
 
 

@@ -6,6 +6,7 @@ Input: an embedding table of labelled images whose id starts with the label fold
 same label.  Compares the full embedding with PCA projections (fit on all rows, mean
 removed, top-N axes, re-normalised), with and without whitening, by exact cosine search.
 """
+
 import argparse
 
 import numpy as np
@@ -17,7 +18,7 @@ def mean_ap(vectors, labels, queries):
     """mAP of `queries` rows against every other row; exact cosine ranking."""
     aps = []
     for start in range(0, len(queries), 500):
-        rows = queries[start:start + 500]
+        rows = queries[start : start + 500]
         sims = vectors[rows] @ vectors.T
         sims[np.arange(len(rows)), rows] = -np.inf  # the query itself is not a result
         order = np.argsort(-sims, axis=1)[:, :-1]
@@ -29,7 +30,9 @@ def mean_ap(vectors, labels, queries):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--embeddings", required=True)
     parser.add_argument("--dims", default="64,128,256,512")
     parser.add_argument("--queries", type=int, default=2000)
@@ -39,8 +42,10 @@ def main(argv=None):
     x = data.vectors / np.linalg.norm(data.vectors, axis=1, keepdims=True)
     queries = np.sort(np.random.default_rng(0).choice(len(x), size=min(args.queries, len(x)), replace=False))
     base = mean_ap(x, labels, queries)
-    print(f"# PCA vs full embedding: {len(x)} images, {len(set(labels))} labels, {len(queries)} queries, "
-          f"exact cosine, {data.spec.handle} (d={data.spec.dim})")
+    print(
+        f"# PCA vs full embedding: {len(x)} images, {len(set(labels))} labels, {len(queries)} queries, "
+        f"exact cosine, {data.spec.handle} (d={data.spec.dim})"
+    )
     print("| embedding | mAP | vs full |\n|---|---:|---:|")
     print(f"| full {data.spec.dim}-d | {base:.4f} | - |")
     for dim in [int(d) for d in args.dims.split(",")]:

@@ -41,6 +41,7 @@ truth (<set>_truth.npy, int64 1,000 x 10)
 
 Usage: python -m benchmarks.peer_data [--dataset real|scale|both] [--scale_n N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,12 +92,18 @@ def _save(path: str, array: np.ndarray) -> None:
 
 def image_paths() -> list[str]:
     if not (os.path.isdir(CIFAR) and os.path.isdir(UKBENCH)):
-        sys.exit(f"peer benchmark data needs the CIFAR-10 test images at {CIFAR} and the UKBench "
-                 f"photos at {UKBENCH} (the project's shared/ data folder beside the repository); "
-                 "not found")
-    paths = sorted(glob.glob(os.path.join(CIFAR, "*", "*.jpg"))) + sorted(glob.glob(os.path.join(UKBENCH, "*.jpg")))
+        sys.exit(
+            f"peer benchmark data needs the CIFAR-10 test images at {CIFAR} and the UKBench "
+            f"photos at {UKBENCH} (the project's shared/ data folder beside the repository); "
+            "not found"
+        )
+    paths = sorted(glob.glob(os.path.join(CIFAR, "*", "*.jpg"))) + sorted(
+        glob.glob(os.path.join(UKBENCH, "*.jpg"))
+    )
     if len(paths) != 10_056:
-        sys.exit(f"expected 10,000 CIFAR-10 test images and 56 UKBench photos under {SHARED}, found {len(paths)}")
+        sys.exit(
+            f"expected 10,000 CIFAR-10 test images and 56 UKBench photos under {SHARED}, found {len(paths)}"
+        )
     return paths
 
 
@@ -108,14 +115,16 @@ def embed_paths(paths: list[str]) -> np.ndarray:
     start = time.perf_counter()
     for i in range(0, len(paths), BATCH):
         pixels = []
-        for path in paths[i:i + BATCH]:
+        for path in paths[i : i + BATCH]:
             with open(path, "rb") as f:
                 image = imaging.decode(f.read(), min_size=spec.input_size)
             pixels.append(imaging.resize(image.image, spec.input_size, spec.resize))
-        out[i:i + BATCH] = embedders.embed_batch(model, spec, np.stack(pixels))
+        out[i : i + BATCH] = embedders.embed_batch(model, spec, np.stack(pixels))
         if i % (BATCH * 50) == 0:
             _log(f"  embedded {i + len(pixels)}/{len(paths)} ({time.perf_counter() - start:.0f} s)")
-    _log(f"  embedded {len(paths)} images with {spec.handle} (d={spec.dim}) in {time.perf_counter() - start:.0f} s")
+    _log(
+        f"  embedded {len(paths)} images with {spec.handle} (d={spec.dim}) in {time.perf_counter() - start:.0f} s"
+    )
     return out
 
 
@@ -177,16 +186,20 @@ def make_scale(scale_n: int = SCALE_N) -> str:
         r_base = _nn_distance(base, base, np.arange(len(base)))
         r_queries = _nn_distance(queries, base, None)
         if (r_base <= 0).any():
-            _log(f"  warning: {(r_base <= 0).sum()} real database points have an exact duplicate (r = 0): "
-                 "their copies are identical")
-        _log(f"scale: PCA {real_base.shape[1]} -> {SCALE_DIM}; nearest-neighbour distance median "
-             f"{np.median(r_base):.3f} (database), {np.median(r_queries):.3f} (queries)")
+            _log(
+                f"  warning: {(r_base <= 0).sum()} real database points have an exact duplicate (r = 0): "
+                "their copies are identical"
+            )
+        _log(
+            f"scale: PCA {real_base.shape[1]} -> {SCALE_DIM}; nearest-neighbour distance median "
+            f"{np.median(r_base):.3f} (database), {np.median(r_queries):.3f} (queries)"
+        )
         tmp = p + "_base.tmp.npy"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(scale_n, SCALE_DIM))
         rng = np.random.default_rng(1)
         for s in range(0, scale_n, CHUNK):
             centre = np.arange(s, min(s + CHUNK, scale_n)) % len(base)
-            out[s:s + len(centre)] = _noisy(base[centre], r_base[centre], rng)
+            out[s : s + len(centre)] = _noisy(base[centre], r_base[centre], rng)
         out.flush()
         del out
         os.replace(tmp, p + "_base.npy")
@@ -204,7 +217,9 @@ def ensure(dataset: str, scale_n: int = SCALE_N) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", choices=("real", "scale", "both"), default="both")
     parser.add_argument("--scale_n", type=int, default=SCALE_N)
     args = parser.parse_args(argv)

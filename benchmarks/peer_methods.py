@@ -46,6 +46,7 @@ read-only memory map of the .npy file and streams it, as `imgindex build` stream
 from a file); rss_build_mb the peak after building the index.  The parent also
 samples the whole process's peak RSS (benchmarks.common.run_child).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,16 @@ SCANN_LEAF_FACTORS = (0.5, 0.75, 1, 1.5, 2)
 SCANN_REORDERS = (20, 50, 100, 200, 400, 800, 1600)
 SCANN_REORDER_FACTORS = (0.5, 1, 2)
 IVF_TRAINING_SAMPLE = 256_000
-METHODS = ("imgindex", "scann-autopilot", "faiss-hnsw32", "faiss-ivf-flat", "faiss-ivf-pq",
-           "hnswlib-m16", "hnswlib-m32", "exact")
+METHODS = (
+    "imgindex",
+    "scann-autopilot",
+    "faiss-hnsw32",
+    "faiss-ivf-flat",
+    "faiss-ivf-pq",
+    "hnswlib-m16",
+    "hnswlib-m32",
+    "exact",
+)
 
 
 def rss_mb() -> float:
@@ -90,8 +99,12 @@ def numpy_blas_threads(n: int) -> None:
         libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
     for path in libs:
         lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+        for name in (
+            "scipy_openblas_set_num_threads64_",
+            "scipy_openblas_set_num_threads",
+            "openblas_set_num_threads64_",
+            "openblas_set_num_threads",
+        ):
             if hasattr(lib, name):
                 getattr(lib, name)(n)
                 break
@@ -135,7 +148,7 @@ class _ScannBase(Method):
     def points(self):
         if not self.num_leaves:
             return [{}]
-        steps = [m * 2 ** i for i in range(32) for m in (1, 3) if m * 2 ** i <= max(1, self.num_leaves // 4)]
+        steps = [m * 2**i for i in range(32) for m in (1, 3) if m * 2**i <= max(1, self.num_leaves // 4)]
         leaves = ladder(steps + [self.leaves * f for f in SCANN_LEAF_FACTORS], 1, self.num_leaves)
         reorders = ladder(list(SCANN_REORDERS) + [self.reorder * f for f in SCANN_REORDER_FACTORS], K, self.n)
         return [{"leaves_to_search": lv, "pre_reorder_num_neighbors": r} for lv in leaves for r in reorders]
@@ -145,8 +158,9 @@ class _ScannBase(Method):
         return rows
 
     def batch(self, queries, p):
-        rows, scores = self.raw.search_batched(queries, K, p.get("pre_reorder_num_neighbors", -1),
-                                               p.get("leaves_to_search", -1), False, 0)
+        rows, scores = self.raw.search_batched(
+            queries, K, p.get("pre_reorder_num_neighbors", -1), p.get("leaves_to_search", -1), False, 0
+        )
         rows = np.asarray(rows, np.int64)
         rows[np.isnan(scores)] = -1  # ScaNN pads missing neighbours with row 0 and a NaN score
         return rows
@@ -171,20 +185,30 @@ class Imgindex(_ScannBase):
         from retrieval import index
 
         config = index.choose_config(*base.shape, "cosine", k=K, **overrides) if overrides else None
-        self.index = index.build_index(base, [str(i) for i in range(len(base))], distance="cosine", k=K,
-                                       config=config, target_recall=0.95,
-                                       work_dir=os.path.dirname(os.path.abspath(base.filename)))
+        self.index = index.build_index(
+            base,
+            [str(i) for i in range(len(base))],
+            distance="cosine",
+            k=K,
+            config=config,
+            target_recall=0.95,
+            work_dir=os.path.dirname(os.path.abspath(base.filename)),
+        )
         defaults = self.index.search_defaults
-        self._init_knobs(self.index._searcher, defaults.get("leaves_to_search"),
-                         defaults.get("pre_reorder_num_neighbors"))
+        self._init_knobs(
+            self.index._searcher, defaults.get("leaves_to_search"), defaults.get("pre_reorder_num_neighbors")
+        )
         if self.index.method != "tree_ah":
             self.num_leaves = None
 
     def config(self):
         m = self.index.manifest
-        return {"index_config": m.index_config, "search_defaults": m.search_defaults,
-                "build_recall": {k: v for k, v in m.recall.items() if k != "tuning"},
-                "tuning_trials": len(m.recall.get("tuning", []))}
+        return {
+            "index_config": m.index_config,
+            "search_defaults": m.search_defaults,
+            "build_recall": {k: v for k, v in m.recall.items() if k != "tuning"},
+            "tuning_trials": len(m.recall.get("tuning", [])),
+        }
 
     def save(self, directory):
         self.index.save(os.path.join(directory, "index"))
@@ -213,14 +237,18 @@ class ScannAutopilot(_ScannBase):
         scann = import_scann_pybind()
         self.searcher = scann.builder(base, K, "dot_product").autopilot().build()
         text = self.searcher.config()
-        self._init_knobs(self.searcher, _config_int(text, "max_spill_centers"),
-                         _config_int(text, "approx_num_neighbors"))
+        self._init_knobs(
+            self.searcher, _config_int(text, "max_spill_centers"), _config_int(text, "approx_num_neighbors")
+        )
 
     def config(self):
         text = self.searcher.config()
-        return {"num_leaves": self.num_leaves, "leaves_to_search": self.leaves,
-                "pre_reorder_num_neighbors": self.reorder,
-                "scann_config": text}
+        return {
+            "num_leaves": self.num_leaves,
+            "leaves_to_search": self.leaves,
+            "pre_reorder_num_neighbors": self.reorder,
+            "scann_config": text,
+        }
 
     def save(self, directory):
         self.searcher.serialize(directory, relative_path=True)
@@ -251,7 +279,10 @@ class FaissMethod(Method):
         if self.kind == "hnsw32":
             return {"factory": "HNSW32,Flat", "efConstruction": 200}
         cp = self.faiss.extract_index_ivf(self.index).cp
-        return {"nlist": self.nlist, "training_sample": min(self.nlist * cp.max_points_per_centroid, self.index.ntotal)}
+        return {
+            "nlist": self.nlist,
+            "training_sample": min(self.nlist * cp.max_points_per_centroid, self.index.ntotal),
+        }
 
     def set_search_threads(self):
         self.faiss.omp_set_num_threads(1)
@@ -264,7 +295,11 @@ class FaissMethod(Method):
             return [{"efSearch": ef} for ef in HNSW_EFS]
         if self.kind == "ivf-flat":
             return [{"nprobe": p} for p in ladder(IVF_NPROBES, 1, self.nlist)]
-        return [{"nprobe": p, "k_factor": kf} for p in ladder(IVFPQ_NPROBES, 1, self.nlist) for kf in IVFPQ_K_FACTORS]
+        return [
+            {"nprobe": p, "k_factor": kf}
+            for p in ladder(IVFPQ_NPROBES, 1, self.nlist)
+            for kf in IVFPQ_K_FACTORS
+        ]
 
     def _apply(self, p):
         for name, value in p.items():
@@ -343,10 +378,10 @@ class Exact(Method):
         if p["impl"] == "numpy":
             out = np.empty((len(queries), K), np.int64)
             for s in range(0, len(queries), self.block):
-                scores = queries[s:s + self.block] @ self.base.T
+                scores = queries[s : s + self.block] @ self.base.T
                 top = np.argpartition(-scores, K, axis=1)[:, :K]
                 order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
-                out[s:s + self.block] = np.take_along_axis(top, order, axis=1)
+                out[s : s + self.block] = np.take_along_axis(top, order, axis=1)
             return out
         from retrieval.exact import exact_search
 
@@ -359,9 +394,9 @@ def make(method: str, base: np.ndarray, overrides=None) -> Method:
     if method == "scann-autopilot":
         return ScannAutopilot(base)
     if method.startswith("faiss-"):
-        return FaissMethod(base, method[len("faiss-"):])
+        return FaissMethod(base, method[len("faiss-") :])
     if method.startswith("hnswlib-m"):
-        return Hnswlib(base, int(method[len("hnswlib-m"):]))
+        return Hnswlib(base, int(method[len("hnswlib-m") :]))
     if method == "exact":
         return Exact(base)
     raise SystemExit(f"unknown method {method!r}; one of {', '.join(METHODS)}")
@@ -414,25 +449,27 @@ def run(method: str, data: str, rounds: int, overrides=None) -> dict:
     points = m.points()
     n_single = min(len(queries), m.single_limit or len(queries))
     singles = [m.single_input(queries[i]) for i in range(n_single)]
-    results = [{"params": p, "single_qps": [], "batched_qps": [], "single_cpu": [], "batched_cpu": []}
-               for p in points]
+    results = [
+        {"params": p, "single_qps": [], "batched_qps": [], "single_cpu": [], "batched_cpu": []}
+        for p in points
+    ]
 
     def prepare(p):
         if hasattr(m, "_apply"):
             m._apply({k: v for k, v in p.items() if k != "api"})
 
     prepare(points[0])
-    for q in singles[:min(50, n_single)]:  # warm-up
+    for q in singles[: min(50, n_single)]:  # warm-up
         m.single(q, points[0])
     for r in range(rounds):
         for p, res in zip(points, results):
             prepare(p)
-            got, wall, cpu = _timed(lambda: [m.single(q, p) for q in singles])
+            got, wall, cpu = _timed(lambda p=p: [m.single(q, p) for q in singles])
             res["single_qps"].append(n_single / wall)
             res["single_cpu"].append(cpu / wall)
             if r == 0:
                 res["recall"] = recall(got, truth[:n_single])
-            got, wall, cpu = _timed(lambda: m.batch(queries, p))
+            got, wall, cpu = _timed(lambda p=p: m.batch(queries, p))
             res["batched_qps"].append(len(queries) / wall)
             res["batched_cpu"].append(cpu / wall)
             if r == 0:
@@ -441,21 +478,42 @@ def run(method: str, data: str, rounds: int, overrides=None) -> dict:
         for key in ("single_qps", "batched_qps", "single_cpu", "batched_cpu"):
             res[key + "_rounds"] = [round(v, 3) for v in res[key]]
             res[key] = round(statistics.median(res[key]), 3)
-    return {"method": method, "data": os.path.basename(data), "n": int(n_base),
-            "d": int(queries.shape[1]), "queries": int(queries.shape[0]), "single_queries": n_single, "k": K,
-            "rounds": rounds, "build_s": round(build_s, 3), "build_cpu_s": round(build_cpu, 3),
-            "save_s": round(save_s, 3), "index_bytes": index_bytes,
-            "rss_loaded_mb": round(rss_loaded, 1), "rss_build_mb": round(rss_build, 1),
-            "rss_end_mb": round(rss_mb(), 1), "config": m.config(), "points": results}
+    return {
+        "method": method,
+        "data": os.path.basename(data),
+        "n": int(n_base),
+        "d": int(queries.shape[1]),
+        "queries": int(queries.shape[0]),
+        "single_queries": n_single,
+        "k": K,
+        "rounds": rounds,
+        "build_s": round(build_s, 3),
+        "build_cpu_s": round(build_cpu, 3),
+        "save_s": round(save_s, 3),
+        "index_bytes": index_bytes,
+        "rss_loaded_mb": round(rss_loaded, 1),
+        "rss_build_mb": round(rss_build, 1),
+        "rss_end_mb": round(rss_mb(), 1),
+        "config": m.config(),
+        "points": results,
+    }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--method", required=True, choices=METHODS)
-    parser.add_argument("--data", required=True, help="path prefix of <prefix>_base.npy, _queries.npy, _truth.npy")
+    parser.add_argument(
+        "--data", required=True, help="path prefix of <prefix>_base.npy, _queries.npy, _truth.npy"
+    )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--imgindex_config", type=json.loads, default=None,
-                        help="experiments: JSON IndexConfig overrides for the imgindex method (choose_config)")
+    parser.add_argument(
+        "--imgindex_config",
+        type=json.loads,
+        default=None,
+        help="experiments: JSON IndexConfig overrides for the imgindex method (choose_config)",
+    )
     args = parser.parse_args(argv)
     result = run(args.method, args.data, args.rounds, args.imgindex_config)
     sys.stdout.flush()

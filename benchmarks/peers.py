@@ -24,6 +24,7 @@ For each recall target the table gives the best QPS among sweep points whose rec
 that search mode's results; recall is deterministic, not a median) reaches it, with the
 parameters that did, and ratios of imgindex to the best HNSW and to ScaNN autopilot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,18 +42,31 @@ from benchmarks.peer_methods import METHODS
 MODULE = "benchmarks.peer_methods"
 TARGETS = (0.90, 0.95, 0.99)
 HNSW = ("faiss-hnsw32", "hnswlib-m16", "hnswlib-m32")
-SHORT = {"leaves_to_search": "L", "pre_reorder_num_neighbors": "R", "efSearch": "ef", "ef": "ef",
-         "nprobe": "nprobe", "k_factor": "kf"}
+SHORT = {
+    "leaves_to_search": "L",
+    "pre_reorder_num_neighbors": "R",
+    "efSearch": "ef",
+    "ef": "ef",
+    "nprobe": "nprobe",
+    "k_factor": "kf",
+}
 
 
 def ensure_data(dataset: str, scale_n: int) -> str:
     prefix = peer_data.prefix(dataset, scale_n)
     if not all(os.path.exists(f"{prefix}_{part}.npy") for part in ("base", "queries", "truth")):
-        print(f"# making data set {peer_data.label(dataset, scale_n)} (benchmarks.peer_data)", file=sys.stderr,
-              flush=True)
+        print(
+            f"# making data set {peer_data.label(dataset, scale_n)} (benchmarks.peer_data)",
+            file=sys.stderr,
+            flush=True,
+        )
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        subprocess.run([sys.executable, "-m", "benchmarks.peer_data", "--dataset", dataset, "--scale_n", str(scale_n)],
-                       check=True, stdout=sys.stderr, env=env)
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.peer_data", "--dataset", dataset, "--scale_n", str(scale_n)],
+            check=True,
+            stdout=sys.stderr,
+            env=env,
+        )
     return prefix
 
 
@@ -73,8 +87,11 @@ def run_method(method: str, prefix: str, rounds: int) -> dict:
     try:
         wall, rss, out = run_child(MODULE, ["--method", method, "--data", prefix, "--rounds", str(rounds)])
     except RuntimeError as e:
-        print(f"#   FAILED: {e}\n#   rerun `python -m {MODULE} --method {method} --data {prefix}` for the traceback",
-              file=sys.stderr, flush=True)
+        print(
+            f"#   FAILED: {e}\n#   rerun `python -m {MODULE} --method {method} --data {prefix}` for the traceback",
+            file=sys.stderr,
+            flush=True,
+        )
         return {"method": method, "error": str(e)}
     result = json.loads(out.strip().splitlines()[-1])
     result["wall_s"] = round(wall, 1)
@@ -88,8 +105,10 @@ def _fmt_recall(value):
 
 
 def _fmt_params(params: dict) -> str:
-    return ",".join(f"{SHORT.get(k, k)}={v}" if k != "impl" else str(v) for k, v in params.items()
-                    if k != "api") or "default"
+    return (
+        ",".join(f"{SHORT.get(k, k)}={v}" if k != "impl" else str(v) for k, v in params.items() if k != "api")
+        or "default"
+    )
 
 
 def best(result: dict, target: float, mode: str):
@@ -112,13 +131,24 @@ def table(label: str, results: list[dict], rounds: int) -> str:
     if ok:
         r0 = ok[0]
         matrix_mb = r0["n"] * r0["d"] * 4 / 2**20
-        lines.append(f"# {label}: n={r0['n']:,} d={r0['d']} cosine, {r0['queries']} queries, k={r0['k']}, "
-                     f"medians of {rounds} interleaved rounds, one search thread; {environment()}")
-        lines.append(f"# float32 matrix {matrix_mb:.0f} MB; peak RSS: build = getrusage after the build "
-                     "(input matrix included), run = sampled over the whole child process")
+        lines.append(
+            f"# {label}: n={r0['n']:,} d={r0['d']} cosine, {r0['queries']} queries, k={r0['k']}, "
+            f"medians of {rounds} interleaved rounds, one search thread; {environment()}"
+        )
+        lines.append(
+            f"# float32 matrix {matrix_mb:.0f} MB; peak RSS: build = getrusage after the build "
+            "(input matrix included), run = sampled over the whole child process"
+        )
     else:
         matrix_mb = 1.0
-    head = ["method", "build s", "build peak RSS MB (x matrix)", "run peak RSS MB", "index MB on disk", "max recall"]
+    head = [
+        "method",
+        "build s",
+        "build peak RSS MB (x matrix)",
+        "run peak RSS MB",
+        "index MB on disk",
+        "max recall",
+    ]
     for t in TARGETS:
         head += [f"single QPS @{t:.2f}", f"batched QPS @{t:.2f}"]
     lines.append("| " + " | ".join(head) + " |")
@@ -126,11 +156,19 @@ def table(label: str, results: list[dict], rounds: int) -> str:
     by_name = {r["method"]: r for r in results}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'].splitlines()[0][:80]} |" + " |" * (len(head) - 2))
+            lines.append(
+                f"| {r['method']} | failed: {r['error'].splitlines()[0][:80]} |" + " |" * (len(head) - 2)
+            )
             continue
         max_recall = max(p["recall"] for p in r["points"] if "api" not in p["params"])
-        row = [r["method"], f"{r['build_s']:.1f}", f"{r['rss_build_mb']:.0f} ({r['rss_build_mb'] / matrix_mb:.2f}x)",
-               f"{r['peak_rss_mb']:.0f}", f"{r['index_bytes'] / 2**20:.1f}", f"{max_recall:.3f}"]
+        row = [
+            r["method"],
+            f"{r['build_s']:.1f}",
+            f"{r['rss_build_mb']:.0f} ({r['rss_build_mb'] / matrix_mb:.2f}x)",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['index_bytes'] / 2**20:.1f}",
+            f"{max_recall:.3f}",
+        ]
         for t in TARGETS:
             for mode in ("single", "batched"):
                 b = best(r, t, mode)
@@ -161,28 +199,42 @@ def table(label: str, results: list[dict], rounds: int) -> str:
         if cfg["index_config"]["method"] == "brute_force":
             line = "imgindex default: exact brute force (n * d below retrieval.index.BRUTE_FORCE_MAX_ELEMENTS), no search knobs"
         else:
-            line = (f"imgindex default: tree_ah, num_leaves {cfg['index_config']['num_leaves']}, tuned search "
-                    f"defaults {_fmt_params(defaults)}, build-time (leave-self-out) recall "
-                    f"{_fmt_recall(cfg['build_recall'].get('value'))}")
+            line = (
+                f"imgindex default: tree_ah, num_leaves {cfg['index_config']['num_leaves']}, tuned search "
+                f"defaults {_fmt_params(defaults)}, build-time (leave-self-out) recall "
+                f"{_fmt_recall(cfg['build_recall'].get('value'))}"
+            )
         if api:
             p = api[0]
-            line += (f"; through the Python API at those defaults: Index.search {_qps(p['single_qps'])} QPS "
-                     f"(recall {p['recall']:.3f}), Index.search_batch {_qps(p['batched_qps'])} QPS "
-                     f"(search_batched_parallel, CPU/wall {p['batched_cpu']:.2f})")
+            line += (
+                f"; through the Python API at those defaults: Index.search {_qps(p['single_qps'])} QPS "
+                f"(recall {p['recall']:.3f}), Index.search_batch {_qps(p['batched_qps'])} QPS "
+                f"(search_batched_parallel, CPU/wall {p['batched_cpu']:.2f})"
+            )
         lines.append(line)
-    multi = [(r["method"], _fmt_params(p["params"]), mode, p[f"{mode}_cpu"]) for r in ok for p in r["points"]
-             if "api" not in p["params"] for mode in ("single", "batched") if p[f"{mode}_cpu"] > 1.3]
+    multi = [
+        (r["method"], _fmt_params(p["params"]), mode, p[f"{mode}_cpu"])
+        for r in ok
+        for p in r["points"]
+        if "api" not in p["params"]
+        for mode in ("single", "batched")
+        if p[f"{mode}_cpu"] > 1.3
+    ]
     if multi:
-        lines.append("WARNING: searches that used more than one core (CPU/wall > 1.3): "
-                     + "; ".join(f"{m} {pp} {mode} {c:.2f}" for m, pp, mode, c in multi[:10]))
+        lines.append(
+            "WARNING: searches that used more than one core (CPU/wall > 1.3): "
+            + "; ".join(f"{m} {pp} {mode} {c:.2f}" for m, pp, mode, c in multi[:10])
+        )
     return "\n".join(lines)
 
 
 def frontier(points: list[dict], mode: str) -> list[tuple[float, float]]:
     """Pareto frontier (recall, qps), recall ascending, of the non-api sweep points."""
     recall_key = "recall" if mode == "single" else "recall_batched"
-    pts = sorted(((p[recall_key], p[f"{mode}_qps"]) for p in points if "api" not in p["params"]),
-                 key=lambda x: (-x[0], -x[1]))
+    pts = sorted(
+        ((p[recall_key], p[f"{mode}_qps"]) for p in points if "api" not in p["params"]),
+        key=lambda x: (-x[0], -x[1]),
+    )
     out, top = [], 0.0
     for rec, qps in pts:
         if qps > top:
@@ -205,7 +257,9 @@ def plot(label: str, results: list[dict], path: str) -> None:
             if not f:
                 continue
             style = dict(linewidth=2.5, color="black") if r["method"] == "imgindex" else {}
-            ax.plot([x for x, _ in f], [y for _, y in f], marker="o", markersize=3, label=r["method"], **style)
+            ax.plot(
+                [x for x, _ in f], [y for _, y in f], marker="o", markersize=3, label=r["method"], **style
+            )
         ax.set_yscale("log")
         ax.set_xlim(left=0.8, right=1.002)
         ax.set_xlabel("recall@10")
@@ -221,9 +275,13 @@ def plot(label: str, results: list[dict], path: str) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", choices=("real", "scale", "both"), default="both")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale_n", type=int, default=peer_data.SCALE_N)
     args = parser.parse_args(argv)
@@ -231,7 +289,9 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    command = shlex.join([sys.executable, "-m", "benchmarks.peers", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(
+        [sys.executable, "-m", "benchmarks.peers", *(argv if argv is not None else sys.argv[1:])]
+    )
     print(f"# command (in {os.getcwd()}): {command}")
     sys.stdout.flush()
     for dataset in ("real", "scale") if args.dataset == "both" else (args.dataset,):
@@ -240,9 +300,16 @@ def main(argv=None):
         prefix = ensure_data(dataset, args.scale_n)
         results = [run_method(m, prefix, args.rounds) for m in methods]
         wall = time.perf_counter() - start
-        out = {"dataset": label, "command": command, "cwd": os.getcwd(), "environment": environment(),
-               "versions": versions(),
-               "rounds": args.rounds, "wall_s": round(wall, 1), "results": results}
+        out = {
+            "dataset": label,
+            "command": command,
+            "cwd": os.getcwd(),
+            "environment": environment(),
+            "versions": versions(),
+            "rounds": args.rounds,
+            "wall_s": round(wall, 1),
+            "results": results,
+        }
         path = os.path.join(peer_data.OUT, f"results-{label}.json")
         with open(path, "w") as f:
             json.dump(out, f, indent=1)

@@ -16,6 +16,7 @@ model load, Beam start-up and shutdown), as a nightly job experiences it.  Peak 
 largest sum of resident memory over the process and all its descendants, sampled every
 0.1 s.  Reported figures are medians over rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,12 +77,20 @@ def child_bare(folder: str, batch: int, model_handle: str) -> None:
 
     model, spec = embedders.complete_spec(embedders.parse_embedder_arg(f"lite={model_handle}"))
     files = _files(folder)
-    pixels = np.stack([imaging.resize(imaging.decode(open(p, "rb").read(), min_size=spec.input_size).image,
-                                      spec.input_size, spec.resize) for p in files])
+    pixels = np.stack(
+        [
+            imaging.resize(
+                imaging.decode(open(p, "rb").read(), min_size=spec.input_size).image,
+                spec.input_size,
+                spec.resize,
+            )
+            for p in files
+        ]
+    )
     embedders.embed_batch(model, spec, pixels[:batch])  # warm-up
     start = time.perf_counter()
     for i in range(0, len(pixels), batch):
-        embedders.embed_batch(model, spec, pixels[i:i + batch])
+        embedders.embed_batch(model, spec, pixels[i : i + batch])
     print(f"steady {len(pixels) / (time.perf_counter() - start):.2f}")
 
 
@@ -111,8 +120,12 @@ def child_pipeline(folder: str, batch: int, model_handle: str, multi: bool) -> N
 
     out = tempfile.mkdtemp(prefix="imgindex-bench-")
     try:
-        argv = [f"--input={folder}/*.jpg", f"--output={out}/run", f"--batch_size={batch}",
-                f"--embedder=lite={model_handle}"]
+        argv = [
+            f"--input={folder}/*.jpg",
+            f"--output={out}/run",
+            f"--batch_size={batch}",
+            f"--embedder=lite={model_handle}",
+        ]
         if multi:
             argv += ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
         report = embed.run(argv)
@@ -122,13 +135,18 @@ def child_pipeline(folder: str, batch: int, model_handle: str, multi: bool) -> N
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--model", default="builtin:efficientnet-lite0",
-                        help="embedder handle used by every method (e.g. builtin:efficientnet-lite0-bf16)")
+    parser.add_argument(
+        "--model",
+        default="builtin:efficientnet-lite0",
+        help="embedder handle used by every method (e.g. builtin:efficientnet-lite0-bf16)",
+    )
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -142,26 +160,42 @@ def main(argv=None):
             child_pipeline(args.data, args.batch_size, args.model, multi=args.child == "pipeline-mp")
         return
 
-    
     methods = args.methods.split(",")
     folder = make_data(args.images)
     results = {m: {"rate": [], "steady": [], "rss": []} for m in methods}
     for round_ in range(args.rounds):
         for method in methods:
-            wall, rss, out = run_child("benchmarks.pipeline_throughput", ["--child", method, "--data", folder, "--batch_size", str(args.batch_size),
-                                        "--model", args.model])
+            wall, rss, out = run_child(
+                "benchmarks.pipeline_throughput",
+                [
+                    "--child",
+                    method,
+                    "--data",
+                    folder,
+                    "--batch_size",
+                    str(args.batch_size),
+                    "--model",
+                    args.model,
+                ],
+            )
             steady = [float(line.split()[1]) for line in out.splitlines() if line.startswith("steady ")]
             results[method]["rate"].append(args.images / wall)
             results[method]["steady"].extend(steady)
             results[method]["rss"].append(rss)
-            print(f"# round {round_ + 1} {method}: {args.images / wall:.1f} images/s with start-up"
-                  + (f", {steady[0]:.1f} steady" if steady else "") + f", peak RSS {rss:.0f} MB", flush=True)
+            print(
+                f"# round {round_ + 1} {method}: {args.images / wall:.1f} images/s with start-up"
+                + (f", {steady[0]:.1f} steady" if steady else "")
+                + f", peak RSS {rss:.0f} MB",
+                flush=True,
+            )
 
     med = {m: {k: statistics.median(v) if v else None for k, v in r.items()} for m, r in results.items()}
     loop = med.get("loop", {}).get("rate")
     bare = med.get("bare", {}).get("steady")
-    print(f"\n# embedding throughput: {args.model}, {args.images} distinct 640x480 JPEGs, batch {args.batch_size}, "
-          f"medians of {args.rounds} interleaved rounds, {environment()}")
+    print(
+        f"\n# embedding throughput: {args.model}, {args.images} distinct 640x480 JPEGs, batch {args.batch_size}, "
+        f"medians of {args.rounds} interleaved rounds, {environment()}"
+    )
     print("| method | images/s incl. start-up | steady images/s | vs loop | vs bare model | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for method in methods:

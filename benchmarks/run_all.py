@@ -1,9 +1,16 @@
 """`make bench`: every benchmark, one after the other, each in its own process."""
+
 import subprocess
 import sys
 
-BENCHMARKS = ["benchmarks.model_throughput", "benchmarks.index_search", "benchmarks.pipeline_throughput",
-              "benchmarks.serving_latency", "benchmarks.build_memory", "benchmarks.sharded_build"]
+BENCHMARKS = [
+    "benchmarks.model_throughput",
+    "benchmarks.index_search",
+    "benchmarks.pipeline_throughput",
+    "benchmarks.serving_latency",
+    "benchmarks.build_memory",
+    "benchmarks.sharded_build",
+]
 
 
 def main():

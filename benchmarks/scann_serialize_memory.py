@@ -11,6 +11,7 @@ but glibc keeps it until the heap is trimmed (malloc_trim), so the growth is the
 It scales with leaves x AH blocks x centres, and it is why the index stage
 (retrieval/scann_assets.py) keeps ~1,000 leaves at 1M rows.
 """
+
 import argparse
 import os
 import subprocess
@@ -38,8 +39,9 @@ def child(variant: str, rows: int, leaves: int) -> None:
         builder = builder.score_brute_force()
     else:
         dims, hash_type = (2, "lut256") if variant == "lut256" else (int(variant[2:]), "lut16")
-        builder = builder.score_ah(dims, anisotropic_quantization_threshold=0.2, training_sample_size=rows,
-                                   hash_type=hash_type)
+        builder = builder.score_ah(
+            dims, anisotropic_quantization_threshold=0.2, training_sample_size=rows, hash_type=hash_type
+        )
     searcher = builder.build()
     del x
     before = _rss_mb()
@@ -50,7 +52,9 @@ def child(variant: str, rows: int, leaves: int) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--leaves", type=int, default=1000)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -62,9 +66,22 @@ def main(argv=None):
     print(f"# serialize() of a tree searcher on {args.rows} x 256 rows")
     print("| scoring | leaves | RSS growth | per leaf |\n|---|---:|---:|---:|")
     for variant in VARIANTS:
-        result = subprocess.run([sys.executable, "-m", "benchmarks.scann_serialize_memory", "--child", variant,
-                                 "--rows", str(args.rows), "--leaves", str(args.leaves)],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.scann_serialize_memory",
+                "--child",
+                variant,
+                "--rows",
+                str(args.rows),
+                "--leaves",
+                str(args.leaves),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         print(result.stdout.strip().splitlines()[-1], flush=True)
 
 

@@ -10,6 +10,7 @@ Measured, each part in its own process where it matters:
             p50 / p99 latency and throughput
   image     decode, embed (builtin model) and search times of single image queries, p50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ from benchmarks.common import clustered, environment, run_child
 from benchmarks.pipeline_throughput import OUT
 
 MODULE = "benchmarks.serving_latency"
-UKBENCH = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                        "ukbench56", "images"))
+UKBENCH = os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ukbench56", "images")
+)
 
 
 def child_build(root: str, n: int, d: int) -> None:
@@ -51,9 +53,18 @@ def child_build(root: str, n: int, d: int) -> None:
     built.save(path, tables={runs.METADATA_FILE: meta})
     m = built.manifest
     spec = {"name": "synthetic", "handle": "synthetic", "fingerprint": "synthetic", "dim": d}
-    runs.write_run_manifest(run_directory, runs.RunManifest(
-        run_id=run_id, status="published", inputs={}, counts={"records": n}, gates={"passed": True},
-        timings={}, embedders={"synthetic": runs.embedder_entry(run_directory, "synthetic", built, spec)}))
+    runs.write_run_manifest(
+        run_directory,
+        runs.RunManifest(
+            run_id=run_id,
+            status="published",
+            inputs={},
+            counts={"records": n},
+            gates={"passed": True},
+            timings={},
+            embedders={"synthetic": runs.embedder_entry(run_directory, "synthetic", built, spec)},
+        ),
+    )
     runs.publish(root, run_id)
     print(f"build {seconds:.2f} recall {m.recall['value']} method {built.method} search {m.search_defaults}")
 
@@ -90,8 +101,11 @@ def _free_port() -> int:
 
 def http_load(root: str, clients: int, requests_each: int, d: int) -> dict:
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "imgindex.cli", "serve", root, "--port", str(port),
-                               "--refresh_seconds", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "imgindex.cli", "serve", root, "--port", str(port), "--refresh_seconds", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -99,9 +113,9 @@ def http_load(root: str, clients: int, requests_each: int, d: int) -> dict:
             try:
                 urllib.request.urlopen(f"{url}/v1/healthz", timeout=2).read()
                 break
-            except OSError:
+            except OSError as exc:
                 if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("server did not start")
+                    raise RuntimeError("server did not start") from exc
                 time.sleep(0.5)
         q = clustered(clients * requests_each, d, seed=2)
         latencies: list[float] = []
@@ -109,7 +123,7 @@ def http_load(root: str, clients: int, requests_each: int, d: int) -> dict:
 
         def client(c):
             mine = []
-            for v in q[c * requests_each:(c + 1) * requests_each]:
+            for v in q[c * requests_each : (c + 1) * requests_each]:
                 body = json.dumps({"vector": v.tolist(), "k": 10}).encode()
                 req = urllib.request.Request(f"{url}/v1/search", body, {"Content-Type": "application/json"})
                 t = time.perf_counter()
@@ -143,7 +157,9 @@ def child_image(images: int) -> None:
     decode_ms, embed_ms, search_ms = [], [], []
     for raw in data[:3] + data:
         t0 = time.perf_counter()
-        pixels = imaging.resize(imaging.decode(raw, min_size=spec.input_size).image, spec.input_size, spec.resize)
+        pixels = imaging.resize(
+            imaging.decode(raw, min_size=spec.input_size).image, spec.input_size, spec.resize
+        )
         t1 = time.perf_counter()
         vector = embedders.embed_batch(model, spec, pixels[None])[0]
         t2 = time.perf_counter()
@@ -153,12 +169,16 @@ def child_image(images: int) -> None:
         embed_ms.append((t2 - t1) * 1000)
         search_ms.append((t3 - t2) * 1000)
     med = lambda v: statistics.median(v[3:])  # noqa: E731  (first 3 are warm-up)
-    print(f"decode {med(decode_ms):.2f} embed {med(embed_ms):.2f} search {med(search_ms):.3f} "
-          f"method {built.method}")
+    print(
+        f"decode {med(decode_ms):.2f} embed {med(embed_ms):.2f} search {med(search_ms):.3f} "
+        f"method {built.method}"
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--queries", type=int, default=2000)
@@ -179,7 +199,9 @@ def main(argv=None):
 
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
-    wall, rss, out = run_child(MODULE, ["--child", "build", "--root", root, "--n", str(args.n), "--d", str(args.d)])
+    wall, rss, out = run_child(
+        MODULE, ["--child", "build", "--root", root, "--n", str(args.n), "--d", str(args.d)]
+    )
     build = out.split()
     matrix_mb = args.n * args.d * 4 / 2**20
     _, _, out = run_child(MODULE, ["--child", "inprocess", "--root", root, "--queries", str(args.queries)])
@@ -193,17 +215,23 @@ def main(argv=None):
     print(f"# serving: n={args.n} d={args.d} cosine, default config ({' '.join(build[4:])}), {environment()}")
     print("| measure | value |\n|---|---:|")
     print(f"| index build (build_index incl. recall tuning) | {float(build[1]):.1f} s |")
-    print(f"| build process peak RSS / float32 matrix | {rss:.0f} MB / {matrix_mb:.0f} MB ({rss / matrix_mb:.2f}x) |")
+    print(
+        f"| build process peak RSS / float32 matrix | {rss:.0f} MB / {matrix_mb:.0f} MB ({rss / matrix_mb:.2f}x) |"
+    )
     print(f"| recall@10 recorded in the manifest | {build[3]} |")
     print(f"| `import serving` | {inproc['import'] * 1000:.0f} ms |")
     print(f"| Searcher.open (verify checksums, load) | {inproc['open']:.2f} s |")
     print(f"| in-process vector query, k=10, p50 / p99 | {inproc['p50']:.3f} / {inproc['p99']:.3f} ms |")
-    print(f"| HTTP POST /v1/search, {args.clients} clients x {args.requests}, p50 / p99 | "
-          f"{http['p50']:.2f} / {http['p99']:.2f} ms |")
+    print(
+        f"| HTTP POST /v1/search, {args.clients} clients x {args.requests}, p50 / p99 | "
+        f"{http['p50']:.2f} / {http['p99']:.2f} ms |"
+    )
     print(f"| HTTP throughput | {http['qps']:.0f} requests/s |")
     if image:
-        print(f"| image query: decode / embed / search (100k x 1280 {image['method']}), p50 | "
-              f"{image['decode']} / {image['embed']} / {image['search']} ms |")
+        print(
+            f"| image query: decode / embed / search (100k x 1280 {image['method']}), p50 | "
+            f"{image['decode']} / {image['embed']} / {image['search']} ms |"
+        )
 
 
 if __name__ == "__main__":

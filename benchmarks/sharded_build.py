@@ -10,6 +10,7 @@ peak RSS summed over the process tree and of the largest single process, then re
 against exact search and QPS (one thread, single queries and one batch) of each built
 index on 1,000 held-out queries (table rows plus Gaussian noise), medians of rounds.
 """
+
 import argparse
 import json
 import os
@@ -36,8 +37,16 @@ def child(run_dir: str, variant: str, out_dir: str) -> None:
     else:
         shards = int(variant.split("=")[1])
         options = PipelineOptions(flags=["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
-        build_shards.build_sharded(options, run_dir, "synthetic", num_shards=shards, max_shard_vectors=None,
-                                   distance="cosine", k=10, target_recall=0.95)
+        build_shards.build_sharded(
+            options,
+            run_dir,
+            "synthetic",
+            num_shards=shards,
+            max_shard_vectors=None,
+            distance="cosine",
+            k=10,
+            target_recall=0.95,
+        )
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.move(index_dir, out_dir)
 
@@ -55,12 +64,19 @@ def measure(index_dir: str, x: np.ndarray, rounds: int) -> dict:
     single = median_rate(lambda: [index.search(q, k=10) for q in queries], len(queries), rounds, 1)
     batched = median_rate(lambda: index.search_batch(queries, k=10), len(queries), rounds, 1)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(index_dir) for f in fs)
-    return {"recall": recall, "single_qps": single, "batched_qps": batched, "index_mb": size / 2**20,
-            "build_recall": index.manifest.recall["value"]}
+    return {
+        "recall": recall,
+        "single_qps": single,
+        "batched_qps": batched,
+        "index_mb": size / 2**20,
+        "build_recall": index.manifest.recall["value"],
+    }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=500_000)
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--shards", type=int, default=2)
@@ -82,12 +98,18 @@ def main(argv=None):
 
     x = tables.read_embeddings(os.path.join(run_dir, "embeddings", "synthetic")).vectors
     matrix_mb = x.nbytes / 2**20
-    print(f"# python -m benchmarks.sharded_build --n {args.n} --d {args.d} --shards {args.shards} "
-          f"--rounds {args.rounds}")
-    print(f"# {environment()}; matrix {matrix_mb:.0f} MB; build figures are medians of {args.rounds} "
-          "interleaved rounds, each build in a fresh process")
-    print("| variant | build s | vs single | peak RSS tree MB | largest process MB (x matrix) | recall@10 | "
-          "single QPS | batched QPS | index MB |")
+    print(
+        f"# python -m benchmarks.sharded_build --n {args.n} --d {args.d} --shards {args.shards} "
+        f"--rounds {args.rounds}"
+    )
+    print(
+        f"# {environment()}; matrix {matrix_mb:.0f} MB; build figures are medians of {args.rounds} "
+        "interleaved rounds, each build in a fresh process"
+    )
+    print(
+        "| variant | build s | vs single | peak RSS tree MB | largest process MB (x matrix) | recall@10 | "
+        "single QPS | batched QPS | index MB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     base = np.median([b[0] for b in builds["single"]])
@@ -95,8 +117,10 @@ def main(argv=None):
         wall, tree, largest = (float(np.median(column)) for column in zip(*builds[variant]))
         m = measure(os.path.join(run_dir, f"built-{variant.replace('=', '')}"), x, args.rounds)
         results[variant] = {"build_s": wall, "tree_mb": tree, "largest_mb": largest, **m}
-        print(f"| {variant} | {wall:.1f} | {base / wall:.2f}x | {tree:.0f} | {largest:.0f} ({largest / matrix_mb:.2f}x) | "
-              f"{m['recall']:.3f} | {m['single_qps']:.0f} | {m['batched_qps']:.0f} | {m['index_mb']:.0f} |")
+        print(
+            f"| {variant} | {wall:.1f} | {base / wall:.2f}x | {tree:.0f} | {largest:.0f} ({largest / matrix_mb:.2f}x) | "
+            f"{m['recall']:.3f} | {m['single_qps']:.0f} | {m['batched_qps']:.0f} | {m['index_mb']:.0f} |"
+        )
     with open(os.path.join(run_dir, "sharded-build.json"), "w") as f:
         json.dump(results, f, indent=2)
 

@@ -1,5 +1,6 @@
 """The `imgindex` command.  Subcommands import their heavy dependencies only when they run,
 so `imgindex --help` and `imgindex <cmd> --help` never import TensorFlow."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,12 @@ from retrieval.version import __version__
 
 
 def _add_models(sub) -> None:
-    p = sub.add_parser("models", help="list the builtin embedders, or materialise one",
-                       description="List the builtin (offline) embedders. With --export, "
-                       "materialise one as a TF Hub SavedModel in the cache and print its path.")
+    p = sub.add_parser(
+        "models",
+        help="list the builtin embedders, or materialise one",
+        description="List the builtin (offline) embedders. With --export, "
+        "materialise one as a TF Hub SavedModel in the cache and print its path.",
+    )
     p.add_argument("--export", metavar="NAME", help="builtin to materialise, e.g. efficientnet-lite0")
     p.add_argument("--cache_dir", help="cache root (default $IMGINDEX_CACHE_DIR or ~/.cache/imgindex)")
     p.set_defaults(func=_run_models)
@@ -29,24 +33,36 @@ def _run_models(args) -> int:
     print(f"{'handle':32} {'input':>5} {'dim':>5}  weights package")
     for name in builtin.builtin_names():
         spec = builtin.BUILTIN_MODELS[name]
-        print(f"{builtin.BUILTIN_PREFIX + name:32} {spec.input_size:5d} {spec.feature_dim:5d}  {spec.package}")
+        print(
+            f"{builtin.BUILTIN_PREFIX + name:32} {spec.input_size:5d} {spec.feature_dim:5d}  {spec.package}"
+        )
     return 0
 
 
 def _add_index(sub) -> None:
-    p = sub.add_parser("index", help="build a ScaNN index from embedding tables",
-                       description="Build a ScaNN index from Parquet embedding tables, measure "
-                       "its recall against exact search, and save it with a manifest.")
+    p = sub.add_parser(
+        "index",
+        help="build a ScaNN index from embedding tables",
+        description="Build a ScaNN index from Parquet embedding tables, measure "
+        "its recall against exact search, and save it with a manifest.",
+    )
     p.add_argument("--embeddings", required=True, help="a Parquet file or a directory of them")
     p.add_argument("--output", required=True, help="index directory to create")
     p.add_argument("--distance", default="cosine", choices=["cosine", "dot_product", "squared_l2"])
     p.add_argument("--k", type=int, default=10, help="neighbours the recall is measured at")
-    p.add_argument("--target_recall", type=float, default=0.95,
-                   help="search knobs are tuned to the cheapest setting reaching this recall@k")
-    p.add_argument("--tuning_queries", default=None,
-                   help="held-out query vectors (a .npy file, or embedding tables from the same "
-                   "embedder) that measure recall and tune the search knobs instead of sampled "
-                   "database rows")
+    p.add_argument(
+        "--target_recall",
+        type=float,
+        default=0.95,
+        help="search knobs are tuned to the cheapest setting reaching this recall@k",
+    )
+    p.add_argument(
+        "--tuning_queries",
+        default=None,
+        help="held-out query vectors (a .npy file, or embedding tables from the same "
+        "embedder) that measure recall and tune the search knobs instead of sampled "
+        "database rows",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
     p.set_defaults(func=_run_index)
 
@@ -60,23 +76,37 @@ def _run_index(args) -> int:
         from pipelines.build import load_tuning_queries
 
         queries = load_tuning_queries(args.tuning_queries, data.spec)
-    built = index.build_index(data.vectors, data.ids, distance=args.distance,
-                              embedder=data.spec.to_dict(), k=args.k,
-                              target_recall=args.target_recall, tuning_queries=queries)
+    built = index.build_index(
+        data.vectors,
+        data.ids,
+        distance=args.distance,
+        embedder=data.spec.to_dict(),
+        k=args.k,
+        target_recall=args.target_recall,
+        tuning_queries=queries,
+    )
     built.save(args.output, overwrite=args.overwrite)
     m = built.manifest
-    recall = "not measured (fewer than 2 vectors)" if m.recall["value"] is None else (
-        f"recall@{m.recall['k']}={m.recall['value']:.4f} (target {m.recall['target']})")
-    print(f"index: {args.output}  n={m.n} d={m.d} distance={m.distance} "
-          f"method={built.method}  {recall}  build {m.build_seconds:.1f}s")
+    recall = (
+        "not measured (fewer than 2 vectors)"
+        if m.recall["value"] is None
+        else (f"recall@{m.recall['k']}={m.recall['value']:.4f} (target {m.recall['target']})")
+    )
+    print(
+        f"index: {args.output}  n={m.n} d={m.d} distance={m.distance} "
+        f"method={built.method}  {recall}  build {m.build_seconds:.1f}s"
+    )
     return 0
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="embed bundled demo photos with the builtin model, index, query",
-                       description="The embedded default job: augmented variants of scikit-image's "
-                       "sample photographs, embedded with the builtin EfficientNet-Lite0, indexed "
-                       "with ScaNN and queried with each original photo.")
+    p = sub.add_parser(
+        "demo",
+        help="embed bundled demo photos with the builtin model, index, query",
+        description="The embedded default job: augmented variants of scikit-image's "
+        "sample photographs, embedded with the builtin EfficientNet-Lite0, indexed "
+        "with ScaNN and queried with each original photo.",
+    )
     p.add_argument("--output", default="runs/demo", help="where the tables, index and contact sheet go")
     p.add_argument("--embedder", default="builtin:efficientnet-lite0", help="embedder handle")
     p.add_argument("--variants", type=int, default=6, help="augmented variants per photo")
@@ -90,10 +120,12 @@ def _run_demo(args) -> int:
     return demo.run(args.output, embedder=args.embedder, variants=args.variants, k=args.k)
 
 
-_BEAM_FLAGS = ("Any other flag (--runner, --direct_running_mode, --direct_num_workers, Dataflow, "
-               "Flink or Spark options) goes to Beam; without --runner the pipeline runs locally "
-               "on Beam's FnApiRunner. A flag neither these nor Beam's pipeline options know is "
-               "an error (exit status 2), not ignored.")
+_BEAM_FLAGS = (
+    "Any other flag (--runner, --direct_running_mode, --direct_num_workers, Dataflow, "
+    "Flink or Spark options) goes to Beam; without --runner the pipeline runs locally "
+    "on Beam's FnApiRunner. A flag neither these nor Beam's pipeline options know is "
+    "an error (exit status 2), not ignored."
+)
 
 
 def _add_embed(sub) -> None:
@@ -102,8 +134,11 @@ def _add_embed(sub) -> None:
 
 
 def _add_build(sub) -> None:
-    p = sub.add_parser("build", add_help=False,
-                       help="the nightly job: embed, build one index per embedder, validate, publish")
+    p = sub.add_parser(
+        "build",
+        add_help=False,
+        help="the nightly job: embed, build one index per embedder, validate, publish",
+    )
     p.set_defaults(func=_run_build, passthrough=True)
 
 
@@ -114,14 +149,18 @@ def beam_help(command: str) -> str:
     if command == "build":
         from pipelines.build import BuildOptions as options_class
 
-        description = ("The nightly job: run the embedding pipeline into OUTPUT/runs/<run_id>/, build "
-                       "and validate one ScaNN index per embedder, then point OUTPUT/LATEST at the run. "
-                       "Refuses to publish (exit status 3, LATEST unchanged) when recall or the failure "
-                       "rate misses its gate. ")
+        description = (
+            "The nightly job: run the embedding pipeline into OUTPUT/runs/<run_id>/, build "
+            "and validate one ScaNN index per embedder, then point OUTPUT/LATEST at the run. "
+            "Refuses to publish (exit status 3, LATEST unchanged) when recall or the failure "
+            "rate misses its gate. "
+        )
     else:
         options_class = EmbedOptions
-        description = ("Run the Beam embedding pipeline: image shards in, one Parquet embedding table "
-                       "per embedder plus a failures table and a run report out. ")
+        description = (
+            "Run the Beam embedding pipeline: image shards in, one Parquet embedding table "
+            "per embedder plus a failures table and a run report out. "
+        )
     parser = argparse.ArgumentParser(prog=f"imgindex {command}", description=description + _BEAM_FLAGS)
     for cls in reversed(options_class.__mro__):
         if "_add_argparse_args" in vars(cls) and issubclass(cls, EmbedOptions):
@@ -149,17 +188,22 @@ def _run_build(args, rest: list[str]) -> int:
 
 
 def _add_query(sub) -> None:
-    p = sub.add_parser("query", help="query a published index by image file, vector or id",
-                       description="Query the run published under an output root (following LATEST) "
-                       "or a run directory; prints the hits best first. A .npy --vector of shape (d,) "
-                       "or (1, d) (what the embedder returns for one image) is one query; a (q, d) "
-                       "array with q > 1 runs q queries: the table gains a leading 'query' column "
-                       "(the row, from 0) and --json prints one list of hits per row.")
+    p = sub.add_parser(
+        "query",
+        help="query a published index by image file, vector or id",
+        description="Query the run published under an output root (following LATEST) "
+        "or a run directory; prints the hits best first. A .npy --vector of shape (d,) "
+        "or (1, d) (what the embedder returns for one image) is one query; a (q, d) "
+        "array with q > 1 runs q queries: the table gains a leading 'query' column "
+        "(the row, from 0) and --json prints one list of hits per row.",
+    )
     p.add_argument("path", help="output root or run directory")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="image file to embed with the index's embedder")
-    what.add_argument("--vector", help="comma-separated floats, or a .npy file holding one vector "
-                      "(d,) or (1, d), or several (q, d)")
+    what.add_argument(
+        "--vector",
+        help="comma-separated floats, or a .npy file holding one vector (d,) or (1, d), or several (q, d)",
+    )
     what.add_argument("--id", help="an indexed id: its own vector is the query")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--embedder", help="which index, when the run has several")
@@ -177,8 +221,10 @@ def _query_vector(text: str):
         except (OSError, ValueError) as exc:  # missing, unreadable, not a .npy, pickled objects
             raise ConfigError(f"--vector {text}: cannot read it as a .npy array: {exc}") from exc
         if array.ndim not in (1, 2) or 0 in array.shape:
-            raise ConfigError(f"--vector {text} holds an array of shape {array.shape}; expected one "
-                              "vector (d,) or (1, d), or one query per row (q, d)")
+            raise ConfigError(
+                f"--vector {text} holds an array of shape {array.shape}; expected one "
+                "vector (d,) or (1, d), or one query per row (q, d)"
+            )
         return array[0] if array.ndim == 2 and len(array) == 1 else array
     try:
         return np.array([float(v) for v in text.split(",")], np.float32)
@@ -218,20 +264,29 @@ def _run_query(args) -> int:
     print(f"{'query':>5}  " * several + f"{'rank':>4}  {'score':>8}  {'id':40} source")
     for row, hits in enumerate(results):
         for hit in hits:
-            print(f"{row:5d}  " * several
-                  + f"{hit.rank:4d}  {hit.score:8.4f}  {hit.id:40} {hit.metadata.get('source', '')}")
+            print(
+                f"{row:5d}  " * several
+                + f"{hit.rank:4d}  {hit.score:8.4f}  {hit.id:40} {hit.metadata.get('source', '')}"
+            )
     return 0
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a published index over HTTP (JSON, no gRPC)",
-                       description="HTTP JSON API: POST /v1/search, GET /v1/healthz, GET /v1/index. "
-                       "Follows LATEST and swaps in newer runs without dropping queries.")
+    p = sub.add_parser(
+        "serve",
+        help="serve a published index over HTTP (JSON, no gRPC)",
+        description="HTTP JSON API: POST /v1/search, GET /v1/healthz, GET /v1/index. "
+        "Follows LATEST and swaps in newer runs without dropping queries.",
+    )
     p.add_argument("path", help="output root (follows LATEST) or run directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--refresh_seconds", type=float, default=60.0,
-                   help="how often LATEST is checked for a newer run (0 = never)")
+    p.add_argument(
+        "--refresh_seconds",
+        type=float,
+        default=60.0,
+        help="how often LATEST is checked for a newer run (0 = never)",
+    )
     p.set_defaults(func=_run_serve)
 
 
@@ -259,31 +314,43 @@ def _run_inspect(args) -> int:
     if sharded.manifest_kind(args.path) == sharded.KIND:
         data = json.loads(open(os.path.join(args.path, index_manifest.MANIFEST_NAME)).read())
         if not args.json:
-            print(f"sharded index {args.path}: n={data['n']} d={data['d']} distance={data['distance']} "
-                  f"shards={data['num_shards']} recall@{data['recall'].get('k')}={data['recall'].get('value')} "
-                  f"(merged; per shard {data['recall'].get('per_shard')})")
+            print(
+                f"sharded index {args.path}: n={data['n']} d={data['d']} distance={data['distance']} "
+                f"shards={data['num_shards']} recall@{data['recall'].get('k')}={data['recall'].get('value')} "
+                f"(merged; per shard {data['recall'].get('per_shard')})"
+            )
             for shard in data["shards"]:
-                print(f"  {shard['dir']}: n={shard['n']} {shard.get('method')} search {shard.get('search_defaults')}")
+                print(
+                    f"  {shard['dir']}: n={shard['n']} {shard.get('method')} search {shard.get('search_defaults')}"
+                )
     elif os.path.isfile(os.path.join(args.path, index_manifest.MANIFEST_NAME)):
         m = index_manifest.read_manifest(args.path)
         data = m.to_dict()
         if not args.json:
-            print(f"index {args.path}: n={m.n} d={m.d} distance={m.distance} "
-                  f"method={m.index_config.get('method')} recall@{m.recall.get('k')}={m.recall.get('value')} "
-                  f"search {m.search_defaults} embedder {(m.embedder or {}).get('handle')} files {len(m.files)}")
+            print(
+                f"index {args.path}: n={m.n} d={m.d} distance={m.distance} "
+                f"method={m.index_config.get('method')} recall@{m.recall.get('k')}={m.recall.get('value')} "
+                f"search {m.search_defaults} embedder {(m.embedder or {}).get('handle')} files {len(m.files)}"
+            )
     else:
         run_dir = runs.resolve_run(args.path)
         m = runs.read_run_manifest(run_dir)
         data = m.to_dict()
         if not args.json:
-            print(f"run {m.run_id} ({run_dir}): {m.status}, created {m.created_at}, imgindex {m.producer_version}")
+            print(
+                f"run {m.run_id} ({run_dir}): {m.status}, created {m.created_at}, imgindex {m.producer_version}"
+            )
             print(f"  inputs: {m.inputs.get('globs')} ({m.inputs.get('files')} files)")
-            print(f"  records: {m.counts.get('records')}, failed {m.counts.get('failed_total')}; gates: "
-                  f"{'passed' if m.gates.get('passed') else m.gates.get('reasons')}")
+            print(
+                f"  records: {m.counts.get('records')}, failed {m.counts.get('failed_total')}; gates: "
+                f"{'passed' if m.gates.get('passed') else m.gates.get('reasons')}"
+            )
             for name, e in m.embedders.items():
-                print(f"  {name}: {e['spec']['handle']} ({e['spec']['fingerprint'][:23]}...) n={e['n']} "
-                      f"d={e['d']} {e['method']} recall@{e['recall']['k']}={e['recall']['value']} "
-                      f"search {e['search_defaults']} build {e['build_seconds']}s")
+                print(
+                    f"  {name}: {e['spec']['handle']} ({e['spec']['fingerprint'][:23]}...) n={e['n']} "
+                    f"d={e['d']} {e['method']} recall@{e['recall']['k']}={e['recall']['value']} "
+                    f"search {e['search_defaults']} build {e['build_seconds']}s"
+                )
             print(f"  timings: {m.timings}")
             if m.error:
                 print(f"  error: {m.error}")
@@ -300,8 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"imgindex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_build, _add_demo, _add_embed, _add_index, _add_inspect, _add_models, _add_query,
-                _add_serve):
+    for add in (
+        _add_build,
+        _add_demo,
+        _add_embed,
+        _add_index,
+        _add_inspect,
+        _add_models,
+        _add_query,
+        _add_serve,
+    ):
         add(sub)
     return parser
 

@@ -7,6 +7,7 @@ builtin model, builds and validates the ScaNN index and publishes the run; the o
 photos (not in the index) are then sent as image queries to the serving `Searcher`, and the
 hit rate (a photo's variants found in its top hits) is printed and drawn as a contact sheet.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,9 +25,22 @@ from retrieval import imaging
 from retrieval.errors import ConfigError
 
 # Colour and greyscale photographs bundled inside the scikit-image wheel (no download).
-PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
-          "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
-          "motorcycle_left.png", "retina.jpg", "rocket.jpg")
+PHOTOS = (
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "retina.jpg",
+    "rocket.jpg",
+)
 
 
 def photo_dir() -> str:
@@ -62,7 +76,9 @@ def variant(image: Image.Image, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(folder: str, photos: dict[str, bytes], variants: int, shards: int = 2, seed: int = 0) -> list[str]:
+def write_shards(
+    folder: str, photos: dict[str, bytes], variants: int, shards: int = 2, seed: int = 0
+) -> list[str]:
     """WebDataset tars of the variants only (key <photo>/vNN, a .json sidecar naming the photo)."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
@@ -120,10 +136,13 @@ def run(output: str, embedder: str = "builtin:efficientnet-lite0", variants: int
     shard_dir = os.path.join(output, "shards")
     shutil.rmtree(shard_dir, ignore_errors=True)
     shards = write_shards(shard_dir, photos, variants)
-    print(f"demo: {len(photos)} photos x {variants} variants -> {len(shards)} WebDataset shards in {shard_dir}")
+    print(
+        f"demo: {len(photos)} photos x {variants} variants -> {len(shards)} WebDataset shards in {shard_dir}"
+    )
 
-    result = build.run([f"--input={shard_dir}/*.tar", f"--output={output}", f"--embedder=demo={embedder}",
-                        "--metadata=json"])
+    result = build.run(
+        [f"--input={shard_dir}/*.tar", f"--output={output}", f"--embedder=demo={embedder}", "--metadata=json"]
+    )
     print(build.summary(result))
 
     searcher = Searcher.open(output)
@@ -134,14 +153,18 @@ def run(output: str, embedder: str = "builtin:efficientnet-lite0", variants: int
         hits = searcher.search_image(data, k=max(k, variants))
         relevant = [hit.id.split("/")[0] == photo for hit in hits]
         found.append(sum(relevant[:variants]) / variants)
-        cells = "  ".join(f"{'*' if r else ' '}{hit.id} {hit.score:.2f}" for hit, r in zip(hits[:3], relevant))
+        cells = "  ".join(
+            f"{'*' if r else ' '}{hit.id} {hit.score:.2f}" for hit, r in zip(hits[:3], relevant)
+        )
         print(f"{photo:25} {cells}  ...")
         rows.append((data, [(indexed[hit.id], r) for hit, r in zip(hits[:k], relevant)]))
 
     sheet = os.path.join(output, "contact_sheet.png")
     contact_sheet(rows, sheet)
-    print(f"\nhit rate: {np.mean(found):.3f} of each photo's {variants} variants are among its top "
-          f"{variants} hits (mean over {len(photos)} query photos)")
+    print(
+        f"\nhit rate: {np.mean(found):.3f} of each photo's {variants} variants are among its top "
+        f"{variants} hits (mean over {len(photos)} query photos)"
+    )
     print(f"published run: {result.run_dir}\ncontact sheet: {sheet}")
     print(f"done in {time.perf_counter() - started:.1f}s")
     return 0

@@ -1,4 +1,5 @@
 """The Beam pipelines of imgindex (`pipelines.embed`)."""
+
 import logging
 
 

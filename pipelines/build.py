@@ -9,6 +9,7 @@ A run that fails, is interrupted or is refused by a gate never touches LATEST, s
 previous good run stays published.  Every run gets a new directory: rerunning the same
 command is safe.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,8 @@ import pyarrow as pa
 
 from pipelines import embed
 from pipelines.options import EmbedOptions, check_flags
-from retrieval import index as index_lib
 from retrieval import embedders, projection, runs, sharded, tables
+from retrieval import index as index_lib
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
@@ -35,35 +36,66 @@ DISTANCES = ("cosine", "dot_product", "squared_l2")
 class BuildOptions(EmbedOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--min_recall", type=float, default=0.95,
-                            help="refuse to publish when an index's recall@k against exact search "
-                            "is below this")
-        parser.add_argument("--max_failure_rate", type=float, default=0.01,
-                            help="refuse to publish when more than this fraction of input records "
-                            "failed (read, decode or embed)")
-        parser.add_argument("--distance", default="cosine", choices=DISTANCES,
-                            help="index distance (cosine needs L2-normalised embeddings, the default)")
-        parser.add_argument("--recall_k", type=int, default=10,
-                            help="k of the recall gate and the index's default k")
-        parser.add_argument("--pca_dim", type=int, default=0,
-                            help="project embeddings to this many dimensions with a PCA learned at "
-                            "build time (re-normalised, no whitening; cosine only); 0 = off")
-        parser.add_argument("--index_shards", type=int, default=0,
-                            help="build each embedder's index as N shards, rows partitioned by a stable "
-                            "hash of the id, each shard built by a Beam worker (0 = one index, or as "
-                            "many shards as --max_shard_vectors needs)")
-        parser.add_argument("--max_shard_vectors", type=int, default=0,
-                            help="memory budget: the most rows one shard (one worker's matrix) may "
-                            "hold; picks the number of shards when --index_shards is 0 (0 = no limit)")
-        parser.add_argument("--tuning_queries", action="append", default=None,
-                            help="held-out query vectors that measure each index's recall and tune its "
-                            "search knobs instead of sampled database rows (use them when queries are "
-                            "unlike the indexed images, e.g. past queries): [EMBEDDER=]PATH, PATH a local "
-                            ".npy file (q, dim) or Parquet embedding table(s) written by `imgindex embed` "
-                            "with the same embedder; repeat per embedder; without EMBEDDER= it applies "
-                            "to the run's only embedder")
-        parser.add_argument("--run_id", default=None,
-                            help="name of the run directory (default: UTC timestamp + random suffix)")
+        parser.add_argument(
+            "--min_recall",
+            type=float,
+            default=0.95,
+            help="refuse to publish when an index's recall@k against exact search is below this",
+        )
+        parser.add_argument(
+            "--max_failure_rate",
+            type=float,
+            default=0.01,
+            help="refuse to publish when more than this fraction of input records "
+            "failed (read, decode or embed)",
+        )
+        parser.add_argument(
+            "--distance",
+            default="cosine",
+            choices=DISTANCES,
+            help="index distance (cosine needs L2-normalised embeddings, the default)",
+        )
+        parser.add_argument(
+            "--recall_k", type=int, default=10, help="k of the recall gate and the index's default k"
+        )
+        parser.add_argument(
+            "--pca_dim",
+            type=int,
+            default=0,
+            help="project embeddings to this many dimensions with a PCA learned at "
+            "build time (re-normalised, no whitening; cosine only); 0 = off",
+        )
+        parser.add_argument(
+            "--index_shards",
+            type=int,
+            default=0,
+            help="build each embedder's index as N shards, rows partitioned by a stable "
+            "hash of the id, each shard built by a Beam worker (0 = one index, or as "
+            "many shards as --max_shard_vectors needs)",
+        )
+        parser.add_argument(
+            "--max_shard_vectors",
+            type=int,
+            default=0,
+            help="memory budget: the most rows one shard (one worker's matrix) may "
+            "hold; picks the number of shards when --index_shards is 0 (0 = no limit)",
+        )
+        parser.add_argument(
+            "--tuning_queries",
+            action="append",
+            default=None,
+            help="held-out query vectors that measure each index's recall and tune its "
+            "search knobs instead of sampled database rows (use them when queries are "
+            "unlike the indexed images, e.g. past queries): [EMBEDDER=]PATH, PATH a local "
+            ".npy file (q, dim) or Parquet embedding table(s) written by `imgindex embed` "
+            "with the same embedder; repeat per embedder; without EMBEDDER= it applies "
+            "to the run's only embedder",
+        )
+        parser.add_argument(
+            "--run_id",
+            default=None,
+            help="name of the run directory (default: UTC timestamp + random suffix)",
+        )
 
 
 class GateError(ImgIndexError):
@@ -74,22 +106,30 @@ def _check(opts: BuildOptions) -> None:
     if not opts.output:
         raise ConfigError("--output is required: the output root that holds runs/ and LATEST")
     if "://" in opts.output:
-        raise ConfigError(f"--output {opts.output!r}: `imgindex build` publishes to a local or mounted "
-                          "path (index building and the atomic LATEST rename are local); `imgindex embed` "
-                          "writes to any Beam filesystem")
+        raise ConfigError(
+            f"--output {opts.output!r}: `imgindex build` publishes to a local or mounted "
+            "path (index building and the atomic LATEST rename are local); `imgindex embed` "
+            "writes to any Beam filesystem"
+        )
     if not 0 < opts.min_recall <= 1:
         raise ConfigError(f"--min_recall must be in (0, 1], got {opts.min_recall}")
     if not 0 <= opts.max_failure_rate <= 1:
         raise ConfigError(f"--max_failure_rate must be in [0, 1], got {opts.max_failure_rate}")
     if opts.pca_dim < 0 or (opts.pca_dim and opts.distance != "cosine"):
-        raise ConfigError(f"--pca_dim {opts.pca_dim}: must be >= 0, and a projection (re-normalised) "
-                          "needs --distance cosine")
+        raise ConfigError(
+            f"--pca_dim {opts.pca_dim}: must be >= 0, and a projection (re-normalised) "
+            "needs --distance cosine"
+        )
     if opts.index_shards < 0 or opts.max_shard_vectors < 0:
-        raise ConfigError(f"--index_shards ({opts.index_shards}) and --max_shard_vectors "
-                          f"({opts.max_shard_vectors}) must be >= 0 (0 = automatic / no limit)")
+        raise ConfigError(
+            f"--index_shards ({opts.index_shards}) and --max_shard_vectors "
+            f"({opts.max_shard_vectors}) must be >= 0 (0 = automatic / no limit)"
+        )
     if opts.pca_dim and (opts.index_shards > 1 or opts.max_shard_vectors):
-        raise ConfigError("--pca_dim cannot be combined with a sharded build (--index_shards > 1 or "
-                          "--max_shard_vectors) yet: the projection is learned on one machine's matrix")
+        raise ConfigError(
+            "--pca_dim cannot be combined with a sharded build (--index_shards > 1 or "
+            "--max_shard_vectors) yet: the projection is learned on one machine's matrix"
+        )
     if opts.recall_k < 1:
         raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id or opts.run_id.startswith(".")):
@@ -107,17 +147,22 @@ def tuning_queries_of(opts: BuildOptions) -> dict[str, str]:
         name, sep, path = value.partition("=")
         if not sep:
             if len(names) != 1:
-                raise ConfigError(f"--tuning_queries {value!r}: the run has embedders {names}; "
-                                  "say which one with EMBEDDER=PATH")
+                raise ConfigError(
+                    f"--tuning_queries {value!r}: the run has embedders {names}; "
+                    "say which one with EMBEDDER=PATH"
+                )
             name, path = names[0], value
         if name not in names:
-            raise ConfigError(f"--tuning_queries {value!r}: unknown embedder {name!r}; the run's "
-                              f"embedders are {names}")
+            raise ConfigError(
+                f"--tuning_queries {value!r}: unknown embedder {name!r}; the run's embedders are {names}"
+            )
         if name in out:
             raise ConfigError(f"--tuning_queries given twice for embedder {name!r}")
         if "://" in path or not os.path.exists(path):
-            raise ConfigError(f"--tuning_queries {value!r}: {path!r} is not an existing local file or "
-                              "directory (a .npy file or Parquet embedding tables)")
+            raise ConfigError(
+                f"--tuning_queries {value!r}: {path!r} is not an existing local file or "
+                "directory (a .npy file or Parquet embedding tables)"
+            )
         out[name] = path
     return out
 
@@ -125,7 +170,9 @@ def tuning_queries_of(opts: BuildOptions) -> dict[str, str]:
 def load_tuning_queries(path: str, spec) -> np.ndarray:
     """Query vectors from a .npy file or from embedding tables made with the same embedder."""
     if not os.path.exists(path):
-        raise ConfigError(f"--tuning_queries {path!r} does not exist (a .npy file or Parquet embedding tables)")
+        raise ConfigError(
+            f"--tuning_queries {path!r} does not exist (a .npy file or Parquet embedding tables)"
+        )
     if path.endswith(".npy"):
         try:
             return np.load(path, allow_pickle=False)
@@ -133,9 +180,11 @@ def load_tuning_queries(path: str, spec) -> np.ndarray:
             raise ConfigError(f"--tuning_queries {path!r} is not a readable .npy array ({exc})") from exc
     queries = tables.read_embeddings(path)
     if queries.spec.fingerprint != spec.fingerprint:
-        raise ConfigError(f"--tuning_queries {path!r} was embedded by {queries.spec.name!r} "
-                          f"({queries.spec.fingerprint}), the index by {spec.name!r} ({spec.fingerprint}); "
-                          "embed the queries with the same embedder")
+        raise ConfigError(
+            f"--tuning_queries {path!r} was embedded by {queries.spec.name!r} "
+            f"({queries.spec.fingerprint}), the index by {spec.name!r} ({spec.fingerprint}); "
+            "embed the queries with the same embedder"
+        )
     return queries.vectors
 
 
@@ -143,8 +192,13 @@ def _versions() -> dict:
     import apache_beam
     import numpy
 
-    return {"imgindex": __version__, "python": platform.python_version(), "apache_beam": apache_beam.__version__,
-            "pyarrow": pa.__version__, "numpy": numpy.__version__}
+    return {
+        "imgindex": __version__,
+        "python": platform.python_version(),
+        "apache_beam": apache_beam.__version__,
+        "pyarrow": pa.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 def _sharded(run_directory: str, name: str, opts: BuildOptions) -> bool:
@@ -164,7 +218,7 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
     """
     out = {}
     tuning = tuning_queries_of(opts)
-    for name, info in report["embedders"].items():
+    for name in report["embedders"]:
         if _sharded(run_directory, name, opts):
             from pipelines import build_shards
 
@@ -173,12 +227,19 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
                 spec = tables.embedder_spec(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}")
                 queries = load_tuning_queries(tuning[name], spec)
             built = build_shards.build_sharded(
-                options if options is not None else opts, run_directory, name,
-                num_shards=opts.index_shards or None, max_shard_vectors=opts.max_shard_vectors or None,
-                distance=opts.distance, k=opts.recall_k, target_recall=opts.min_recall,
-                tuning_queries=queries)
-            out[name] = runs.embedder_entry(run_directory, name, built, built.manifest.embedder,
-                                            shards=built.num_shards)
+                options if options is not None else opts,
+                run_directory,
+                name,
+                num_shards=opts.index_shards or None,
+                max_shard_vectors=opts.max_shard_vectors or None,
+                distance=opts.distance,
+                k=opts.recall_k,
+                target_recall=opts.min_recall,
+                tuning_queries=queries,
+            )
+            out[name] = runs.embedder_entry(
+                run_directory, name, built, built.manifest.embedder, shards=built.num_shards
+            )
             continue
         index_dir = runs.index_dir(run_directory, name)
         work_dir = os.path.dirname(index_dir)
@@ -188,9 +249,12 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
         # metadata file is linked into the index (BENCHMARKS.md, build memory).
         scratch = tempfile.mkdtemp(dir=work_dir, prefix=f".read-{name}-")
         try:
-            data = tables.read_embeddings(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}", with_columns=True,
-                                          vectors_path=os.path.join(scratch, "vectors.npy"),
-                                          columns_path=os.path.join(scratch, "columns.parquet"))
+            data = tables.read_embeddings(
+                f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}",
+                with_columns=True,
+                vectors_path=os.path.join(scratch, "vectors.npy"),
+                columns_path=os.path.join(scratch, "columns.parquet"),
+            )
             extra = {runs.METADATA_FILE: data.columns}
             vectors = data.vectors
             queries = load_tuning_queries(tuning[name], data.spec) if name in tuning else None
@@ -199,16 +263,24 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
                 vectors = projection.project(np.asarray(vectors), extra[projection.PROJECTION_FILE])
                 if queries is not None:
                     queries = projection.project(queries, extra[projection.PROJECTION_FILE])
-            built = index_lib.build_index(vectors, data.ids, distance=opts.distance,
-                                          embedder=data.spec.to_dict(), k=opts.recall_k,
-                                          target_recall=opts.min_recall, copy=False, work_dir=work_dir,
-                                          tuning_queries=queries)
+            built = index_lib.build_index(
+                vectors,
+                data.ids,
+                distance=opts.distance,
+                embedder=data.spec.to_dict(),
+                k=opts.recall_k,
+                target_recall=opts.min_recall,
+                copy=False,
+                work_dir=work_dir,
+                tuning_queries=queries,
+            )
             del data.vectors, vectors
             built.save(index_dir, tables=extra)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        out[name] = runs.embedder_entry(run_directory, name, built, data.spec.to_dict(),
-                                        pca_dim=opts.pca_dim or None)
+        out[name] = runs.embedder_entry(
+            run_directory, name, built, data.spec.to_dict(), pca_dim=opts.pca_dim or None
+        )
     return out
 
 
@@ -220,17 +292,25 @@ def gates(report: dict, embedders: dict, opts: BuildOptions) -> dict:
     if not records:
         reasons.append("no input records")
     elif rate > opts.max_failure_rate:
-        reasons.append(f"failure rate {rate:.4f} ({failed} of {records} records) is above "
-                       f"--max_failure_rate {opts.max_failure_rate}; see the failures table")
+        reasons.append(
+            f"failure rate {rate:.4f} ({failed} of {records} records) is above "
+            f"--max_failure_rate {opts.max_failure_rate}; see the failures table"
+        )
     for name, e in embedders.items():
         recall = e["recall"]["value"]
         if recall is not None and recall < opts.min_recall:
-            reasons.append(f"{name}: recall@{e['recall']['k']} {recall:.4f} is below --min_recall "
-                           f"{opts.min_recall}")
+            reasons.append(
+                f"{name}: recall@{e['recall']['k']} {recall:.4f} is below --min_recall {opts.min_recall}"
+            )
     if report["status"] != "ok":
         reasons.append(f"embedding counts do not reconcile (run report status {report['status']!r})")
-    return {"min_recall": opts.min_recall, "max_failure_rate": opts.max_failure_rate,
-            "failure_rate": round(rate, 6), "passed": not reasons, "reasons": reasons}
+    return {
+        "min_recall": opts.min_recall,
+        "max_failure_rate": opts.max_failure_rate,
+        "failure_rate": round(rate, 6),
+        "passed": not reasons,
+        "reasons": reasons,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +334,16 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> BuildResult:
     os.makedirs(run_directory)
     options.view_as(EmbedOptions).output = run_directory
     timings, started = {}, time.time()
-    manifest = runs.RunManifest(run_id=run_id, status="failed", inputs={"globs": list(opts.input or [])},
-                                counts={}, embedders={}, gates={}, timings=timings, versions=_versions())
+    manifest = runs.RunManifest(
+        run_id=run_id,
+        status="failed",
+        inputs={"globs": list(opts.input or [])},
+        counts={},
+        embedders={},
+        gates={},
+        timings=timings,
+        versions=_versions(),
+    )
     try:
         report = embed.run_with_options(options, test_pipeline)
         timings["embed_seconds"] = report["seconds"]
@@ -273,20 +361,29 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> BuildResult:
     timings["total_seconds"] = round(time.time() - started, 2)
     runs.write_run_manifest(run_directory, manifest)
     if manifest.status != "published":
-        raise GateError(f"run {run_id} was not published: " + "; ".join(manifest.gates["reasons"])
-                        + f" (run kept at {run_directory}; LATEST unchanged)")
+        raise GateError(
+            f"run {run_id} was not published: "
+            + "; ".join(manifest.gates["reasons"])
+            + f" (run kept at {run_directory}; LATEST unchanged)"
+        )
     runs.publish(root, run_id)
     return BuildResult(root, run_directory, manifest)
 
 
 def summary(result: BuildResult) -> str:
     manifest = result.manifest
-    lines = [f"imgindex build: run {manifest.run_id} {manifest.status} "
-             f"in {manifest.timings.get('total_seconds', 0):.1f}s -> {result.root}/{runs.LATEST}"]
+    lines = [
+        f"imgindex build: run {manifest.run_id} {manifest.status} "
+        f"in {manifest.timings.get('total_seconds', 0):.1f}s -> {result.root}/{runs.LATEST}"
+    ]
     c = manifest.counts
-    lines.append(f"  records {c.get('records')}: failed {c.get('failed_total')} "
-                 f"(rate {manifest.gates.get('failure_rate')})")
+    lines.append(
+        f"  records {c.get('records')}: failed {c.get('failed_total')} "
+        f"(rate {manifest.gates.get('failure_rate')})"
+    )
     for name, e in manifest.embedders.items():
-        lines.append(f"  {name}: n={e['n']} d={e['d']} {e['method']} recall@{e['recall']['k']}="
-                     f"{e['recall']['value']} search {e['search_defaults']} -> {e['index']}")
+        lines.append(
+            f"  {name}: n={e['n']} d={e['d']} {e['method']} recall@{e['recall']['k']}="
+            f"{e['recall']['value']} search {e['search_defaults']} -> {e['index']}"
+        )
     return "\n".join(lines)

@@ -18,6 +18,7 @@ worker one shard.  The partitions are a file-based shuffle, so the runner's own 
 read of the tables.  The output must be a path every worker can write (local for the
 local runners; a shared mount for a distributed runner).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,9 @@ class ShardSizeError(ImgIndexError):
 
 
 def _probe_key(item_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(item_id.encode("utf-8"), digest_size=8, person=_PROBE_PERSON).digest(),
-                          "little")
+    return int.from_bytes(
+        hashlib.blake2b(item_id.encode("utf-8"), digest_size=8, person=_PROBE_PERSON).digest(), "little"
+    )
 
 
 def _partition_dir(index_dir: str, shard: int) -> str:
@@ -79,7 +81,9 @@ class PartitionFile(beam.DoFn):
                     if shard not in writers:
                         directory = _partition_dir(self.index_dir, int(shard))
                         os.makedirs(directory, exist_ok=True)
-                        tmp_paths[shard] = os.path.join(directory, f".part-{number:05d}.parquet.tmp-{os.getpid()}")
+                        tmp_paths[shard] = os.path.join(
+                            directory, f".part-{number:05d}.parquet.tmp-{os.getpid()}"
+                        )
                         writers[shard] = pq.ParquetWriter(tmp_paths[shard], parquet.schema_arrow)
                     writers[shard].write_table(table.take(np.flatnonzero(shards == shard)))
                 counts += np.bincount(shards, minlength=self.num_shards)
@@ -90,8 +94,10 @@ class PartitionFile(beam.DoFn):
                         yield beam.pvalue.TaggedOutput("probe", (key, item_id, vector))
             for shard, writer in writers.items():
                 writer.close()
-                os.replace(tmp_paths[shard], os.path.join(os.path.dirname(tmp_paths[shard]),
-                                                          f"part-{number:05d}.parquet"))
+                os.replace(
+                    tmp_paths[shard],
+                    os.path.join(os.path.dirname(tmp_paths[shard]), f"part-{number:05d}.parquet"),
+                )
         except BaseException:
             for shard, writer in writers.items():
                 writer.close()
@@ -105,8 +111,16 @@ class PartitionFile(beam.DoFn):
 class BuildShard(beam.DoFn):
     """shard number -> that shard's saved index; writes its probe answers beside the partitions."""
 
-    def __init__(self, index_dir: str, num_shards: int, distance: str, k: int, target_recall: float,
-                 max_shard_vectors: int | None, held_out: bool = False):
+    def __init__(
+        self,
+        index_dir: str,
+        num_shards: int,
+        distance: str,
+        k: int,
+        target_recall: float,
+        max_shard_vectors: int | None,
+        held_out: bool = False,
+    ):
         self.index_dir, self.num_shards, self.distance = index_dir, num_shards, distance
         self.k, self.target_recall, self.max_shard_vectors = k, target_recall, max_shard_vectors
         # The probes are held-out query vectors (id None) that also tune each shard's knobs.
@@ -117,20 +131,29 @@ class BuildShard(beam.DoFn):
         if rows == 0:
             raise ShardSizeError(f"shard {shard} of {self.num_shards} got no rows; use fewer --index_shards")
         if self.max_shard_vectors and rows > self.max_shard_vectors:
-            raise ShardSizeError(f"shard {shard} has {rows} rows, above --max_shard_vectors "
-                                 f"{self.max_shard_vectors}; use more --index_shards")
+            raise ShardSizeError(
+                f"shard {shard} has {rows} rows, above --max_shard_vectors "
+                f"{self.max_shard_vectors}; use more --index_shards"
+            )
         directory = os.path.join(self.index_dir, sharded.shard_name(shard, self.num_shards))
         work_dir = os.path.join(self.index_dir, PARTITIONS)
         # The shard's matrix goes to a local file that the build streams (retrieval.scann_assets).
         vectors_path = os.path.join(work_dir, f"vectors-shard-{shard:05d}-{uuid.uuid4().hex}.npy")
         try:
-            data = tables.read_embeddings(_partition_dir(self.index_dir, shard), with_columns=True,
-                                          vectors_path=vectors_path)
+            data = tables.read_embeddings(
+                _partition_dir(self.index_dir, shard), with_columns=True, vectors_path=vectors_path
+            )
             tuning = np.stack([vector for _, _, vector in probes]) if self.held_out and probes else None
-            built = index_lib.build_index(data.vectors, data.ids, distance=self.distance,
-                                          embedder=data.spec.to_dict(), k=self.k,
-                                          target_recall=self.target_recall, work_dir=work_dir,
-                                          tuning_queries=tuning)
+            built = index_lib.build_index(
+                data.vectors,
+                data.ids,
+                distance=self.distance,
+                embedder=data.spec.to_dict(),
+                k=self.k,
+                target_recall=self.target_recall,
+                work_dir=work_dir,
+                tuning_queries=tuning,
+            )
             answers = self._answer(probes, built, data)
             del data.vectors
             # A retried bundle replaces its own earlier, unpublished attempt.
@@ -138,10 +161,19 @@ class BuildShard(beam.DoFn):
         finally:
             Path(vectors_path).unlink(missing_ok=True)
         answers["manifest_sha256"] = mf.sha256_file(os.path.join(directory, "manifest.json"))
-        answers.update(shard=shard, n=built.n, d=built.d, embedder=built.manifest.embedder,
-                       method=built.method, recall=built.manifest.recall,
-                       search_defaults=built.search_defaults, build_seconds=built.manifest.build_seconds)
-        mf.write_json_atomic(os.path.join(self.index_dir, PARTITIONS, f"probe-shard-{shard:05d}.json"), answers)
+        answers.update(
+            shard=shard,
+            n=built.n,
+            d=built.d,
+            embedder=built.manifest.embedder,
+            method=built.method,
+            recall=built.manifest.recall,
+            search_defaults=built.search_defaults,
+            build_seconds=built.manifest.build_seconds,
+        )
+        mf.write_json_atomic(
+            os.path.join(self.index_dir, PARTITIONS, f"probe-shard-{shard:05d}.json"), answers
+        )
         yield shard
 
     def _answer(self, probes, built, data):
@@ -153,19 +185,30 @@ class BuildShard(beam.DoFn):
         cosine = self.distance == "cosine"
         if cosine:
             queries = normalize_rows(queries, what="probe")
-        rows, scores = exact_search_by_chunks(queries, data.vectors, self.k + 1, scann_distance,
-                                              normalize_database=cosine)
+        rows, scores = exact_search_by_chunks(
+            queries, data.vectors, self.k + 1, scann_distance, normalize_database=cosine
+        )
         ids = built.ids  # row -> id, the array the index's own searches use
         approx_ids, approx_scores = built.search_batch(queries, k=self.k + 1)
-        return {"probe_ids": [item_id for _, item_id, _ in probes],
-                "exact": [[ids[r].tolist(), s.tolist()] for r, s in zip(rows, scores)],
-                "approx": [[a, [float(x) for x in s[:len(a)]]] for a, s in zip(approx_ids, approx_scores)]}
+        return {
+            "probe_ids": [item_id for _, item_id, _ in probes],
+            "exact": [[ids[r].tolist(), s.tolist()] for r, s in zip(rows, scores)],
+            "approx": [[a, [float(x) for x in s[: len(a)]]] for a, s in zip(approx_ids, approx_scores)],
+        }
 
 
-def build_sharded(options, run_directory: str, embedder: str, num_shards: int | None,
-                  max_shard_vectors: int | None, distance: str, k: int, target_recall: float,
-                  num_queries: int = index_lib.MAX_RECALL_QUERIES,
-                  tuning_queries: np.ndarray | None = None) -> "ShardedBuild":
+def build_sharded(
+    options,
+    run_directory: str,
+    embedder: str,
+    num_shards: int | None,
+    max_shard_vectors: int | None,
+    distance: str,
+    k: int,
+    target_recall: float,
+    num_queries: int = index_lib.MAX_RECALL_QUERIES,
+    tuning_queries: np.ndarray | None = None,
+) -> ShardedBuild:
     """Builds <run>/index/<embedder>/ as a sharded index on the runner `options` name.
 
     Returns its manifest and directory, not the loaded index: the launching process never
@@ -183,7 +226,9 @@ def build_sharded(options, run_directory: str, embedder: str, num_shards: int | 
     n = dataset.count_rows()  # from the Parquet footers
     held_out = tuning_queries is not None
     if held_out:  # checked before any work: dimension, finite values, non-zero for cosine
-        tuning_queries = index_lib.prepare_tuning_queries(tuning_queries, tables.embedder_spec(files).dim, distance)
+        tuning_queries = index_lib.prepare_tuning_queries(
+            tuning_queries, tables.embedder_spec(files).dim, distance
+        )
     if num_shards is None:
         num_shards = sharded.shards_for(n, max_shard_vectors)
     index_dir = runs.index_dir(run_directory, embedder)
@@ -197,18 +242,28 @@ def build_sharded(options, run_directory: str, embedder: str, num_shards: int | 
         options.view_as(StandardOptions).runner = LOCAL_RUNNER
     builder = BuildShard(index_dir, num_shards, distance, k, target_recall, max_shard_vectors, held_out)
     with beam.Pipeline(options=options) as p:
-        parts = (p | "Files" >> beam.Create(list(enumerate(files)))
-                 | "Partition" >> beam.ParDo(PartitionFile(index_dir, num_shards, probe_threshold))
-                 .with_outputs("probe", main="counts"))
+        parts = (
+            p
+            | "Files" >> beam.Create(list(enumerate(files)))
+            | "Partition"
+            >> beam.ParDo(PartitionFile(index_dir, num_shards, probe_threshold)).with_outputs(
+                "probe", main="counts"
+            )
+        )
         counts = parts.counts | "CountPerShard" >> beam.CombinePerKey(sum)
         if held_out:
-            probes = p | "HeldOutQueries" >> beam.Create([[(i, None, q) for i, q in enumerate(tuning_queries)]])
+            probes = p | "HeldOutQueries" >> beam.Create(
+                [[(i, None, q) for i, q in enumerate(tuning_queries)]]
+            )
         else:
             probes = parts.probe | "Probes" >> beam.combiners.Top.Of(num_queries, key=lambda t: -t[0])
-        _ = (p | "Shards" >> beam.Create(range(num_shards))
-             | "Spread" >> beam.Reshuffle()
-             | "Build" >> beam.ParDo(builder, probes=beam.pvalue.AsSingleton(probes),
-                                     counts=beam.pvalue.AsList(counts)))
+        _ = (
+            p
+            | "Shards" >> beam.Create(range(num_shards))
+            | "Spread" >> beam.Reshuffle()
+            | "Build"
+            >> beam.ParDo(builder, probes=beam.pvalue.AsSingleton(probes), counts=beam.pvalue.AsList(counts))
+        )
     return _finish(index_dir, num_shards, distance, k, target_recall, n, start)
 
 
@@ -223,13 +278,26 @@ def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
     recall.update(target=target_recall, per_shard=[a["recall"]["value"] for a in answers])
     recall["reached_target"] = recall["value"] is not None and recall["value"] >= target_recall
     manifest = sharded.ShardedManifest(
-        distance=distance, n=sum(a["n"] for a in answers), d=answers[0]["d"], num_shards=num_shards,
-        shards=[{"dir": sharded.shard_name(a["shard"], num_shards), "n": a["n"],
-                 "manifest_sha256": a["manifest_sha256"], "method": a["method"],
-                 "search_defaults": a["search_defaults"], "build_seconds": a["build_seconds"]}
-                for a in answers],
-        recall=recall, search_defaults={"k": k}, build_seconds=round(time.perf_counter() - start, 3),
-        embedder=answers[0]["embedder"])
+        distance=distance,
+        n=sum(a["n"] for a in answers),
+        d=answers[0]["d"],
+        num_shards=num_shards,
+        shards=[
+            {
+                "dir": sharded.shard_name(a["shard"], num_shards),
+                "n": a["n"],
+                "manifest_sha256": a["manifest_sha256"],
+                "method": a["method"],
+                "search_defaults": a["search_defaults"],
+                "build_seconds": a["build_seconds"],
+            }
+            for a in answers
+        ],
+        recall=recall,
+        search_defaults={"k": k},
+        build_seconds=round(time.perf_counter() - start, 3),
+        embedder=answers[0]["embedder"],
+    )
     if manifest.n != n:
         raise ShardSizeError(f"the shards hold {manifest.n} rows but the embedding tables {n}")
     shutil.rmtree(partitions)
@@ -262,8 +330,12 @@ def _merged_recall(answers, k, higher_is_better):
     for query in range(queries):
         merged = {}
         for kind in ("exact", "approx"):
-            ids, _ = sharded.merge_top_k([a[kind][query][0] for a in answers],
-                                         [a[kind][query][1] for a in answers], k + 1, higher_is_better)
+            ids, _ = sharded.merge_top_k(
+                [a[kind][query][0] for a in answers],
+                [a[kind][query][1] for a in answers],
+                k + 1,
+                higher_is_better,
+            )
             merged[kind] = ids
         self_id = answers[0]["probe_ids"][query]
         exact_lists.append([i for i in merged["exact"] if i != self_id][:k])
@@ -272,14 +344,21 @@ def _merged_recall(answers, k, higher_is_better):
     if k_eff < 1:
         return {"k": k, "value": None, "n_queries": 0}
     if answers[0]["probe_ids"][0] is None:
-        method = (f"held-out over the merged shards: {queries} query vectors given to the build are "
-                  f"queried in every shard, exactly and with each shard's index; the per-shard lists are "
-                  f"merged and recall@k = mean |approx & exact| / k")
+        method = (
+            f"held-out over the merged shards: {queries} query vectors given to the build are "
+            f"queried in every shard, exactly and with each shard's index; the per-shard lists are "
+            f"merged and recall@k = mean |approx & exact| / k"
+        )
     else:
-        method = (f"leave-self-out over the merged shards: {queries} rows chosen by a hash of the id are "
-                  f"queried for k+1 neighbours in every shard, exactly and with each shard's index; the "
-                  f"per-shard lists are merged, the query's own id dropped, and recall@k = mean "
-                  f"|approx & exact| / k")
-    return {"k": k_eff, "value": metrics.recall_at_k(approx_lists, exact_lists, k_eff), "n_queries": queries,
-            "method": method}
-
+        method = (
+            f"leave-self-out over the merged shards: {queries} rows chosen by a hash of the id are "
+            f"queried for k+1 neighbours in every shard, exactly and with each shard's index; the "
+            f"per-shard lists are merged, the query's own id dropped, and recall@k = mean "
+            f"|approx & exact| / k"
+        )
+    return {
+        "k": k_eff,
+        "value": metrics.recall_at_k(approx_lists, exact_lists, k_eff),
+        "n_queries": queries,
+        "method": method,
+    }

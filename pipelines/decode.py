@@ -4,6 +4,7 @@ Pillow releases the GIL while it decodes and resizes and TensorFlow does while i
 model, so a small thread pool here keeps decoding the next images while the model (fused
 downstream in the same bundle) works on the current batch.
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,10 +36,9 @@ class ResizePlan(NamedTuple):
     min_size: int  # draft JPEGs down to no less than this on both sides
 
     @classmethod
-    def of(cls, specs: list[EmbedderSpec]) -> "ResizePlan":
+    def of(cls, specs: list[EmbedderSpec]) -> ResizePlan:
         by_embedder = {s.name: (s.input_size, s.resize) for s in specs}
-        return cls(tuple(sorted(set(by_embedder.values()))), by_embedder,
-                   max(s.input_size for s in specs))
+        return cls(tuple(sorted(set(by_embedder.values()))), by_embedder, max(s.input_size for s in specs))
 
 
 def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded | dict:
@@ -51,8 +51,14 @@ def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded 
         arrays = {target: imaging.resize(image.image, *target) for target in plan.targets}
     except Exception as exc:
         return S.failure_row(record.source, "preprocess", exc, id=record.id)
-    info = (record.id, record.source, imaging.sha256_hex(record.data), image.width, image.height,
-            record.metadata)
+    info = (
+        record.id,
+        record.source,
+        imaging.sha256_hex(record.data),
+        image.width,
+        image.height,
+        record.metadata,
+    )
     return Decoded(info, {name: arrays[target] for name, target in plan.by_embedder.items()})
 
 

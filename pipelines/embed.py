@@ -7,6 +7,7 @@
 Every input record lands in the embedding table of each embedder or in the failures table;
 `run_report.json` next to the tables reconciles the counts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,9 +57,13 @@ def plan(options: EmbedOptions) -> Plan:
     opts = options.view_as(EmbedOptions)
     if not opts.output:
         raise ConfigError("--output is required: the directory the tables and run report go to")
-    for name, value, low in (("--batch_size", opts.batch_size, 1), ("--row_group_size", opts.row_group_size, 1),
-                             ("--max_pixels", opts.max_pixels, 1), ("--decode_threads", opts.decode_threads, 0),
-                             ("--num_output_shards", opts.num_output_shards, 0)):
+    for name, value, low in (
+        ("--batch_size", opts.batch_size, 1),
+        ("--row_group_size", opts.row_group_size, 1),
+        ("--max_pixels", opts.max_pixels, 1),
+        ("--decode_threads", opts.decode_threads, 0),
+        ("--num_output_shards", opts.num_output_shards, 0),
+    ):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
     specs = [embedders.parse_embedder_arg(e) for e in (opts.embedder or [DEFAULT_EMBEDDER])]
@@ -85,11 +90,16 @@ def complete(spec: EmbedderSpec, cache_dir: str | None) -> EmbedderSpec:
 
 
 def _check_output_is_free(output: str) -> None:
-    existing = [p for p in (f"{output}/run_report.json", f"{output}/embeddings", f"{output}/failures")
-                if FileSystems.exists(p)]
+    existing = [
+        p
+        for p in (f"{output}/run_report.json", f"{output}/embeddings", f"{output}/failures")
+        if FileSystems.exists(p)
+    ]
     if existing:
-        raise ConfigError(f"{output} already holds the results of a run ({existing[0]}); "
-                          "choose a new --output directory (runs never overwrite each other)")
+        raise ConfigError(
+            f"{output} already holds the results of a run ({existing[0]}); "
+            "choose a new --output directory (runs never overwrite each other)"
+        )
 
 
 def embedding_batch(rows: list, spec: EmbedderSpec, schema: pa.Schema, metadata: list) -> pa.Table:
@@ -102,8 +112,9 @@ def embedding_batch(rows: list, spec: EmbedderSpec, schema: pa.Schema, metadata:
     }
     columns[S.EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), spec.dim)
     for column in metadata:
-        columns[column.name] = pa.array([info[5].get(column.name) for info in infos],
-                                        schema.field(column.name).type)
+        columns[column.name] = pa.array(
+            [info[5].get(column.name) for info in infos], schema.field(column.name).type
+        )
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
@@ -136,42 +147,71 @@ class ReadDoFn(beam.DoFn):
 
 
 def _write(pcoll, label: str, prefix: str, schema: pa.Schema, opts: EmbedOptions, to_table):
-    return (pcoll
-            | f"Batch{label}" >> beam.BatchElements(min_batch_size=opts.row_group_size,
-                                                   max_batch_size=opts.row_group_size)
-            | f"ToArrow{label}" >> beam.Map(to_table)
-            | f"Write{label}" >> beam.io.WriteToParquetBatched(
-                prefix, schema, codec="snappy", file_name_suffix=".parquet",
-                num_shards=opts.num_output_shards))
+    return (
+        pcoll
+        | f"Batch{label}"
+        >> beam.BatchElements(min_batch_size=opts.row_group_size, max_batch_size=opts.row_group_size)
+        | f"ToArrow{label}" >> beam.Map(to_table)
+        | f"Write{label}"
+        >> beam.io.WriteToParquetBatched(
+            prefix, schema, codec="snappy", file_name_suffix=".parquet", num_shards=opts.num_output_shards
+        )
+    )
 
 
 def build(pipeline: beam.Pipeline, p: Plan) -> None:
     """Adds the embedding graph for plan `p` to `pipeline`."""
     opts = p.options
-    read = (pipeline
-            | "Shards" >> beam.Create(p.shards)
-            | "SpreadShards" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(ReadDoFn(p.reader)).with_outputs(FAILURES, main="records"))
+    read = (
+        pipeline
+        | "Shards" >> beam.Create(p.shards)
+        | "SpreadShards" >> beam.Reshuffle()
+        | "Read" >> beam.ParDo(ReadDoFn(p.reader)).with_outputs(FAILURES, main="records")
+    )
     decoded = read.records | "Decode" >> beam.ParDo(
-        DecodeDoFn(ResizePlan.of(p.specs), opts.max_pixels, opts.decode_threads,
-                   max_pending=2 * opts.batch_size)).with_outputs(FAILURES, main="decoded")
+        DecodeDoFn(
+            ResizePlan.of(p.specs), opts.max_pixels, opts.decode_threads, max_pending=2 * opts.batch_size
+        )
+    ).with_outputs(FAILURES, main="decoded")
     failures = [read[FAILURES], decoded[FAILURES]]
     for spec in p.specs:
         name = spec.name
-        handler = TFHubImageEmbedder(spec, opts.batch_size, opts.model_cache_dir,
-                                     opts.share_model_across_processes, opts.tf_intra_op_threads)
+        handler = TFHubImageEmbedder(
+            spec,
+            opts.batch_size,
+            opts.model_cache_dir,
+            opts.share_model_across_processes,
+            opts.tf_intra_op_threads,
+        )
         keyed = decoded.decoded | f"Pixels[{name}]" >> beam.Map(lambda d, n=name: (d.info, d.pixels[n]))
-        embedded, dead = keyed | f"Embed[{name}]" >> RunInference(
-            KeyedModelHandler(handler), model_identifier=f"imgindex-{name}-{spec.fingerprint}"
-        ).with_exception_handling()
-        failures.append(dead.failed_inferences
-                        | f"EmbedFailures[{name}]" >> beam.FlatMap(inference_failures, name))
+        embedded, dead = (
+            keyed
+            | f"Embed[{name}]"
+            >> RunInference(
+                KeyedModelHandler(handler), model_identifier=f"imgindex-{name}-{spec.fingerprint}"
+            ).with_exception_handling()
+        )
+        failures.append(
+            dead.failed_inferences | f"EmbedFailures[{name}]" >> beam.FlatMap(inference_failures, name)
+        )
         schema = S.embedding_schema(spec, tuple(S.metadata_field(c.name, c.type) for c in p.metadata))
         # A partial, not a closure over the plan: only what the step needs is pickled.
-        _write(embedded, f"[{name}]", f"{p.output}/embeddings/{name}/part", schema, opts,
-               functools.partial(embedding_batch, spec=spec, schema=schema, metadata=p.metadata))
-    _write(failures | "AllFailures" >> beam.Flatten(), "[failures]", f"{p.output}/failures/part",
-           S.FAILURES_SCHEMA, opts, failures_batch)
+        _write(
+            embedded,
+            f"[{name}]",
+            f"{p.output}/embeddings/{name}/part",
+            schema,
+            opts,
+            functools.partial(embedding_batch, spec=spec, schema=schema, metadata=p.metadata),
+        )
+    _write(
+        failures | "AllFailures" >> beam.Flatten(),
+        "[failures]",
+        f"{p.output}/failures/part",
+        S.FAILURES_SCHEMA,
+        opts,
+        failures_batch,
+    )
 
 
 def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
@@ -195,7 +235,8 @@ def run_with_options(options, test_pipeline=None) -> dict:
     build(pipeline, p)
     result = pipeline.run()
     result.wait_until_finish()
-    report = run_report.make(p, result, started, options.view_as(StandardOptions).runner,
-                             options.view_as(DirectOptions))
+    report = run_report.make(
+        p, result, started, options.view_as(StandardOptions).runner, options.view_as(DirectOptions)
+    )
     run_report.write(p.output, report)
     return report

@@ -4,11 +4,12 @@ Beam's RunInference supplies batching (BatchElements), one shared model per proc
 (or per machine with `share_model_across_processes`), inference metrics and the
 dead-letter output; this handler only loads a handle and embeds a batch.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
-
 import resource
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from apache_beam.ml.inference import base as _run_inference
@@ -17,7 +18,6 @@ from apache_beam.ml.inference.base import ModelHandler
 from retrieval import embedders
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import HandleError
-
 
 # Beam 2.77 imports `resource` in the same try block as a torch-only module, so without torch
 # it loses RunInference's memory metrics and warns on every model load.  Give it back.
@@ -32,8 +32,14 @@ class TFHubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, Any]):
     resolves the handle to different weights refuses to run rather than mix embeddings.
     """
 
-    def __init__(self, spec: EmbedderSpec, batch_size: int = 32, cache_dir: str | None = None,
-                 share_across_processes: bool = False, intra_op_threads: int = 0):
+    def __init__(
+        self,
+        spec: EmbedderSpec,
+        batch_size: int = 32,
+        cache_dir: str | None = None,
+        share_across_processes: bool = False,
+        intra_op_threads: int = 0,
+    ):
         super().__init__()
         if not spec.fingerprint or spec.dim <= 0:
             raise ValueError(f"embedder spec {spec.name!r} is incomplete: {spec}")
@@ -56,15 +62,19 @@ class TFHubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, Any]):
             raise HandleError(
                 f"embedder {self._spec.name!r}: {self._spec.handle} resolves to weights with "
                 f"fingerprint {resolved.fingerprint} on this worker, but the run was planned with "
-                f"{self._spec.fingerprint}; refusing to mix embeddings from different weights")
+                f"{self._spec.fingerprint}; refusing to mix embeddings from different weights"
+            )
         return model
 
-    def run_inference(self, batch: Sequence[np.ndarray], model: Any,
-                      inference_args: dict | None = None) -> Iterable[np.ndarray]:
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model: Any, inference_args: dict | None = None
+    ) -> Iterable[np.ndarray]:
         vectors = embedders.embed_batch(model, self._spec, np.stack(batch))
         if vectors.shape != (len(batch), self._spec.dim):
-            raise ValueError(f"embedder {self._spec.name!r} returned shape {vectors.shape} for "
-                             f"{len(batch)} images, expected (n, {self._spec.dim})")
+            raise ValueError(
+                f"embedder {self._spec.name!r} returned shape {vectors.shape} for "
+                f"{len(batch)} images, expected (n, {self._spec.dim})"
+            )
         return list(vectors)
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:

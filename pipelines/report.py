@@ -5,6 +5,7 @@ the number of records read and the failure reasons.  For every embedder the repo
    records read = embedded + failed before embedding + failed embedding with that embedder
 and inputs = records read + records that failed to be read.
 """
+
 from __future__ import annotations
 
 import collections
@@ -66,7 +67,9 @@ def make(plan, result, started: float, runner: str | None, direct_options) -> di
     by_embedder = {}
     for spec in plan.specs:
         embedded = count_rows(f"{plan.output}/embeddings/{spec.name}")
-        embed_failed = sum(n for (stage, emb, _), n in failures.items() if stage == "embed" and emb == spec.name)
+        embed_failed = sum(
+            n for (stage, emb, _), n in failures.items() if stage == "embed" and emb == spec.name
+        )
         by_embedder[spec.name] = {
             "handle": spec.handle,
             "fingerprint": spec.fingerprint,
@@ -84,8 +87,11 @@ def make(plan, result, started: float, runner: str | None, direct_options) -> di
         "imgindex_version": __version__,
         "status": "ok" if all(e["reconciled"] is not False for e in by_embedder.values()) else "unreconciled",
         "output": plan.output,
-        "inputs": {"globs": list(plan.options.input), "files": len(plan.shards),
-                   "formats": dict(collections.Counter(s.format for s in plan.shards))},
+        "inputs": {
+            "globs": list(plan.options.input),
+            "files": len(plan.shards),
+            "formats": dict(collections.Counter(s.format for s in plan.shards)),
+        },
         "runner": runner,
         "direct_running_mode": getattr(direct_options, "direct_running_mode", None),
         "counts": {
@@ -116,13 +122,17 @@ def write(output: str, report: dict) -> str:
 
 def summary(report: dict) -> str:
     c = report["counts"]
-    lines = [f"imgindex embed: {report['status']} in {report['seconds']:.1f}s "
-             f"({report['images_per_second']} images/s) on {report['runner']}",
-             f"  records {c['records']}: read {c['read']}, failed to read {c['failed_read']}, "
-             f"failed to decode/preprocess {c['failed_before_embed']}"]
+    lines = [
+        f"imgindex embed: {report['status']} in {report['seconds']:.1f}s "
+        f"({report['images_per_second']} images/s) on {report['runner']}",
+        f"  records {c['records']}: read {c['read']}, failed to read {c['failed_read']}, "
+        f"failed to decode/preprocess {c['failed_before_embed']}",
+    ]
     for name, e in report["embedders"].items():
-        lines.append(f"  {name}: embedded {e['embedded']}, failed {e['failed_embed']} -> {e['table']}"
-                     + ("" if e["reconciled"] is not False else "  (COUNTS DO NOT RECONCILE)"))
+        lines.append(
+            f"  {name}: embedded {e['embedded']}, failed {e['failed_embed']} -> {e['table']}"
+            + ("" if e["reconciled"] is not False else "  (COUNTS DO NOT RECONCILE)")
+        )
     for reason, n in report["failures_by_reason"].items():
         lines.append(f"  failed {n:6d}  {reason}")
     lines.append(f"  failures: {report['failures_table']}  report: {report['output']}/{REPORT_NAME}")

@@ -5,13 +5,15 @@ breaks part-way (truncated TFRecord, corrupt tar) yields the records before the 
 failure row for the unreadable rest.  Paths go through Beam's `FileSystems`, so any scheme
 Beam knows (gs://, s3://, ...) works when its extra is installed.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import posixpath
 import tarfile
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -56,8 +58,10 @@ def parse_metadata_columns(values: list[str] | None) -> list[MetadataColumn]:
             if typ not in S.METADATA_TYPES:
                 raise ConfigError(f"--metadata {item!r}: type {typ!r} is not one of {list(S.METADATA_TYPES)}")
             if name in S.FIXED_COLUMNS:
-                raise ConfigError(f"--metadata {item!r}: {name!r} is a fixed column "
-                                  f"({', '.join(S.FIXED_COLUMNS)}); passthrough columns need other names")
+                raise ConfigError(
+                    f"--metadata {item!r}: {name!r} is a fixed column "
+                    f"({', '.join(S.FIXED_COLUMNS)}); passthrough columns need other names"
+                )
             columns.append(MetadataColumn(name, typ))
     names = [c.name for c in columns]
     if len(set(names)) != len(names):
@@ -109,7 +113,8 @@ def expand_inputs(globs: list[str], fmt: str = "auto") -> list[Shard]:
                 raise ConfigError(
                     f"cannot tell the format of {path} from its name (known: *{', *'.join(TFRECORD_MARKERS)}*, "
                     f"*{', *'.join(TAR_SUFFIXES)}, image extensions {', '.join(IMAGE_EXTENSIONS)}); "
-                    "pass --format tfrecord|webdataset|images or narrow the glob")
+                    "pass --format tfrecord|webdataset|images or narrow the glob"
+                )
             shards.append(Shard(path, kind, prefix))
     return shards
 
@@ -138,13 +143,12 @@ def read_shard(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict]:
 def _read_image_file(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict]:
     with FileSystems.open(shard.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         data = f.read()
-    rel = shard.path[len(shard.prefix):] if shard.path.startswith(shard.prefix) else shard.path
+    rel = shard.path[len(shard.prefix) :] if shard.path.startswith(shard.prefix) else shard.path
     yield Record(rel, shard.path, data, {})
 
 
 def _read_tfrecord(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict]:
     from apache_beam.io.tfrecordio import _TFRecordUtil
-
     from tensorflow.core.example import example_pb2
 
     with FileSystems.open(shard.path) as f:  # AUTO compression: .gz shards are inflated
@@ -154,9 +158,13 @@ def _read_tfrecord(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict
             try:
                 raw = _TFRecordUtil.read_record(f)
             except Exception as exc:
-                yield S.failure_row(source, "read", f"TFRecord framing broken at record {index} "
-                                    f"({type(exc).__name__}: {str(exc)[:200]}); the rest of the shard "
-                                    "cannot be read")
+                yield S.failure_row(
+                    source,
+                    "read",
+                    f"TFRecord framing broken at record {index} "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); the rest of the shard "
+                    "cannot be read",
+                )
                 return
             if raw is None:
                 return
@@ -180,11 +188,15 @@ def _as_text(value) -> str:
 
 def _example_record(features, source: str, config: ReaderConfig) -> Record | dict:
     if config.image_key not in features or not _feature_values(features[config.image_key]):
-        return S.failure_row(source, "read", f"no {config.image_key!r} bytes feature in the example "
-                             f"(features: {sorted(features)[:10]}); set --image_key")
+        return S.failure_row(
+            source,
+            "read",
+            f"no {config.image_key!r} bytes feature in the example "
+            f"(features: {sorted(features)[:10]}); set --image_key",
+        )
     data = _feature_values(features[config.image_key])[0]
     record_id = None
-    for key in ([config.id_key] if config.id_key else DEFAULT_ID_KEYS):
+    for key in [config.id_key] if config.id_key else DEFAULT_ID_KEYS:
         values = _feature_values(features[key]) if key in features else []
         if values and _as_text(values[0]):
             record_id = _as_text(values[0])
@@ -243,9 +255,12 @@ def _read_webdataset(shard: Shard, config: ReaderConfig) -> Iterator[Record | di
             if group_key is not None:
                 yield _wds_record(shard.path, group_key, members, config)
             where = f"after member {last}" if last else "at the start"
-            yield S.failure_row(f"{shard.path}#{where}", "read",
-                                f"tar shard broken {where} ({type(exc).__name__}: {exc}); the rest of "
-                                "the shard cannot be read")
+            yield S.failure_row(
+                f"{shard.path}#{where}",
+                "read",
+                f"tar shard broken {where} ({type(exc).__name__}: {exc}); the rest of "
+                "the shard cannot be read",
+            )
             return
         if group_key is not None:
             yield _wds_record(shard.path, group_key, members, config)
@@ -255,10 +270,14 @@ def _wds_record(path: str, key: str, members: dict, config: ReaderConfig) -> Rec
     image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in members), None)
     source = f"{path}#{key}.{image_ext}" if image_ext else f"{path}#{key}"
     if image_ext is None:
-        return S.failure_row(source, "read", f"sample {key!r} has no image member "
-                             f"(members: {', '.join('.' + e for e in sorted(members))}; "
-                             f"expected one of {', '.join('.' + e for e in WDS_IMAGE_EXTENSIONS)})",
-                             id=key)
+        return S.failure_row(
+            source,
+            "read",
+            f"sample {key!r} has no image member "
+            f"(members: {', '.join('.' + e for e in sorted(members))}; "
+            f"expected one of {', '.join('.' + e for e in WDS_IMAGE_EXTENSIONS)})",
+            id=key,
+        )
     try:
         metadata = {c.name: _sidecar_value(members.get(c.name), c) for c in config.metadata}
     except (ValueError, TypeError) as exc:

@@ -5,6 +5,7 @@ SavedModel directory, or anything `tensorflow_hub.load` resolves (https URL, Kag
 `gs://` path), which honours `TFHUB_CACHE_DIR`.  TensorFlow is imported only when a model is
 actually resolved or loaded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ import numpy as np
 from retrieval import builtin
 from retrieval.errors import ConfigError, HandleError
 from retrieval.imaging import RESIZE_MODES
+
 NORMALISATIONS = ("l2", "none")
 DEFAULT_RESIZE = "pad"
 DEFAULT_NORMALISATION = "l2"
@@ -73,7 +75,7 @@ class EmbedderSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EmbedderSpec":
+    def from_dict(cls, data: dict[str, Any]) -> EmbedderSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -98,8 +100,7 @@ def parse_embedder_arg(text: str) -> EmbedderSpec:
         key, sep, value = option.partition("=")
         if not sep or key not in allowed:
             raise ConfigError(
-                f"--embedder {text!r}: option {option!r} is not one of "
-                f"{[k + '=...' for k in allowed]}"
+                f"--embedder {text!r}: option {option!r} is not one of {[k + '=...' for k in allowed]}"
             )
         kwargs[allowed[key]] = int(value) if key == "size" else value
     if "input_size" not in kwargs and builtin.is_builtin(handle):

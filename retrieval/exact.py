@@ -74,6 +74,7 @@ def normalize_rows(x, what="vectors", in_place=False, row_offset=0):
     """`unit_rows`, refusing zero rows: raises ConfigError naming the first (numbered from
     `row_offset`, for a chunk of a larger matrix), since a zero vector has no direction, so
     cosine is undefined for it."""
+
     def refuse(zero_rows):
         raise ConfigError(
             f"{what}: {zero_rows.size} row(s) have zero L2 norm (first: row {row_offset + zero_rows[0]}); "
@@ -140,15 +141,16 @@ def exact_search_by_chunks(queries, database, k, distance, normalize_database=Fa
         return _no_results(k)
     q_block, db_block = _block_sizes(queries.shape[0], DEFAULT_BLOCK_ELEMENTS)
     starts = range(0, queries.shape[0], q_block)
-    best = [None] * len(starts)
+    best: list = [None] * len(starts)
     for start, stop in chunk_bounds(database.shape[0], chunk_rows or CHUNK_ROWS):
         chunk = np.asarray(database[start:stop], dtype=np.float32)
         if normalize_database:
             chunk = normalize_rows(chunk, what="database", row_offset=start)
         check_finite(chunk, "database", row_offset=start)
         for i, q0 in enumerate(starts):
-            best[i] = _search_query_block(queries[q0:q0 + q_block], chunk, None, k, db_block,
-                                          best=best[i], offset=start)
+            best[i] = _search_query_block(
+                queries[q0 : q0 + q_block], chunk, None, k, db_block, best=best[i], offset=start
+            )
         release_pages(database)
     return np.concatenate([b[0] for b in best]), np.concatenate([b[1] for b in best])
 
@@ -208,8 +210,7 @@ def _check_arrays(queries, database):
         raise ConfigError("database is empty.")
     if queries.shape[1] != database.shape[1]:
         raise ConfigError(
-            f"Dimension mismatch: queries have {queries.shape[1]} columns, "
-            f"database has {database.shape[1]}."
+            f"Dimension mismatch: queries have {queries.shape[1]} columns, database has {database.shape[1]}."
         )
     check_finite(queries, "queries")
     check_finite(database, "database")
@@ -251,7 +252,7 @@ def _search_query_block(queries, database, db_sq_norms, k, db_block, best=None, 
     for n0 in range(0, database.shape[0], db_block):
         block = database[n0 : n0 + db_block]
         keys = queries @ block.T
-        if db_sq_norms is not None:
+        if db_sq_norms is not None and q_sq_norms is not None:
             # -|q-x|^2 = 2<q,x> - |q|^2 - |x|^2
             keys *= 2.0
             keys -= q_sq_norms[:, None]

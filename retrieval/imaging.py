@@ -11,6 +11,7 @@ JPEGs are decoded at a reduced scale with `Image.draft` when the target is much 
 (at least `min_size` on both sides is kept), which is ~1.5x faster with negligible change
 to embeddings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,13 +45,12 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode(data: bytes, min_size: int | None = None,
-           max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode(data: bytes, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decodes encoded image bytes to upright RGB.  Raises ImageDecodeError with a reason."""
     if not data:
         raise ImageDecodeError("empty image bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression-bomb guard: {exc}") from exc
     except Exception as exc:
@@ -128,17 +128,17 @@ def resize(image: Image.Image, size: int, mode: str = "pad") -> np.ndarray:
     """
     width, height = image.size
     if mode == "stretch":
-        out = image.resize((size, size), Image.BILINEAR)
+        out = image.resize((size, size), Image.Resampling.BILINEAR)
     elif mode == "pad":
         scale = size / max(width, height)
         w, h = max(1, round(width * scale)), max(1, round(height * scale))
         out = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
-        out.paste(image.resize((w, h), Image.BILINEAR), ((size - w) // 2, (size - h) // 2))
+        out.paste(image.resize((w, h), Image.Resampling.BILINEAR), ((size - w) // 2, (size - h) // 2))
     elif mode == "crop":
         scale = size / min(width, height)
         w, h = max(size, round(width * scale)), max(size, round(height * scale))
         left, top = (w - size) // 2, (h - size) // 2
-        out = image.resize((w, h), Image.BILINEAR).crop((left, top, left + size, top + size))
+        out = image.resize((w, h), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
     else:
         raise ConfigError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
     return np.asarray(out, dtype=np.uint8)

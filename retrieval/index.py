@@ -159,8 +159,7 @@ def choose_config(n, d, distance, k=10, **overrides):
     unknown = sorted(overrides.keys() - set(_CONFIG_FIELDS))
     if unknown:
         raise ConfigError(
-            f"Unknown IndexConfig field(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join(_CONFIG_FIELDS)}."
+            f"Unknown IndexConfig field(s) {', '.join(unknown)}; allowed: {', '.join(_CONFIG_FIELDS)}."
         )
     method = overrides.get("method", "brute_force" if n * d < BRUTE_FORCE_MAX_ELEMENTS else "tree_ah")
     if method == "brute_force":
@@ -201,17 +200,14 @@ def _default_tree_config(n, distance, k):
 
 def _validate_config(config, n, d, k):
     if not isinstance(config, IndexConfig):
-        raise ConfigError(
-            f"config must be an IndexConfig (see choose_config), got {type(config).__name__}."
-        )
+        raise ConfigError(f"config must be an IndexConfig (see choose_config), got {type(config).__name__}.")
     if config.method not in METHODS:
         raise ConfigError(f"Unknown method {config.method!r}; allowed: {', '.join(METHODS)}.")
     if config.method == "brute_force":
         return
     _check_positive_int(config.num_leaves, "num_leaves", upper=n, upper_name="n")
-    _check_positive_int(
-        config.training_sample_size, "training_sample_size", upper=n, upper_name="n"
-    )
+    _check_positive_int(config.training_sample_size, "training_sample_size", upper=n, upper_name="n")
+    assert config.training_sample_size is not None and config.num_leaves is not None  # checked above
     if config.training_sample_size < config.num_leaves:
         raise ConfigError(
             f"training_sample_size ({config.training_sample_size}) must be >= num_leaves "
@@ -235,8 +231,7 @@ def _validate_config(config, n, d, k):
     threshold = config.anisotropic_quantization_threshold
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise ConfigError(
-            "anisotropic_quantization_threshold must be a positive number or None, "
-            f"got {threshold}."
+            f"anisotropic_quantization_threshold must be a positive number or None, got {threshold}."
         )
 
 
@@ -329,9 +324,7 @@ class Index:
         k, knobs = self._search_params(k, overrides)
         if queries.shape[0] == 0:
             return [], np.empty((0, k), dtype=np.float32)
-        rows, scores = self._searcher.search_batched_parallel(
-            queries, final_num_neighbors=k, **knobs
-        )
+        rows, scores = self._searcher.search_batched_parallel(queries, final_num_neighbors=k, **knobs)
         scores = np.asarray(scores, dtype=np.float32)
         # ScaNN pads missing neighbours with row 0 and a NaN score.
         found = ~np.isnan(scores)
@@ -418,19 +411,23 @@ class Index:
 
         for name, value in tables.items():
             if name in (SCANN_DIR, IDS_FILE, mf.MANIFEST_NAME) or "/" in name:
-                raise ConfigError(f"extra file {name!r} must be a plain file name other than the "
-                                  "index's own files")
+                raise ConfigError(
+                    f"extra file {name!r} must be a plain file name other than the index's own files"
+                )
             if isinstance(value, np.ndarray):
                 np.save(directory / name, value, allow_pickle=False)
             elif isinstance(value, os.PathLike):
                 rows = pq.read_metadata(value).num_rows
                 if rows != self.n:
-                    raise ConfigError(f"extra table {name!r} ({value}) must have one row per vector "
-                                      f"({self.n}), got {rows} rows")
+                    raise ConfigError(
+                        f"extra table {name!r} ({value}) must have one row per vector "
+                        f"({self.n}), got {rows} rows"
+                    )
                 _link_or_copy(Path(value), directory / name)
             elif value.num_rows != self.n:
-                raise ConfigError(f"extra table {name!r} must have one row per vector ({self.n}), "
-                                  f"got {value.num_rows} rows")
+                raise ConfigError(
+                    f"extra table {name!r} must have one row per vector ({self.n}), got {value.num_rows} rows"
+                )
             else:
                 pq.write_table(value, directory / name)
         scann_dir = directory / SCANN_DIR
@@ -492,9 +489,7 @@ def _read_ids(path, n):
     try:
         column = pq.read_table(path, columns=["id"]).column("id")
     except (pa.ArrowException, OSError, KeyError) as e:
-        raise IndexFormatError(
-            f"{path} is not a readable ids table ({e}). Rebuild the index."
-        ) from e
+        raise IndexFormatError(f"{path} is not a readable ids table ({e}). Rebuild the index.") from e
     if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
         raise IndexFormatError(f"{path}: column 'id' has type {column.type}, expected string.")
     if column.null_count:
@@ -523,8 +518,7 @@ def load_index(path, verify=True):
     for required in (IDS_FILE, f"{SCANN_DIR}/scann_assets.pbtxt"):
         if required not in manifest.files:
             raise IndexFormatError(
-                f"{path}: the manifest does not list {required}; the index is incomplete. "
-                "Rebuild the index."
+                f"{path}: the manifest does not list {required}; the index is incomplete. Rebuild the index."
             )
     mf.verify_files(path, manifest, check_hashes=verify)
     # load_searcher unpickles scann_docids.pkl if present; imgindex never writes
@@ -618,11 +612,7 @@ def build_index(
     _check_positive_int(k, "k")
     if not 0 < target_recall <= 1:
         raise ConfigError(f"target_recall must be in (0, 1], got {target_recall}.")
-    if (
-        isinstance(num_queries, bool)
-        or not isinstance(num_queries, (int, np.integer))
-        or num_queries < 0
-    ):
+    if isinstance(num_queries, bool) or not isinstance(num_queries, (int, np.integer)) or num_queries < 0:
         raise ConfigError(f"num_queries must be an integer >= 0, got {num_queries!r}.")
     arr = _as_matrix(vectors)
     n, d = arr.shape
@@ -679,9 +669,7 @@ def _as_matrix(vectors):
         )
     real = np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     if arr.dtype == bool or not real:
-        raise ConfigError(
-            f"vectors must be real numbers (float32 preferred), got dtype {arr.dtype}."
-        )
+        raise ConfigError(f"vectors must be real numbers (float32 preferred), got dtype {arr.dtype}.")
     return arr
 
 
@@ -697,12 +685,10 @@ def _check_ids(ids, n):
     not_str = next((i for i, value in enumerate(ids) if not isinstance(value, str)), None)
     if not_str is not None:
         value = ids[not_str]
-        raise ConfigError(
-            f"ids must be strings; ids[{not_str}] is {value!r} ({type(value).__name__})."
-        )
+        raise ConfigError(f"ids must be strings; ids[{not_str}] is {value!r} ({type(value).__name__}).")
     if len(set(ids)) != n:
-        seen = set()
-        duplicate = next(value for value in ids if value in seen or seen.add(value))
+        seen: set[str] = set()
+        duplicate = next(value for value in ids if value in seen or seen.add(value))  # type: ignore[func-returns-value]
         raise ConfigError(f"ids must be unique; {duplicate!r} occurs more than once.")
     return np.array(ids, dtype=object)
 
@@ -734,8 +720,10 @@ def prepare_tuning_queries(queries, d, distance):
     """Held-out queries as float32 (q, d), checked, L2-normalised for cosine (a copy)."""
     queries = np.asarray(queries)
     if queries.ndim != 2 or queries.shape[0] == 0 or queries.shape[1] != d:
-        raise ConfigError(f"tuning_queries must be a non-empty 2-D array (q, {d}) matching the "
-                          f"vectors' dimension, got shape {queries.shape}.")
+        raise ConfigError(
+            f"tuning_queries must be a non-empty 2-D array (q, {d}) matching the "
+            f"vectors' dimension, got shape {queries.shape}."
+        )
     if not (np.issubdtype(queries.dtype, np.floating) or np.issubdtype(queries.dtype, np.integer)):
         raise ConfigError(f"tuning_queries must be real numbers, got dtype {queries.dtype}.")
     with np.errstate(over="ignore"):
@@ -865,8 +853,12 @@ class _RecallProbe:
         if len(self.queries) < 2:
             return self, self
         return tuple(
-            dataclasses.replace(self, rows=None if self.rows is None else self.rows[i::2],
-                                queries=self.queries[i::2], exact=self.exact[i::2])
+            dataclasses.replace(
+                self,
+                rows=None if self.rows is None else self.rows[i::2],
+                queries=self.queries[i::2],
+                exact=self.exact[i::2],
+            )
             for i in (0, 1)
         )
 
@@ -879,9 +871,7 @@ class _RecallProbe:
         wanted = self.k if self.rows is None else self.k + 1
         if "pre_reorder_num_neighbors" in knobs:
             knobs["pre_reorder_num_neighbors"] = max(knobs["pre_reorder_num_neighbors"], wanted)
-        rows, scores = searcher.search_batched_parallel(
-            self.queries, final_num_neighbors=wanted, **knobs
-        )
+        rows, scores = searcher.search_batched_parallel(self.queries, final_num_neighbors=wanted, **knobs)
         rows = rows.astype(np.int64)
         rows[np.isnan(scores)] = -1  # ScaNN's padding for "not found"
         if self.rows is not None:
@@ -944,12 +934,9 @@ def _tune(searcher, config, probe, k, target_recall):
 
     Returns (knobs, recall, trials) where trials lists every evaluated candidate.
     """
-    trials = []
+    trials: list[dict] = []
     for cost, leaves, reorder in _tuning_candidates(config, searcher.size(), k):
-        if any(
-            leaves <= t["leaves_to_search"] and reorder <= t["pre_reorder_num_neighbors"]
-            for t in trials
-        ):
+        if any(leaves <= t["leaves_to_search"] and reorder <= t["pre_reorder_num_neighbors"] for t in trials):
             continue
         per_query = probe.recalls(searcher, leaves_to_search=leaves, pre_reorder_num_neighbors=reorder)
         value = float(np.mean(per_query))

@@ -103,8 +103,7 @@ class IndexManifest:
         wrong = [
             name
             for name, expected in _FIELD_TYPES.items()
-            if name in data
-            and (not isinstance(data[name], expected) or isinstance(data[name], bool))
+            if name in data and (not isinstance(data[name], expected) or isinstance(data[name], bool))
         ]
         if wrong:
             raise IndexFormatError(

@@ -96,13 +96,10 @@ def average_precision(ranking, relevant, n_relevant=None):
     rel = relevance(ranking, relevant)
     total = len(set(relevant)) if n_relevant is None else n_relevant
     if total < 1:
-        raise ConfigError(
-            "average_precision: a query has no relevant items (R = 0); AP is undefined."
-        )
+        raise ConfigError("average_precision: a query has no relevant items (R = 0); AP is undefined.")
     if rel.sum() > total:
         raise ConfigError(
-            f"average_precision: the ranking holds {rel.sum()} relevant items but "
-            f"n_relevant={total}."
+            f"average_precision: the ranking holds {rel.sum()} relevant items but n_relevant={total}."
         )
     precision_at_rank = np.cumsum(rel) / np.arange(1, len(rel) + 1)
     return float(precision_at_rank[rel].sum() / total)
@@ -120,9 +117,7 @@ def mean_average_precision(rankings, relevant, n_relevant=None):
     if n_relevant is None:
         n_relevant = [None] * len(rankings)
     _check_same_length(rankings, n_relevant, "rankings", "n_relevant")
-    return _mean(
-        [average_precision(r, rel, n) for r, rel, n in zip(rankings, relevant, n_relevant)]
-    )
+    return _mean([average_precision(r, rel, n) for r, rel, n in zip(rankings, relevant, n_relevant)])
 
 
 def ns_score(retrieved_groups, query_groups, top=4):

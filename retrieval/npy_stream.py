@@ -51,15 +51,20 @@ class NpyWriter:
         self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
         self.rows = 0
         self._file = open(self.path, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": self.shape}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": self.shape,
+        }
         np.lib.format.write_array_header_2_0(self._file, header)
 
     def append(self, rows):
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.shape[1:] or self.rows + rows.shape[0] > self.shape[0]:
-            raise ValueError(f"{self.path.name}: {rows.shape[0]} rows of shape {rows.shape[1:]} do not fit "
-                             f"after {self.rows} rows of {self.shape}")
+            raise ValueError(
+                f"{self.path.name}: {rows.shape[0]} rows of shape {rows.shape[1:]} do not fit "
+                f"after {self.rows} rows of {self.shape}"
+            )
         rows.tofile(self._file)  # the array's own buffer, no bytes copy
         self.rows += rows.shape[0]
 

@@ -18,6 +18,7 @@ A run is *published* when LATEST names it; only a run whose manifest has status
 "published" may be named there.  A run that failed or was refused by a gate keeps its
 directory (for inspection) with status "failed" or "rejected" and LATEST is left alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,7 +77,8 @@ class RunManifest:
     gates: dict
     timings: dict
     created_at: str = dataclasses.field(
-        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
     producer_version: str = __version__
     versions: dict = dataclasses.field(default_factory=dict)
     error: str | None = None
@@ -87,27 +89,37 @@ class RunManifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunManifest":
+    def from_dict(cls, data: dict[str, Any]) -> RunManifest:
         if not isinstance(data, dict):
-            raise IndexFormatError(f"not an imgindex run manifest (a JSON {type(data).__name__}, "
-                                   "not an object)")
+            raise IndexFormatError(
+                f"not an imgindex run manifest (a JSON {type(data).__name__}, not an object)"
+            )
         if data.get("kind") != RUN_KIND:
             raise IndexFormatError(f"not an imgindex run manifest (kind {data.get('kind')!r})")
         if data.get("format_version") != RUN_FORMAT_VERSION:
             raise IndexFormatError(
                 f"run manifest format version {data.get('format_version')!r} is not supported by "
-                f"imgindex {__version__} (reads version {RUN_FORMAT_VERSION}); upgrade imgindex")
+                f"imgindex {__version__} (reads version {RUN_FORMAT_VERSION}); upgrade imgindex"
+            )
         fields = dataclasses.fields(cls)
-        missing = [f.name for f in fields if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and f.name not in data]
+        missing = [
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+            and f.name not in data
+        ]
         if missing:
-            raise IndexFormatError(f"the run manifest lacks {', '.join(missing)}; the run is incomplete "
-                                   "or was not written by imgindex; rebuild it")
+            raise IndexFormatError(
+                f"the run manifest lacks {', '.join(missing)}; the run is incomplete "
+                "or was not written by imgindex; rebuild it"
+            )
         wrong = [name for name in _OBJECT_FIELDS if not isinstance(data[name], dict)]
         if wrong or not isinstance(data["run_id"], str) or not isinstance(data["status"], str):
             raise IndexFormatError(
                 f"the run manifest is damaged: {', '.join(wrong) or 'run_id or status'} "
-                "has the wrong type; rebuild the run")
+                "has the wrong type; rebuild the run"
+            )
         known = {f.name for f in fields}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -159,7 +171,8 @@ def resolve_run(path: str) -> str:
     if latest is None:
         raise IndexFormatError(
             f"{path} is neither a run directory (no {RUN_MANIFEST}) nor an output root with a "
-            f"published run (no {LATEST}); run `imgindex build` first")
+            f"published run (no {LATEST}); run `imgindex build` first"
+        )
     return latest
 
 
@@ -172,7 +185,12 @@ def embedder_entry(run_directory: str, name: str, index, spec: dict, **extra) ->
         "table": f"{EMBEDDINGS_DIR}/{name}",
         "index": f"{INDEX_DIR}/{name}",
         "index_manifest_sha256": sha256_file(os.path.join(index_dir(run_directory, name), "manifest.json")),
-        "n": m.n, "d": m.d, "distance": m.distance, "method": index.method,
-        "search_defaults": m.search_defaults, "recall": m.recall, "build_seconds": m.build_seconds,
+        "n": m.n,
+        "d": m.d,
+        "distance": m.distance,
+        "method": index.method,
+        "search_defaults": m.search_defaults,
+        "recall": m.recall,
+        "build_seconds": m.build_seconds,
         **extra,
     }

@@ -162,7 +162,7 @@ def _encode_rows(x, selected, trained_config, directory, out, chunk_rows, thread
         seed.mkdir()
         for _, name in (PARTITIONER, AH_CENTERS):
             os.link(directory / name, seed / name)
-        np.save(seed / DATASET[1], np.asarray(x[first:first + 1]))
+        np.save(seed / DATASET[1], np.asarray(x[first : first + 1]))
         write_assets(seed, trained_config, [AH_CENTERS, PARTITIONER, DATASET])
         searcher = scann.load_searcher(str(seed), assets_backcompat_shim=False).searcher
         searcher.set_num_threads(threads or _available_cores())
@@ -188,16 +188,18 @@ def _interleave(encoded_path, sample_path, rest, path, chunk_rows):
     encoded, sampled = open_read(encoded_path), open_read(sample_path)
     n = len(rest)
     if encoded.shape[0] + sampled.shape[0] != n or encoded.dtype != sampled.dtype:
-        raise RuntimeError(f"{path.name}: {encoded.shape[0]} encoded rows and {sampled.shape[0]} sample rows "
-                           f"do not make up {n}")
+        raise RuntimeError(
+            f"{path.name}: {encoded.shape[0]} encoded rows and {sampled.shape[0]} sample rows "
+            f"do not make up {n}"
+        )
     taken = 0
     with NpyWriter(path, (n,) + encoded.shape[1:], encoded.dtype) as out:
         for start, stop in chunk_bounds(n, chunk_rows):
             mask = rest[start:stop]
             count = int(np.count_nonzero(mask))
             chunk = np.empty((stop - start,) + encoded.shape[1:], encoded.dtype)
-            chunk[mask] = encoded[taken:taken + count]
-            chunk[~mask] = sampled[start - taken:stop - taken - count]
+            chunk[mask] = encoded[taken : taken + count]
+            chunk[~mask] = sampled[start - taken : stop - taken - count]
             taken += count
             out.append(chunk)
             release_pages(encoded)
@@ -247,4 +249,3 @@ def _read_config(path):
     config = scann_pb2.ScannConfig()
     config.ParseFromString(Path(path).read_bytes())
     return config
-

@@ -32,7 +32,7 @@ def import_scann_pybind():
         # TF is loaded (its import already paid for) or explicitly blocked by the
         # caller, or ScaNN's __init__ already ran: nothing to avoid, nothing to undo.
         return importlib.import_module(_PYBIND_MODULE)
-    sys.modules["tensorflow"] = None
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # blocks the import
     try:
         return importlib.import_module(_PYBIND_MODULE)
     finally:

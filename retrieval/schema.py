@@ -14,6 +14,7 @@ Failures table: one row per input record that could not be embedded.
   id, source, stage (read|decode|preprocess|embed|write), error_type, message, embedder
   (embedder is set for embed-stage failures, which concern one embedder only)
 """
+
 from __future__ import annotations
 
 import json
@@ -109,8 +110,7 @@ def check_embedding_schema(schema: pa.Schema) -> None:
             raise ConfigError(f"embedding table has no {name!r} column; columns: {schema.names}")
         if not schema.field(index).type.equals(typ):
             raise ConfigError(
-                f"embedding table column {name!r} has type {schema.field(index).type}, "
-                f"expected {typ}"
+                f"embedding table column {name!r} has type {schema.field(index).type}, expected {typ}"
             )
 
 
@@ -124,8 +124,9 @@ def metadata_field(name: str, type_name: str) -> pa.Field:
     return pa.field(name, METADATA_TYPES[type_name])
 
 
-def failure_row(source: str, stage: str, error: BaseException | str, id: str | None = None,
-                embedder: str | None = None) -> dict:
+def failure_row(
+    source: str, stage: str, error: BaseException | str, id: str | None = None, embedder: str | None = None
+) -> dict:
     """A failures-table row; `error` is the exception caught (or a reason string)."""
     if stage not in FAILURE_STAGES:
         raise ValueError(f"stage {stage!r} is not one of {FAILURE_STAGES}")
@@ -133,5 +134,11 @@ def failure_row(source: str, stage: str, error: BaseException | str, id: str | N
         error_type, message = type(error).__name__, str(error) or repr(error)
     else:
         error_type, message = "Invalid", error
-    return {ID: id, SOURCE: source, "stage": stage, "error_type": error_type, "message": message[:2000],
-            "embedder": embedder}
+    return {
+        ID: id,
+        SOURCE: source,
+        "stage": stage,
+        "error_type": error_type,
+        "message": message[:2000],
+        "embedder": embedder,
+    }

@@ -15,6 +15,7 @@ merges them: the result is the exact top k of the union of what the shards retur
 `open_index` loads either layout; a missing, replaced or corrupted shard is an
 IndexFormatError naming it, never a silently smaller index.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,9 +44,15 @@ def shard_of(ids, num_shards: int) -> np.ndarray:
     """The shard of each id (an int64 array); stable across runs, machines and Python versions."""
     _check_num_shards(num_shards)
     keys = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8, person=_PERSON).digest(),
-                        "little") for i in ids),
-        dtype=np.uint64, count=len(ids))
+        (
+            int.from_bytes(
+                hashlib.blake2b(i.encode("utf-8"), digest_size=8, person=_PERSON).digest(), "little"
+            )
+            for i in ids
+        ),
+        dtype=np.uint64,
+        count=len(ids),
+    )
     return (keys % np.uint64(num_shards)).astype(np.int64)
 
 
@@ -105,20 +112,31 @@ class ShardedManifest:
         if data.get("format_version") != FORMAT_VERSION:
             raise IndexFormatError(
                 f"{source}: unsupported sharded index format_version {data.get('format_version')!r}; "
-                f"this imgindex ({__version__}) reads {FORMAT_VERSION}. Rebuild the index.")
+                f"this imgindex ({__version__}) reads {FORMAT_VERSION}. Rebuild the index."
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
             manifest = cls(**{key: value for key, value in data.items() if key in fields})
         except TypeError as e:
-            raise IndexFormatError(f"{source}: incomplete sharded index manifest ({e}). Rebuild the index.") from e
+            raise IndexFormatError(
+                f"{source}: incomplete sharded index manifest ({e}). Rebuild the index."
+            ) from e
         if data.get("hash") != HASH:
-            raise IndexFormatError(f"{source}: rows were partitioned by {data.get('hash')!r}, which this "
-                                   f"imgindex does not know ({HASH}). Rebuild the index.")
-        if (not isinstance(manifest.shards, list) or len(manifest.shards) != manifest.num_shards
-                or not all(isinstance(s, dict) and {"dir", "n", "manifest_sha256"} <= s.keys()
-                           for s in manifest.shards)):
-            raise IndexFormatError(f"{source}: the shard list is damaged (expected {manifest.num_shards} "
-                                   "entries with dir, n and manifest_sha256). Rebuild the index.")
+            raise IndexFormatError(
+                f"{source}: rows were partitioned by {data.get('hash')!r}, which this "
+                f"imgindex does not know ({HASH}). Rebuild the index."
+            )
+        if (
+            not isinstance(manifest.shards, list)
+            or len(manifest.shards) != manifest.num_shards
+            or not all(
+                isinstance(s, dict) and {"dir", "n", "manifest_sha256"} <= s.keys() for s in manifest.shards
+            )
+        ):
+            raise IndexFormatError(
+                f"{source}: the shard list is damaged (expected {manifest.num_shards} "
+                "entries with dir, n and manifest_sha256). Rebuild the index."
+            )
         return manifest
 
 
@@ -142,8 +160,9 @@ def describe_method(shard_methods) -> str:
 
 def merge_top_k(id_lists, score_lists, k: int, higher_is_better: bool):
     """Merge per-shard results (lists of ids, scores best first) into the best k overall."""
-    ids, scores = _merge_rows([np.asarray(part, dtype=object) for part in id_lists], score_lists,
-                              k, higher_is_better)
+    ids, scores = _merge_rows(
+        [np.asarray(part, dtype=object) for part in id_lists], score_lists, k, higher_is_better
+    )
     return ids.tolist(), scores
 
 
@@ -188,8 +207,12 @@ class ShardedIndex:
         """`search`, answering with global row numbers (row i is ids[i]) instead of ids."""
         k = self.manifest.search_defaults["k"] if k is None else k
         parts = [shard.search_rows(query, k=k) for shard in self.shards]
-        return _merge_rows([rows + offset for (rows, _), offset in zip(parts, self.offsets)],
-                           [scores for _, scores in parts], k, self.distance != "squared_l2")
+        return _merge_rows(
+            [rows + offset for (rows, _), offset in zip(parts, self.offsets)],
+            [scores for _, scores in parts],
+            k,
+            self.distance != "squared_l2",
+        )
 
     def search_batch_rows(self, queries, k=None):
         """`search_batch`, answering with q arrays of global row numbers instead of id lists."""
@@ -200,10 +223,14 @@ class ShardedIndex:
         out_rows, out_scores = [], np.full((q, width), np.nan, dtype=np.float32)
         higher = self.distance != "squared_l2"
         for row in range(q):
-            rows, scores = _merge_rows([p[0][row] + offset for p, offset in zip(parts, self.offsets)],
-                                       [p[1][row] for p in parts], width, higher)
+            rows, scores = _merge_rows(
+                [p[0][row] + offset for p, offset in zip(parts, self.offsets)],
+                [p[1][row] for p in parts],
+                width,
+                higher,
+            )
             out_rows.append(rows)
-            out_scores[row, :len(rows)] = scores
+            out_scores[row, : len(rows)] = scores
         return out_rows, out_scores
 
 
@@ -211,8 +238,9 @@ def _merge_rows(row_parts, score_parts, k: int, higher_is_better: bool):
     """The best k of per-shard (rows, scores) parts as two arrays; NaN scores (ScaNN's padding)
     are dropped, and ties keep shard order."""
     rows = np.concatenate(row_parts)
-    scores = np.concatenate([np.asarray(s, dtype=np.float32)[:len(r)]
-                             for r, s in zip(row_parts, score_parts)])
+    scores = np.concatenate(
+        [np.asarray(s, dtype=np.float32)[: len(r)] for r, s in zip(row_parts, score_parts)]
+    )
     order = np.flatnonzero(~np.isnan(scores))
     key = -scores[order] if higher_is_better else scores[order]
     order = order[np.argsort(key, kind="stable")[:k]]
@@ -237,25 +265,34 @@ def open_index(path, verify: bool = True):
     for number, entry in enumerate(manifest.shards):
         expected_dir = shard_name(number, manifest.num_shards)
         if entry["dir"] != expected_dir:
-            raise IndexFormatError(f"{source}: shard {number} is recorded as {entry['dir']!r}, expected "
-                                   f"{expected_dir!r}. Rebuild the index.")
+            raise IndexFormatError(
+                f"{source}: shard {number} is recorded as {entry['dir']!r}, expected "
+                f"{expected_dir!r}. Rebuild the index."
+            )
         directory = path / expected_dir
         try:
             actual = mf.sha256_file(directory / mf.MANIFEST_NAME)
         except FileNotFoundError as e:
-            raise IndexFormatError(f"{path}: shard {number} of {manifest.num_shards} ({directory}) is missing "
-                                   "or incomplete; refusing to serve a partial index. Rebuild the index.") from e
+            raise IndexFormatError(
+                f"{path}: shard {number} of {manifest.num_shards} ({directory}) is missing "
+                "or incomplete; refusing to serve a partial index. Rebuild the index."
+            ) from e
         if actual != entry["manifest_sha256"]:
-            raise IndexFormatError(f"{path}: shard {number} ({directory}) was replaced or modified after the "
-                                   "sharded index was written (its manifest.json does not match). Rebuild the index.")
+            raise IndexFormatError(
+                f"{path}: shard {number} ({directory}) was replaced or modified after the "
+                "sharded index was written (its manifest.json does not match). Rebuild the index."
+            )
         shard = load_index(directory, verify=verify)
         if (shard.n, shard.d, shard.distance) != (entry["n"], manifest.d, manifest.distance):
             raise IndexFormatError(
                 f"{path}: shard {number} holds n={shard.n} d={shard.d} {shard.distance}, the sharded manifest "
-                f"says n={entry['n']} d={manifest.d} {manifest.distance}. Rebuild the index.")
+                f"says n={entry['n']} d={manifest.d} {manifest.distance}. Rebuild the index."
+            )
         shards.append(shard)
         directories.append(directory)
     if sum(s.n for s in shards) != manifest.n:
-        raise IndexFormatError(f"{path}: the shards hold {sum(s.n for s in shards)} rows, the manifest says "
-                               f"n={manifest.n}. Rebuild the index.")
+        raise IndexFormatError(
+            f"{path}: the shards hold {sum(s.n for s in shards)} rows, the manifest says "
+            f"n={manifest.n}. Rebuild the index."
+        )
     return ShardedIndex(shards, manifest, directories)

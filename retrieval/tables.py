@@ -3,6 +3,7 @@
 `read_embeddings` streams record batches straight into one preallocated float32 matrix, so
 peak memory stays near the matrix itself rather than the table plus a copy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,17 @@ class Embeddings:
     columns: pa.Table | None = None  # the other columns, rows aligned with ids (when asked)
 
 
-def write_embeddings(path: str, spec: EmbedderSpec, ids, vectors: np.ndarray, sha256s, sources,
-                     widths, heights, row_group_size: int = 4096) -> None:
+def write_embeddings(
+    path: str,
+    spec: EmbedderSpec,
+    ids,
+    vectors: np.ndarray,
+    sha256s,
+    sources,
+    widths,
+    heights,
+    row_group_size: int = 4096,
+) -> None:
     """Writes one embedding table file (temporary name, then rename)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     schema = S.embedding_schema(spec)
@@ -50,8 +60,12 @@ def write_embeddings(path: str, spec: EmbedderSpec, ids, vectors: np.ndarray, sh
     os.replace(tmp, path)
 
 
-def read_embeddings(source: str | list[str], with_columns: bool = False,
-                    vectors_path: str | None = None, columns_path: str | None = None) -> Embeddings:
+def read_embeddings(
+    source: str | list[str],
+    with_columns: bool = False,
+    vectors_path: str | None = None,
+    columns_path: str | None = None,
+) -> Embeddings:
     """Reads embedding tables (a file, a directory of .parquet files, or a list of files).
 
     with_columns: also return every column but the embedding (id, source, sha256, width,
@@ -83,7 +97,7 @@ def read_embeddings(source: str | list[str], with_columns: bool = False,
             if vector_sink is not None:
                 vector_sink.append(flat)
             else:
-                vectors[row:row + m] = flat
+                vectors[row : row + m] = flat  # type: ignore[index]  # allocated when no sink
             id_chunks.append(batch.column(S.ID))
             if with_columns:
                 piece = pa.Table.from_batches([batch]).drop_columns([S.EMBEDDING])

@@ -4,15 +4,16 @@
 Importing this package loads NumPy only; ScaNN and pyarrow are imported by
 `Searcher.open`, TensorFlow by the first image query.
 """
+
 from serving.searcher import (
     BadImageError,
     DimensionMismatchError,
     EmbedderRequiredError,
     NonFiniteQueryError,
     QueryError,
+    Searcher,
     SearchHit,
     SearchResult,
-    Searcher,
     UnknownEmbedderError,
     UnknownIdError,
 )

@@ -30,6 +30,7 @@ Queries run in Starlette's thread pool, so the event loop never waits for ScaNN 
 model.  With refresh_seconds, a lifespan task checks LATEST that often and loads a newly
 published run in a worker thread, then swaps it in; queries never wait for it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -71,8 +72,9 @@ class ApiError(Exception):
 
 class _JSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return json.dumps(_jsonable(content), ensure_ascii=False, allow_nan=False,
-                          separators=(",", ":")).encode("utf-8")
+        return json.dumps(
+            _jsonable(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        ).encode("utf-8")
 
 
 def _jsonable(value: Any) -> Any:
@@ -97,12 +99,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def _error(status: int, code: str, message: str, headers=None) -> _JSONResponse:
-    return _JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                         headers=headers)
+    return _JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def create_app(searcher: Searcher, refresh_seconds: float | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+def create_app(
+    searcher: Searcher, refresh_seconds: float | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> Starlette:
     """The ASGI app serving `searcher`; with refresh_seconds, LATEST is re-checked that often."""
     if refresh_seconds is not None and not refresh_seconds > 0:
         raise ConfigError(f"refresh_seconds must be > 0 or None, got {refresh_seconds!r}")
@@ -116,15 +118,17 @@ def create_app(searcher: Searcher, refresh_seconds: float | None = None,
             result = await run_in_threadpool(_run_query, searcher, query)
         except ApiError as exc:
             return _error(exc.status, exc.code, exc.message)
-        return _JSONResponse({
-            "embedder": result.embedder,
-            "run_id": result.run_id,
-            "k": query["k"],
-            "distance": result.distance,
-            "higher_is_better": result.higher_is_better,
-            "hits": [hit.to_dict() for hit in result],
-            "took_ms": round((time.perf_counter() - started) * 1000, 3),
-        })
+        return _JSONResponse(
+            {
+                "embedder": result.embedder,
+                "run_id": result.run_id,
+                "k": query["k"],
+                "distance": result.distance,
+                "higher_is_better": result.higher_is_better,
+                "hits": [hit.to_dict() for hit in result],
+                "took_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+        )
 
     async def healthz(request: Request) -> _JSONResponse:
         return _JSONResponse({"status": "ok", "run_id": searcher.run_id})
@@ -132,11 +136,17 @@ def create_app(searcher: Searcher, refresh_seconds: float | None = None,
     async def index_info(request: Request) -> _JSONResponse:
         return _JSONResponse(searcher.info())
 
-    async def http_error(request: Request, exc: HTTPException) -> _JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> _JSONResponse:
+        assert isinstance(exc, HTTPException)  # registered for HTTPException only
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        message = exc.detail if exc.status_code not in (404, 405) else (
-            f"{request.method} {request.url.path} is not an endpoint; use POST /v1/search, "
-            "GET /v1/healthz or GET /v1/index")
+        message = (
+            exc.detail
+            if exc.status_code not in (404, 405)
+            else (
+                f"{request.method} {request.url.path} is not an endpoint; use POST /v1/search, "
+                "GET /v1/healthz or GET /v1/index"
+            )
+        )
         # exc.headers carries what the status needs, e.g. Allow for 405.
         return _error(exc.status_code, code, str(message), headers=exc.headers)
 
@@ -184,6 +194,7 @@ async def _refresh_loop(searcher: Searcher, seconds: float) -> None:
 
 # ------------------------------------------------------------------ request parsing
 
+
 async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
@@ -192,14 +203,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
         except ValueError:
             raise ApiError(400, "bad_request", f"invalid Content-Length {length!r}") from None
         if declared > limit:
-            raise ApiError(413, "body_too_large",
-                           f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+            raise ApiError(
+                413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {limit} bytes"
+            )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "body_too_large",
-                           f"request body exceeds the limit of {limit} bytes")
+            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -207,9 +218,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def _parse_request(request: Request, limit: int) -> dict[str, Any]:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in ("application/json", "multipart/form-data", ""):
-        raise ApiError(415, "unsupported_media_type",
-                       f"Content-Type {media_type!r} is not supported; send application/json "
-                       "or multipart/form-data")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {media_type!r} is not supported; send application/json or multipart/form-data",
+        )
     body = await _read_body(request, limit)
     if media_type == "multipart/form-data":
         return await _parse_form(request, body, limit)
@@ -225,28 +238,33 @@ def _parse_json(payload: Any) -> dict[str, Any]:
         raise ApiError(400, "bad_json", f"the body must be a JSON object, got {type(payload).__name__}")
     unknown = sorted(payload.keys() - JSON_FIELDS)
     if unknown:
-        raise ApiError(400, "unknown_field", f"unknown field(s) {', '.join(unknown)}; allowed: "
-                       f"{', '.join(sorted(JSON_FIELDS))}")
+        raise ApiError(
+            400,
+            "unknown_field",
+            f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(JSON_FIELDS))}",
+        )
     query = _common_fields(payload)
     kind = query["kind"]
     value = payload[kind]
     if kind == "vector":
         if not isinstance(value, list) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
-            raise ApiError(400, "bad_vector", "\"vector\" must be a flat list of numbers")
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in value
+        ):
+            raise ApiError(400, "bad_vector", '"vector" must be a flat list of numbers')
         query["value"] = value
     elif kind == "image":
         if not isinstance(value, str):
-            raise ApiError(400, "bad_base64", "\"image\" must be a base64 string")
+            raise ApiError(400, "bad_base64", '"image" must be a base64 string')
         query["value"] = _b64decode(value)
     else:
         if not isinstance(value, str) or not value:
-            raise ApiError(400, "bad_id", "\"id\" must be a non-empty string")
+            raise ApiError(400, "bad_id", '"id" must be a non-empty string')
         query["value"] = value
     exclude_self = payload.get("exclude_self", False)
     if not isinstance(exclude_self, bool) or (exclude_self and kind != "id"):
-        raise ApiError(400, "bad_request", "\"exclude_self\" must be true or false, and applies "
-                       "to id queries only")
+        raise ApiError(
+            400, "bad_request", '"exclude_self" must be true or false, and applies to id queries only'
+        )
     query["exclude_self"] = exclude_self
     return query
 
@@ -255,14 +273,13 @@ def _common_fields(fields: dict[str, Any]) -> dict[str, Any]:
     kinds = [kind for kind in QUERY_KINDS if kind in fields]
     if len(kinds) != 1:
         got = ", ".join(kinds) or "none"
-        raise ApiError(400, "query_kind",
-                       f'give exactly one of "vector", "image", "id" (got {got})')
+        raise ApiError(400, "query_kind", f'give exactly one of "vector", "image", "id" (got {got})')
     k = fields.get("k", DEFAULT_K)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ApiError(400, "bad_k", f"\"k\" must be an integer from 1 to {MAX_K}, got {k!r}")
+        raise ApiError(400, "bad_k", f'"k" must be an integer from 1 to {MAX_K}, got {k!r}')
     embedder = fields.get("embedder")
     if embedder is not None and not isinstance(embedder, str):
-        raise ApiError(400, "bad_embedder", "\"embedder\" must be a string")
+        raise ApiError(400, "bad_embedder", '"embedder" must be a string')
     return {"kind": kinds[0], "k": k, "embedder": embedder}
 
 
@@ -272,9 +289,9 @@ def _b64decode(text: str) -> bytes:
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, "bad_base64", f"\"image\" is not valid base64: {exc}") from None
+        raise ApiError(400, "bad_base64", f'"image" is not valid base64: {exc}') from None
     if not data:
-        raise ApiError(400, "bad_base64", "\"image\" is empty")
+        raise ApiError(400, "bad_base64", '"image" is empty')
     return data
 
 
@@ -283,48 +300,58 @@ async def _parse_form(request: Request, body: bytes, limit: int) -> dict[str, An
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     if getattr(formparsers, "multipart", None) is None:  # pragma: no cover - extras dependent
-        raise ApiError(415, "unsupported_media_type", "multipart uploads need the "
-                       "python-multipart package on the server; send JSON with a base64 image")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "multipart uploads need the "
+            "python-multipart package on the server; send JSON with a base64 image",
+        )
 
     async def stream():
         yield body
         yield b""
 
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=10,
-                                     max_part_size=limit).parse()
+        form = await MultiPartParser(
+            request.headers, stream(), max_files=1, max_fields=10, max_part_size=limit
+        ).parse()
     except MultiPartException as exc:
         raise ApiError(400, "bad_multipart", f"invalid multipart/form-data body: {exc.message}") from None
     try:
         unknown = sorted(set(form.keys()) - FORM_FIELDS)
         if unknown:
-            raise ApiError(400, "unknown_field", f"unknown form field(s) {', '.join(unknown)}; "
-                           f"allowed: {', '.join(sorted(FORM_FIELDS))}")
+            raise ApiError(
+                400,
+                "unknown_field",
+                f"unknown form field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(FORM_FIELDS))}",
+            )
         if "image" not in form:
-            raise ApiError(400, "query_kind", "the multipart form needs a file field \"image\"")
+            raise ApiError(400, "query_kind", 'the multipart form needs a file field "image"')
         upload = form["image"]
         if isinstance(upload, str) or not hasattr(upload, "read"):
-            raise ApiError(400, "bad_multipart", "form field \"image\" must be a file upload")
+            raise ApiError(400, "bad_multipart", 'form field "image" must be a file upload')
         data = await upload.read()
         fields: dict[str, Any] = {"image": data}
         if "k" in form:
             try:
-                fields["k"] = int(form["k"])
+                fields["k"] = int(form["k"])  # type: ignore[arg-type]  # a file is refused below
             except (TypeError, ValueError):
-                raise ApiError(400, "bad_k", f"\"k\" must be an integer from 1 to {MAX_K}, "
-                               f"got {form['k']!r}") from None
+                raise ApiError(
+                    400, "bad_k", f'"k" must be an integer from 1 to {MAX_K}, got {form["k"]!r}'
+                ) from None
         if "embedder" in form:
             fields["embedder"] = form["embedder"] if isinstance(form["embedder"], str) else None
         query = _common_fields(fields)
     finally:
         await form.close()
     if not data:
-        raise ApiError(400, "query_kind", "the uploaded \"image\" file is empty")
+        raise ApiError(400, "query_kind", 'the uploaded "image" file is empty')
     query.update(value=data, exclude_self=False)
     return query
 
 
 # ------------------------------------------------------------------ running a query
+
 
 def _run_query(searcher: Searcher, query: dict[str, Any]) -> SearchResult:
     kind, k, embedder = query["kind"], query["k"], query["embedder"]
@@ -333,8 +360,7 @@ def _run_query(searcher: Searcher, query: dict[str, Any]) -> SearchResult:
             return searcher.search_vector(query["value"], k=k, embedder=embedder)
         if kind == "image":
             return searcher.search_image(query["value"], k=k, embedder=embedder)
-        return searcher.search_id(query["value"], k=k, embedder=embedder,
-                                  exclude_self=query["exclude_self"])
+        return searcher.search_id(query["value"], k=k, embedder=embedder, exclude_self=query["exclude_self"])
     except UnknownIdError as exc:
         raise ApiError(404, exc.code, str(exc)) from None
     except BadImageError as exc:
@@ -349,10 +375,20 @@ def _run_query(searcher: Searcher, query: dict[str, Any]) -> SearchResult:
 
 # ------------------------------------------------------------------ running the server
 
-def serve(path: str, host: str = "127.0.0.1", port: int = 8080, refresh_seconds: float | None = 60,
-          *, embedder: str | None = None, verify: bool = True,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
-          uvicorn_options: dict[str, Any] | None = None, **open_options: Any) -> None:
+
+def serve(
+    path: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    refresh_seconds: float | None = 60,
+    *,
+    embedder: str | None = None,
+    verify: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    log_level: str = "info",
+    uvicorn_options: dict[str, Any] | None = None,
+    **open_options: Any,
+) -> None:
     """Open `path` (output root or run directory) and serve it with uvicorn until stopped.
 
     Binds 127.0.0.1 unless `host` says otherwise.  refresh_seconds: how often LATEST is
@@ -366,7 +402,8 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8080, refresh_seconds:
     if refresh_seconds and not searcher.info()["refresh"]["follows_latest"]:
         log.info("%s is a run directory: it is served as is, LATEST is not followed", path)
         refresh_seconds = None
-    log.info("serving run %s (%s) on http://%s:%d", searcher.run_id,
-             ", ".join(searcher.embedders), host, port)
+    log.info(
+        "serving run %s (%s) on http://%s:%d", searcher.run_id, ", ".join(searcher.embedders), host, port
+    )
     app = create_app(searcher, refresh_seconds=refresh_seconds, max_body_bytes=max_body_bytes)
     uvicorn.run(app, host=host, port=port, log_level=log_level, **(uvicorn_options or {}))

@@ -6,6 +6,7 @@ Here the rows are ordered by the ids' string hashes: a lookup hashes the id, bin
 the sorted hashes and compares the id itself, so two ids with one hash still resolve.
 Python's string hash differs between processes, which is fine: nothing here is stored.
 """
+
 from __future__ import annotations
 
 import numpy as np

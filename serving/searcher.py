@@ -31,6 +31,7 @@ a refresh both runs are in memory.
 Imports: `import serving` loads NumPy and the run-manifest helpers only; ScaNN and pyarrow
 are imported by `open()`, TensorFlow only by the first image query (to load the model).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,9 +41,10 @@ import os
 import threading
 import time
 import types
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +77,7 @@ _COMBINE_MAX_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------- errors
+
 
 class QueryError(ConfigError):
     """A query the caller can fix (HTTP 400).  `code` is a stable machine-readable name."""
@@ -120,14 +123,14 @@ class UnknownIdError(ImgIndexError, KeyError):
 
     def __init__(self, item_id: str, embedder: str, run_id: str):
         self.item_id, self.embedder, self.run_id = item_id, embedder, run_id
-        super().__init__(f"id {item_id!r} is not in the index of embedder {embedder!r} "
-                         f"(run {run_id})")
+        super().__init__(f"id {item_id!r} is not in the index of embedder {embedder!r} (run {run_id})")
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return self.args[0]
 
 
 # --------------------------------------------------------------------------- results
+
 
 @dataclasses.dataclass(frozen=True)
 class SearchHit:
@@ -157,11 +160,14 @@ class SearchResult(list):
         self.higher_is_better = distance != "squared_l2"
 
     def __repr__(self) -> str:
-        return (f"SearchResult(embedder={self.embedder!r}, run_id={self.run_id!r}, "
-                f"distance={self.distance!r}, hits={list.__repr__(self)})")
+        return (
+            f"SearchResult(embedder={self.embedder!r}, run_id={self.run_id!r}, "
+            f"distance={self.distance!r}, hits={list.__repr__(self)})"
+        )
 
 
 # --------------------------------------------------------------------------- loaded state
+
 
 @dataclasses.dataclass(frozen=True)
 class _EmbedderState:
@@ -171,7 +177,7 @@ class _EmbedderState:
     index: Any  # retrieval.index.Index
     index_dir: str
     row_of: IdLookup  # id -> row, for id queries
-    metadata: "_Metadata | None"  # metadata.parquet without "id", rows aligned with ids
+    metadata: _Metadata | None  # metadata.parquet without "id", rows aligned with ids
     vectors: np.ndarray | None  # memory-mapped (n, d) float32 (normalised for cosine), or None
     projection: np.ndarray | None = None  # PCA learned at build time (retrieval.projection)
 
@@ -212,8 +218,9 @@ def _utc_now() -> str:
 def _inside(run_dir: str, rel: Any, what: str) -> Path:
     pure = PurePosixPath(rel) if isinstance(rel, str) and rel else None
     if pure is None or pure.is_absolute() or ".." in pure.parts:
-        raise IndexFormatError(f"{run_dir}/{runs.RUN_MANIFEST}: {what} is {rel!r}, not a path "
-                               "relative to the run directory")
+        raise IndexFormatError(
+            f"{run_dir}/{runs.RUN_MANIFEST}: {what} is {rel!r}, not a path relative to the run directory"
+        )
     return Path(run_dir, *pure.parts)
 
 
@@ -224,17 +231,18 @@ def _load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: b
         raise IndexFormatError(
             f"run {manifest.run_id} ({run_dir}) has status {manifest.status!r}, not 'published'"
             f"{': ' + manifest.error if manifest.error else ''}; serve a published run or pass "
-            "allow_unpublished=True to inspect it")
+            "allow_unpublished=True to inspect it"
+        )
     if not isinstance(manifest.embedders, dict) or not manifest.embedders:
         raise IndexFormatError(f"run {manifest.run_id} ({run_dir}) has no embedders to serve")
     names = sorted(manifest.embedders)
     if only is not None:
         if only not in manifest.embedders:
             raise UnknownEmbedderError(
-                f"run {manifest.run_id} has no embedder {only!r}; available: {', '.join(names)}")
+                f"run {manifest.run_id} has no embedder {only!r}; available: {', '.join(names)}"
+            )
         names = [only]
-    loaded = {name: _load_embedder(run_dir, name, manifest.embedders[name], verify)
-              for name in names}
+    loaded = {name: _load_embedder(run_dir, name, manifest.embedders[name], verify) for name in names}
     return _RunState(
         run_id=manifest.run_id,
         run_dir=str(run_dir),
@@ -254,23 +262,29 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
     index_path = _inside(run_dir, entry.get("index"), f"embedders.{name}.index")
     expected = entry.get("index_manifest_sha256")
     if not isinstance(expected, str) or not expected:
-        raise IndexFormatError(f"{run_dir}/{runs.RUN_MANIFEST}: embedder {name!r} has no "
-                               "index_manifest_sha256; the run manifest is incomplete")
+        raise IndexFormatError(
+            f"{run_dir}/{runs.RUN_MANIFEST}: embedder {name!r} has no "
+            "index_manifest_sha256; the run manifest is incomplete"
+        )
     try:
         actual = sha256_file(index_path / "manifest.json")
     except FileNotFoundError as exc:
-        raise IndexFormatError(f"index of embedder {name!r} ({index_path}) has no manifest.json; "
-                               "the run directory is incomplete") from exc
+        raise IndexFormatError(
+            f"index of embedder {name!r} ({index_path}) has no manifest.json; the run directory is incomplete"
+        ) from exc
     if actual != expected:
         raise IndexFormatError(
             f"index of embedder {name!r} ({index_path}): manifest.json does not match the "
             "run manifest's index_manifest_sha256 (the index was replaced or modified after "
-            "the run was published); rebuild the run")
+            "the run was published); rebuild the run"
+        )
     index = open_index(index_path, verify=verify)
     for key, value in (("n", index.n), ("d", index.d)):
         if key in entry and entry[key] != value:
-            raise IndexFormatError(f"index of embedder {name!r}: the run manifest says "
-                                   f"{key}={entry[key]} but the index holds {key}={value}")
+            raise IndexFormatError(
+                f"index of embedder {name!r}: the run manifest says "
+                f"{key}={entry[key]} but the index holds {key}={value}"
+            )
     spec = entry.get("spec") or index.manifest.embedder
     index_spec = index.manifest.embedder or {}
     if not isinstance(spec, (dict, type(None))) or not isinstance(index_spec, dict):
@@ -279,7 +293,8 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
         raise IndexFormatError(
             f"index of embedder {name!r}: its manifest names embedder fingerprint "
             f"{index_spec.get('fingerprint')!r} but the run manifest says "
-            f"{spec.get('fingerprint')!r}; the run is inconsistent")
+            f"{spec.get('fingerprint')!r}; the run is inconsistent"
+        )
     ids = _index_ids(index)
     row_of = IdLookup(ids)
     return _EmbedderState(
@@ -303,8 +318,10 @@ def _load_projection(index, index_path: Path) -> np.ndarray | None:
         return None
     projection = np.load(index_path / PROJECTION_FILE)
     if projection.ndim != 2 or projection.shape[0] != index.d + 1:
-        raise IndexFormatError(f"{index_path / PROJECTION_FILE}: shape {projection.shape} does not "
-                               f"project to the index dimension {index.d}; rebuild the run")
+        raise IndexFormatError(
+            f"{index_path / PROJECTION_FILE}: shape {projection.shape} does not "
+            f"project to the index dimension {index.d}; rebuild the run"
+        )
     return projection
 
 
@@ -327,13 +344,15 @@ def _load_metadata(index, index_path: Path):
     if all(t is None for t in tables):
         return None
     if any(t is None for t in tables):
-        raise IndexFormatError(f"{index_path}: some shards have {runs.METADATA_FILE} and others do not; "
-                               "rebuild the index")
+        raise IndexFormatError(
+            f"{index_path}: some shards have {runs.METADATA_FILE} and others do not; rebuild the index"
+        )
     try:
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     except pa.ArrowInvalid as exc:
-        raise IndexFormatError(f"{index_path}: the shards' {runs.METADATA_FILE} schemas differ ({exc}); "
-                               "rebuild the index") from exc
+        raise IndexFormatError(
+            f"{index_path}: the shards' {runs.METADATA_FILE} schemas differ ({exc}); rebuild the index"
+        ) from exc
     return _Metadata(table)
 
 
@@ -344,24 +363,28 @@ def _load_metadata_table(index, index_path: Path):
     path = index_path / runs.METADATA_FILE
     if runs.METADATA_FILE not in index.manifest.files:
         if path.exists():
-            raise IndexFormatError(f"{path} is not listed in the index manifest, so its "
-                                   "contents are unverified; rebuild the index")
+            raise IndexFormatError(
+                f"{path} is not listed in the index manifest, so its "
+                "contents are unverified; rebuild the index"
+            )
         return None
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise IndexFormatError(f"{path} is not a readable Parquet table ({exc})") from exc
     if table.num_rows != index.n:
-        raise IndexFormatError(f"{path} has {table.num_rows} rows but the index holds "
-                               f"{index.n} vectors; rebuild the index")
+        raise IndexFormatError(
+            f"{path} has {table.num_rows} rows but the index holds {index.n} vectors; rebuild the index"
+        )
     if "id" in table.column_names:
         ids = pq.read_table(index_path / "ids.parquet", columns=["id"]).column("id")
         meta_ids = table.column("id")
         if meta_ids.type != ids.type:
             meta_ids = meta_ids.cast(ids.type)
         if not meta_ids.equals(ids):
-            raise IndexFormatError(f"{path}: rows are not aligned with ids.parquet (the id "
-                                   "columns differ); rebuild the index")
+            raise IndexFormatError(
+                f"{path}: rows are not aligned with ids.parquet (the id columns differ); rebuild the index"
+            )
         table = table.drop_columns(["id"])
     return table
 
@@ -391,8 +414,9 @@ class _Metadata:
         self._layouts: list[np.ndarray] = []  # first global row of each chunk
         for name in self.column_names:
             column = table.column(name)
-            if ((pa.types.is_integer(column.type) or pa.types.is_floating(column.type))
-                    and column.null_count == 0):
+            if (
+                pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+            ) and column.null_count == 0:
                 # Fixed-width values: combining cannot overflow (one copy when several chunks).
                 self._numpy.append(column.combine_chunks().to_numpy(zero_copy_only=True))
                 self._chunks.append(None)
@@ -403,7 +427,7 @@ class _Metadata:
             else:
                 chunks = [chunk for chunk in column.chunks if len(chunk)] or [column.chunk(0)]
             starts = np.cumsum([0] + [len(chunk) for chunk in chunks[:-1]], dtype=np.int64)
-            for at, layout in enumerate(self._layouts):
+            for at, layout in enumerate(self._layouts):  # noqa: B007 (used after the loop)
                 if np.array_equal(layout, starts):
                     break
             else:
@@ -418,22 +442,23 @@ class _Metadata:
 
         positions = np.asarray(rows, dtype=np.int64)
         # Per chunk layout: [(chunk number, positions in the result, rows in the chunk)].
-        groups = []
+        groups: list[list[tuple[int, Any, Any]]] = []
         for starts in self._layouts:
             if len(starts) == 1:
                 groups.append([(0, None, pa.array(positions))])
                 continue
             chunk_of = np.searchsorted(starts, positions, side="right") - 1
-            parts = []
+            parts: list[tuple[int, Any, Any]] = []
             for c in np.unique(chunk_of).tolist():
                 where = np.flatnonzero(chunk_of == c)
                 parts.append((c, where, pa.array(positions[where] - starts[c])))
             groups.append(parts)
-        values = []
+        values: list[list] = []
         for numpy, chunks, layout in zip(self._numpy, self._chunks, self._layout_of):
             if numpy is not None:
                 values.append(numpy[positions].tolist())
                 continue
+            assert chunks is not None and layout is not None
             parts = groups[layout]
             if len(parts) == 1:
                 values.append(chunks[parts[0][0]].take(parts[0][2]).to_pylist())
@@ -480,21 +505,37 @@ def _load_shard_vectors(index, index_path: Path) -> np.ndarray | None:
     except (OSError, ValueError) as exc:
         raise IndexFormatError(f"{path} is not a readable .npy file ({exc})") from exc
     if vectors.dtype != np.float32 or vectors.shape != (index.n, index.d):
-        log.warning("%s holds %s %s, not float32 (%d, %d): id queries are unavailable",
-                    path, vectors.dtype, vectors.shape, index.n, index.d)
+        log.warning(
+            "%s holds %s %s, not float32 (%d, %d): id queries are unavailable",
+            path,
+            vectors.dtype,
+            vectors.shape,
+            index.n,
+            index.d,
+        )
         return None
     return vectors
 
 
 # --------------------------------------------------------------------------- the searcher
 
+
 class Searcher:
     """Thread-safe queries against a published run; see the module docstring."""
 
-    def __init__(self, state: _RunState, *, root: str | None, embedder: str | None,
-                 verify: bool, allow_unpublished: bool, handles: Mapping[str, str] | None,
-                 model_cache_dir: str | None, max_image_pixels: int,
-                 refresh_retry_seconds: float = DEFAULT_REFRESH_RETRY_SECONDS):
+    def __init__(
+        self,
+        state: _RunState,
+        *,
+        root: str | None,
+        embedder: str | None,
+        verify: bool,
+        allow_unpublished: bool,
+        handles: Mapping[str, str] | None,
+        model_cache_dir: str | None,
+        max_image_pixels: int,
+        refresh_retry_seconds: float = DEFAULT_REFRESH_RETRY_SECONDS,
+    ):
         _check_retry_seconds(refresh_retry_seconds)
         self._state = state
         self._root = root
@@ -509,20 +550,31 @@ class Searcher:
         # failed_run: the run LATEST names that failed to load (last_error says why);
         # retry_at: when refresh() tries it again (UTC).  Both stay until a refresh succeeds
         # or LATEST names the served run.
-        self._refresh_status: dict[str, Any] = {"last_checked_at": None, "last_error": None,
-                                                "failed_run": None, "retry_at": None}
+        self._refresh_status: dict[str, Any] = {
+            "last_checked_at": None,
+            "last_error": None,
+            "failed_run": None,
+            "retry_at": None,
+        }
         self._retry_at = 0.0  # time.monotonic() of the next attempt at failed_run
         self._failed_attempts = 0  # consecutive failures of failed_run
-        self._models: dict[tuple[str, str], Any] = {}
-        self._model_failures: dict[tuple[str, str], tuple[float, HandleError]] = {}
+        self._models: dict[tuple[str | None, str | None], Any] = {}
+        self._model_failures: dict[tuple[str | None, str | None], tuple[float, HandleError]] = {}
         self._model_lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str | os.PathLike, embedder: str | None = None, verify: bool = True, *,
-             allow_unpublished: bool = False, handles: Mapping[str, str] | None = None,
-             model_cache_dir: str | None = None,
-             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-             refresh_retry_seconds: float = DEFAULT_REFRESH_RETRY_SECONDS) -> "Searcher":
+    def open(
+        cls,
+        path: str | os.PathLike,
+        embedder: str | None = None,
+        verify: bool = True,
+        *,
+        allow_unpublished: bool = False,
+        handles: Mapping[str, str] | None = None,
+        model_cache_dir: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        refresh_retry_seconds: float = DEFAULT_REFRESH_RETRY_SECONDS,
+    ) -> Searcher:
         """Load the run at `path`: an output root (follows LATEST; `refresh()` can follow it
         later) or a run directory (fixed).
 
@@ -546,10 +598,17 @@ class Searcher:
         _check_run_exists(path, run_dir)
         root = None if _same_dir(run_dir, path) else path
         state = _load_run(run_dir, embedder, verify, allow_unpublished)
-        return cls(state, root=root, embedder=embedder, verify=verify,
-                   allow_unpublished=allow_unpublished, handles=handles,
-                   model_cache_dir=model_cache_dir, max_image_pixels=max_image_pixels,
-                   refresh_retry_seconds=refresh_retry_seconds)
+        return cls(
+            state,
+            root=root,
+            embedder=embedder,
+            verify=verify,
+            allow_unpublished=allow_unpublished,
+            handles=handles,
+            model_cache_dir=model_cache_dir,
+            max_image_pixels=max_image_pixels,
+            refresh_retry_seconds=refresh_retry_seconds,
+        )
 
     # ------------------------------------------------------------------ description
 
@@ -579,8 +638,9 @@ class Searcher:
 
     def _describe(self, emb: _EmbedderState) -> dict[str, Any]:
         manifest = emb.index.manifest
-        recall = {key: manifest.recall.get(key)
-                  for key in ("k", "value", "n_queries", "target", "reached_target")}
+        recall = {
+            key: manifest.recall.get(key) for key in ("k", "value", "n_queries", "target", "reached_target")
+        }
         spec = dict(emb.spec) if emb.spec else {}
         handle = self._handles.get(emb.name, spec.get("handle"))
         return {
@@ -644,8 +704,9 @@ class Searcher:
             try:
                 target = runs.read_latest(self._root)
                 if target is None:
-                    raise IndexFormatError(f"{self._root}/{runs.LATEST} has disappeared; "
-                                           f"still serving run {self._state.run_id}")
+                    raise IndexFormatError(
+                        f"{self._root}/{runs.LATEST} has disappeared; still serving run {self._state.run_id}"
+                    )
                 if _same_dir(target, self._state.run_dir) and not force:
                     self._clear_failure()  # what LATEST names is served
                     return False
@@ -659,22 +720,24 @@ class Searcher:
             except Exception as exc:
                 status["last_error"] = f"{type(exc).__name__}: {exc}"
                 if target is not None:
-                    self._failed_attempts = (self._failed_attempts + 1
-                                             if target == status["failed_run"] else 1)
-                    delay = self._refresh_retry_seconds * min(2 ** (self._failed_attempts - 1),
-                                                              REFRESH_RETRY_MAX_FACTOR)
+                    self._failed_attempts = self._failed_attempts + 1 if target == status["failed_run"] else 1
+                    delay = self._refresh_retry_seconds * min(
+                        2 ** (self._failed_attempts - 1), REFRESH_RETRY_MAX_FACTOR
+                    )
                     self._retry_at = time.monotonic() + delay
                     status["failed_run"] = target
-                    status["retry_at"] = (datetime.datetime.now(datetime.timezone.utc)
-                                          + datetime.timedelta(seconds=delay)).isoformat(timespec="seconds")
+                    status["retry_at"] = (
+                        datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=delay)
+                    ).isoformat(timespec="seconds")
                 log.error("refresh failed, still serving run %s: %s", self._state.run_id, exc)
                 raise
             old = self._state
             self._state = state  # the swap: one reference assignment
             self._clear_failure()
             self._forget_unused_models()
-            log.info("now serving run %s (was %s), loaded in %.1f s", state.run_id, old.run_id,
-                     state.load_seconds)
+            log.info(
+                "now serving run %s (was %s), loaded in %.1f s", state.run_id, old.run_id, state.load_seconds
+            )
             return True
 
     def _clear_failure(self) -> None:
@@ -693,8 +756,9 @@ class Searcher:
         results = _search(state, emb, queries, k)
         return results[0] if single else results
 
-    def search_id(self, item_id: str, k: int = 10, embedder: str | None = None,
-                  exclude_self: bool = False) -> SearchResult:
+    def search_id(
+        self, item_id: str, k: int = 10, embedder: str | None = None, exclude_self: bool = False
+    ) -> SearchResult:
         """Neighbours of an indexed item's stored vector.  The item itself comes first
         (score 1 for cosine) unless exclude_self.  Raises UnknownIdError."""
         state = self._state
@@ -706,7 +770,10 @@ class Searcher:
             kept = [hit for hit in result if hit.id != item_id][:k]
             result = SearchResult(
                 [dataclasses.replace(hit, rank=rank) for rank, hit in enumerate(kept, 1)],
-                embedder=result.embedder, run_id=result.run_id, distance=result.distance)
+                embedder=result.embedder,
+                run_id=result.run_id,
+                distance=result.distance,
+            )
         return result
 
     def get_vector(self, item_id: str, embedder: str | None = None) -> np.ndarray:
@@ -726,16 +793,17 @@ class Searcher:
 
         spec = self._image_spec(emb)
         try:
-            decoded = imaging.decode(bytes(data), min_size=spec.input_size,
-                                     max_pixels=self._max_image_pixels)
+            decoded = imaging.decode(bytes(data), min_size=spec.input_size, max_pixels=self._max_image_pixels)
             pixels = imaging.resize(decoded.image, spec.input_size, spec.resize)
         except imaging.ImageDecodeError as exc:
             raise BadImageError(f"the query image cannot be used: {exc}") from exc
         model = self._model(spec)
         vector = embedders.embed_batch(model, spec, pixels[None])[0]
         if vector.shape != (emb.input_dim,):
-            raise HandleError(f"embedder {emb.name!r} ({spec.handle}) returned a vector of shape "
-                              f"{vector.shape}, but the index expects dimension {emb.input_dim}")
+            raise HandleError(
+                f"embedder {emb.name!r} ({spec.handle}) returned a vector of shape "
+                f"{vector.shape}, but the index expects dimension {emb.input_dim}"
+            )
         queries = emb.to_index_space(vector[None])
         _refuse_zero_rows(emb, queries, single=True)
         return _search(state, emb, queries, k)[0]
@@ -747,9 +815,11 @@ class Searcher:
         if emb.name in self._handles:
             spec["handle"] = self._handles[emb.name]
         if not spec.get("handle") or not spec.get("fingerprint"):
-            raise QueryError(f"embedder {emb.name!r} has no recorded model (handle and "
-                             "fingerprint), so image queries are unavailable; query by vector",
-                             code="image_queries_unavailable")
+            raise QueryError(
+                f"embedder {emb.name!r} has no recorded model (handle and "
+                "fingerprint), so image queries are unavailable; query by vector",
+                code="image_queries_unavailable",
+            )
         return EmbedderSpec.from_dict(spec)
 
     def _model_key(self, emb: _EmbedderState) -> tuple[str | None, str | None]:
@@ -757,8 +827,10 @@ class Searcher:
         None for a value that is not a string (such an embedder has no usable model)."""
         spec = emb.spec or {}
         handle, fingerprint = self._handles.get(emb.name, spec.get("handle")), spec.get("fingerprint")
-        return (handle if isinstance(handle, str) else None,
-                fingerprint if isinstance(fingerprint, str) else None)
+        return (
+            handle if isinstance(handle, str) else None,
+            fingerprint if isinstance(fingerprint, str) else None,
+        )
 
     def _forget_unused_models(self) -> None:
         """Drop the cached models (and remembered failures) that no embedder of the served
@@ -792,7 +864,8 @@ class Searcher:
                         f"fingerprint {resolved.fingerprint}, but the index was built with other "
                         f"weights (fingerprint {spec.fingerprint}); refusing to embed queries "
                         "with a different model. Point the handle at the model the run was "
-                        "built with (Searcher.open(handles={...}))")
+                        "built with (Searcher.open(handles={...}))"
+                    )
             except HandleError as exc:
                 self._model_failures[key] = (time.monotonic(), exc)
                 raise
@@ -806,8 +879,7 @@ class Searcher:
 
 
 def _check_retry_seconds(seconds) -> None:
-    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-            or not 0 <= seconds < float("inf")):
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
         raise ConfigError(f"refresh_retry_seconds must be a number >= 0, got {seconds!r}")
 
 
@@ -818,7 +890,8 @@ def _check_run_exists(root: str, run_dir: str) -> None:
             f"{root}/{runs.LATEST} names run {os.path.basename(run_dir.rstrip('/'))} "
             f"({run_dir}), which does not exist: it was deleted, or is not copied yet (a sync "
             f"that copies {runs.LATEST} before the run); restore or finish copying the run "
-            f"directory, or point {runs.LATEST} at an existing run (`retrieval.runs.publish`)")
+            f"directory, or point {runs.LATEST} at an existing run (`retrieval.runs.publish`)"
+        )
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -834,11 +907,13 @@ def _pick(state: _RunState, embedder: str | None) -> _EmbedderState:
             return next(iter(state.embedders.values()))
         raise EmbedderRequiredError(
             f"run {state.run_id} serves several embedders; name one with embedder=...: "
-            f"{', '.join(sorted(state.embedders))}")
+            f"{', '.join(sorted(state.embedders))}"
+        )
     emb = state.embedders.get(embedder) if isinstance(embedder, str) else None
     if emb is None:
-        raise UnknownEmbedderError(f"unknown embedder {embedder!r}; available: "
-                                   f"{', '.join(sorted(state.embedders))}")
+        raise UnknownEmbedderError(
+            f"unknown embedder {embedder!r}; available: {', '.join(sorted(state.embedders))}"
+        )
     return emb
 
 
@@ -852,27 +927,33 @@ def _check_vectors(emb: _EmbedderState, vector) -> tuple[np.ndarray, bool]:
     """The query (d,) or (q, d) checked -> ((q, index d) float32 for the index, single)."""
     try:
         arr = np.asarray(vector)
-        if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating)
-                                     or np.issubdtype(arr.dtype, np.integer)):
+        if arr.dtype == bool or not (
+            np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+        ):
             raise TypeError(arr.dtype)
         with np.errstate(over="ignore"):
             arr32 = arr.astype(np.float32)
     except (TypeError, ValueError) as exc:
-        raise QueryError(f"the query vector must be numbers, got {type(vector).__name__} "
-                         f"({exc})", code="bad_vector") from exc
+        raise QueryError(
+            f"the query vector must be numbers, got {type(vector).__name__} ({exc})", code="bad_vector"
+        ) from exc
     d = emb.input_dim
     if arr.ndim not in (1, 2) or arr.shape[-1] != d:
         got = arr.shape[-1] if arr.ndim else "a scalar"
         raise DimensionMismatchError(
             f"the index of embedder {emb.name!r} holds vectors of dimension {d}, got {got} "
-            f"(query shape {arr.shape})", expected=d, got=got)
+            f"(query shape {arr.shape})",
+            expected=d,
+            got=got,
+        )
     single = arr.ndim == 1
     arr32 = arr32.reshape(-1, d)
     bad = ~np.isfinite(arr32).all(axis=1)
     if bad.any():
         raise NonFiniteQueryError(
             f"query vector{'' if single else f' (row {int(np.argmax(bad))})'} contains NaN or "
-            "infinite values (after conversion to float32); all components must be finite")
+            "infinite values (after conversion to float32); all components must be finite"
+        )
     if emb.projection is None and emb.index.distance == "cosine" and arr.dtype.itemsize > 4:
         # A direction is scale-free: rows of values too small for float32 (1e-50 from a
         # float64 client would become 0) are scaled by their largest magnitude first.
@@ -893,8 +974,11 @@ def _refuse_zero_rows(emb: _EmbedderState, queries: np.ndarray, single: bool) ->
     if zero.any():
         where = "" if single else f" (row {int(np.argmax(zero))})"
         what = "projects to zero by the index's PCA" if emb.projection is not None else "is all zeros"
-        raise QueryError(f"the query vector{where} {what}: a zero vector has no direction; "
-                         "cosine similarity is undefined for it", code="zero_vector")
+        raise QueryError(
+            f"the query vector{where} {what}: a zero vector has no direction; "
+            "cosine similarity is undefined for it",
+            code="zero_vector",
+        )
 
 
 def _stored_vector(state: _RunState, emb: _EmbedderState, item_id) -> np.ndarray:
@@ -904,9 +988,11 @@ def _stored_vector(state: _RunState, emb: _EmbedderState, item_id) -> np.ndarray
     if row is None:
         raise UnknownIdError(item_id, emb.name, state.run_id)
     if emb.vectors is None:
-        raise QueryError(f"the index of embedder {emb.name!r} stores no vectors "
-                         f"({DATASET_FILE}), so id queries are unavailable; query by vector",
-                         code="id_queries_unavailable")
+        raise QueryError(
+            f"the index of embedder {emb.name!r} stores no vectors "
+            f"({DATASET_FILE}), so id queries are unavailable; query by vector",
+            code="id_queries_unavailable",
+        )
     return np.array(emb.vectors[row], dtype=np.float32)
 
 
@@ -921,7 +1007,7 @@ def _search(state: _RunState, emb: _EmbedderState, queries: np.ndarray, k: int) 
 
 
 def _result(state: _RunState, emb: _EmbedderState, rows: np.ndarray, scores) -> SearchResult:
-    scores = np.asarray(scores, dtype=np.float32)[:len(rows)]
+    scores = np.asarray(scores, dtype=np.float32)[: len(rows)]
     found = ~np.isnan(scores)
     rows, scores = rows[found], scores[found].tolist()
     ids = emb.index.ids[rows].tolist()
@@ -929,6 +1015,8 @@ def _result(state: _RunState, emb: _EmbedderState, rows: np.ndarray, scores) -> 
         metadata = emb.metadata.rows(rows)
     else:
         metadata = [{} for _ in ids]
-    hits = [SearchHit(rank=rank, id=item_id, score=score, metadata=md)
-            for rank, (item_id, score, md) in enumerate(zip(ids, scores, metadata), 1)]
+    hits = [
+        SearchHit(rank=rank, id=item_id, score=score, metadata=md)
+        for rank, (item_id, score, md) in enumerate(zip(ids, scores, metadata), 1)
+    ]
     return SearchResult(hits, embedder=emb.name, run_id=state.run_id, distance=emb.index.distance)

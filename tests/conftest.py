@@ -4,8 +4,6 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-
 
 @pytest.fixture(scope="session")
 def tiny_savedmodel(tmp_path_factory):

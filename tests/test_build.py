@@ -9,7 +9,7 @@ from imgindex import cli
 from pipelines import build
 from retrieval import index, runs
 from retrieval.errors import ConfigError, IndexFormatError
-from tests import images
+from tests.helpers import images
 
 
 def _images(folder, n, bad=0, seed=0):
@@ -89,29 +89,46 @@ def test_tuning_queries_measure_the_published_recall(tmp_path, tiny_savedmodel):
     root = str(tmp_path / "root")
     queries = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
     np.save(tmp_path / "q.npy", queries)
-    result = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "in", 30)], root,
-                             f"--tuning_queries=tiny={tmp_path / 'q.npy'}"))
+    result = build.run(
+        _argv(
+            tiny_savedmodel,
+            [_images(tmp_path / "in", 30)],
+            root,
+            f"--tuning_queries=tiny={tmp_path / 'q.npy'}",
+        )
+    )
     recall = result.manifest.embedders["tiny"]["recall"]
     assert recall["method"].startswith("held-out: 20 query vectors") and recall["n_queries"] == 20
     assert recall["value"] == 1.0  # brute force is exact
     tables = os.path.join(result.run_dir, runs.EMBEDDINGS_DIR, "tiny")
-    again = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "in2", 30, seed=50)], root,
-                            f"--tuning_queries={tables}"))
+    again = build.run(
+        _argv(tiny_savedmodel, [_images(tmp_path / "in2", 30, seed=50)], root, f"--tuning_queries={tables}")
+    )
     assert again.manifest.embedders["tiny"]["recall"]["method"].startswith("held-out: 30 query vectors")
-    sharded_run = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "in3", 30, seed=90)], root,
-                                  f"--tuning_queries={tmp_path / 'q.npy'}", "--index_shards=2"))
+    sharded_run = build.run(
+        _argv(
+            tiny_savedmodel,
+            [_images(tmp_path / "in3", 30, seed=90)],
+            root,
+            f"--tuning_queries={tmp_path / 'q.npy'}",
+            "--index_shards=2",
+        )
+    )
     recall = sharded_run.manifest.embedders["tiny"]["recall"]
     assert recall["method"].startswith("held-out over the merged shards: 20 query vectors")
     assert recall["value"] == 1.0  # brute-force shards
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--min_recall=1.5"], "--min_recall"),
-    (["--max_failure_rate=-1"], "--max_failure_rate"),
-    (["--run_id=../x"], "--run_id"),
-    (["--tuning_queries=other=q.npy"], "unknown embedder 'other'; the run's embedders are \\['tiny'\\]"),
-    (["--tuning_queries=/no/such/file.npy"], "is not an existing local file"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--min_recall=1.5"], "--min_recall"),
+        (["--max_failure_rate=-1"], "--max_failure_rate"),
+        (["--run_id=../x"], "--run_id"),
+        (["--tuning_queries=other=q.npy"], "unknown embedder 'other'; the run's embedders are \\['tiny'\\]"),
+        (["--tuning_queries=/no/such/file.npy"], "is not an existing local file"),
+    ],
+)
 def test_bad_build_options_fail_before_work(tmp_path, tiny_savedmodel, extra, words):
     root = tmp_path / "root"
     with pytest.raises(ConfigError, match=words):
@@ -133,9 +150,14 @@ def test_two_embedders_give_two_indexes_served_side_by_side(tmp_path, tiny_saved
     from serving.searcher import EmbedderRequiredError
 
     root = str(tmp_path / "root")
-    result = build.run([f"--input={_images(tmp_path / 'in', 10)}", f"--output={root}",
-                        f"--embedder=small={tiny_savedmodel},size=32",
-                        f"--embedder=big={tiny_savedmodel},size=48,resize=crop"])
+    result = build.run(
+        [
+            f"--input={_images(tmp_path / 'in', 10)}",
+            f"--output={root}",
+            f"--embedder=small={tiny_savedmodel},size=32",
+            f"--embedder=big={tiny_savedmodel},size=48,resize=crop",
+        ]
+    )
     assert sorted(result.manifest.embedders) == ["big", "small"]
     searcher = Searcher.open(root)
     assert searcher.embedders == ["big", "small"]
@@ -145,12 +167,18 @@ def test_two_embedders_give_two_indexes_served_side_by_side(tmp_path, tiny_saved
         assert searcher.search_id("img003.jpg", k=1, embedder=name)[0].id == "img003.jpg"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("[]", "a JSON list, not an object"),
-    ('{"kind": "imgindex.run", "format_version": 1, "run_id": "r"}', "lacks status, inputs, counts"),
-    ('{"kind": "imgindex.run", "format_version": 1, "run_id": "r", "status": "published", "inputs": {}, '
-     '"counts": [], "embedders": {}, "gates": {}, "timings": {}}', "damaged: counts has the wrong type"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[]", "a JSON list, not an object"),
+        ('{"kind": "imgindex.run", "format_version": 1, "run_id": "r"}', "lacks status, inputs, counts"),
+        (
+            '{"kind": "imgindex.run", "format_version": 1, "run_id": "r", "status": "published", "inputs": {}, '
+            '"counts": [], "embedders": {}, "gates": {}, "timings": {}}',
+            "damaged: counts has the wrong type",
+        ),
+    ],
+)
 def test_damaged_run_manifest_is_a_clear_error(tmp_path, content, message):
     (tmp_path / runs.RUN_MANIFEST).write_text(content)
     with pytest.raises(IndexFormatError, match=message):
@@ -161,8 +189,12 @@ def test_publish_replaces_latest_atomically(tmp_path):
     root = tmp_path / "root"
     for run_id in ("r1", "r2"):
         os.makedirs(runs.run_dir(str(root), run_id))
-        runs.write_run_manifest(runs.run_dir(str(root), run_id), runs.RunManifest(
-            run_id=run_id, status="published", inputs={}, counts={}, embedders={}, gates={}, timings={}))
+        runs.write_run_manifest(
+            runs.run_dir(str(root), run_id),
+            runs.RunManifest(
+                run_id=run_id, status="published", inputs={}, counts={}, embedders={}, gates={}, timings={}
+            ),
+        )
         runs.publish(str(root), run_id)
         assert runs.read_latest(str(root)) == runs.run_dir(str(root), run_id)
     assert sorted(os.listdir(root)) == [runs.LATEST, runs.RUNS_DIR]  # no temporary file left

@@ -5,6 +5,7 @@ the test photos from scikit-image.  Test photos are resized as a whole (no crop)
 to the native size with tf.image.resize bilinear (no antialiasing), then scaled
 to [0, 1].
 """
+
 import importlib
 import json
 import multiprocessing
@@ -61,9 +62,12 @@ def _photos(size: int) -> np.ndarray:
     import tensorflow as tf
     from skimage import data
 
-    return np.stack([
-        tf.image.resize(photo.astype(np.float32) / 255.0, (size, size), method="bilinear").numpy()
-        for photo in (data.coffee(), data.chelsea())])
+    return np.stack(
+        [
+            tf.image.resize(photo.astype(np.float32) / 255.0, (size, size), method="bilinear").numpy()
+            for photo in (data.coffee(), data.chelsea())
+        ]
+    )
 
 
 def _probabilities(hub_model, images: np.ndarray) -> np.ndarray:
@@ -74,6 +78,7 @@ def _probabilities(hub_model, images: np.ndarray) -> np.ndarray:
 
 
 # -- exported model --------------------------------------------------------------------------
+
 
 def test_lite0_classifies_sample_photos(lite0_hub):
     coffee, chelsea = _probabilities(lite0_hub, _photos(224))
@@ -123,8 +128,9 @@ def test_keras_layer_matches_hub_load(lite0, lite0_hub):
     layer = hub.KerasLayer(lite0.path)
     model = tf_keras.Sequential([tf_keras.Input((224, 224, 3)), layer])
     images = _photos(224)
-    np.testing.assert_allclose(model.predict(images, verbose=0), lite0_hub(images).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        model.predict(images, verbose=0), lite0_hub(images).numpy(), rtol=1e-5, atol=1e-5
+    )
     assert len(layer.weights) == len(lite0_hub.variables) > 0
 
 
@@ -152,9 +158,16 @@ def test_state_dict_that_does_not_fit_is_rejected():
 
 # -- registry, fingerprint, cache -------------------------------------------------------------
 
+
 def test_registry():
-    assert builtin_names() == ["efficientnet-lite0", "efficientnet-lite0-bf16", "efficientnet-lite1",
-                               "efficientnet-lite1-bf16", "efficientnet-lite2", "efficientnet-lite2-bf16"]
+    assert builtin_names() == [
+        "efficientnet-lite0",
+        "efficientnet-lite0-bf16",
+        "efficientnet-lite1",
+        "efficientnet-lite1-bf16",
+        "efficientnet-lite2",
+        "efficientnet-lite2-bf16",
+    ]
     assert [BUILTIN_MODELS[n].input_size for n in builtin_names()] == [224, 224, 240, 240, 260, 260]
     assert {BUILTIN_MODELS[n].precision for n in builtin_names()} == {"float32", "bfloat16"}
     assert is_builtin("builtin:efficientnet-lite0") and not is_builtin("efficientnet-lite0")
@@ -186,9 +199,11 @@ def test_fingerprint_is_stable_and_versioned():
 
 
 def test_registry_and_fingerprint_do_not_import_tensorflow():
-    code = ("import sys; import retrieval.builtin as b; b.builtin_names(); "
-            "b.is_builtin('builtin:x'); b.fingerprint('efficientnet-lite0'); "
-            "assert 'tensorflow' not in sys.modules and 'torch' not in sys.modules")
+    code = (
+        "import sys; import retrieval.builtin as b; b.builtin_names(); "
+        "b.is_builtin('builtin:x'); b.fingerprint('efficientnet-lite0'); "
+        "assert 'tensorflow' not in sys.modules and 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -233,6 +248,7 @@ def test_corrupted_cache_entry_is_reported(lite0, tmp_path):
 
 # -- legacy .pth reader -----------------------------------------------------------------------
 
+
 def _lite0_state() -> dict:
     return load_state_dict(materialize_module.weights_path(BUILTIN_MODELS["efficientnet-lite0"]))
 
@@ -260,8 +276,7 @@ class _Tensor:
     stride: tuple
 
     def __reduce__(self):
-        return _rebuild_tensor_v2, (self.storage, self.offset, self.size, self.stride, False,
-                                    {})
+        return _rebuild_tensor_v2, (self.storage, self.offset, self.size, self.stride, False, {})
 
 
 def _rebuild_tensor_v2(*args):
@@ -275,8 +290,10 @@ def _float_storage():
 class _TorchStylePickler(pickle._Pickler):
     """Writes state dicts the way legacy torch.save did, without torch."""
 
-    _TORCH_NAMES = {_rebuild_tensor_v2: b"torch._utils\n_rebuild_tensor_v2\n",
-                    _float_storage: b"torch\nFloatStorage\n"}
+    _TORCH_NAMES = {
+        _rebuild_tensor_v2: b"torch._utils\n_rebuild_tensor_v2\n",
+        _float_storage: b"torch\nFloatStorage\n",
+    }
 
     def persistent_id(self, obj):
         if isinstance(obj, _Storage):
@@ -296,8 +313,7 @@ class _TorchStylePickler(pickle._Pickler):
 
 def _write_legacy_pth(path, state, storages=()):
     with open(path, "wb") as f:
-        for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001,
-                                                     "little_endian": True}):
+        for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
             pickle.dump(header, f, protocol=2)
         _TorchStylePickler(f, protocol=2).dump(state)
         pickle.dump([s.key for s in storages], f, protocol=2)

@@ -10,14 +10,17 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("argv, heavy", [
-    (["--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
-    (["index", "--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
-    (["models", "--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
-    (["demo", "--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
-    # embed's options are Beam PipelineOptions, so Beam is imported, but not TensorFlow.
-    (["embed", "--help"], ("tensorflow", "tensorflow_hub", "scann")),
-])
+@pytest.mark.parametrize(
+    "argv, heavy",
+    [
+        (["--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
+        (["index", "--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
+        (["models", "--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
+        (["demo", "--help"], ("tensorflow", "tensorflow_hub", "scann", "apache_beam")),
+        # embed's options are Beam PipelineOptions, so Beam is imported, but not TensorFlow.
+        (["embed", "--help"], ("tensorflow", "tensorflow_hub", "scann")),
+    ],
+)
 def test_help_does_not_import_tensorflow(argv, heavy):
     result = _python(
         "import sys\n"
@@ -55,13 +58,24 @@ def test_user_errors_are_one_line_not_a_traceback(capsys, tmp_path):
 
 
 def test_embed_runs_the_pipeline_and_prints_a_summary(tmp_path, capsys):
-    from tests import images
+    from tests.helpers import images
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(images.jpeg())
     (tmp_path / "in" / "b.jpg").write_bytes(b"not an image")
-    code = cli.main(["embed", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                     "--direct_running_mode=in_memory", "--experiments=foo", "--direct_num_workers", "1"])
+    code = cli.main(
+        [
+            "embed",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--direct_running_mode=in_memory",
+            "--experiments=foo",
+            "--direct_num_workers",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "lite: embedded 1, failed 0" in out and "decode/ImageDecodeError" in out
@@ -78,24 +92,70 @@ def test_index_with_tuning_queries_records_held_out_recall(tmp_path, capsys):
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((50, 4)).astype(np.float32)
     spec = EmbedderSpec(name="t", handle="t", fingerprint="f", dim=4)
-    tables.write_embeddings(str(tmp_path / "e.parquet"), spec, [f"v{i}" for i in range(50)], vectors,
-                            ["0" * 64] * 50, ["s"] * 50, [1] * 50, [1] * 50)
+    tables.write_embeddings(
+        str(tmp_path / "e.parquet"),
+        spec,
+        [f"v{i}" for i in range(50)],
+        vectors,
+        ["0" * 64] * 50,
+        ["s"] * 50,
+        [1] * 50,
+        [1] * 50,
+    )
     np.save(tmp_path / "q.npy", rng.standard_normal((6, 4)).astype(np.float32))
-    assert cli.main(["index", "--embeddings", str(tmp_path / "e.parquet"), "--output", str(tmp_path / "ix"),
-                     "--tuning_queries", str(tmp_path / "q.npy"), "--distance", "dot_product"]) == 0
+    assert (
+        cli.main(
+            [
+                "index",
+                "--embeddings",
+                str(tmp_path / "e.parquet"),
+                "--output",
+                str(tmp_path / "ix"),
+                "--tuning_queries",
+                str(tmp_path / "q.npy"),
+                "--distance",
+                "dot_product",
+            ]
+        )
+        == 0
+    )
     recall = load_index(tmp_path / "ix").manifest.recall
     assert recall["method"].startswith("held-out: 6 query vectors") and recall["value"] == 1.0
-    assert cli.main(["index", "--embeddings", str(tmp_path / "e.parquet"), "--output", str(tmp_path / "iy"),
-                     "--tuning_queries", str(tmp_path / "missing.npy")]) == 2
+    assert (
+        cli.main(
+            [
+                "index",
+                "--embeddings",
+                str(tmp_path / "e.parquet"),
+                "--output",
+                str(tmp_path / "iy"),
+                "--tuning_queries",
+                str(tmp_path / "missing.npy"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- pass-through flags
 
+
 def test_misspelt_build_flags_fail_before_any_work_with_a_suggestion(tmp_path, capsys):
     root = tmp_path / "root"
-    code = cli.main(["build", "--input", str(tmp_path / "*.jpg"), f"--output={root}",
-                     "--min_recal=0.99", "--max_shard_vector", "5", "--runner", "DirectRunner"])
+    code = cli.main(
+        [
+            "build",
+            "--input",
+            str(tmp_path / "*.jpg"),
+            f"--output={root}",
+            "--min_recal=0.99",
+            "--max_shard_vector",
+            "5",
+            "--runner",
+            "DirectRunner",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("imgindex build: error:") and len(err.strip().splitlines()) == 1
     assert "--min_recal (did you mean --min_recall?)" in err
@@ -105,8 +165,18 @@ def test_misspelt_build_flags_fail_before_any_work_with_a_suggestion(tmp_path, c
 
 
 def test_embed_refuses_unknown_flags_including_builds(tmp_path, capsys):
-    assert cli.main(["embed", f"--input={tmp_path}/*.jpg", f"--output={tmp_path}/out",
-                     "--batchsize=8", "--min_recall=0.9"]) == 2
+    assert (
+        cli.main(
+            [
+                "embed",
+                f"--input={tmp_path}/*.jpg",
+                f"--output={tmp_path}/out",
+                "--batchsize=8",
+                "--min_recall=0.9",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("imgindex embed: error:") and "did you mean --batch_size?" in err
     assert "--min_recall" in err and not (tmp_path / "out").exists()
@@ -118,10 +188,25 @@ def test_flags_beam_knows_pass_through(capsys):
     from pipelines.build import BuildOptions
     from pipelines.options import EmbedOptions, check_flags
 
-    beam = ["--direct_num_workers=2", "--direct_num_workers", "2", "--experiments=foo",
-            "--experiments", "bar,baz", "--runner", "DirectRunner", "--direct_running_mode=multi_threading",
-            "--project", "p", "--region=europe-west1", "--temp_location", "gs://b/tmp",
-            "--share_model_across_processes", "--batch_size", "8"]
+    beam = [
+        "--direct_num_workers=2",
+        "--direct_num_workers",
+        "2",
+        "--experiments=foo",
+        "--experiments",
+        "bar,baz",
+        "--runner",
+        "DirectRunner",
+        "--direct_running_mode=multi_threading",
+        "--project",
+        "p",
+        "--region=europe-west1",
+        "--temp_location",
+        "gs://b/tmp",
+        "--share_model_across_processes",
+        "--batch_size",
+        "8",
+    ]
     assert check_flags(beam, EmbedOptions) == beam
     assert check_flags(beam + ["--min_recall", "0.99"], BuildOptions)
     # Past the flag check, build's own validation speaks: the Beam flags were accepted.
@@ -134,7 +219,13 @@ def test_pipeline_run_functions_check_flags_too(tmp_path):
     from retrieval.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"--embeder \(did you mean --embedder\?\)"):
-        embed.run([f"--input={tmp_path}/*.jpg", f"--output={tmp_path}/out", "--embeder=x=builtin:efficientnet-lite0"])
+        embed.run(
+            [
+                f"--input={tmp_path}/*.jpg",
+                f"--output={tmp_path}/out",
+                "--embeder=x=builtin:efficientnet-lite0",
+            ]
+        )
     with pytest.raises(ConfigError, match=r"--min_recal \(did you mean --min_recall\?\)"):
         build.run([f"--input={tmp_path}/*.jpg", f"--output={tmp_path}/root", "--min_recal=0.99"])
     assert not (tmp_path / "out").exists() and not (tmp_path / "root").exists()
@@ -142,9 +233,10 @@ def test_pipeline_run_functions_check_flags_too(tmp_path):
 
 # --------------------------------------------------------------------------- query
 
+
 @pytest.fixture(scope="module")
 def vector_run(tmp_path_factory):
-    from tests import runs_fixture as rf
+    from tests.helpers import runs_fixture as rf
 
     root = tmp_path_factory.mktemp("query") / "root"
     rf.write_run(root, {"vec": rf.vector_embedder("vec", 200, 8)})
@@ -183,9 +275,11 @@ def test_query_npy_of_several_rows_prints_each_querys_hits(vector_run, tmp_path,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["query", "rank"]
     assert [(line.split()[0], line.split()[1]) for line in lines[1:]] == [
-        (str(q), str(r)) for q in range(3) for r in (1, 2)]
-    assert cli.main(["query", str(vector_run), "--vector", str(tmp_path / "q.npy"), "--k", "2",
-                     "--json"]) == 0
+        (str(q), str(r)) for q in range(3) for r in (1, 2)
+    ]
+    assert (
+        cli.main(["query", str(vector_run), "--vector", str(tmp_path / "q.npy"), "--k", "2", "--json"]) == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 3 and all([h["rank"] for h in row] == [1, 2] for row in hits)
     np.save(tmp_path / "cube.npy", np.zeros((2, 2, 8), np.float32))

@@ -9,7 +9,7 @@ from pipelines import embed
 from retrieval import schema as S
 from retrieval import tables
 from retrieval.errors import ConfigError
-from tests import shards
+from tests.helpers import shards
 
 METADATA = ["--metadata", "image/class/label:int64,cls:int64", "--metadata", "json,txt"]
 
@@ -24,9 +24,13 @@ def two_embedder_run(dataset, tiny_savedmodel, tmp_path_factory):
     globs, _, _, _ = dataset
     out = str(tmp_path_factory.mktemp("run") / "out")
     argv = [f"--input={g}" for g in globs] + [
-        f"--output={out}", "--embedder=lite=builtin:efficientnet-lite0",
-        f"--embedder=tiny={tiny_savedmodel},size=32,resize=crop", "--batch_size=4",
-        "--row_group_size=5", *METADATA]
+        f"--output={out}",
+        "--embedder=lite=builtin:efficientnet-lite0",
+        f"--embedder=tiny={tiny_savedmodel},size=32,resize=crop",
+        "--batch_size=4",
+        "--row_group_size=5",
+        *METADATA,
+    ]
     return out, embed.run(argv)
 
 
@@ -58,7 +62,9 @@ def test_failures_table_names_source_stage_and_reason(dataset, two_embedder_run)
     rows = {os.path.relpath(r["source"], root): r for r in failures.to_pylist()}
     assert len(rows) == n_failures
     assert rows["tfr/a.tfrecord#7"]["stage"] == "decode" and rows["tfr/a.tfrecord#7"]["id"] == "tf-random"
-    assert rows["tfr/a.tfrecord#8"]["stage"] == "read" and "image/encoded" in rows["tfr/a.tfrecord#8"]["message"]
+    assert (
+        rows["tfr/a.tfrecord#8"]["stage"] == "read" and "image/encoded" in rows["tfr/a.tfrecord#8"]["message"]
+    )
     assert "framing broken at record 2" in rows["tfr/b.tfrecord#2"]["message"]
     assert "no image member" in rows["wds/shard-000.tar#s/002"]["message"]
     assert "decompression-bomb" in rows["wds/shard-000.tar#s/004.png"]["message"]
@@ -91,7 +97,7 @@ def test_tables_match_the_schema_and_read_with_pandas(dataset, two_embedder_run)
 
 
 def test_same_bytes_same_sha_and_embedding_across_formats(tmp_path):
-    from tests import images
+    from tests.helpers import images
 
     data = images.jpeg(seed=5)
     os.makedirs(tmp_path / "f")
@@ -100,7 +106,10 @@ def test_same_bytes_same_sha_and_embedding_across_formats(tmp_path):
     out = str(tmp_path / "out")
     embed.run([f"--input={tmp_path}/f/*.jpg", f"--input={tmp_path}/w.tar", f"--output={out}"])
     table = _table(f"{out}/embeddings/lite").to_pylist()
-    assert len(table) == 2 and table[0]["sha256"] == table[1]["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+    assert (
+        len(table) == 2
+        and table[0]["sha256"] == table[1]["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+    )
     np.testing.assert_allclose(table[0]["embedding"], table[1]["embedding"], atol=1e-6)
 
 
@@ -108,9 +117,16 @@ def test_multi_processing_gives_the_same_embeddings(dataset, two_embedder_run, t
     globs, good, _, _ = dataset
     out, _ = two_embedder_run
     mp_out = str(tmp_path / "mp")
-    report = embed.run([f"--input={g}" for g in globs] + [
-        f"--output={mp_out}", "--direct_running_mode=multi_processing", "--direct_num_workers=2",
-        "--batch_size=4", *METADATA])
+    report = embed.run(
+        [f"--input={g}" for g in globs]
+        + [
+            f"--output={mp_out}",
+            "--direct_running_mode=multi_processing",
+            "--direct_num_workers=2",
+            "--batch_size=4",
+            *METADATA,
+        ]
+    )
     assert report["embedders"]["lite"]["embedded"] == len(good) and report["status"] == "ok"
     a = _table(f"{out}/embeddings/lite").to_pandas().set_index("id").sort_index()
     b = _table(f"{mp_out}/embeddings/lite").to_pandas().set_index("id").sort_index()
@@ -121,26 +137,38 @@ def test_multi_processing_gives_the_same_embeddings(dataset, two_embedder_run, t
 def test_test_pipeline_can_be_injected(tmp_path):
     from apache_beam.testing.test_pipeline import TestPipeline
 
-    from tests import images
+    from tests.helpers import images
 
     (tmp_path / "x.png").write_bytes(images.la_png())
     out = str(tmp_path / "out")
-    report = embed.run([f"--input={tmp_path}/*.png", f"--output={out}"],
-                       test_pipeline=TestPipeline(runner="FnApiRunner", blocking=True))
+    report = embed.run(
+        [f"--input={tmp_path}/*.png", f"--output={out}"],
+        test_pipeline=TestPipeline(runner="FnApiRunner", blocking=True),
+    )
     assert report["embedders"]["lite"]["embedded"] == 1
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--input=/nonexistent/*.jpg", "--output=/tmp/x"], ["matches no files"]),
-    (["--output=/tmp/x"], ["no --input"]),
-    (["--input=x"], ["--output is required"]),
-    (["--input=x", "--output=/tmp/y", "--embedder=a=builtin:nope"], ["builtin:efficientnet-lite0"]),
-    (["--input=x", "--output=/tmp/y", "--embedder=a=builtin:efficientnet-lite0",
-      "--embedder=a=builtin:efficientnet-lite1"], ["unique"]),
-    (["--input=x", "--output=/tmp/y", "--metadata=id:int64"], ["fixed column"]),
-    (["--input=x", "--output=/tmp/y", "--metadata=label:int32"], ["int64"]),
-    (["--input=x", "--output=/tmp/y", "--batch_size=0"], ["--batch_size must be >= 1"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--input=/nonexistent/*.jpg", "--output=/tmp/x"], ["matches no files"]),
+        (["--output=/tmp/x"], ["no --input"]),
+        (["--input=x"], ["--output is required"]),
+        (["--input=x", "--output=/tmp/y", "--embedder=a=builtin:nope"], ["builtin:efficientnet-lite0"]),
+        (
+            [
+                "--input=x",
+                "--output=/tmp/y",
+                "--embedder=a=builtin:efficientnet-lite0",
+                "--embedder=a=builtin:efficientnet-lite1",
+            ],
+            ["unique"],
+        ),
+        (["--input=x", "--output=/tmp/y", "--metadata=id:int64"], ["fixed column"]),
+        (["--input=x", "--output=/tmp/y", "--metadata=label:int32"], ["int64"]),
+        (["--input=x", "--output=/tmp/y", "--batch_size=0"], ["--batch_size must be >= 1"]),
+    ],
+)
 def test_bad_configuration_fails_before_any_work(argv, words):
     with pytest.raises(Exception) as err:
         embed.run(argv)

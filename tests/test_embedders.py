@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 
@@ -10,7 +9,11 @@ from retrieval.errors import ConfigError, HandleError
 def test_parse_name_handle_and_options():
     spec = parse_embedder_arg("lite=builtin:efficientnet-lite0,resize=crop,normalisation=none")
     assert (spec.name, spec.handle, spec.resize, spec.normalisation) == (
-        "lite", "builtin:efficientnet-lite0", "crop", "none")
+        "lite",
+        "builtin:efficientnet-lite0",
+        "crop",
+        "none",
+    )
     assert spec.input_size == 224
     assert parse_embedder_arg("x=builtin:efficientnet-lite2").input_size == 260
     url = parse_embedder_arg("https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5")
@@ -18,12 +21,15 @@ def test_parse_name_handle_and_options():
     assert parse_embedder_arg("m=/models/x,size=300").input_size == 300
 
 
-@pytest.mark.parametrize("arg, words", [
-    ("m=/x,resize=squash", ["resize", "pad", "crop"]),
-    ("m=/x,colour=1", ["option", "size=..."]),
-    ("bad name=/x", ["name"]),
-    ("m=", ["handle is empty"]),
-])
+@pytest.mark.parametrize(
+    "arg, words",
+    [
+        ("m=/x,resize=squash", ["resize", "pad", "crop"]),
+        ("m=/x,colour=1", ["option", "size=..."]),
+        ("bad name=/x", ["name"]),
+        ("m=", ["handle is empty"]),
+    ],
+)
 def test_parse_rejects_bad_config_with_the_allowed_values(arg, words):
     with pytest.raises(ConfigError) as err:
         parse_embedder_arg(arg)

@@ -1,4 +1,5 @@
 """The whole product: `imgindex build` -> LATEST -> Searcher -> HTTP on loopback, real client."""
+
 import base64
 import csv
 import os
@@ -10,29 +11,18 @@ import pytest
 from pipelines import build
 from retrieval import metrics, runs
 from serving import Searcher
-from serving.http import create_app
-from tests import images, shards
-from tests.conftest import SHARED_DATA
-from tests.test_http import call, running
+from tests.helpers import images
+from tests.helpers.data import SHARED_DATA
+from tests.helpers.http import call, running
+from tests.helpers.shards import mixed_inputs
 
 UKBENCH = os.path.join(SHARED_DATA, "ukbench56")
-
-
-def _inputs(root, seed):
-    """A WebDataset shard and a folder of distinct small photos."""
-    os.makedirs(f"{root}/folder", exist_ok=True)
-    shards.webdataset_shard(f"{root}/w.tar", [(f"w{i}", {"jpg": images.jpeg(56, 44, seed=seed + i)})
-                                              for i in range(12)])
-    for i in range(12):
-        with open(f"{root}/folder/f{i}.png", "wb") as f:
-            f.write(images.encode(images.photo(40, 52, seed=seed + 100 + i), "PNG"))
-    return [f"--input={root}/w.tar", f"--input={root}/folder"]
 
 
 def test_build_publish_search_and_http_agree(tmp_path, tiny_savedmodel):
     root = str(tmp_path / "root")
     argv = [f"--output={root}", f"--embedder=tiny={tiny_savedmodel},size=32"]
-    first = build.run(_inputs(tmp_path / "in1", 0) + argv)
+    first = build.run(mixed_inputs(tmp_path / "in1", 0) + argv)
     searcher = Searcher.open(root)
     assert searcher.run_id == first.manifest.run_id
 
@@ -44,6 +34,7 @@ def test_build_publish_search_and_http_agree(tmp_path, tiny_savedmodel):
     assert [h.id for h in by_id] == [h.id for h in by_vector] == [h.id for h in by_image]
     assert by_image[0].metadata["source"].endswith("w.tar#w3.jpg")
 
+    create_app = pytest.importorskip("serving.http", reason="the serve extra is not installed").create_app
     with running(create_app(searcher, refresh_seconds=0.2)) as url:
         assert call(url, "/v1/healthz")[1]["run_id"] == first.manifest.run_id
         status, body = call(url, "/v1/search", {"image": base64.b64encode(query).decode(), "k": 5})
@@ -51,8 +42,9 @@ def test_build_publish_search_and_http_agree(tmp_path, tiny_savedmodel):
         status, body = call(url, "/v1/search", {"id": "w3", "k": 5})
         assert status == 200 and [h["id"] for h in body["hits"]] == [h.id for h in by_id]
         vector = searcher.get_vector("w3").tolist()
-        assert [h["id"] for h in call(url, "/v1/search", {"vector": vector, "k": 5})[1]["hits"]] == \
-            [h.id for h in by_vector]
+        assert [h["id"] for h in call(url, "/v1/search", {"vector": vector, "k": 5})[1]["hits"]] == [
+            h.id for h in by_vector
+        ]
         assert call(url, "/v1/search", {"vector": vector[:3]})[0] == 400
         assert call(url, "/v1/search", {"id": "nope"})[0] == 404
 
@@ -70,7 +62,7 @@ def test_build_publish_search_and_http_agree(tmp_path, tiny_savedmodel):
         for t in threads:
             t.start()
         try:
-            second = build.run(_inputs(tmp_path / "in2", 50) + argv)
+            second = build.run(mixed_inputs(tmp_path / "in2", 50) + argv)
             for _ in range(100):
                 if call(url, "/v1/index")[1]["run_id"] == second.manifest.run_id:
                     break
@@ -90,6 +82,7 @@ def test_ukbench_through_build_and_http(tmp_path):
         groups = {os.path.basename(r["image"]): int(r["group"]) for r in csv.DictReader(f, delimiter="\t")}
     root = str(tmp_path / "root")
     build.run([f"--input={UKBENCH}/images/*.jpg", f"--output={root}"])
+    create_app = pytest.importorskip("serving.http", reason="the serve extra is not installed").create_app
     with running(create_app(Searcher.open(root))) as url:
         retrieved, queried = [], []
         for name in sorted(groups):

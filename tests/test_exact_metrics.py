@@ -35,9 +35,7 @@ def _naive(queries, database, k, distance):
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(7)
-    return rng.standard_normal((40, 12)).astype(np.float32), rng.standard_normal((301, 12)).astype(
-        np.float32
-    )
+    return rng.standard_normal((40, 12)).astype(np.float32), rng.standard_normal((301, 12)).astype(np.float32)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -198,9 +196,7 @@ def test_average_precision_hand_computed():
     ap = average_precision(["a", "x", "b", "y", "c"], {"a", "b", "c", "d"})
     assert ap == pytest.approx((1 + 2 / 3 + 3 / 5) / 4)
     # Labels: 3 database items are cats, hits at ranks 1 and 3.
-    assert average_precision(["cat", "dog", "cat"], {"cat"}, n_relevant=3) == pytest.approx(
-        (1 + 2 / 3) / 3
-    )
+    assert average_precision(["cat", "dog", "cat"], {"cat"}, n_relevant=3) == pytest.approx((1 + 2 / 3) / 3)
     with pytest.raises(ConfigError, match="holds 2 relevant items but n_relevant=1"):
         average_precision(["cat", "cat"], {"cat"})
     with pytest.raises(ConfigError, match="no relevant items"):

@@ -1,77 +1,23 @@
 """HTTP adapter: the real app under uvicorn on 127.0.0.1, called with the stdlib HTTP client."""
+
 import base64
-import contextlib
 import http.client
 import inspect
 import json
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 import numpy as np
 import pytest
-import uvicorn
 
 from serving import Searcher
 from serving.http import create_app, serve
-from tests import runs_fixture as rf
+from tests.helpers import runs_fixture as rf
+from tests.helpers.http import call, multipart, running
 
 MAX_BODY = 64 * 1024
 RUN_ID = "20260101T000000Z-http00"
-
-
-@contextlib.contextmanager
-def running(app):
-    """Runs `app` with uvicorn in a background thread on a free loopback port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
-
-
-def call(url, path, payload=None, *, data=None, headers=None, method=None):
-    """(status, parsed JSON body); payload is sent as JSON, data as raw bytes."""
-    if payload is not None:
-        data = json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json", **(headers or {})}
-    request = urllib.request.Request(url + path, data=data, headers=headers or {}, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
-
-
-def multipart(fields):
-    """A multipart/form-data body: {name: str | (filename, bytes)} -> (body, content type)."""
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        if isinstance(value, tuple):
-            filename, content = value
-            head = (f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-                    "Content-Type: application/octet-stream\r\n\r\n")
-        else:
-            head, content = f'Content-Disposition: form-data; name="{name}"\r\n\r\n', value.encode()
-        parts.append(f"--{boundary}\r\n".encode() + head.encode() + content + b"\r\n")
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +25,14 @@ def served(tmp_path_factory, tiny_savedmodel):
     """A run with an image embedder "tiny" (d=8) and a vector-only one "vec" (d=16)."""
     root = tmp_path_factory.mktemp("http_root")
     images = rf.colour_images(20, seed=3)
-    rf.write_run(root, {"tiny": rf.image_embedder(tiny_savedmodel, images),
-                        "vec": rf.vector_embedder("vec", 300, 16, seed=4)}, run_id=RUN_ID)
+    rf.write_run(
+        root,
+        {
+            "tiny": rf.image_embedder(tiny_savedmodel, images),
+            "vec": rf.vector_embedder("vec", 300, 16, seed=4),
+        },
+        run_id=RUN_ID,
+    )
     searcher = Searcher.open(root)
     with running(create_app(searcher, max_body_bytes=MAX_BODY)) as url:
         yield url, searcher, images
@@ -92,7 +44,9 @@ def test_healthz_and_index(served):
     status, info = call(url, "/v1/index")
     assert status == 200 and info["run_id"] == RUN_ID
     assert {name: (e["n"], e["d"], e["distance"]) for name, e in info["embedders"].items()} == {
-        "tiny": (20, 8, "cosine"), "vec": (300, 16, "cosine")}
+        "tiny": (20, 8, "cosine"),
+        "vec": (300, 16, "cosine"),
+    }
 
 
 def test_search_by_vector_id_and_image(served):
@@ -112,8 +66,9 @@ def test_search_by_vector_id_and_image(served):
 
     status, body = call(url, "/v1/search", {"id": "vec-00042", "embedder": "vec"})
     assert status == 200 and len(body["hits"]) == 10 and body["hits"][0]["id"] == "vec-00042"
-    status, others = call(url, "/v1/search", {"id": "vec-00042", "embedder": "vec", "k": 9,
-                                              "exclude_self": True})
+    status, others = call(
+        url, "/v1/search", {"id": "vec-00042", "embedder": "vec", "k": 9, "exclude_self": True}
+    )
     assert [h["id"] for h in others["hits"]] == [h["id"] for h in body["hits"][1:]]
 
     encoded = base64.b64encode(images["img-005"]).decode()
@@ -125,21 +80,23 @@ def test_search_by_vector_id_and_image(served):
 
 def test_search_by_multipart_upload(served):
     url, _, images = served
-    data, content_type = multipart({"image": ("q.png", images["img-011"]), "k": "4",
-                                    "embedder": "tiny"})
+    data, content_type = multipart({"image": ("q.png", images["img-011"]), "k": "4", "embedder": "tiny"})
     status, body = call(url, "/v1/search", data=data, headers={"Content-Type": content_type})
     assert status == 200 and body["k"] == 4 and len(body["hits"]) == 4
     assert body["hits"][0]["id"] == "img-011"
-    for fields, code in (({"k": "4", "embedder": "tiny"}, "query_kind"),
-                         ({"image": ("q.png", b"not an image"), "embedder": "tiny"}, "undecodable_image"),
-                         ({"image": ("q.png", images["img-011"]), "k": "x", "embedder": "tiny"}, "bad_k"),
-                         ({"image": ("q.png", images["img-011"]), "top": "3"}, "unknown_field")):
+    for fields, code in (
+        ({"k": "4", "embedder": "tiny"}, "query_kind"),
+        ({"image": ("q.png", b"not an image"), "embedder": "tiny"}, "undecodable_image"),
+        ({"image": ("q.png", images["img-011"]), "k": "x", "embedder": "tiny"}, "bad_k"),
+        ({"image": ("q.png", images["img-011"]), "top": "3"}, "unknown_field"),
+    ):
         data, content_type = multipart(fields)
         status, body = call(url, "/v1/search", data=data, headers={"Content-Type": content_type})
         assert body["error"]["code"] == code, body
         assert status == (422 if code == "undecodable_image" else 400)
-    status, body = call(url, "/v1/search", data=b"--x\r\ngarbage",
-                        headers={"Content-Type": "multipart/form-data; boundary=x"})
+    status, body = call(
+        url, "/v1/search", data=b"--x\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
     assert status == 400 and body["error"]["code"] in ("bad_multipart", "query_kind")
 
 
@@ -152,7 +109,9 @@ def _error(url, payload=None, **kwargs):
 def test_bad_requests_get_400_with_what_was_wrong(served):
     url, _, images = served
     ok = {"embedder": "vec"}
-    status, code, message = _error(url, data=b'{"vector": [1, 2', headers={"Content-Type": "application/json"})
+    status, code, message = _error(
+        url, data=b'{"vector": [1, 2', headers={"Content-Type": "application/json"}
+    )
     assert (status, code) == (400, "bad_json") and "not valid JSON" in message
     assert _error(url, [1, 2, 3])[:2] == (400, "bad_json")
     status, code, message = _error(url, {"k": 3, **ok})
@@ -162,7 +121,7 @@ def test_bad_requests_get_400_with_what_was_wrong(served):
     status, code, message = _error(url, {"vector": [1.0] * 15, **ok})
     assert (status, code) == (400, "dimension_mismatch") and "dimension 16, got 15" in message
     for bad in ("NaN", "Infinity", "-Infinity", "1e999"):
-        data = ('{"embedder": "vec", "vector": [%s%s]}' % (bad, ", 1" * 15)).encode()
+        data = f'{{"embedder": "vec", "vector": [{bad}{", 1" * 15}]}}'.encode()
         status, code, message = _error(url, data=data, headers={"Content-Type": "application/json"})
         assert (status, code) == (400, "non_finite") and "NaN or infinite" in message
     for k in (0, 1001, -5, "5", 2.5, True, None):
@@ -220,8 +179,13 @@ def test_body_too_large_413(served):
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     chunks = [b'{"embedder": "vec", "vector": [' + b"0.5, " * 8000, b"0.5, " * 8000 + b"0.5]}"]
-    conn.request("POST", "/v1/search", body=iter(chunks), encode_chunked=True,
-                 headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    conn.request(
+        "POST",
+        "/v1/search",
+        body=iter(chunks),
+        encode_chunked=True,
+        headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+    )
     response = conn.getresponse()
     body = json.loads(response.read())
     conn.close()
@@ -257,9 +221,37 @@ def test_metadata_values_become_valid_json():
 
     from serving.http import _JSONResponse
 
-    body = _JSONResponse({"hits": [{"score": 1.0, "metadata": {
-        "nan": float("nan"), "inf": float("inf"), "blob": b"\x00\xff", "when": datetime.date(2026, 1, 2),
-        "n": np.int64(3), "x": np.float32(0.5), "nested": [float("nan"), 1]}}]}).body
-    assert json.loads(body) == {"hits": [{"score": 1.0, "metadata": {
-        "nan": None, "inf": None, "blob": "AP8=", "when": "2026-01-02", "n": 3, "x": 0.5,
-        "nested": [None, 1]}}]}
+    body = _JSONResponse(
+        {
+            "hits": [
+                {
+                    "score": 1.0,
+                    "metadata": {
+                        "nan": float("nan"),
+                        "inf": float("inf"),
+                        "blob": b"\x00\xff",
+                        "when": datetime.date(2026, 1, 2),
+                        "n": np.int64(3),
+                        "x": np.float32(0.5),
+                        "nested": [float("nan"), 1],
+                    },
+                }
+            ]
+        }
+    ).body
+    assert json.loads(body) == {
+        "hits": [
+            {
+                "score": 1.0,
+                "metadata": {
+                    "nan": None,
+                    "inf": None,
+                    "blob": "AP8=",
+                    "when": "2026-01-02",
+                    "n": 3,
+                    "x": 0.5,
+                    "nested": [None, 1],
+                },
+            }
+        ]
+    }

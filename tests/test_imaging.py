@@ -4,13 +4,21 @@ from PIL import Image
 
 from retrieval import imaging
 from retrieval.imaging import ImageDecodeError
-from tests import images
+from tests.helpers import images
 
 
-@pytest.mark.parametrize("make", [
-    images.jpeg, images.cmyk_jpeg, images.png16, images.palette_with_transparency,
-    images.rgba_png, images.la_png, images.multiframe_gif,
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        images.jpeg,
+        images.cmyk_jpeg,
+        images.png16,
+        images.palette_with_transparency,
+        images.rgba_png,
+        images.la_png,
+        images.multiframe_gif,
+    ],
+)
 def test_every_mode_decodes_to_rgb(make):
     decoded = imaging.decode(make())
     assert decoded.image.mode == "RGB"
@@ -41,12 +49,15 @@ def test_sixteen_bit_is_scaled_from_full_range():
     assert np.asarray(decoded.image).min() == 255
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty"),
-    (images.random_bytes(), "not a recognised image"),
-    (images.truncated_jpeg(), "cannot decode"),
-    (images.huge_png(), "decompression-bomb"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (images.random_bytes(), "not a recognised image"),
+        (images.truncated_jpeg(), "cannot decode"),
+        (images.huge_png(), "decompression-bomb"),
+    ],
+)
 def test_bad_bytes_raise_decode_error_with_reason(data, reason):
     with pytest.raises(ImageDecodeError, match=reason):
         imaging.decode(data)

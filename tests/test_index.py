@@ -102,9 +102,7 @@ def test_choose_config_thresholds():
     assert config.num_leaves == 141  # round(sqrt(20000))
     assert config.training_sample_size == 20_000
     assert config.anisotropic_quantization_threshold == 0.2
-    assert (
-        choose_config(20_000, D, "squared_l2").anisotropic_quantization_threshold is None
-    )
+    assert choose_config(20_000, D, "squared_l2").anisotropic_quantization_threshold is None
     huge = choose_config(10_000_000, D, "dot_product")
     assert huge.training_sample_size == 250_000 and huge.num_leaves == 3162
     # k-means++ (reproducible) below RANDOM_INIT_MIN_ROWS, random initialisation (faster) above.
@@ -121,13 +119,9 @@ def test_choose_config_overrides():
     assert choose_config(500, D, "cosine", method="tree_ah").num_leaves == 10  # 500 // 50
     with pytest.raises(ConfigError, match="Unknown IndexConfig field.*leaves; allowed: method"):
         choose_config(50_000, D, "cosine", leaves=3)
-    with pytest.raises(
-        ConfigError, match=r"num_leaves only apply to method='tree_ah'.*n\*d=6400 < 1000000"
-    ):
+    with pytest.raises(ConfigError, match=r"num_leaves only apply to method='tree_ah'.*n\*d=6400 < 1000000"):
         choose_config(100, D, "cosine", num_leaves=4)
-    with pytest.raises(
-        ConfigError, match=r"leaves_to_search \(500\) must be <= num_leaves \(224\)"
-    ):
+    with pytest.raises(ConfigError, match=r"leaves_to_search \(500\) must be <= num_leaves \(224\)"):
         choose_config(50_000, D, "cosine", leaves_to_search=500)
 
 
@@ -180,8 +174,10 @@ def test_tuning_falls_back_to_best_found(small, monkeypatch):
     assert not recall["reached_target"]
     best = max(recall["tuning"], key=lambda t: t["recall"])
     assert best["recall"] < 1.0 and recall["value"] < 1.0
-    assert (index.search_defaults["leaves_to_search"], index.search_defaults["pre_reorder_num_neighbors"]) == (
-        best["leaves_to_search"], best["pre_reorder_num_neighbors"])
+    assert (
+        index.search_defaults["leaves_to_search"],
+        index.search_defaults["pre_reorder_num_neighbors"],
+    ) == (best["leaves_to_search"], best["pre_reorder_num_neighbors"])
 
 
 @pytest.mark.parametrize("distance", ["cosine", "dot_product", "squared_l2"])
@@ -431,17 +427,13 @@ def test_truncated_file(damaged):
 
 def test_missing_file(damaged):
     (damaged / "scann" / "scann_assets.pbtxt").unlink()
-    with pytest.raises(
-        IndexFormatError, match="scann/scann_assets.pbtxt listed in the manifest is missing"
-    ):
+    with pytest.raises(IndexFormatError, match="scann/scann_assets.pbtxt listed in the manifest is missing"):
         load_index(damaged)
 
 
 def test_not_an_index_directory(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8")
-    with pytest.raises(
-        IndexFormatError, match="not an imgindex index directory: it has no manifest.json"
-    ):
+    with pytest.raises(IndexFormatError, match="not an imgindex index directory: it has no manifest.json"):
         load_index(tmp_path)
 
 
@@ -514,8 +506,7 @@ def test_held_out_tuning_queries_measure_and_tune_on_outside_queries():
     approx = [[row_of[item] for item in hits] for hits in found]
     assert recall["value"] == pytest.approx(recall_at_k(approx, exact_rows, 10), abs=0.005)
     assert recall["reached_target"] and recall["value"] >= 0.9
-    assert (held_out.search_defaults["leaves_to_search"]
-            > self_tuned.search_defaults["leaves_to_search"])
+    assert held_out.search_defaults["leaves_to_search"] > self_tuned.search_defaults["leaves_to_search"]
 
 
 @pytest.mark.parametrize(

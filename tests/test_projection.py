@@ -6,8 +6,8 @@ from retrieval import exact
 from retrieval.errors import ConfigError
 from retrieval.projection import fit_pca, project
 from serving import Searcher
-from tests import images
-from tests.test_end_to_end import _inputs
+from tests.helpers import images
+from tests.helpers.shards import mixed_inputs
 
 
 def test_pca_finds_the_principal_subspace_and_renormalises():
@@ -42,8 +42,10 @@ def test_pca_rejects_bad_dimensions():
 
 def test_build_with_pca_serves_queries_in_the_embedder_space(tmp_path, tiny_savedmodel):
     root = str(tmp_path / "root")
-    result = build.run(_inputs(tmp_path / "in", 0) + [
-        f"--output={root}", f"--embedder=tiny={tiny_savedmodel},size=32", "--pca_dim=4"])
+    result = build.run(
+        mixed_inputs(tmp_path / "in", 0)
+        + [f"--output={root}", f"--embedder=tiny={tiny_savedmodel},size=32", "--pca_dim=4"]
+    )
     entry = result.manifest.embedders["tiny"]
     assert entry["d"] == 4 and entry["pca_dim"] == 4 and entry["spec"]["dim"] == 8
     searcher = Searcher.open(root)

@@ -30,7 +30,8 @@ def clustered():
 
 def _configure(builder):
     return builder.tree(num_leaves=40, num_leaves_to_search=6, training_sample_size=6000).score_ah(
-        2, anisotropic_quantization_threshold=0.2, training_sample_size=6000)
+        2, anisotropic_quantization_threshold=0.2, training_sample_size=6000
+    )
 
 
 def test_chunked_hashing_is_byte_identical_to_scann_build(clustered, tmp_path):
@@ -54,7 +55,14 @@ def test_chunked_hashing_is_byte_identical_to_scann_build(clustered, tmp_path):
     for _, name in (scann_assets.TOKENIZATION, scann_assets.AH_DATASET):
         np.testing.assert_array_equal(np.load(staged / name), np.load(reference / name))
     assert sorted(p.name for p in staged.iterdir()) == sorted(
-        ["dataset.npy", "datapoint_to_token.npy", "hashed_dataset.npy", "ah_codebook.pb", "serialized_partitioner.pb"])
+        [
+            "dataset.npy",
+            "datapoint_to_token.npy",
+            "hashed_dataset.npy",
+            "ah_codebook.pb",
+            "serialized_partitioner.pb",
+        ]
+    )
 
     scann_assets.finish(trained, reorder, staged)
     loaded = scann.load_searcher(str(staged), assets_backcompat_shim=False)
@@ -69,15 +77,19 @@ def test_chunked_hashing_is_byte_identical_to_scann_build(clustered, tmp_path):
 def test_hashing_reuses_the_training_samples_codes_byte_identically(clustered, tmp_path, size):
     def configure(builder):
         return builder.tree(num_leaves=40, num_leaves_to_search=6, training_sample_size=size).score_ah(
-            2, anisotropic_quantization_threshold=0.2, training_sample_size=size)
+            2, anisotropic_quantization_threshold=0.2, training_sample_size=size
+        )
 
     rows = scann_assets.sample_indices(len(clustered), size, seed=3)
     reused, encoded = tmp_path / "reused", tmp_path / "encoded"
     reused.mkdir()
     np.save(reused / "dataset.npy", clustered)
-    trained = scann_assets.train(scann_assets.sample_rows(clustered, rows), "dot_product", 10, configure, reused)
+    trained = scann_assets.train(
+        scann_assets.sample_rows(clustered, rows), "dot_product", 10, configure, reused
+    )
     assert sorted(p.name for p in reused.iterdir() if p.name.startswith("sample-")) == sorted(
-        scann_assets.SAMPLE_HASHES.values())
+        scann_assets.SAMPLE_HASHES.values()
+    )
     shutil.copytree(reused, encoded)
     scann_assets.hash_rows(trained, reused, sample=rows, chunk_rows=1700)
     scann_assets.hash_rows(trained, encoded, chunk_rows=1700)  # every row through ScaNN's upsert
@@ -85,8 +97,14 @@ def test_hashing_reuses_the_training_samples_codes_byte_identically(clustered, t
         np.testing.assert_array_equal(np.load(reused / name), np.load(encoded / name))
     for directory in (reused, encoded):
         assert sorted(p.name for p in directory.iterdir()) == sorted(
-            ["dataset.npy", "datapoint_to_token.npy", "hashed_dataset.npy", "ah_codebook.pb",
-             "serialized_partitioner.pb"])
+            [
+                "dataset.npy",
+                "datapoint_to_token.npy",
+                "hashed_dataset.npy",
+                "ah_codebook.pb",
+                "serialized_partitioner.pb",
+            ]
+        )
 
 
 def test_memory_mapped_input_gives_the_same_index_and_is_not_modified(clustered, tmp_path):
@@ -107,14 +125,24 @@ def test_memory_mapped_input_gives_the_same_index_and_is_not_modified(clustered,
 
 def test_saving_links_the_built_assets_and_the_work_directory_goes_with_the_index(clustered, tmp_path):
     work = tmp_path / "work"
-    index = build_index(clustered, [f"v{i}" for i in range(len(clustered))],
-                        config=choose_config(len(clustered), D, "cosine", method="tree_ah"), work_dir=work)
+    index = build_index(
+        clustered,
+        [f"v{i}" for i in range(len(clustered))],
+        config=choose_config(len(clustered), D, "cosine", method="tree_ah"),
+        work_dir=work,
+    )
     (build_dir,) = work.iterdir()
     index.save(tmp_path / "index")
     saved = tmp_path / "index" / "scann"
     assert {p.name for p in saved.iterdir()} == {
-        "scann_config.pb", "scann_assets.pbtxt", "ah_codebook.pb", "serialized_partitioner.pb",
-        "datapoint_to_token.npy", "hashed_dataset.npy", "dataset.npy"}
+        "scann_config.pb",
+        "scann_assets.pbtxt",
+        "ah_codebook.pb",
+        "serialized_partitioner.pb",
+        "datapoint_to_token.npy",
+        "hashed_dataset.npy",
+        "dataset.npy",
+    }
     # Same file, not a copy: saving costs no second dataset on disk or in memory.
     assert (saved / "dataset.npy").stat().st_ino == (build_dir / "dataset.npy").stat().st_ino
     loaded = load_index(tmp_path / "index")
@@ -130,15 +158,22 @@ def test_a_failed_build_leaves_no_work_files(clustered, tmp_path):
     bad = clustered.copy()
     bad[4321, 3] = np.nan
     with pytest.raises(ConfigError, match="row 4321 contains NaN"):
-        build_index(bad, [f"v{i}" for i in range(len(bad))],
-                    config=choose_config(len(bad), D, "cosine", method="tree_ah"), work_dir=tmp_path)
+        build_index(
+            bad,
+            [f"v{i}" for i in range(len(bad))],
+            config=choose_config(len(bad), D, "cosine", method="tree_ah"),
+            work_dir=tmp_path,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("row, value, message", [
-    (70_000, np.nan, "row 70000 contains NaN"),  # in the second chunk: numbered in the whole matrix
-    (65_535, 0.0, r"zero L2 norm \(first: row 65535\)"),
-])
+@pytest.mark.parametrize(
+    "row, value, message",
+    [
+        (70_000, np.nan, "row 70000 contains NaN"),  # in the second chunk: numbered in the whole matrix
+        (65_535, 0.0, r"zero L2 norm \(first: row 65535\)"),
+    ],
+)
 def test_write_dataset_names_rows_of_the_whole_matrix(tmp_path, row, value, message):
     x = np.ones((70_001, 2), np.float32)
     x[row] = value
@@ -148,14 +183,21 @@ def test_write_dataset_names_rows_of_the_whole_matrix(tmp_path, row, value, mess
 
 @pytest.mark.parametrize("chunk_rows", [5, 17])  # chunks smaller than k, and triples split by chunks
 def test_exact_search_by_chunks_equals_exact_search_with_ties(chunk_rows):
+    # Rows of four +-1 and four 0: every norm is 2, so normalised components (+-0.5) and all
+    # scores are exact in float32 whatever order a BLAS kernel sums in, and equal rows tie
+    # exactly (with random floats, a GEMM may score identical rows a last bit apart).
     rng = np.random.default_rng(3)
-    x = np.repeat(rng.standard_normal((40, 8)).astype(np.float32), 3, axis=0)  # every row 3 times
-    queries = x[::7] + 0.001
+    base = np.zeros((40, 8), np.float32)
+    for row in base:
+        row[rng.choice(8, size=4, replace=False)] = rng.choice([-1.0, 1.0], size=4)
+    x = np.repeat(base, 3, axis=0)  # every row 3 times
+    queries = x[::7].copy()
     for distance in ("dot_product", "squared_l2", "cosine"):
         database = normalize_rows(x) if distance == "cosine" else x
         expected_rows, expected_scores = exact_search(queries, database, 9, distance)
-        rows, scores = exact_search_by_chunks(queries, x, 9, distance, normalize_database=distance == "cosine",
-                                              chunk_rows=chunk_rows)
+        rows, scores = exact_search_by_chunks(
+            queries, x, 9, distance, normalize_database=distance == "cosine", chunk_rows=chunk_rows
+        )
         np.testing.assert_array_equal(rows, expected_rows)
         np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
 
@@ -197,15 +239,25 @@ def test_read_embeddings_into_a_file_matches_the_in_memory_read(tmp_path, cluste
     n = 1000
     source = tmp_path / "tables"
     source.mkdir()
-    tables.write_embeddings(str(source / "part-0.parquet"), spec, [f"v{i}" for i in range(n)], clustered[:n],
-                            ["0" * 64] * n, [f"s{i}" for i in range(n)], [1] * n, [1] * n)
+    tables.write_embeddings(
+        str(source / "part-0.parquet"),
+        spec,
+        [f"v{i}" for i in range(n)],
+        clustered[:n],
+        ["0" * 64] * n,
+        [f"s{i}" for i in range(n)],
+        [1] * n,
+        [1] * n,
+    )
     in_memory = tables.read_embeddings(str(source), with_columns=True)
     from_file = tables.read_embeddings(str(source), with_columns=True, vectors_path=str(tmp_path / "v.npy"))
     assert isinstance(from_file.vectors, np.memmap) and isinstance(from_file.ids, pa.StringArray)
     assert from_file.ids.to_pylist() == in_memory.ids
     np.testing.assert_array_equal(from_file.vectors, in_memory.vectors)
     assert from_file.columns.equals(in_memory.columns)
-    streamed = tables.read_embeddings(str(source), with_columns=True, columns_path=str(tmp_path / "c.parquet"))
+    streamed = tables.read_embeddings(
+        str(source), with_columns=True, columns_path=str(tmp_path / "c.parquet")
+    )
     assert streamed.columns == tmp_path / "c.parquet"
     assert pq.read_table(streamed.columns).equals(in_memory.columns)
     # An index saved with the file as its metadata holds the same rows; a wrong row count is refused.

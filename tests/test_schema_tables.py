@@ -10,15 +10,25 @@ from retrieval import tables
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
 
-SPEC = EmbedderSpec(name="lite", handle="builtin:efficientnet-lite0", fingerprint="sha256:ab+exporter:1", dim=4)
+SPEC = EmbedderSpec(
+    name="lite", handle="builtin:efficientnet-lite0", fingerprint="sha256:ab+exporter:1", dim=4
+)
 
 
 def write(path, n, spec=SPEC, seed=0, prefix="img"):
     vectors = np.random.default_rng(seed).normal(size=(n, spec.dim)).astype(np.float32)
     ids = [f"{prefix}{i}" for i in range(n)]
-    tables.write_embeddings(str(path), spec, ids, vectors, [f"{i:064x}" for i in range(n)],
-                            [f"file:///shard.tfrecord#{i}" for i in range(n)], [640] * n, [480] * n,
-                            row_group_size=7)
+    tables.write_embeddings(
+        str(path),
+        spec,
+        ids,
+        vectors,
+        [f"{i:064x}" for i in range(n)],
+        [f"file:///shard.tfrecord#{i}" for i in range(n)],
+        [640] * n,
+        [480] * n,
+        row_group_size=7,
+    )
     return ids, vectors
 
 
@@ -71,8 +81,10 @@ def test_metadata_columns_cannot_shadow_fixed_ones():
 
 
 def test_failure_rows_fit_the_failures_schema():
-    rows = [S.failure_row("gs://b/s.tar#x.jpg", "decode", ValueError("bad huffman"), id="x"),
-            S.failure_row("file:///a.jpg", "read", "empty file")]
+    rows = [
+        S.failure_row("gs://b/s.tar#x.jpg", "decode", ValueError("bad huffman"), id="x"),
+        S.failure_row("file:///a.jpg", "read", "empty file"),
+    ]
     table = pa.Table.from_pylist(rows, schema=S.FAILURES_SCHEMA)
     assert table.column("error_type").to_pylist() == ["ValueError", "Invalid"]
     with pytest.raises(ValueError, match="stage"):

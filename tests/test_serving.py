@@ -1,4 +1,5 @@
 """Searcher: opening published runs, vector / id / image queries, refresh under load, errors."""
+
 import dataclasses
 import json
 import os
@@ -27,15 +28,20 @@ from serving import (
     UnknownEmbedderError,
     UnknownIdError,
 )
-from tests import runs_fixture as rf
+from tests.helpers import runs_fixture as rf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TREE = IndexConfig(method="tree_ah", num_leaves=10, training_sample_size=1500,
-                   leaves_to_search=10, pre_reorder_num_neighbors=100)
+TREE = IndexConfig(
+    method="tree_ah",
+    num_leaves=10,
+    training_sample_size=1500,
+    leaves_to_search=10,
+    pre_reorder_num_neighbors=100,
+)
 
 
 def two_embedders():
-    """"a": cosine brute force (2000 x 32); "b": squared_l2 tree-AH (1500 x 16), searching
+    """ "a": cosine brute force (2000 x 32); "b": squared_l2 tree-AH (1500 x 16), searching
     every leaf and reordering 100 candidates exactly, so both answer exactly."""
     return {
         "a": rf.vector_embedder("a", 2000, 32, seed=0),
@@ -91,7 +97,8 @@ def test_vector_queries_match_exact_search(searcher, vec_run, name):
     data = vec_run[2][name]
     rng = np.random.default_rng(5)
     queries = data.vectors[rng.choice(len(data.ids), 20, replace=False)] + 0.05 * rng.standard_normal(
-        (20, data.vectors.shape[1])).astype(np.float32)
+        (20, data.vectors.shape[1])
+    ).astype(np.float32)
     database = normalize_rows(data.vectors) if data.distance == "cosine" else data.vectors
     exact_rows, exact_scores = exact_search(queries, database, 10, data.distance)
     batch = searcher.search_vector(queries, k=10, embedder=name)
@@ -118,8 +125,11 @@ def test_id_query_equals_vector_query_and_returns_metadata(searcher, vec_run):
     assert [h.id for h in by_id] == [h.id for h in by_vector]
     np.testing.assert_allclose([h.score for h in by_id], [h.score for h in by_vector], atol=1e-5)
     assert by_id[0].id == data.ids[row] and by_id[0].score == pytest.approx(1.0, abs=1e-5)
-    np.testing.assert_allclose(searcher.get_vector(data.ids[row], embedder="a"),
-                               normalize_rows(data.vectors[row:row + 1])[0], atol=1e-6)
+    np.testing.assert_allclose(
+        searcher.get_vector(data.ids[row], embedder="a"),
+        normalize_rows(data.vectors[row : row + 1])[0],
+        atol=1e-6,
+    )
     expected = rf.default_metadata(data.ids).to_pylist()
     for hit in by_id:
         want = dict(expected[data.ids.index(hit.id)])
@@ -151,14 +161,16 @@ def test_metadata_types_and_nulls_round_trip(tmp_path):
 
     data = rf.vector_embedder("m", 4, 8, seed=3)
     stamp = datetime.datetime(2026, 1, 2, 3, 4, 5)
-    data.metadata = pa.table({
-        "id": data.ids,
-        "score": pa.array([0.5, float("nan"), None, 2.0], pa.float64()),
-        "count": pa.array([1, None, 3, 4], pa.int64()),
-        "flag": pa.array([True, False, None, True]),
-        "taken": pa.array([stamp] * 4, pa.timestamp("s")),
-        "blob": pa.array([b"\x00\x01", None, b"", b"z"], pa.binary()),
-    })
+    data.metadata = pa.table(
+        {
+            "id": data.ids,
+            "score": pa.array([0.5, float("nan"), None, 2.0], pa.float64()),
+            "count": pa.array([1, None, 3, 4], pa.int64()),
+            "flag": pa.array([True, False, None, True]),
+            "taken": pa.array([stamp] * 4, pa.timestamp("s")),
+            "blob": pa.array([b"\x00\x01", None, b"", b"z"], pa.binary()),
+        }
+    )
     rf.write_run(tmp_path, {"m": data}, run_id="20260101T000000Z-meta00")
     searcher = Searcher.open(tmp_path)
     got = {hit.id: hit.metadata for hit in searcher.search_id("m-00000", k=4)}
@@ -337,8 +349,12 @@ def test_refresh_retries_a_failed_run_after_a_backoff_and_keeps_reporting_it(tmp
     clock.now += 1.5
     assert searcher.refresh() is True and searcher.run_id == run2  # retried after the backoff
     assert searcher.info()["refresh"] | {"last_checked_at": None} == {
-        "follows_latest": True, "last_checked_at": None, "last_error": None, "failed_run": None,
-        "retry_at": None}
+        "follows_latest": True,
+        "last_checked_at": None,
+        "last_error": None,
+        "failed_run": None,
+        "retry_at": None,
+    }
 
     # Each further failure of the same run doubles the wait; force retries at once.
     _point_latest(root, run3)
@@ -385,8 +401,11 @@ def test_refresh_retries_a_failed_run_after_a_backoff_and_keeps_reporting_it(tmp
 def test_open_refuses_latest_naming_a_missing_run(tmp_path):
     rf.write_run(tmp_path, {"v": rf.vector_embedder("v", 50, 8)}, run_id="20260101T000000Z-here00")
     _point_latest(tmp_path, "20260102T000000Z-gone00")
-    with pytest.raises(IndexFormatError, match=r"LATEST names run 20260102T000000Z-gone00 .*does not "
-                                               r"exist.*point LATEST at an existing run"):
+    with pytest.raises(
+        IndexFormatError,
+        match=r"LATEST names run 20260102T000000Z-gone00 .*does not "
+        r"exist.*point LATEST at an existing run",
+    ):
         Searcher.open(tmp_path)
 
 
@@ -430,19 +449,21 @@ def _chunked_metadata_table():
     def chunked(values, type_):
         out, at = [], 0
         for size in sizes:
-            out.append(pa.array(values[at:at + size], type_))
+            out.append(pa.array(values[at : at + size], type_))
             at += size
         return pa.chunked_array(out, type_)
 
-    return pa.table({
-        "sha256": chunked([f"{i:064x}" for i in range(n)], pa.string()),
-        "blob": chunked([bytes([i]) * i if i % 4 else None for i in range(n)], pa.binary()),
-        "width": chunked(list(range(100, 100 + n)), pa.int32()),
-        "score": chunked([i / 3 for i in range(n)], pa.float64()),
-        "count": chunked([i if i % 3 else None for i in range(n)], pa.int64()),
-        "flag": chunked([bool(i % 2) if i % 5 else None for i in range(n)], pa.bool_()),
-        "tags": chunked([[f"t{i}", "x"] if i % 2 else [] for i in range(n)], pa.list_(pa.string())),
-    }), n
+    return pa.table(
+        {
+            "sha256": chunked([f"{i:064x}" for i in range(n)], pa.string()),
+            "blob": chunked([bytes([i]) * i if i % 4 else None for i in range(n)], pa.binary()),
+            "width": chunked(list(range(100, 100 + n)), pa.int32()),
+            "score": chunked([i / 3 for i in range(n)], pa.float64()),
+            "count": chunked([i if i % 3 else None for i in range(n)], pa.int64()),
+            "flag": chunked([bool(i % 2) if i % 5 else None for i in range(n)], pa.bool_()),
+            "tags": chunked([[f"t{i}", "x"] if i % 2 else [] for i in range(n)], pa.list_(pa.string())),
+        }
+    ), n
 
 
 def test_metadata_columns_too_big_to_combine_stay_chunked(monkeypatch):
@@ -463,8 +484,16 @@ def test_metadata_columns_too_big_to_combine_stay_chunked(monkeypatch):
     assert len(combined._chunks[sha]) == 1
     assert chunked._numpy[chunked.column_names.index("width")] is not None  # numeric fast path kept
     rng = np.random.default_rng(0)
-    for rows in ([0], [n - 1], [2, 3, 7, 8], [12, 0, 5, 5, 3], list(range(n))[::-1],
-                 rng.integers(0, n, 20), [3, 4, 5, 6], []):
+    for rows in (
+        [0],
+        [n - 1],
+        [2, 3, 7, 8],
+        [12, 0, 5, 5, 3],
+        list(range(n))[::-1],
+        rng.integers(0, n, 20),
+        [3, 4, 5, 6],
+        [],
+    ):
         want = table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
         assert chunked.rows(rows) == want
         assert combined.rows(rows) == want
@@ -549,8 +578,9 @@ def test_vector_path_never_imports_tensorflow(vec_run):
         print(round(import_ms, 1))
     """)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     modules, _ = proc.stdout.strip().splitlines()[-2:]
     assert modules == "[]"

@@ -1,4 +1,5 @@
 """Sharded index: the Beam build (pipelines.build_shards), the merged search, the layout checks."""
+
 import hashlib
 import json
 import os
@@ -14,8 +15,8 @@ from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.index import build_index
 from serving import Searcher
-from tests import images
-from tests.runs_fixture import clustered
+from tests.helpers import images
+from tests.helpers.runs_fixture import clustered
 
 SPEC = EmbedderSpec(name="vec", handle="synthetic", fingerprint="synthetic:1", dim=16)
 
@@ -30,23 +31,43 @@ def _run_with_table(tmp_path, n, d=16, seed=0, files=2):
     ids = [f"img-{i:06d}" for i in range(n)]
     spec = EmbedderSpec(name="vec", handle="synthetic", fingerprint="synthetic:1", dim=d)
     for part, rows in enumerate(np.array_split(np.arange(n), files)):
-        tables.write_embeddings(os.path.join(table_dir, f"part-{part}.parquet"), spec, [ids[r] for r in rows],
-                                x[rows], ["0" * 64] * len(rows), [f"src#{r}" for r in rows], [1] * len(rows),
-                                [1] * len(rows), row_group_size=1000)
+        tables.write_embeddings(
+            os.path.join(table_dir, f"part-{part}.parquet"),
+            spec,
+            [ids[r] for r in rows],
+            x[rows],
+            ["0" * 64] * len(rows),
+            [f"src#{r}" for r in rows],
+            [1] * len(rows),
+            [1] * len(rows),
+            row_group_size=1000,
+        )
     return run_dir, x, ids
 
 
 def _build(run_dir, num_shards=None, max_shard_vectors=None, flags=(), k=10, target=0.95):
-    return build_shards.build_sharded(PipelineOptions(flags=list(flags)), run_dir, "vec", num_shards=num_shards,
-                                      max_shard_vectors=max_shard_vectors, distance="cosine", k=k,
-                                      target_recall=target)
+    return build_shards.build_sharded(
+        PipelineOptions(flags=list(flags)),
+        run_dir,
+        "vec",
+        num_shards=num_shards,
+        max_shard_vectors=max_shard_vectors,
+        distance="cosine",
+        k=k,
+        target_recall=target,
+    )
 
 
 def test_shard_of_is_a_stable_hash_of_the_id_alone():
     ids = [f"id-{i}" for i in range(5000)]
     shards = sharded.shard_of(ids, 7)
-    expected = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, person=b"imgindex-shard").digest(),
-                               "little") % 7 for i in ids[:50]]
+    expected = [
+        int.from_bytes(
+            hashlib.blake2b(i.encode(), digest_size=8, person=b"imgindex-shard").digest(), "little"
+        )
+        % 7
+        for i in ids[:50]
+    ]
     assert shards[:50].tolist() == expected
     assert sharded.shard_of(ids[::-1], 7).tolist() == shards[::-1].tolist()  # order does not matter
     counts = np.bincount(shards, minlength=7)
@@ -127,9 +148,17 @@ def test_sharded_build_with_held_out_tuning_queries(tmp_path):
     run_dir, x, ids = _run_with_table(tmp_path, n, d, seed=5)
     rng = np.random.default_rng(2)
     queries = x[rng.choice(n, 400, replace=False)] + 0.3 * rng.standard_normal((400, d)).astype(np.float32)
-    built = build_shards.build_sharded(PipelineOptions(flags=[]), run_dir, "vec", num_shards=2,
-                                       max_shard_vectors=None, distance="cosine", k=10, target_recall=0.9,
-                                       tuning_queries=queries[:200])
+    built = build_shards.build_sharded(
+        PipelineOptions(flags=[]),
+        run_dir,
+        "vec",
+        num_shards=2,
+        max_shard_vectors=None,
+        distance="cosine",
+        k=10,
+        target_recall=0.9,
+        tuning_queries=queries[:200],
+    )
     recall = built.manifest.recall
     assert recall["method"].startswith("held-out over the merged shards: 200 query vectors")
     assert recall["n_queries"] == 200 and len(recall["per_shard"]) == 2
@@ -138,8 +167,9 @@ def test_sharded_build_with_held_out_tuning_queries(tmp_path):
         assert shard.manifest.recall["method"].startswith("held-out: 200 query vectors")
     # The recorded merged recall predicts the recall of other queries of the same kind.
     truth, _ = exact.exact_search(queries[200:], x, 10, "cosine")
-    measured = metrics.recall_at_k(opened.search_batch(queries[200:], k=10)[0],
-                                   [[ids[r] for r in row] for row in truth], 10)
+    measured = metrics.recall_at_k(
+        opened.search_batch(queries[200:], k=10)[0], [[ids[r] for r in row] for row in truth], 10
+    )
     assert abs(recall["value"] - measured) < 0.05
 
 
@@ -195,7 +225,9 @@ def test_sharded_build_in_multi_processing_mode_gives_the_same_index(tmp_path):
     local = _build(run_dir, num_shards=2).open()
     other_dir = str(tmp_path / "mp")
     shutil.copytree(os.path.join(run_dir, runs.EMBEDDINGS_DIR), os.path.join(other_dir, runs.EMBEDDINGS_DIR))
-    mp = _build(other_dir, num_shards=2, flags=["--direct_running_mode=multi_processing", "--direct_num_workers=2"]).open()
+    mp = _build(
+        other_dir, num_shards=2, flags=["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    ).open()
     assert sorted(mp.ids) == sorted(local.ids)
     assert [set(s.ids) for s in mp.shards] == [set(s.ids) for s in local.shards]
     assert mp.manifest.recall["value"] == local.manifest.recall["value"]
@@ -208,8 +240,14 @@ def test_imgindex_build_with_shards_is_served_by_the_searcher(tmp_path, tiny_sav
         with open(src / f"img{i:03d}.jpg", "wb") as f:
             f.write(images.jpeg(48 + i % 7, 40, seed=i))
     root = str(tmp_path / "root")
-    result = build.run([f"--input={src}", f"--output={root}", f"--embedder=tiny={tiny_savedmodel},size=32",
-                        "--index_shards=2"])
+    result = build.run(
+        [
+            f"--input={src}",
+            f"--output={root}",
+            f"--embedder=tiny={tiny_savedmodel},size=32",
+            "--index_shards=2",
+        ]
+    )
     entry = result.manifest.embedders["tiny"]
     assert entry["shards"] == 2 and entry["method"] == "sharded(2x brute_force)" and entry["n"] == 40
     searcher = Searcher.open(root)
@@ -228,8 +266,10 @@ def test_imgindex_build_with_shards_is_served_by_the_searcher(tmp_path, tiny_sav
 
 
 def test_bad_shard_options_fail_before_work(tmp_path):
-    for flags, words in [(["--index_shards=-1"], "must be >= 0"),
-                         (["--index_shards=2", "--pca_dim=8"], "cannot be combined")]:
+    for flags, words in [
+        (["--index_shards=-1"], "must be >= 0"),
+        (["--index_shards=2", "--pca_dim=8"], "cannot be combined"),
+    ]:
         with pytest.raises(ConfigError, match=words):
             build.run(["--input=x", f"--output={tmp_path}", *flags])
 
@@ -237,7 +277,15 @@ def test_bad_shard_options_fail_before_work(tmp_path):
 def test_sharded_build_refuses_bad_tuning_queries_before_work(tmp_path):
     run_dir, _, _ = _run_with_table(tmp_path, 200, d=16)
     with pytest.raises(ConfigError, match=r"tuning_queries must be a non-empty 2-D array \(q, 16\)"):
-        build_shards.build_sharded(PipelineOptions(flags=[]), run_dir, "vec", num_shards=2, max_shard_vectors=None,
-                                   distance="cosine", k=10, target_recall=0.9,
-                                   tuning_queries=np.ones((5, 8), np.float32))
+        build_shards.build_sharded(
+            PipelineOptions(flags=[]),
+            run_dir,
+            "vec",
+            num_shards=2,
+            max_shard_vectors=None,
+            distance="cosine",
+            k=10,
+            target_recall=0.9,
+            tuning_queries=np.ones((5, 8), np.float32),
+        )
     assert not os.path.exists(runs.index_dir(run_dir, "vec"))

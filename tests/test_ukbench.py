@@ -1,4 +1,5 @@
 """Real photos with ground truth: UKBench-56 from ../shared/data (skipped when absent)."""
+
 import csv
 import os
 
@@ -7,11 +8,13 @@ import pytest
 
 from pipelines import embed
 from retrieval import exact, metrics, tables
-from tests.conftest import SHARED_DATA
+from tests.helpers.data import SHARED_DATA
 
 UKBENCH = os.path.join(SHARED_DATA, "ukbench56")
-pytestmark = pytest.mark.skipif(not os.path.isdir(UKBENCH),
-                                reason=f"real-photo set not found at {UKBENCH} (../shared/data is not part of a clone)")
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(UKBENCH),
+    reason=f"real-photo set not found at {UKBENCH} (../shared/data is not part of a clone)",
+)
 
 
 def test_builtin_model_finds_the_other_views_of_each_object(tmp_path):

@@ -16,6 +16,7 @@ callers resize images to ``model.input_size``.  Signatures: ``serving_default``
 
 Importing this package does not import TensorFlow; only an actual export does.
 """
+
 from retrieval.builtin.materialize import (
     BUILTIN_MODELS,
     BUILTIN_PREFIX,

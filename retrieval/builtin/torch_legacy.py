@@ -17,6 +17,7 @@ Unpickling runs whatever callables a file names, so the unpickler below resolves
 only the handful of globals a state dict needs, to local stand-ins, and refuses
 everything else: no code from the weights file ever runs.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,7 +34,7 @@ _MAGIC = 0x1950A86A20F9469CFC6C
 _PROTOCOL = 1001
 
 # torch storage class name -> little-endian numpy dtype of its elements.
-_STORAGE_DTYPES = {
+_STORAGE_DTYPES: dict[str, np.dtype] = {
     "DoubleStorage": np.dtype("<f8"),
     "FloatStorage": np.dtype("<f4"),
     "HalfStorage": np.dtype("<f2"),
@@ -73,13 +74,15 @@ class _TensorRef:
     stride: tuple[int, ...]
 
 
-def _rebuild_tensor_v2(storage_key, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+    storage_key, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
     # Stand-in for torch._utils._rebuild_tensor_v2; persistent_load returned the key.
     if not isinstance(storage_key, str):
         raise WeightsFileError("tensor without a storage in weights file")
-    return _TensorRef(storage_key, int(storage_offset), tuple(int(n) for n in size),
-                      tuple(int(s) for s in stride))
+    return _TensorRef(
+        storage_key, int(storage_offset), tuple(int(n) for n in size), tuple(int(s) for s in stride)
+    )
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -98,11 +101,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(_STORAGE_DTYPES[name])
         raise WeightsFileError(
             f"refusing to load weights: the file references the global {module}.{name}, "
-            "which a plain tensor state dict never needs")
+            "which a plain tensor state dict never needs"
+        )
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 6
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+        ):
             raise WeightsFileError(f"unexpected persistent id in weights file: {pid!r}")
         _, storage_type, key, _location, numel, view_metadata = pid
         if view_metadata is not None:
@@ -120,8 +128,9 @@ def _load_pickle(f: BinaryIO, storages: dict[str, _StorageRef]):
 def _check_header(f: BinaryIO) -> None:
     no_storages: dict[str, _StorageRef] = {}
     if _load_pickle(f, no_storages) != _MAGIC:
-        raise WeightsFileError("not a legacy PyTorch file (bad magic number); "
-                               "zip-format .pth files are not supported")
+        raise WeightsFileError(
+            "not a legacy PyTorch file (bad magic number); zip-format .pth files are not supported"
+        )
     if _load_pickle(f, no_storages) != _PROTOCOL:
         raise WeightsFileError("unsupported legacy PyTorch protocol version")
     sys_info = _load_pickle(f, no_storages)
@@ -147,8 +156,7 @@ def _read_storages(f: BinaryIO, storages: dict[str, _StorageRef]) -> dict[str, n
 
 
 def _materialize(ref: _TensorRef, storage: np.ndarray) -> np.ndarray:
-    if any(n < 0 for n in ref.size) or any(s < 0 for s in ref.stride) \
-            or len(ref.size) != len(ref.stride):
+    if any(n < 0 for n in ref.size) or any(s < 0 for s in ref.stride) or len(ref.size) != len(ref.stride):
         raise WeightsFileError(f"invalid tensor geometry {ref}")
     if 0 in ref.size:
         return np.empty(ref.size, dtype=storage.dtype)
@@ -156,8 +164,11 @@ def _materialize(ref: _TensorRef, storage: np.ndarray) -> np.ndarray:
     if ref.offset < 0 or last >= storage.size:
         raise WeightsFileError(f"tensor reaches outside its storage: {ref}")
     view = np.lib.stride_tricks.as_strided(
-        storage[ref.offset:], shape=ref.size,
-        strides=[s * storage.itemsize for s in ref.stride], writeable=False)
+        storage[ref.offset :],
+        shape=ref.size,
+        strides=[s * storage.itemsize for s in ref.stride],
+        writeable=False,
+    )
     return np.array(view, copy=True)
 
 
@@ -169,8 +180,15 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             _check_header(f)
             state = _load_pickle(f, storages)
             arrays = _read_storages(f, storages)
-    except (pickle.UnpicklingError, EOFError, struct.error, TypeError, ValueError,
-            AttributeError, IndexError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        struct.error,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+    ) as e:
         raise WeightsFileError(f"cannot read legacy PyTorch weights {path}: {e}") from e
     if not isinstance(state, dict):
         raise WeightsFileError(f"{path} does not hold a state dict")

@@ -1,9 +1,10 @@
 """Writes published-run layouts directly (what `imgindex build` produces), for serving tests.
 
-    root/LATEST -> runs/<run_id>
-    root/runs/<run_id>/run_manifest.json
-    root/runs/<run_id>/index/<embedder>/{scann/, ids.parquet, metadata.parquet, manifest.json}
+root/LATEST -> runs/<run_id>
+root/runs/<run_id>/run_manifest.json
+root/runs/<run_id>/index/<embedder>/{scann/, ids.parquet, metadata.parquet, manifest.json}
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,22 +39,28 @@ def clustered(n, d, seed=0, n_clusters=20):
 def default_metadata(ids, seed=0):
     rng = np.random.default_rng(seed)
     n = len(ids)
-    return pa.table({
-        "id": pa.array(ids, pa.string()),
-        "sha256": pa.array([hashlib.sha256(i.encode()).hexdigest() for i in ids], pa.string()),
-        "source": pa.array([f"file:///shards/part-0.tfrecord#{r}" for r in range(n)], pa.string()),
-        "width": pa.array(rng.integers(32, 4000, n), pa.int32()),
-        "height": pa.array(rng.integers(32, 4000, n), pa.int32()),
-        "label": pa.array(rng.integers(0, 10, n), pa.int64()),
-        "caption": pa.array([f"caption of {i}" for i in ids], pa.string()),
-    })
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "sha256": pa.array([hashlib.sha256(i.encode()).hexdigest() for i in ids], pa.string()),
+            "source": pa.array([f"file:///shards/part-0.tfrecord#{r}" for r in range(n)], pa.string()),
+            "width": pa.array(rng.integers(32, 4000, n), pa.int32()),
+            "height": pa.array(rng.integers(32, 4000, n), pa.int32()),
+            "label": pa.array(rng.integers(0, 10, n), pa.int64()),
+            "caption": pa.array([f"caption of {i}" for i in ids], pa.string()),
+        }
+    )
 
 
 def fake_spec(name, d, handle="/nonexistent/savedmodel", fingerprint=None):
     return {
-        "name": name, "handle": handle,
+        "name": name,
+        "handle": handle,
         "fingerprint": fingerprint or "sha256-tree:" + hashlib.sha256(name.encode()).hexdigest(),
-        "dim": d, "input_size": 32, "resize": "pad", "normalisation": "l2",
+        "dim": d,
+        "input_size": 32,
+        "resize": "pad",
+        "normalisation": "l2",
         "preprocessing": PREPROCESSING,
     }
 
@@ -63,15 +70,20 @@ def vector_embedder(name, n, d, seed=0, distance="cosine", config=None):
     return EmbedderData(clustered(n, d, seed), ids, fake_spec(name, d), distance, config)
 
 
-def write_run(root, embedders: dict[str, EmbedderData], run_id=None, status="published",
-              publish=True) -> str:
+def write_run(root, embedders: dict[str, EmbedderData], run_id=None, status="published", publish=True) -> str:
     """Builds every index, writes the run manifest and (when published) points LATEST at it."""
     run_id = run_id or runs.new_run_id()
     directory = runs.run_dir(str(root), run_id)
     entries = {}
     for name, data in embedders.items():
-        index = build_index(data.vectors, data.ids, distance=data.distance, config=data.config,
-                            embedder=data.spec, num_queries=min(100, len(data.ids)))
+        index = build_index(
+            data.vectors,
+            data.ids,
+            distance=data.distance,
+            config=data.config,
+            embedder=data.spec,
+            num_queries=min(100, len(data.ids)),
+        )
         if data.metadata is False:
             tables = {}
         else:
@@ -80,9 +92,14 @@ def write_run(root, embedders: dict[str, EmbedderData], run_id=None, status="pub
         index.save(runs.index_dir(directory, name), tables=tables)
         entries[name] = runs.embedder_entry(directory, name, index, data.spec)
     manifest = runs.RunManifest(
-        run_id=run_id, status=status, inputs={"globs": ["test"]},
+        run_id=run_id,
+        status=status,
+        inputs={"globs": ["test"]},
         counts={name: len(data.ids) for name, data in embedders.items()},
-        embedders=entries, gates={"passed": status == "published", "reasons": []}, timings={})
+        embedders=entries,
+        gates={"passed": status == "published", "reasons": []},
+        timings={},
+    )
     runs.write_run_manifest(directory, manifest)
     if publish and status == "published":
         runs.publish(str(root), run_id)
@@ -112,17 +129,18 @@ def image_embedder(savedmodel, images, name="tiny", size=32):
     made the way the pipeline does (decode, resize, embed_batch); imports TensorFlow."""
     from retrieval import embedders, imaging
 
-    model, spec = embedders.complete_spec(
-        embedders.parse_embedder_arg(f"{name}={savedmodel},size={size}"))
+    model, spec = embedders.complete_spec(embedders.parse_embedder_arg(f"{name}={savedmodel},size={size}"))
     ids = list(images)
     decoded = [imaging.decode(images[i], min_size=spec.input_size) for i in ids]
     pixels = np.stack([imaging.resize(d.image, spec.input_size, spec.resize) for d in decoded])
     vectors = embedders.embed_batch(model, spec, pixels)
-    metadata = pa.table({
-        "id": pa.array(ids, pa.string()),
-        "sha256": pa.array([imaging.sha256_hex(images[i]) for i in ids], pa.string()),
-        "source": pa.array([f"file:///images/{i}.png" for i in ids], pa.string()),
-        "width": pa.array([d.width for d in decoded], pa.int32()),
-        "height": pa.array([d.height for d in decoded], pa.int32()),
-    })
+    metadata = pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "sha256": pa.array([imaging.sha256_hex(images[i]) for i in ids], pa.string()),
+            "source": pa.array([f"file:///images/{i}.png" for i in ids], pa.string()),
+            "width": pa.array([d.width for d in decoded], pa.int32()),
+            "height": pa.array([d.height for d in decoded], pa.int32()),
+        }
+    )
     return EmbedderData(vectors, ids, spec.to_dict(), "cosine", None, metadata)

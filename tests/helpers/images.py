@@ -1,4 +1,5 @@
 """Builders of small real encoded images, good and bad, shared by the tests."""
+
 import io
 import struct
 import zlib
@@ -74,7 +75,14 @@ def random_bytes(n=2048, seed=0) -> bytes:
 
 def huge_png(width=200_000, height=200_000) -> bytes:
     """A tiny PNG file whose header declares width x height pixels (a decompression bomb)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
