@@ -15,6 +15,7 @@ it is the squared distance, lower is better.  Results are always best first.
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import shutil
@@ -31,12 +32,20 @@ from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.exact import check_distance, check_finite, exact_search_by_chunks, normalize_rows
 from retrieval.metrics import recall_per_query
 from retrieval.npy_stream import release_pages
+from retrieval.projection import PROJECTION_FILE
+from retrieval.queries import check_k, prepare_queries, prepare_query
 from retrieval.scann_import import import_scann_pybind
+
+log = logging.getLogger(__name__)
 
 METHODS = ("brute_force", "tree_ah")
 SEARCH_KNOBS = ("leaves_to_search", "pre_reorder_num_neighbors")
 SCANN_DIR = "scann"
 IDS_FILE = "ids.parquet"
+# Optional per-row metadata (source, sha256, size, passthrough columns), rows aligned with ids.
+METADATA_FILE = "metadata.parquet"
+# The float rows ScaNN reorders with: memory-mapped as the index's stored vectors.
+DATASET_FILE = f"{SCANN_DIR}/{scann_assets.DATASET[1]}"
 
 # Below this many stored numbers (n * d) the index is exact brute force.  A brute-force
 # query reads all n * d floats: measured on this 2-core machine, 20k x 128 (2.6M) answers
@@ -243,18 +252,25 @@ def _check_positive_int(value, name, upper=None, upper_name=None):
 
 
 class Index:
-    """A searchable ScaNN index with string ids; made by `build_index` or `load_index`."""
+    """A searchable ScaNN index with string ids; made by `build_index` or `load_index`.
 
-    def __init__(self, searcher, ids, manifest, assets=None):
+    Implements `retrieval.searchable.SearchableIndex`.  Queries are in the embedder's space:
+    an index saved with a build-time projection (`projection.npy`) projects them itself.
+    """
+
+    def __init__(self, searcher, ids, manifest, assets=None, directory=None, projection=None):
         self._searcher = searcher
         # A numpy object array, or a pyarrow string array as built from Arrow ids: that one
         # becomes Python strings only when a search or `ids` needs them, so a build that
-        # just saves never holds a Python object per id (~65 MB at 1M short ids).
+        # just saves never holds a Python object per id.
         self._ids = ids
         self.manifest = manifest
         # Built tree-AH indexes keep the ScaNN assets they were loaded from, so save()
         # links them instead of serialising again (which copies the whole dataset once more).
         self._assets = assets
+        self._directory = None if directory is None else Path(directory)
+        self._projection = projection
+        self._stored_vectors = None
 
     n = property(lambda self: self.manifest.n)
 
@@ -268,6 +284,19 @@ class Index:
     d = property(lambda self: self.manifest.d)
     distance = property(lambda self: self.manifest.distance)
     method = property(lambda self: self.manifest.index_config["method"])
+    recall = property(lambda self: self.manifest.recall, doc="recall record measured at build time")
+    embedder = property(lambda self: self.manifest.embedder, doc="the embedder spec (dict) or None")
+    directory = property(lambda self: self._directory, doc="the index directory (None until saved)")
+
+    @property
+    def projection(self):
+        """The build-time PCA (float32 (index d + 1, input_dim), `retrieval.projection`), or None."""
+        return self._projection
+
+    @property
+    def input_dim(self):
+        """Dimension of query vectors: the embedder's, before any build-time projection."""
+        return self.d if self._projection is None else self._projection.shape[1]
 
     @property
     def search_defaults(self):
@@ -276,8 +305,23 @@ class Index:
     def __repr__(self):
         return f"Index(n={self.n}, d={self.d}, distance={self.distance!r}, method={self.method!r})"
 
+    def metadata(self):
+        """metadata.parquet (without `id`; rows aligned with the ids) as a pyarrow Table, or None."""
+        if self._directory is None:
+            return None
+        return read_metadata(self._directory, self.manifest, self.n)
+
+    def stored_vectors(self):
+        """The indexed vectors (float32 (n, d), normalised for cosine) memory-mapped, or None
+        when the directory does not hold them in that form.  Mapped once, on first use."""
+        if self._directory is None or DATASET_FILE not in self.manifest.files:
+            return None
+        if self._stored_vectors is None:
+            self._stored_vectors = _map_vectors(self._directory / DATASET_FILE, self.n, self.d)
+        return self._stored_vectors
+
     def search(self, query, k=None, **overrides):
-        """Nearest neighbours of one query vector of shape (d,).
+        """Nearest neighbours of one query vector of shape (input_dim,).
 
         Args:
           k: number of neighbours (default: the build-time k); clamped to n.
@@ -292,22 +336,13 @@ class Index:
 
     def search_rows(self, query, k=None, **overrides):
         """`search`, answering with row numbers (an integer array; row i is ids[i]) instead of ids."""
-        query = np.asarray(query)
-        if query.ndim != 1:
-            raise ConfigError(
-                f"search() takes one query of shape ({self.d},), got shape {query.shape}; "
-                "use search_batch() for several."
-            )
-        query = self._prepare_one(query)
-        if k is None and not overrides:
-            k, knobs = self._default_params
-        else:
-            k, knobs = self._search_params(k, overrides)
-        rows, scores = self._searcher.search(query, final_num_neighbors=k, **knobs)
-        return np.asarray(rows), np.asarray(scores, dtype=np.float32)
+        query = prepare_query(
+            query, dim=self.input_dim, distance=self.distance, projection=self._projection, label=self._label
+        )
+        return self._search_prepared(query, k, overrides)
 
     def search_batch(self, queries, k=None, **overrides):
-        """Nearest neighbours of each row of `queries` (q, d); see `search`.
+        """Nearest neighbours of each row of `queries` (q, input_dim); see `search`.
 
         Returns:
           (ids, scores): q lists of str, and a float32 array (q, k).  When tree-AH
@@ -320,8 +355,39 @@ class Index:
 
     def search_batch_rows(self, queries, k=None, **overrides):
         """`search_batch`, answering with q arrays of row numbers instead of id lists."""
-        queries = self._prepare_queries(queries)
-        k, knobs = self._search_params(k, overrides)
+        queries = prepare_queries(
+            queries,
+            dim=self.input_dim,
+            distance=self.distance,
+            projection=self._projection,
+            label=self._label,
+        )
+        return self._search_batch_prepared(queries, k, overrides)
+
+    def neighbours_of_row(self, row, k=None):
+        """Nearest neighbours (rows, scores) of the indexed vector at `row` (from `stored_vectors`);
+        the row itself comes first unless ties put another equal vector before it."""
+        vectors = self.stored_vectors()
+        if vectors is None:
+            raise ConfigError(f"{self._label} stores no vectors, so it cannot search by row")
+        return self._search_prepared(np.array(vectors[row], dtype=np.float32), k)
+
+    @property
+    def _label(self):
+        name = (self.manifest.embedder or {}).get("name")
+        return "the index" if not isinstance(name, str) else f"the index of embedder {name!r}"
+
+    def _search_prepared(self, query, k=None, overrides=None):
+        """One query already made ready by `retrieval.queries` (a ShardedIndex prepares once)."""
+        if k is None and not overrides:
+            k, knobs = self._default_params
+        else:
+            k, knobs = self._search_params(k, overrides or {})
+        rows, scores = self._searcher.search(query, final_num_neighbors=k, **knobs)
+        return np.asarray(rows), np.asarray(scores, dtype=np.float32)
+
+    def _search_batch_prepared(self, queries, k=None, overrides=None):
+        k, knobs = self._search_params(k, overrides or {})
         if queries.shape[0] == 0:
             return [], np.empty((0, k), dtype=np.float32)
         rows, scores = self._searcher.search_batched_parallel(queries, final_num_neighbors=k, **knobs)
@@ -334,39 +400,9 @@ class Index:
     def _default_params(self):
         return self._search_params(None, {})
 
-    def _prepare_one(self, query):
-        """One query vector, ready for ScaNN.  A fast path for the common case (a finite
-        non-zero vector of the right size): measured 3.5 us instead of 13 us for the general
-        path plus knob checks (d=256), against ~100-300 us for a tree-AH query.  Anything unusual goes through _prepare_queries, which
-        raises the explanatory errors."""
-        if query.shape == (self.d,) and query.dtype.kind in "fiu":
-            with np.errstate(over="ignore"):
-                q = query.astype(np.float32)
-            norm2 = float(np.dot(q, q))
-            # Finite, and far from float32 under- or overflow (NaN fails both comparisons);
-            # anything else is normalised with care by _prepare_queries.
-            if 1e-30 < norm2 < math.inf:
-                return q / np.float32(math.sqrt(norm2)) if self.distance == "cosine" else q
-        return self._prepare_queries(query[None, :])[0]
-
-    def _prepare_queries(self, queries):
-        queries = np.asarray(queries)
-        if queries.ndim != 2 or queries.shape[1] != self.d:
-            got = queries.shape[-1] if queries.ndim else "a scalar"
-            raise ConfigError(
-                f"Query dimension mismatch: the index expects vectors of dimension {self.d}, "
-                f"got {got} (query shape {queries.shape})."
-            )
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        check_finite(queries, "query")
-        if self.distance == "cosine":
-            queries = normalize_rows(queries, what="query")
-        return queries
-
     def _search_params(self, k, overrides):
         defaults = self.manifest.search_defaults
-        k = defaults["k"] if k is None else k
-        _check_positive_int(k, "k")
+        k = check_k(defaults["k"] if k is None else k)
         k = min(k, self.n)
         allowed = SEARCH_KNOBS if self.method == "tree_ah" else ()
         unknown = sorted(overrides.keys() - set(allowed))
@@ -405,6 +441,9 @@ class Index:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self.manifest = manifest
+        self._directory = path
+        if PROJECTION_FILE in (tables or {}):
+            self._projection = _check_projection(np.asarray(tables[PROJECTION_FILE]), self.d, path)
 
     def _write_contents(self, directory, tables):
         import pyarrow.parquet as pq
@@ -535,7 +574,74 @@ def load_index(path, verify=True):
             f"{path}: the ScaNN searcher holds {searcher.size()} vectors but the manifest says "
             f"n={manifest.n}. Rebuild the index."
         )
-    return Index(searcher, ids, manifest)
+    projection = None
+    if PROJECTION_FILE in manifest.files:  # verified with the other listed files above
+        projection = _check_projection(np.load(path / PROJECTION_FILE), manifest.d, path)
+    return Index(searcher, ids, manifest, directory=path, projection=projection)
+
+
+def _check_projection(projection, d, directory):
+    if projection.ndim != 2 or projection.shape[0] != d + 1:
+        raise IndexFormatError(
+            f"{directory / PROJECTION_FILE}: shape {projection.shape} does not project to the "
+            f"index dimension {d}; rebuild the index"
+        )
+    return projection
+
+
+def read_metadata(directory, manifest, n):
+    """The index directory's metadata.parquet without `id` (pyarrow Table), or None when the
+    index has none.  It must be listed in the manifest (so verified), have n rows and, when it
+    holds an `id` column, the ids of ids.parquet in the same order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    path = directory / METADATA_FILE
+    if METADATA_FILE not in manifest.files:
+        if path.exists():
+            raise IndexFormatError(
+                f"{path} is not listed in the index manifest, so its contents are unverified; rebuild the index"
+            )
+        return None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise IndexFormatError(f"{path} is not a readable Parquet table ({exc})") from exc
+    if table.num_rows != n:
+        raise IndexFormatError(
+            f"{path} has {table.num_rows} rows but the index holds {n} vectors; rebuild the index"
+        )
+    if "id" in table.column_names:
+        ids = pq.read_table(directory / IDS_FILE, columns=["id"]).column("id")
+        meta_ids = table.column("id")
+        if meta_ids.type != ids.type:
+            meta_ids = meta_ids.cast(ids.type)
+        if not meta_ids.equals(ids):
+            raise IndexFormatError(
+                f"{path}: rows are not aligned with {IDS_FILE} (the id columns differ); rebuild the index"
+            )
+        table = table.drop_columns(["id"])
+    return table
+
+
+def _map_vectors(path, n, d):
+    """scann/dataset.npy memory-mapped when it is float32 (n, d), else None (with a warning)."""
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"{path} is not a readable .npy file ({exc})") from exc
+    if vectors.dtype != np.float32 or vectors.shape != (n, d):
+        log.warning(
+            "%s holds %s %s, not float32 (%d, %d): the stored vectors are unavailable",
+            path,
+            vectors.dtype,
+            vectors.shape,
+            n,
+            d,
+        )
+        return None
+    return vectors
 
 
 def _load_searcher(scann_dir):

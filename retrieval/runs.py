@@ -26,11 +26,12 @@ import datetime
 import json
 import os
 import secrets
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from retrieval.errors import IndexFormatError
-from retrieval.manifest import sha256_file, write_json_atomic, write_text_atomic
+from retrieval.index import METADATA_FILE  # noqa: F401  (pipelines name the run's metadata table by it)
+from retrieval.manifest import MANIFEST_NAME, sha256_file, write_json_atomic, write_text_atomic
 from retrieval.version import __version__
 
 LATEST = "LATEST"
@@ -42,7 +43,6 @@ STATUSES = ("published", "rejected", "failed")
 INDEX_DIR = "index"
 EMBEDDINGS_DIR = "embeddings"
 FAILURES_DIR = "failures"
-METADATA_FILE = "metadata.parquet"
 
 
 def new_run_id(now: datetime.datetime | None = None) -> str:
@@ -184,7 +184,7 @@ def embedder_entry(run_directory: str, name: str, index, spec: dict, **extra) ->
         "spec": spec,
         "table": f"{EMBEDDINGS_DIR}/{name}",
         "index": f"{INDEX_DIR}/{name}",
-        "index_manifest_sha256": sha256_file(os.path.join(index_dir(run_directory, name), "manifest.json")),
+        "index_manifest_sha256": sha256_file(os.path.join(index_dir(run_directory, name), MANIFEST_NAME)),
         "n": m.n,
         "d": m.d,
         "distance": m.distance,
@@ -194,3 +194,54 @@ def embedder_entry(run_directory: str, name: str, index, spec: dict, **extra) ->
         "build_seconds": m.build_seconds,
         **extra,
     }
+
+
+def open_index(run_directory: str, name: str, entry: Any, verify: bool = True):
+    """The index of embedder `name` that a run published, loaded (either layout, see
+    `retrieval.sharded.open_index`; verify: check every file's SHA-256).
+
+    `entry` is the run manifest's record of that embedder.  Refused with IndexFormatError:
+    an index path outside the run, an index whose manifest.json is not the one the run
+    recorded (`index_manifest_sha256`), or an index whose n, d or embedder fingerprint
+    differ from the run manifest's.
+    """
+    from retrieval.sharded import open_index as open_any
+
+    if not isinstance(entry, dict):
+        raise IndexFormatError(f"{run_directory}/{RUN_MANIFEST}: embedder {name!r} entry is not an object")
+    index_path = _inside(run_directory, entry.get("index"), f"embedders.{name}.index")
+    expected = entry.get("index_manifest_sha256")
+    if not isinstance(expected, str) or not expected:
+        raise IndexFormatError(
+            f"{run_directory}/{RUN_MANIFEST}: embedder {name!r} has no "
+            "index_manifest_sha256; the run manifest is incomplete"
+        )
+    try:
+        actual = sha256_file(index_path / MANIFEST_NAME)
+    except FileNotFoundError as exc:
+        raise IndexFormatError(
+            f"index of embedder {name!r} ({index_path}) has no {MANIFEST_NAME}; the run directory is incomplete"
+        ) from exc
+    if actual != expected:
+        raise IndexFormatError(
+            f"index of embedder {name!r} ({index_path}): {MANIFEST_NAME} does not match the "
+            "run manifest's index_manifest_sha256 (the index was replaced or modified after "
+            "the run was published); rebuild the run"
+        )
+    index = open_any(index_path, verify=verify)
+    for key, value in (("n", index.n), ("d", index.d)):
+        if key in entry and entry[key] != value:
+            raise IndexFormatError(
+                f"index of embedder {name!r}: the run manifest says "
+                f"{key}={entry[key]} but the index holds {key}={value}"
+            )
+    return index
+
+
+def _inside(run_directory: str, rel: Any, what: str) -> Path:
+    pure = PurePosixPath(rel) if isinstance(rel, str) and rel else None
+    if pure is None or pure.is_absolute() or ".." in pure.parts:
+        raise IndexFormatError(
+            f"{run_directory}/{RUN_MANIFEST}: {what} is {rel!r}, not a path relative to the run directory"
+        )
+    return Path(run_directory, *pure.parts)

@@ -19,6 +19,7 @@ IndexFormatError naming it, never a silently smaller index.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ import numpy as np
 
 from retrieval import manifest as mf
 from retrieval.errors import ConfigError, IndexFormatError
+from retrieval.queries import check_k, prepare_queries, prepare_query
 from retrieval.version import __version__
 
 KIND = "imgindex.sharded_index"
@@ -167,7 +169,8 @@ def merge_top_k(id_lists, score_lists, k: int, higher_is_better: bool):
 
 
 class ShardedIndex:
-    """Several indexes searched as one; same query interface as retrieval.index.Index."""
+    """Several indexes searched as one; implements `retrieval.searchable.SearchableIndex` like
+    `retrieval.index.Index`.  Global row numbers run through shard 0's rows, then shard 1's..."""
 
     def __init__(self, shards, manifest: ShardedManifest, directories):
         self.shards = list(shards)
@@ -178,9 +181,13 @@ class ShardedIndex:
 
     n = property(lambda self: self.manifest.n)
     d = property(lambda self: self.manifest.d)
+    input_dim = property(lambda self: self.manifest.d, doc="sharded indexes have no projection")
+    projection = None
     distance = property(lambda self: self.manifest.distance)
     ids = property(lambda self: self._ids, doc="global row -> id (shard 0's rows first, then shard 1's...)")
     num_shards = property(lambda self: len(self.shards))
+    recall = property(lambda self: self.manifest.recall, doc="merged recall measured at build time")
+    embedder = property(lambda self: self.manifest.embedder, doc="the embedder spec (dict) or None")
 
     @property
     def method(self) -> str:
@@ -192,6 +199,35 @@ class ShardedIndex:
 
     def __repr__(self):
         return f"ShardedIndex(n={self.n}, d={self.d}, distance={self.distance!r}, shards={self.num_shards})"
+
+    def metadata(self):
+        """Every shard's metadata table, concatenated in global row order, or None when no shard
+        has one.  Some shards with and others without, or differing schemas: IndexFormatError."""
+        import pyarrow as pa
+
+        tables = [shard.metadata() for shard in self.shards]
+        if all(t is None for t in tables):
+            return None
+        where = self.directories[0].parent
+        if any(t is None for t in tables):
+            raise IndexFormatError(f"{where}: some shards have metadata and others do not; rebuild the index")
+        try:
+            return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        except pa.ArrowInvalid as exc:
+            raise IndexFormatError(
+                f"{where}: the shards' metadata schemas differ ({exc}); rebuild the index"
+            ) from exc
+
+    def stored_vectors(self):
+        """Row lookup over every shard's stored vectors (global row), or None when any lacks them."""
+        return self._stored_vectors
+
+    @functools.cached_property
+    def _stored_vectors(self):
+        arrays = [shard.stored_vectors() for shard in self.shards]
+        if any(a is None for a in arrays):
+            return None
+        return arrays[0] if len(arrays) == 1 else _ShardVectors(arrays)
 
     def search(self, query, k=None):
         """Top k of one query over all shards: (ids, scores) best first."""
@@ -205,20 +241,16 @@ class ShardedIndex:
 
     def search_rows(self, query, k=None):
         """`search`, answering with global row numbers (row i is ids[i]) instead of ids."""
-        k = self.manifest.search_defaults["k"] if k is None else k
-        parts = [shard.search_rows(query, k=k) for shard in self.shards]
-        return _merge_rows(
-            [rows + offset for (rows, _), offset in zip(parts, self.offsets)],
-            [scores for _, scores in parts],
-            k,
-            self.distance != "squared_l2",
-        )
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k)
+        query = prepare_query(query, dim=self.d, distance=self.distance, label=self._label)
+        return self._search_prepared(query, k)
 
     def search_batch_rows(self, queries, k=None):
         """`search_batch`, answering with q arrays of global row numbers instead of id lists."""
-        k = self.manifest.search_defaults["k"] if k is None else k
-        parts = [shard.search_batch_rows(queries, k=k) for shard in self.shards]
-        q = len(parts[0][0])
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k)
+        queries = prepare_queries(queries, dim=self.d, distance=self.distance, label=self._label)
+        parts = [shard._search_batch_prepared(queries, k) for shard in self.shards]
+        q = len(queries)
         width = min(k, self.n)
         out_rows, out_scores = [], np.full((q, width), np.nan, dtype=np.float32)
         higher = self.distance != "squared_l2"
@@ -232,6 +264,44 @@ class ShardedIndex:
             out_rows.append(rows)
             out_scores[row, : len(rows)] = scores
         return out_rows, out_scores
+
+    def neighbours_of_row(self, row, k=None):
+        """Nearest neighbours (global rows, scores) of the indexed vector at global `row`."""
+        vectors = self.stored_vectors()
+        if vectors is None:
+            raise ConfigError(f"{self._label} stores no vectors, so it cannot search by row")
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k)
+        return self._search_prepared(np.array(vectors[row], dtype=np.float32), k)  # stored rows are ready
+
+    def _search_prepared(self, query, k):
+        """Each shard's top k of a query checked once (`retrieval.queries`), merged."""
+        parts = [shard._search_prepared(query, k) for shard in self.shards]
+        return _merge_rows(
+            [rows + offset for (rows, _), offset in zip(parts, self.offsets)],
+            [scores for _, scores in parts],
+            k,
+            self.distance != "squared_l2",
+        )
+
+    @property
+    def _label(self):
+        name = (self.manifest.embedder or {}).get("name")
+        return "the index" if not isinstance(name, str) else f"the index of embedder {name!r}"
+
+
+class _ShardVectors:
+    """Row lookup across the shards' memory-mapped vectors (global row = shard offset + row)."""
+
+    def __init__(self, arrays):
+        self._arrays = arrays
+        self._offsets = np.cumsum([0] + [len(a) for a in arrays])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        shard = int(np.searchsorted(self._offsets, row, side="right")) - 1
+        return self._arrays[shard][row - self._offsets[shard]]
 
 
 def _merge_rows(row_parts, score_parts, k: int, higher_is_better: bool):

@@ -5,12 +5,10 @@ Importing this package loads NumPy only; ScaNN and pyarrow are imported by
 `Searcher.open`, TensorFlow by the first image query.
 """
 
+from retrieval.errors import DimensionMismatchError, NonFiniteQueryError, QueryError
 from serving.searcher import (
     BadImageError,
-    DimensionMismatchError,
     EmbedderRequiredError,
-    NonFiniteQueryError,
-    QueryError,
     Searcher,
     SearchHit,
     SearchResult,

@@ -51,8 +51,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from retrieval.errors import ConfigError, HandleError
-from serving.searcher import BadImageError, QueryError, Searcher, SearchResult, UnknownIdError
+from retrieval.errors import ConfigError, HandleError, QueryError
+from serving.searcher import BadImageError, Searcher, SearchResult, UnknownIdError
 
 log = logging.getLogger(__name__)
 

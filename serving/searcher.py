@@ -6,22 +6,19 @@
     hits = searcher.search_id("img-00042")
     searcher.refresh()                                # picks up a newly published run
 
-What is loaded (per embedder of the run, or only the one asked for): the index directory
-named by the run manifest, after checking that its manifest.json is the one the run
-published (`index_manifest_sha256`) and -- in `load_index` -- that every file matches its
-SHA-256 (for a sharded index, `retrieval.sharded.open_index` checks every shard the same
-way and a query merges the shards' top k); the ids; metadata.parquet when present (Arrow
-columns, rows aligned with the ids; see `_Metadata`); and the stored vectors
-`scann/dataset.npy` memory-mapped (never read into memory as a whole), which answer id
-queries.
+What is loaded (per embedder of the run, or only the one asked for): the index the run
+manifest names, through `retrieval.runs.open_index` (the run's record of the index must
+match it, and every file its checksum), used only through `retrieval.searchable.
+SearchableIndex`: its ids, its metadata (Arrow columns, rows aligned with the ids; see
+`_Metadata`) and its stored vectors (memory-mapped; they answer id queries).
 
 Scores follow `retrieval.index`: for "cosine" and "dot_product" indexes the score is a
 similarity and hits come highest first; for "squared_l2" it is the squared distance and
 hits come lowest first.  `SearchResult.higher_is_better` says which.  Ranks start at 1.
 
-Cosine queries are reduced to their direction (`retrieval.exact.unit_rows`), so any
-finite, non-zero vector has one, however large or small its values.  A refresh drops the cached image models
-that the new run does not use.
+Queries are checked by the index (`retrieval.queries`): cosine queries are reduced to their
+direction, so any finite, non-zero vector has one, however large or small its values.  A
+refresh drops the cached image models that the new run does not use.
 
 Threads: every query reads the current loaded state (an immutable `_RunState`) once, so a
 query runs entirely against one run even when `refresh()` swaps in another meanwhile (a
@@ -43,15 +40,20 @@ import time
 import types
 from collections.abc import Mapping
 from concurrent.futures import Future
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from retrieval import runs
-from retrieval.errors import ConfigError, HandleError, ImgIndexError, IndexFormatError
-from retrieval.exact import unit_rows
-from retrieval.manifest import sha256_file
+from retrieval.errors import (
+    ConfigError,
+    HandleError,
+    ImgIndexError,
+    IndexFormatError,
+    QueryError,
+)
+from retrieval.queries import check_k
+from retrieval.searchable import SearchableIndex
 from serving.id_lookup import IdLookup
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,6 @@ MODEL_FAILURE_TTL_SECONDS = 60.0
 # further failure of that run, at most REFRESH_RETRY_MAX_FACTOR times as long.
 DEFAULT_REFRESH_RETRY_SECONDS = 60.0
 REFRESH_RETRY_MAX_FACTOR = 16
-DATASET_FILE = "scann/dataset.npy"
-# Below this, float64 query values lose precision (or become 0) as float32.
-_FLOAT32_TINY = 1e-30
 # A metadata column of several chunks is combined into one Arrow array (faster fetches)
 # only below this size: string and binary arrays have 32-bit offsets (at most 2 GiB of data).
 _COMBINE_MAX_BYTES = 1 << 30
@@ -79,35 +78,12 @@ _COMBINE_MAX_BYTES = 1 << 30
 # --------------------------------------------------------------------------- errors
 
 
-class QueryError(ConfigError):
-    """A query the caller can fix (HTTP 400).  `code` is a stable machine-readable name."""
-
-    code = "bad_query"
-
-    def __init__(self, message: str, code: str | None = None):
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
 class UnknownEmbedderError(QueryError):
     code = "unknown_embedder"
 
 
 class EmbedderRequiredError(QueryError):
     code = "embedder_required"
-
-
-class DimensionMismatchError(QueryError):
-    code = "dimension_mismatch"
-
-    def __init__(self, message: str, expected: int, got: Any):
-        super().__init__(message)
-        self.expected, self.got = expected, got
-
-
-class NonFiniteQueryError(QueryError):
-    code = "non_finite"
 
 
 class BadImageError(QueryError):
@@ -134,7 +110,7 @@ class UnknownIdError(ImgIndexError, KeyError):
 
 @dataclasses.dataclass(frozen=True)
 class SearchHit:
-    """One neighbour.  rank: 1 = best.  metadata: the item's metadata.parquet row without
+    """One neighbour.  rank: 1 = best.  metadata: the item's metadata row (the index's) without
     `id` (source, sha256, width, height, passthrough columns), {} when the index has none."""
 
     rank: int
@@ -174,30 +150,16 @@ class _EmbedderState:
     name: str
     entry: Mapping[str, Any]  # the run manifest's record of this embedder
     spec: Mapping[str, Any] | None  # EmbedderSpec dict
-    index: Any  # retrieval.index.Index
+    index: SearchableIndex
     index_dir: str
     row_of: IdLookup  # id -> row, for id queries
-    metadata: _Metadata | None  # metadata.parquet without "id", rows aligned with ids
-    vectors: np.ndarray | None  # memory-mapped (n, d) float32 (normalised for cosine), or None
-    projection: np.ndarray | None = None  # PCA learned at build time (retrieval.projection)
+    metadata: _Metadata | None  # the index's metadata without "id", rows aligned with ids
+    vectors: Any  # the index's stored vectors by row (normalised for cosine), or None
 
     @property
     def input_dim(self) -> int:
         """Dimension of query vectors: the embedder's, before any build-time projection."""
-        return self.index.d if self.projection is None else self.projection.shape[1]
-
-    def to_index_space(self, queries: np.ndarray) -> np.ndarray:
-        """(q, input_dim) finite float32 query vectors -> float32 (q, d) to hand to the index:
-        projected by the build-time PCA (`retrieval.projection.project`), or for cosine each
-        row's direction (`retrieval.exact.unit_rows`, safe for huge and tiny values).  Rows
-        that are (or project to) zero stay zero; the caller refuses them for cosine."""
-        if self.projection is not None:
-            from retrieval.projection import project
-
-            return project(queries, self.projection)
-        if self.index.distance == "cosine":
-            return unit_rows(queries)
-        return queries
+        return self.index.input_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,15 +175,6 @@ class _RunState:
 
 def _utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _inside(run_dir: str, rel: Any, what: str) -> Path:
-    pure = PurePosixPath(rel) if isinstance(rel, str) and rel else None
-    if pure is None or pure.is_absolute() or ".." in pure.parts:
-        raise IndexFormatError(
-            f"{run_dir}/{runs.RUN_MANIFEST}: {what} is {rel!r}, not a path relative to the run directory"
-        )
-    return Path(run_dir, *pure.parts)
 
 
 def _load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: bool) -> _RunState:
@@ -255,38 +208,9 @@ def _load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: b
 
 
 def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _EmbedderState:
-    from retrieval.sharded import open_index
-
-    if not isinstance(entry, dict):
-        raise IndexFormatError(f"{run_dir}/{runs.RUN_MANIFEST}: embedder {name!r} entry is not an object")
-    index_path = _inside(run_dir, entry.get("index"), f"embedders.{name}.index")
-    expected = entry.get("index_manifest_sha256")
-    if not isinstance(expected, str) or not expected:
-        raise IndexFormatError(
-            f"{run_dir}/{runs.RUN_MANIFEST}: embedder {name!r} has no "
-            "index_manifest_sha256; the run manifest is incomplete"
-        )
-    try:
-        actual = sha256_file(index_path / "manifest.json")
-    except FileNotFoundError as exc:
-        raise IndexFormatError(
-            f"index of embedder {name!r} ({index_path}) has no manifest.json; the run directory is incomplete"
-        ) from exc
-    if actual != expected:
-        raise IndexFormatError(
-            f"index of embedder {name!r} ({index_path}): manifest.json does not match the "
-            "run manifest's index_manifest_sha256 (the index was replaced or modified after "
-            "the run was published); rebuild the run"
-        )
-    index = open_index(index_path, verify=verify)
-    for key, value in (("n", index.n), ("d", index.d)):
-        if key in entry and entry[key] != value:
-            raise IndexFormatError(
-                f"index of embedder {name!r}: the run manifest says "
-                f"{key}={entry[key]} but the index holds {key}={value}"
-            )
-    spec = entry.get("spec") or index.manifest.embedder
-    index_spec = index.manifest.embedder or {}
+    index = runs.open_index(run_dir, name, entry, verify=verify)
+    spec = entry.get("spec") or index.embedder
+    index_spec = index.embedder or {}
     if not isinstance(spec, (dict, type(None))) or not isinstance(index_spec, dict):
         raise IndexFormatError(f"embedder {name!r}: the recorded embedder spec is not an object")
     if spec and index_spec and spec.get("fingerprint") != index_spec.get("fingerprint"):
@@ -295,102 +219,21 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
             f"{index_spec.get('fingerprint')!r} but the run manifest says "
             f"{spec.get('fingerprint')!r}; the run is inconsistent"
         )
-    ids = _index_ids(index)
-    row_of = IdLookup(ids)
+    table = index.metadata()
     return _EmbedderState(
         name=name,
         entry=types.MappingProxyType(dict(entry)),
         spec=types.MappingProxyType(dict(spec)) if spec else None,
         index=index,
-        index_dir=str(index_path),
-        row_of=row_of,
-        metadata=_load_metadata(index, index_path),
-        vectors=_load_vectors(index, index_path),
-        projection=_load_projection(index, index_path),
+        index_dir=os.path.join(run_dir, entry["index"]),
+        row_of=IdLookup(np.asarray(index.ids, dtype=object)),
+        metadata=None if table is None else _Metadata(table),
+        vectors=index.stored_vectors(),
     )
 
 
-def _load_projection(index, index_path: Path) -> np.ndarray | None:
-    from retrieval.projection import PROJECTION_FILE
-
-    # Listed files were verified by load_index; a sharded index has no file list (and no projection).
-    if PROJECTION_FILE not in getattr(index.manifest, "files", {}):
-        return None
-    projection = np.load(index_path / PROJECTION_FILE)
-    if projection.ndim != 2 or projection.shape[0] != index.d + 1:
-        raise IndexFormatError(
-            f"{index_path / PROJECTION_FILE}: shape {projection.shape} does not "
-            f"project to the index dimension {index.d}; rebuild the run"
-        )
-    return projection
-
-
-def _index_ids(index) -> np.ndarray:
-    """The index's id array (row i names vector i), shared with the Index (no copy)."""
-    return np.asarray(index.ids, dtype=object)
-
-
-def _parts(index, index_path: Path) -> list[tuple[Any, Path]]:
-    """(index, directory) of every shard, or of the one index."""
-    if hasattr(index, "shards"):
-        return list(zip(index.shards, index.directories))
-    return [(index, index_path)]
-
-
-def _load_metadata(index, index_path: Path):
-    import pyarrow as pa
-
-    tables = [_load_metadata_table(part, path) for part, path in _parts(index, index_path)]
-    if all(t is None for t in tables):
-        return None
-    if any(t is None for t in tables):
-        raise IndexFormatError(
-            f"{index_path}: some shards have {runs.METADATA_FILE} and others do not; rebuild the index"
-        )
-    try:
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    except pa.ArrowInvalid as exc:
-        raise IndexFormatError(
-            f"{index_path}: the shards' {runs.METADATA_FILE} schemas differ ({exc}); rebuild the index"
-        ) from exc
-    return _Metadata(table)
-
-
-def _load_metadata_table(index, index_path: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = index_path / runs.METADATA_FILE
-    if runs.METADATA_FILE not in index.manifest.files:
-        if path.exists():
-            raise IndexFormatError(
-                f"{path} is not listed in the index manifest, so its "
-                "contents are unverified; rebuild the index"
-            )
-        return None
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise IndexFormatError(f"{path} is not a readable Parquet table ({exc})") from exc
-    if table.num_rows != index.n:
-        raise IndexFormatError(
-            f"{path} has {table.num_rows} rows but the index holds {index.n} vectors; rebuild the index"
-        )
-    if "id" in table.column_names:
-        ids = pq.read_table(index_path / "ids.parquet", columns=["id"]).column("id")
-        meta_ids = table.column("id")
-        if meta_ids.type != ids.type:
-            meta_ids = meta_ids.cast(ids.type)
-        if not meta_ids.equals(ids):
-            raise IndexFormatError(
-                f"{path}: rows are not aligned with ids.parquet (the id columns differ); rebuild the index"
-            )
-        table = table.drop_columns(["id"])
-    return table
-
-
 class _Metadata:
-    """metadata.parquet columns (without id) for fetching a few rows at a time.
+    """The index's metadata columns (without id) for fetching a few rows at a time.
 
     Null-free integer and float columns are NumPy arrays (faster to index); the others are
     Arrow arrays, the chunks of each (one per shard or row group) combined into one when
@@ -469,52 +312,6 @@ class _Metadata:
                     column[at] = value
             values.append(column)
         return [dict(zip(self.column_names, row)) for row in zip(*values)]
-
-
-def _load_vectors(index, index_path: Path):
-    """The stored vectors by global row: one memory-mapped array, a _ShardVectors over the
-    shards' arrays, or None when any shard lacks them."""
-    arrays = [_load_shard_vectors(part, path) for part, path in _parts(index, index_path)]
-    if any(a is None for a in arrays):
-        return None
-    return arrays[0] if len(arrays) == 1 else _ShardVectors(arrays)
-
-
-class _ShardVectors:
-    """Row lookup across the shards' memory-mapped vectors (global row = shard offset + row)."""
-
-    def __init__(self, arrays):
-        self._arrays = arrays
-        self._offsets = np.cumsum([0] + [len(a) for a in arrays])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    def __getitem__(self, row: int) -> np.ndarray:
-        shard = int(np.searchsorted(self._offsets, row, side="right")) - 1
-        return self._arrays[shard][row - self._offsets[shard]]
-
-
-def _load_shard_vectors(index, index_path: Path) -> np.ndarray | None:
-    """scann/dataset.npy (float32 (n, d), normalised for cosine) memory-mapped, or None."""
-    if DATASET_FILE not in index.manifest.files:
-        return None
-    path = index_path / DATASET_FILE
-    try:
-        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise IndexFormatError(f"{path} is not a readable .npy file ({exc})") from exc
-    if vectors.dtype != np.float32 or vectors.shape != (index.n, index.d):
-        log.warning(
-            "%s holds %s %s, not float32 (%d, %d): id queries are unavailable",
-            path,
-            vectors.dtype,
-            vectors.shape,
-            index.n,
-            index.d,
-        )
-        return None
-    return vectors
 
 
 # --------------------------------------------------------------------------- the searcher
@@ -637,9 +434,9 @@ class Searcher:
         }
 
     def _describe(self, emb: _EmbedderState) -> dict[str, Any]:
-        manifest = emb.index.manifest
+        index = emb.index
         recall = {
-            key: manifest.recall.get(key) for key in ("k", "value", "n_queries", "target", "reached_target")
+            key: index.recall.get(key) for key in ("k", "value", "n_queries", "target", "reached_target")
         }
         spec = dict(emb.spec) if emb.spec else {}
         handle = self._handles.get(emb.name, spec.get("handle"))
@@ -647,12 +444,12 @@ class Searcher:
             "n": emb.index.n,
             "d": emb.input_dim,
             "index_d": emb.index.d,
-            "pca": emb.projection is not None,
+            "pca": index.projection is not None,
             "distance": emb.index.distance,
             "higher_is_better": emb.index.distance != "squared_l2",
             "method": emb.index.method,
             "recall": recall,
-            "search_defaults": dict(manifest.search_defaults),
+            "search_defaults": index.search_defaults,
             "fingerprint": spec.get("fingerprint"),
             "handle": handle,
             "input_size": spec.get("input_size"),
@@ -751,10 +548,15 @@ class Searcher:
         array -> list of SearchResult.  The vector need not be normalised."""
         state = self._state
         emb = _pick(state, embedder)
-        k = _check_k(k)
-        queries, single = _check_vectors(emb, vector)
-        results = _search(state, emb, queries, k)
-        return results[0] if single else results
+        if isinstance(vector, (list, tuple)):
+            try:
+                vector = np.asarray(vector)  # once, e.g. a JSON list
+            except (TypeError, ValueError):
+                pass  # ragged: the index says what is wrong with it
+        if isinstance(vector, np.ndarray) and vector.ndim == 2:
+            row_lists, scores = emb.index.search_batch_rows(vector, k=k)
+            return [_result(state, emb, rows, row_scores) for rows, row_scores in zip(row_lists, scores)]
+        return _result(state, emb, *emb.index.search_rows(vector, k=k))
 
     def search_id(
         self, item_id: str, k: int = 10, embedder: str | None = None, exclude_self: bool = False
@@ -763,9 +565,9 @@ class Searcher:
         (score 1 for cosine) unless exclude_self.  Raises UnknownIdError."""
         state = self._state
         emb = _pick(state, embedder)
-        k = _check_k(k)
-        vector = _stored_vector(state, emb, item_id)
-        result = _search(state, emb, vector[None], k + 1 if exclude_self else k)[0]
+        k = check_k(k)
+        row = _row_of(state, emb, item_id)
+        result = _result(state, emb, *emb.index.neighbours_of_row(row, k + 1 if exclude_self else k))
         if exclude_self:
             kept = [hit for hit in result if hit.id != item_id][:k]
             result = SearchResult(
@@ -779,7 +581,8 @@ class Searcher:
     def get_vector(self, item_id: str, embedder: str | None = None) -> np.ndarray:
         """The stored vector of an indexed item (L2-normalised for cosine indexes)."""
         state = self._state
-        return _stored_vector(state, _pick(state, embedder), item_id)
+        emb = _pick(state, embedder)
+        return np.array(emb.vectors[_row_of(state, emb, item_id)], dtype=np.float32)
 
     def search_image(self, data: bytes, k: int = 10, embedder: str | None = None) -> SearchResult:
         """Neighbours of an encoded image (JPEG, PNG, ...), embedded like the indexed images
@@ -788,7 +591,7 @@ class Searcher:
         cannot be loaded or has other weights than the index was built with."""
         state = self._state
         emb = _pick(state, embedder)
-        k = _check_k(k)
+        k = check_k(k)  # before the model runs
         from retrieval import embedders, imaging
 
         spec = self._image_spec(emb)
@@ -804,9 +607,7 @@ class Searcher:
                 f"embedder {emb.name!r} ({spec.handle}) returned a vector of shape "
                 f"{vector.shape}, but the index expects dimension {emb.input_dim}"
             )
-        queries = emb.to_index_space(vector[None])
-        _refuse_zero_rows(emb, queries, single=True)
-        return _search(state, emb, queries, k)[0]
+        return _result(state, emb, *emb.index.search_rows(vector, k=k))
 
     def _image_spec(self, emb: _EmbedderState):
         from retrieval.embedders import EmbedderSpec
@@ -917,71 +718,8 @@ def _pick(state: _RunState, embedder: str | None) -> _EmbedderState:
     return emb
 
 
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise QueryError(f"k must be an integer >= 1, got {k!r}", code="bad_k")
-    return int(k)
-
-
-def _check_vectors(emb: _EmbedderState, vector) -> tuple[np.ndarray, bool]:
-    """The query (d,) or (q, d) checked -> ((q, index d) float32 for the index, single)."""
-    try:
-        arr = np.asarray(vector)
-        if arr.dtype == bool or not (
-            np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-        ):
-            raise TypeError(arr.dtype)
-        with np.errstate(over="ignore"):
-            arr32 = arr.astype(np.float32)
-    except (TypeError, ValueError) as exc:
-        raise QueryError(
-            f"the query vector must be numbers, got {type(vector).__name__} ({exc})", code="bad_vector"
-        ) from exc
-    d = emb.input_dim
-    if arr.ndim not in (1, 2) or arr.shape[-1] != d:
-        got = arr.shape[-1] if arr.ndim else "a scalar"
-        raise DimensionMismatchError(
-            f"the index of embedder {emb.name!r} holds vectors of dimension {d}, got {got} "
-            f"(query shape {arr.shape})",
-            expected=d,
-            got=got,
-        )
-    single = arr.ndim == 1
-    arr32 = arr32.reshape(-1, d)
-    bad = ~np.isfinite(arr32).all(axis=1)
-    if bad.any():
-        raise NonFiniteQueryError(
-            f"query vector{'' if single else f' (row {int(np.argmax(bad))})'} contains NaN or "
-            "infinite values (after conversion to float32); all components must be finite"
-        )
-    if emb.projection is None and emb.index.distance == "cosine" and arr.dtype.itemsize > 4:
-        # A direction is scale-free: rows of values too small for float32 (1e-50 from a
-        # float64 client would become 0) are scaled by their largest magnitude first.
-        arr64 = arr.reshape(-1, d).astype(np.float64, copy=False)
-        largest = np.abs(arr64).max(axis=1)
-        tiny = (largest > 0) & (largest < _FLOAT32_TINY)
-        if tiny.any():
-            arr32[tiny] = arr64[tiny] / largest[tiny, None]
-    queries = emb.to_index_space(arr32)
-    _refuse_zero_rows(emb, queries, single)
-    return queries, single
-
-
-def _refuse_zero_rows(emb: _EmbedderState, queries: np.ndarray, single: bool) -> None:
-    if emb.index.distance != "cosine":
-        return
-    zero = ~queries.any(axis=1)
-    if zero.any():
-        where = "" if single else f" (row {int(np.argmax(zero))})"
-        what = "projects to zero by the index's PCA" if emb.projection is not None else "is all zeros"
-        raise QueryError(
-            f"the query vector{where} {what}: a zero vector has no direction; "
-            "cosine similarity is undefined for it",
-            code="zero_vector",
-        )
-
-
-def _stored_vector(state: _RunState, emb: _EmbedderState, item_id) -> np.ndarray:
+def _row_of(state: _RunState, emb: _EmbedderState, item_id: object) -> int:
+    """The row of an indexed id whose stored vector is available, for id queries."""
     if not isinstance(item_id, str):
         raise QueryError(f"id must be a string, got {type(item_id).__name__}", code="bad_id")
     row = emb.row_of.get(item_id)
@@ -989,21 +727,11 @@ def _stored_vector(state: _RunState, emb: _EmbedderState, item_id) -> np.ndarray
         raise UnknownIdError(item_id, emb.name, state.run_id)
     if emb.vectors is None:
         raise QueryError(
-            f"the index of embedder {emb.name!r} stores no vectors "
-            f"({DATASET_FILE}), so id queries are unavailable; query by vector",
+            f"the index of embedder {emb.name!r} stores no vectors, so id queries are unavailable; "
+            "query by vector",
             code="id_queries_unavailable",
         )
-    return np.array(emb.vectors[row], dtype=np.float32)
-
-
-def _search(state: _RunState, emb: _EmbedderState, queries: np.ndarray, k: int) -> list[SearchResult]:
-    index = emb.index
-    if len(queries) == 1:
-        rows, scores = index.search_rows(queries[0], k=k)
-        row_lists, score_rows = [rows], [scores]
-    else:
-        row_lists, score_rows = index.search_batch_rows(queries, k=k)
-    return [_result(state, emb, rows, scores) for rows, scores in zip(row_lists, score_rows)]
+    return row
 
 
 def _result(state: _RunState, emb: _EmbedderState, rows: np.ndarray, scores) -> SearchResult:

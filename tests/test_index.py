@@ -276,12 +276,12 @@ def test_build_rejects_bad_input(change, message):
 @pytest.mark.parametrize(
     "query, message",
     [
-        (np.ones(D - 1), f"expects vectors of dimension {D}, got {D - 1}"),
+        (np.ones(D - 1), f"holds vectors of dimension {D}, got {D - 1}"),
         (np.ones((2, D)), r"search\(\) takes one query of shape \(64,\)"),
-        (np.full(D, np.nan), "query: row 0 contains NaN"),
-        (np.zeros(D), "zero L2 norm"),
-        (np.r_[np.full(D - 1, 0.1), np.inf], "query: row 0 contains NaN or infinite"),
-        (np.full(D, 1e39), "query: row 0 contains NaN or infinite"),  # beyond float32
+        (np.full(D, np.nan), "query vector contains NaN"),
+        (np.zeros(D), "is all zeros: a zero vector has no direction"),
+        (np.r_[np.full(D - 1, 0.1), np.inf], "query vector contains NaN or infinite"),
+        (np.full(D, 1e39), "query vector contains NaN or infinite"),  # beyond float32
     ],
 )
 def test_search_rejects_bad_queries(tree_indexes, query, message):

@@ -410,7 +410,7 @@ def test_open_refuses_latest_naming_a_missing_run(tmp_path):
 
 
 def test_cosine_queries_of_any_magnitude_have_a_direction(searcher, vec_run):
-    from serving.searcher import _check_vectors
+    from retrieval.queries import prepare_queries
 
     data = vec_run[2]["a"]
     v = data.vectors[42] + 0.1 * np.random.default_rng(1).standard_normal(32).astype(np.float32)
@@ -425,9 +425,9 @@ def test_cosine_queries_of_any_magnitude_have_a_direction(searcher, vec_run):
     signs = np.sign(v).astype(np.float32)
     subnormal = searcher.search_vector(signs * np.float32(1e-44), k=10, embedder="a")
     assert [h.id for h in subnormal] == [h.id for h in searcher.search_vector(signs, k=10, embedder="a")]
-    # What the index is handed is the unit direction, in float32.
-    queries, single = _check_vectors(searcher._state.embedders["a"], np.stack([v * 1e20, v * 1e-30]))
-    assert not single and queries.dtype == np.float32
+    # What the index searches with is the unit direction, in float32.
+    queries = prepare_queries(np.stack([v * 1e20, v * 1e-30]), dim=32, distance="cosine")
+    assert queries.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(queries[0], queries[1], atol=1e-7)
     # Only a vector that is all zeros is refused.
@@ -584,3 +584,24 @@ def test_vector_path_never_imports_tensorflow(vec_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     modules, _ = proc.stdout.strip().splitlines()[-2:]
     assert modules == "[]"
+
+
+def test_serving_knows_no_index_file_names():
+    """Serving reads an index only through retrieval.searchable.SearchableIndex."""
+    from retrieval import index, projection, scann_assets
+
+    names = {
+        index.IDS_FILE,
+        index.METADATA_FILE,
+        index.DATASET_FILE,
+        index.SCANN_DIR + "/",
+        projection.PROJECTION_FILE,
+        scann_assets.DATASET[1],
+        "manifest.json",
+    }
+    serving_dir = os.path.join(REPO_ROOT, "serving")
+    for module in sorted(os.listdir(serving_dir)):
+        if module.endswith(".py"):
+            with open(os.path.join(serving_dir, module)) as f:
+                text = f.read()
+            assert not [name for name in names if name in text], module

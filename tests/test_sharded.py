@@ -12,8 +12,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import build, build_shards
 from retrieval import exact, metrics, runs, sharded, tables
 from retrieval.embedders import EmbedderSpec
-from retrieval.errors import ConfigError, IndexFormatError
+from retrieval.errors import ConfigError, DimensionMismatchError, IndexFormatError
 from retrieval.index import build_index
+from retrieval.searchable import SearchableIndex
 from serving import Searcher
 from tests.helpers import images
 from tests.helpers.runs_fixture import clustered
@@ -123,6 +124,31 @@ def test_sharded_build_partitions_by_id_and_merged_search_is_exact_for_brute_for
     assert m.recall["value"] == 1.0 and m.recall["n_queries"] > 500 and m.recall["reached_target"]
     assert [s["n"] for s in m.shards] == [shard.n for shard in loaded.shards]
     assert not os.path.exists(os.path.join(index_dir, build_shards.PARTITIONS))
+
+
+def test_both_layouts_offer_readers_one_interface(tmp_path):
+    run_dir, x, ids = _run_with_table(tmp_path, 3000)
+    _build(run_dir, num_shards=3)
+    many = sharded.open_index(runs.index_dir(run_dir, "vec"))
+    data = tables.read_embeddings(os.path.join(run_dir, runs.EMBEDDINGS_DIR, "vec"), with_columns=True)
+    build_index(data.vectors, data.ids, distance="cosine", k=10).save(
+        tmp_path / "one", tables={runs.METADATA_FILE: data.columns}
+    )
+    one = sharded.open_index(tmp_path / "one")
+    for index in (one, many):
+        assert isinstance(index, SearchableIndex)
+        assert (index.n, index.d, index.input_dim, index.projection) == (3000, 16, 16, None)
+        row = index.ids.tolist().index("img-000042")
+        metadata = index.metadata()
+        assert metadata.num_rows == 3000 and "id" not in metadata.column_names
+        assert metadata.column("source")[row].as_py() == "src#42"
+        np.testing.assert_allclose(index.stored_vectors()[row], x[42], atol=1e-6)
+        rows, scores = index.neighbours_of_row(row, k=5)
+        assert rows[0] == row and scores[0] == pytest.approx(1.0, abs=1e-5)
+        by_vector, _ = index.search_rows(x[42] * 7.0, k=5)  # cosine: the scale does not matter
+        assert by_vector.tolist() == rows.tolist()
+        with pytest.raises(DimensionMismatchError, match="dimension 16, got 15"):
+            index.search_rows(x[42][:15])
 
 
 def test_sharded_tree_ah_index_agrees_with_exact_search_like_a_single_index(tmp_path):
