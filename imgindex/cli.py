@@ -73,9 +73,7 @@ def _run_index(args) -> int:
     data = tables.read_embeddings(args.embeddings)
     queries = None
     if args.tuning_queries:
-        from pipelines.build import load_tuning_queries
-
-        queries = load_tuning_queries(args.tuning_queries, data.spec)
+        queries = tables.load_tuning_queries(args.tuning_queries, data.spec)
     built = index.build_index(
         data.vectors,
         data.ids,

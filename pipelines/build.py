@@ -167,27 +167,6 @@ def tuning_queries_of(opts: BuildOptions) -> dict[str, str]:
     return out
 
 
-def load_tuning_queries(path: str, spec) -> np.ndarray:
-    """Query vectors from a .npy file or from embedding tables made with the same embedder."""
-    if not os.path.exists(path):
-        raise ConfigError(
-            f"--tuning_queries {path!r} does not exist (a .npy file or Parquet embedding tables)"
-        )
-    if path.endswith(".npy"):
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--tuning_queries {path!r} is not a readable .npy array ({exc})") from exc
-    queries = tables.read_embeddings(path)
-    if queries.spec.fingerprint != spec.fingerprint:
-        raise ConfigError(
-            f"--tuning_queries {path!r} was embedded by {queries.spec.name!r} "
-            f"({queries.spec.fingerprint}), the index by {spec.name!r} ({spec.fingerprint}); "
-            "embed the queries with the same embedder"
-        )
-    return queries.vectors
-
-
 def _versions() -> dict:
     import apache_beam
     import numpy
@@ -225,7 +204,7 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
             queries = None
             if name in tuning:
                 spec = tables.embedder_spec(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}")
-                queries = load_tuning_queries(tuning[name], spec)
+                queries = tables.load_tuning_queries(tuning[name], spec)
             built = build_shards.build_sharded(
                 options if options is not None else opts,
                 run_directory,
@@ -257,7 +236,7 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
             )
             extra = {runs.METADATA_FILE: data.columns}
             vectors = data.vectors
-            queries = load_tuning_queries(tuning[name], data.spec) if name in tuning else None
+            queries = tables.load_tuning_queries(tuning[name], data.spec) if name in tuning else None
             if opts.pca_dim:
                 extra[projection.PROJECTION_FILE] = projection.fit_pca(np.asarray(vectors), opts.pca_dim)
                 vectors = projection.project(np.asarray(vectors), extra[projection.PROJECTION_FILE])

@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 from pipelines import report as run_report
 from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan
 from pipelines.inference import TFHubImageEmbedder
-from pipelines.options import EmbedOptions, check_flags
+from pipelines.options import LOCAL_RUNNER, EmbedOptions, check_flags
 from pipelines.shards import ReaderConfig, Record, expand_inputs, parse_metadata_columns, read_shard
 from retrieval import embedders
 from retrieval import schema as S
@@ -33,11 +33,6 @@ from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
 
 DEFAULT_EMBEDDER = "lite=builtin:efficientnet-lite0"
-# Beam's DirectRunner first tries to download the Prism runner (a network call that fails
-# offline, and a worker pool), then falls back to this same FnApiRunner; going straight to
-# it keeps local runs offline and quiet.  It honours --direct_running_mode and
-# --direct_num_workers.
-LOCAL_RUNNER = "FnApiRunner"
 
 
 @dataclasses.dataclass(frozen=True)

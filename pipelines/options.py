@@ -14,10 +14,15 @@ from collections.abc import Sequence
 # Beam's parser class: it knows `add_value_provider_argument`, which some option classes use.
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
+from pipelines.shards import DEFAULT_ID_KEYS
 from retrieval.errors import ConfigError
 
 FORMATS = ("auto", "tfrecord", "webdataset", "images")
-DEFAULT_ID_KEYS = ("image/key", "image/id", "image/source_id", "image/filename")
+# Beam's DirectRunner first tries to download the Prism runner (a network call that fails
+# offline, and a worker pool), then falls back to this same FnApiRunner; going straight to
+# it keeps local runs offline and quiet.  It honours --direct_running_mode and
+# --direct_num_workers.
+LOCAL_RUNNER = "FnApiRunner"
 
 
 class EmbedOptions(PipelineOptions):

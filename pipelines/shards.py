@@ -18,7 +18,6 @@ from typing import NamedTuple
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.options import DEFAULT_ID_KEYS
 from retrieval import schema as S
 from retrieval.errors import ConfigError
 
@@ -28,6 +27,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 # WebDataset members that can hold the image, in order of preference.
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _WILDCARDS = "*?["
+# TFRecord features tried for the id, in order, when --id_key is not given.
+DEFAULT_ID_KEYS = ("image/key", "image/id", "image/source_id", "image/filename")
 
 
 class Shard(NamedTuple):

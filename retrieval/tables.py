@@ -127,6 +127,31 @@ def embedder_spec(source: str | list[str]) -> EmbedderSpec:
     return _dataset_and_spec(source)[1]
 
 
+def load_tuning_queries(path: str, spec: EmbedderSpec) -> np.ndarray:
+    """Query vectors from a .npy file or from embedding tables made with the same embedder.
+
+    Raises ConfigError (worded for `--tuning_queries`) when the path is missing or unreadable,
+    or the tables were made by an embedder with another fingerprint than `spec`'s.
+    """
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"--tuning_queries {path!r} does not exist (a .npy file or Parquet embedding tables)"
+        )
+    if path.endswith(".npy"):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--tuning_queries {path!r} is not a readable .npy array ({exc})") from exc
+    queries = read_embeddings(path)
+    if queries.spec.fingerprint != spec.fingerprint:
+        raise ConfigError(
+            f"--tuning_queries {path!r} was embedded by {queries.spec.name!r} "
+            f"({queries.spec.fingerprint}), the index by {spec.name!r} ({spec.fingerprint}); "
+            "embed the queries with the same embedder"
+        )
+    return queries.vectors
+
+
 def _dataset_and_spec(source):
     dataset = ds.dataset(source, format="parquet", exclude_invalid_files=False)
     if not dataset.files:
