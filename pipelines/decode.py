@@ -8,6 +8,7 @@ downstream in the same bundle) works on the current batch.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -23,8 +24,24 @@ FAILURES = "failures"
 NAMESPACE = "imgindex"
 
 
+@dataclasses.dataclass(frozen=True)
+class RowInfo:
+    """The non-pixel fields of one embedding-table row.
+
+    It is the key RunInference carries beside each image (KeyedModelHandler), so it must
+    pickle: a plain frozen dataclass of a module-level class does.
+    """
+
+    id: str
+    source: str
+    sha256: str
+    width: int
+    height: int
+    metadata: dict  # passthrough column name -> value (None for a null)
+
+
 class Decoded(NamedTuple):
-    info: tuple  # (id, source, sha256, width, height, metadata): the non-pixel row fields
+    info: RowInfo
     pixels: dict  # embedder name -> uint8 [size, size, 3]
 
 
@@ -51,13 +68,13 @@ def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded 
         arrays = {target: imaging.resize(image.image, *target) for target in plan.targets}
     except Exception as exc:
         return S.failure_row(record.source, "preprocess", exc, id=record.id)
-    info = (
-        record.id,
-        record.source,
-        imaging.sha256_hex(record.data),
-        image.width,
-        image.height,
-        record.metadata,
+    info = RowInfo(
+        id=record.id,
+        source=record.source,
+        sha256=imaging.sha256_hex(record.data),
+        width=image.width,
+        height=image.height,
+        metadata=record.metadata,
     )
     return Decoded(info, {name: arrays[target] for name, target in plan.by_embedder.items()})
 

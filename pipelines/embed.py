@@ -23,7 +23,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from pipelines import report as run_report
-from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan
+from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan, RowInfo
 from pipelines.inference import TFHubImageEmbedder
 from pipelines.options import LOCAL_RUNNER, EmbedOptions, check_flags
 from pipelines.shards import ReaderConfig, Record, expand_inputs, parse_metadata_columns, read_shard
@@ -97,18 +97,24 @@ def _check_output_is_free(output: str) -> None:
         )
 
 
-def embedding_batch(rows: list, spec: EmbedderSpec, schema: pa.Schema, metadata: list) -> pa.Table:
-    """(info, vector) pairs -> one Arrow table of the embedding schema."""
+def embedding_batch(
+    rows: list[tuple[RowInfo, np.ndarray]], spec: EmbedderSpec, schema: pa.Schema, metadata: list
+) -> pa.Table:
+    """(RowInfo, vector) pairs -> one Arrow table of the embedding schema."""
     infos = [info for info, _ in rows]
     vectors = np.stack([vector for _, vector in rows]).astype(np.float32, copy=False)
-    columns = {
-        name: pa.array([info[i] for info in infos], schema.field(name).type)
-        for i, name in enumerate((S.ID, S.SOURCE, S.SHA256, S.WIDTH, S.HEIGHT))
+    fixed = {
+        S.ID: [info.id for info in infos],
+        S.SOURCE: [info.source for info in infos],
+        S.SHA256: [info.sha256 for info in infos],
+        S.WIDTH: [info.width for info in infos],
+        S.HEIGHT: [info.height for info in infos],
     }
+    columns = {name: pa.array(values, schema.field(name).type) for name, values in fixed.items()}
     columns[S.EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), spec.dim)
     for column in metadata:
         columns[column.name] = pa.array(
-            [info[5].get(column.name) for info in infos], schema.field(column.name).type
+            [info.metadata.get(column.name) for info in infos], schema.field(column.name).type
         )
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
@@ -121,7 +127,7 @@ def inference_failures(dead_letter, embedder: str):
     """RunInference's dead letter (batch, (type, repr, traceback)) -> one failure row per image."""
     batch, (exc_type, exc_repr, _) = dead_letter
     for key, _ in batch:
-        row = S.failure_row(key[1], "embed", exc_repr, id=key[0], embedder=embedder)
+        row = S.failure_row(key.source, "embed", exc_repr, id=key.id, embedder=embedder)
         row["error_type"] = getattr(exc_type, "__name__", str(exc_type))
         yield row
 
