@@ -58,16 +58,16 @@ class ResizePlan(NamedTuple):
         return cls(tuple(sorted(set(by_embedder.values()))), by_embedder, max(s.input_size for s in specs))
 
 
-def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded | dict:
-    """A Decoded element, or a failure row saying why the record cannot be used."""
+def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded | S.Failure:
+    """A Decoded element, or a Failure saying why the record cannot be used."""
     try:
         image = imaging.decode(record.data, min_size=plan.min_size, max_pixels=max_pixels)
     except Exception as exc:  # ImageDecodeError, or whatever else Pillow raises on hostile input
-        return S.failure_row(record.source, "decode", exc, id=record.id)
+        return S.Failure.of(record.source, "decode", exc, id=record.id)
     try:
         arrays = {target: imaging.resize(image.image, *target) for target in plan.targets}
     except Exception as exc:
-        return S.failure_row(record.source, "preprocess", exc, id=record.id)
+        return S.Failure.of(record.source, "preprocess", exc, id=record.id)
     info = RowInfo(
         id=record.id,
         source=record.source,
@@ -80,7 +80,7 @@ def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded 
 
 
 class DecodeDoFn(beam.DoFn):
-    """Record -> Decoded (main) or failure row (tagged `failures`).
+    """Record -> Decoded (main) or Failure (tagged `failures`).
 
     With threads > 0, up to `max_pending` records are decoded ahead in a thread pool and
     emitted in input order.
@@ -122,9 +122,14 @@ class DecodeDoFn(beam.DoFn):
             else:
                 yield GlobalWindows.windowed_value(out)
 
-    def _output(self, result):
+    def _output(self, result: Decoded | S.Failure) -> Decoded | beam.pvalue.TaggedOutput:
         if isinstance(result, Decoded):
             self._decoded.inc()
             return result
-        beam.metrics.Metrics.counter(NAMESPACE, f"failed.{result['stage']}.{result['error_type']}").inc()
-        return beam.pvalue.TaggedOutput(FAILURES, result)
+        return tag_failure(result)
+
+
+def tag_failure(failure: S.Failure) -> beam.pvalue.TaggedOutput:
+    """Counts a failure (Beam counter `failed.<stage>.<error_type>`) and tags it for the failures table."""
+    beam.metrics.Metrics.counter(NAMESPACE, f"failed.{failure.stage}.{failure.error_type}").inc()
+    return beam.pvalue.TaggedOutput(FAILURES, failure)

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import sys
 import time
+from collections.abc import Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -23,10 +24,10 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from pipelines import report as run_report
-from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan, RowInfo
+from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan, RowInfo, tag_failure
 from pipelines.inference import TFHubImageEmbedder
 from pipelines.options import LOCAL_RUNNER, EmbedOptions, check_flags
-from pipelines.shards import ReaderConfig, Record, expand_inputs, parse_metadata_columns, read_shard
+from pipelines.shards import ReaderConfig, Record, Shard, expand_inputs, parse_metadata_columns, read_shard
 from retrieval import embedders
 from retrieval import schema as S
 from retrieval.embedders import EmbedderSpec
@@ -119,17 +120,18 @@ def embedding_batch(
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
-def failures_batch(rows: list) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=S.FAILURES_SCHEMA)
+def failures_batch(failures: list[S.Failure]) -> pa.Table:
+    """Failures -> one Arrow table of the failures schema."""
+    return pa.Table.from_pylist([f.to_row() for f in failures], schema=S.FAILURES_SCHEMA)
 
 
-def inference_failures(dead_letter, embedder: str):
-    """RunInference's dead letter (batch, (type, repr, traceback)) -> one failure row per image."""
+def inference_failures(dead_letter: tuple, embedder: str) -> Iterator[S.Failure]:
+    """RunInference's dead letter (batch, (type, repr, traceback)) -> one Failure per image."""
     batch, (exc_type, exc_repr, _) = dead_letter
+    error_type = getattr(exc_type, "__name__", str(exc_type))
     for key, _ in batch:
-        row = S.failure_row(key.source, "embed", exc_repr, id=key.id, embedder=embedder)
-        row["error_type"] = getattr(exc_type, "__name__", str(exc_type))
-        yield row
+        failure = S.Failure.of(key.source, "embed", exc_repr, id=key.id, embedder=embedder)
+        yield dataclasses.replace(failure, error_type=error_type)
 
 
 class ReadDoFn(beam.DoFn):
@@ -137,14 +139,13 @@ class ReadDoFn(beam.DoFn):
         self._config = config
         self._read = beam.metrics.Metrics.counter(NAMESPACE, "read")
 
-    def process(self, shard):
+    def process(self, shard: Shard) -> Iterator[Record | beam.pvalue.TaggedOutput]:
         for item in read_shard(shard, self._config):
             if isinstance(item, Record):
                 self._read.inc()
                 yield item
             else:
-                beam.metrics.Metrics.counter(NAMESPACE, f"failed.{item['stage']}.{item['error_type']}").inc()
-                yield beam.pvalue.TaggedOutput(FAILURES, item)
+                yield tag_failure(item)
 
 
 def _write(pcoll, label: str, prefix: str, schema: pa.Schema, opts: EmbedOptions, to_table):
