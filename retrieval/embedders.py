@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -129,30 +130,70 @@ class ResolvedHandle:
     fingerprint: str
 
 
-def resolve(handle: str, cache_dir: str | None = None) -> ResolvedHandle:
-    """Maps a handle to a local SavedModel directory plus a fingerprint of its files.
+@dataclasses.dataclass(frozen=True)
+class Resolver:
+    """One kind of handle: whether it `handles` a handle string, and how to `resolve` it."""
 
-    Raises HandleError naming the handle, the reason and the offline alternatives.
-    Local and builtin handles are checked without touching the network.
-    """
-    if builtin.is_builtin(handle):
-        model = builtin.materialize(handle, cache_dir=cache_dir)
-        return ResolvedHandle(handle, model.path, model.fingerprint)
-    if handle.startswith(_REMOTE_PREFIXES):
-        path = _hub_resolve(handle)
-    else:
-        path = os.path.expanduser(handle)
-        if not os.path.exists(path):
-            raise HandleError(
-                f"embedder handle {handle!r} cannot be resolved: it is not a builtin, not an "
-                "existing local directory and not a URL (https://, gs://). " + _offline_help()
-            )
+    kind: str
+    handles: Callable[[str], bool]
+    resolve: Callable[[str, str | None], ResolvedHandle]  # (handle, cache_dir)
+
+
+def _is_remote(handle: str) -> bool:
+    return handle.startswith(_REMOTE_PREFIXES)
+
+
+def _is_local(handle: str) -> bool:
+    return not builtin.is_builtin(handle) and not _is_remote(handle)
+
+
+def _resolve_builtin(handle: str, cache_dir: str | None) -> ResolvedHandle:
+    model = builtin.materialize(handle, cache_dir=cache_dir)
+    return ResolvedHandle(handle, model.path, model.fingerprint)
+
+
+def _resolve_local(handle: str, cache_dir: str | None) -> ResolvedHandle:
+    path = os.path.expanduser(handle)
+    if not os.path.exists(path):
+        raise HandleError(
+            f"embedder handle {handle!r} cannot be resolved: it is not a builtin, not an "
+            "existing local directory and not a URL (https://, gs://). " + _offline_help()
+        )
+    return _saved_model(handle, path)
+
+
+def _resolve_hub(handle: str, cache_dir: str | None) -> ResolvedHandle:
+    return _saved_model(handle, _hub_resolve(handle))
+
+
+def _saved_model(handle: str, path: str) -> ResolvedHandle:
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise HandleError(
             f"embedder handle {handle!r} resolves to {path!r}, which is not a TF Hub "
             "SavedModel directory (no saved_model.pb). " + _offline_help()
         )
     return ResolvedHandle(handle, path, tree_fingerprint(path))
+
+
+# Tried in order; the first that handles a handle resolves it.  Only the TF Hub resolver
+# may touch the network (and imports tensorflow_hub).
+RESOLVERS: tuple[Resolver, ...] = (
+    Resolver("builtin", builtin.is_builtin, _resolve_builtin),
+    Resolver("local SavedModel directory", _is_local, _resolve_local),
+    Resolver("TF Hub", _is_remote, _resolve_hub),
+)
+
+
+def resolve(handle: str, cache_dir: str | None = None) -> ResolvedHandle:
+    """Maps a handle to a local SavedModel directory plus a fingerprint of its files.
+
+    Raises HandleError naming the handle, the reason and the offline alternatives.
+    Local and builtin handles are checked without touching the network.
+    """
+    for resolver in RESOLVERS:
+        if resolver.handles(handle):
+            return resolver.resolve(handle, cache_dir)
+    raise HandleError(f"embedder handle {handle!r} cannot be resolved. " + _offline_help())
 
 
 def _hub_resolve(handle: str) -> str:

@@ -57,6 +57,19 @@ def test_directory_that_is_not_a_savedmodel(tmp_path):
         embedders.resolve(str(tmp_path))
 
 
+def test_each_handle_goes_to_the_first_resolver_that_takes_it(monkeypatch, tiny_savedmodel):
+    assert [r.kind for r in embedders.RESOLVERS] == ["builtin", "local SavedModel directory", "TF Hub"]
+    sent_to_hub = []
+    monkeypatch.setattr(
+        embedders, "_hub_resolve", lambda handle: sent_to_hub.append(handle) or tiny_savedmodel
+    )
+    remote = embedders.resolve("https://example.invalid/models/tiny/1")
+    assert sent_to_hub == ["https://example.invalid/models/tiny/1"]
+    assert (remote.path, remote.fingerprint) == (tiny_savedmodel, embedders.tree_fingerprint(tiny_savedmodel))
+    local = embedders.resolve(tiny_savedmodel)
+    assert local.fingerprint == remote.fingerprint and len(sent_to_hub) == 1  # never sent to the hub
+
+
 def test_local_savedmodel_loads_with_fingerprint_and_dim(tiny_savedmodel):
     spec = parse_embedder_arg(f"tiny={tiny_savedmodel},size=32")
     model, full = embedders.complete_spec(spec)
