@@ -20,6 +20,7 @@ import numpy as np
 
 from retrieval import builtin
 from retrieval.errors import ConfigError, HandleError
+from retrieval.exact import unit_rows
 from retrieval.imaging import RESIZE_MODES
 
 NORMALISATIONS = ("l2", "none")
@@ -256,13 +257,8 @@ def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None):
 
 
 def embed_batch(model, spec: EmbedderSpec, images) -> np.ndarray:
-    """Embeds a uint8 batch [b, s, s, 3] with a loaded model; applies the spec's normalisation."""
+    """Embeds a uint8 batch [b, s, s, 3] with a loaded model; applies the spec's normalisation
+    (l2: `retrieval.exact.unit_rows`, all-zero rows stay zero)."""
     batch = np.asarray(images, dtype=np.float32) * np.float32(1.0 / 255.0)
     vectors = np.asarray(model(batch), dtype=np.float32)
-    return l2_normalise(vectors) if spec.normalisation == "l2" else vectors
-
-
-def l2_normalise(vectors):
-    """Row-wise L2 normalisation; all-zero rows stay zero."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, np.float32(1e-12))
+    return unit_rows(vectors) if spec.normalisation == "l2" else vectors

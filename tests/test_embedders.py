@@ -4,6 +4,7 @@ import pytest
 from retrieval import embedders
 from retrieval.embedders import EmbedderSpec, parse_embedder_arg
 from retrieval.errors import ConfigError, HandleError
+from retrieval.exact import unit_rows
 
 
 def test_parse_name_handle_and_options():
@@ -102,3 +103,16 @@ def test_savedmodel_returning_wrong_rank_is_rejected(tmp_path):
     tf.saved_model.save(Bad(), path)
     with pytest.raises(HandleError, match=r"returning \[batch, dim\]"):
         embedders.complete_spec(parse_embedder_arg(f"bad={path},size=16"))
+
+
+def test_l2_normalisation_is_the_projects_unit_rows():
+    outputs = np.array([[3, 4, 0], [0, 0, 0], [1e-30, 0, 0], [1e30, 1e30, 0]], np.float32)
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    l2 = EmbedderSpec(name="m", handle="h", dim=3)
+    vectors = embedders.embed_batch(lambda batch: outputs, l2, images)
+    np.testing.assert_array_equal(vectors, unit_rows(outputs))
+    np.testing.assert_allclose(
+        vectors, [[0.6, 0.8, 0], [0, 0, 0], [1, 0, 0], [0.5**0.5, 0.5**0.5, 0]], rtol=1e-6
+    )
+    raw = EmbedderSpec(name="m", handle="h", dim=3, normalisation="none")
+    np.testing.assert_array_equal(embedders.embed_batch(lambda batch: outputs, raw, images), outputs)
