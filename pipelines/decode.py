@@ -86,7 +86,7 @@ class DecodeDoFn(beam.DoFn):
     emitted in input order.
     """
 
-    def __init__(self, plan: ResizePlan, max_pixels: int, threads: int, max_pending: int):
+    def __init__(self, plan: ResizePlan, *, max_pixels: int, threads: int, max_pending: int):
         self._plan = plan
         self._max_pixels = max_pixels
         self._threads = threads

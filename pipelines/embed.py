@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -99,7 +99,7 @@ def _check_output_is_free(output: str) -> None:
 
 
 def embedding_batch(
-    rows: list[tuple[RowInfo, np.ndarray]], spec: EmbedderSpec, schema: pa.Schema, metadata: list
+    rows: list[tuple[RowInfo, np.ndarray]], *, spec: EmbedderSpec, schema: pa.Schema, metadata: list
 ) -> pa.Table:
     """(RowInfo, vector) pairs -> one Arrow table of the embedding schema."""
     infos = [info for info, _ in rows]
@@ -148,7 +148,15 @@ class ReadDoFn(beam.DoFn):
                 yield tag_failure(item)
 
 
-def _write(pcoll, label: str, prefix: str, schema: pa.Schema, opts: EmbedOptions, to_table):
+def _write(
+    pcoll: beam.PCollection,
+    *,
+    label: str,
+    prefix: str,
+    schema: pa.Schema,
+    opts: EmbedOptions,
+    to_table: Callable[[list], pa.Table],
+) -> beam.PCollection:
     return (
         pcoll
         | f"Batch{label}"
@@ -172,7 +180,10 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
     )
     decoded = read.records | "Decode" >> beam.ParDo(
         DecodeDoFn(
-            ResizePlan.of(p.specs), opts.max_pixels, opts.decode_threads, max_pending=2 * opts.batch_size
+            ResizePlan.of(p.specs),
+            max_pixels=opts.max_pixels,
+            threads=opts.decode_threads,
+            max_pending=2 * opts.batch_size,
         )
     ).with_outputs(FAILURES, main="decoded")
     failures = [read[FAILURES], decoded[FAILURES]]
@@ -180,10 +191,10 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
         name = spec.name
         handler = TFHubImageEmbedder(
             spec,
-            opts.batch_size,
-            opts.model_cache_dir,
-            opts.share_model_across_processes,
-            opts.tf_intra_op_threads,
+            batch_size=opts.batch_size,
+            cache_dir=opts.model_cache_dir,
+            share_across_processes=opts.share_model_across_processes,
+            intra_op_threads=opts.tf_intra_op_threads,
         )
         keyed = decoded.decoded | f"Pixels[{name}]" >> beam.Map(lambda d, n=name: (d.info, d.pixels[n]))
         embedded, dead = (
@@ -200,19 +211,19 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
         # A partial, not a closure over the plan: only what the step needs is pickled.
         _write(
             embedded,
-            f"[{name}]",
-            f"{p.output}/embeddings/{name}/part",
-            schema,
-            opts,
-            functools.partial(embedding_batch, spec=spec, schema=schema, metadata=p.metadata),
+            label=f"[{name}]",
+            prefix=f"{p.output}/embeddings/{name}/part",
+            schema=schema,
+            opts=opts,
+            to_table=functools.partial(embedding_batch, spec=spec, schema=schema, metadata=p.metadata),
         )
     _write(
         failures | "AllFailures" >> beam.Flatten(),
-        "[failures]",
-        f"{p.output}/failures/part",
-        S.FAILURES_SCHEMA,
-        opts,
-        failures_batch,
+        label="[failures]",
+        prefix=f"{p.output}/failures/part",
+        schema=S.FAILURES_SCHEMA,
+        opts=opts,
+        to_table=failures_batch,
     )
 
 
@@ -238,7 +249,11 @@ def run_with_options(options, test_pipeline=None) -> dict:
     result = pipeline.run()
     result.wait_until_finish()
     report = run_report.make(
-        p, result, started, options.view_as(StandardOptions).runner, options.view_as(DirectOptions)
+        p,
+        result,
+        started=started,
+        runner=options.view_as(StandardOptions).runner,
+        direct_options=options.view_as(DirectOptions),
     )
     run_report.write(p.output, report)
     return report

@@ -35,6 +35,7 @@ class TFHubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, Any]):
     def __init__(
         self,
         spec: EmbedderSpec,
+        *,
         batch_size: int = 32,
         cache_dir: str | None = None,
         share_across_processes: bool = False,

@@ -58,7 +58,7 @@ def _counters(result) -> dict:
     return dict(values)
 
 
-def make(plan, result, started: float, runner: str | None, direct_options) -> dict:
+def make(plan, result, *, started: float, runner: str | None, direct_options) -> dict:
     counters = _counters(result)
     failures = failure_counts(f"{plan.output}/failures")
     before_embed = sum(n for (stage, emb, _), n in failures.items() if stage != "embed" and stage != "read")

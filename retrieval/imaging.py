@@ -45,7 +45,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode(data: bytes, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode(data: bytes, *, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decodes encoded image bytes to upright RGB.  Raises ImageDecodeError with a reason."""
     if not data:
         raise ImageDecodeError("empty image bytes")

@@ -35,6 +35,7 @@ def write_embeddings(
     spec: EmbedderSpec,
     ids,
     vectors: np.ndarray,
+    *,
     sha256s,
     sources,
     widths,
@@ -62,6 +63,7 @@ def write_embeddings(
 
 def read_embeddings(
     source: str | list[str],
+    *,
     with_columns: bool = False,
     vectors_path: str | None = None,
     columns_path: str | None = None,

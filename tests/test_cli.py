@@ -97,10 +97,10 @@ def test_index_with_tuning_queries_records_held_out_recall(tmp_path, capsys):
         spec,
         [f"v{i}" for i in range(50)],
         vectors,
-        ["0" * 64] * 50,
-        ["s"] * 50,
-        [1] * 50,
-        [1] * 50,
+        sha256s=["0" * 64] * 50,
+        sources=["s"] * 50,
+        widths=[1] * 50,
+        heights=[1] * 50,
     )
     np.save(tmp_path / "q.npy", rng.standard_normal((6, 4)).astype(np.float32))
     assert (

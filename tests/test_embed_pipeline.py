@@ -206,7 +206,9 @@ def test_row_infos_survive_beams_coder_and_dead_letters_become_failures():
     spec = EmbedderSpec(name="lite", handle="h", fingerprint="f", dim=2)
     schema = S.embedding_schema(spec, (S.metadata_field("label", "int64"),))
     vector = np.array([0.6, 0.8], np.float32)
-    table = embed.embedding_batch([(info, vector)], spec, schema, [MetadataColumn("label", "int64")])
+    table = embed.embedding_batch(
+        [(info, vector)], spec=spec, schema=schema, metadata=[MetadataColumn("label", "int64")]
+    )
     assert table.schema.equals(schema, check_metadata=True)
     assert table.to_pylist() == [
         {

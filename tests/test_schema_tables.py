@@ -23,10 +23,10 @@ def write(path, n, spec=SPEC, seed=0, prefix="img"):
         spec,
         ids,
         vectors,
-        [f"{i:064x}" for i in range(n)],
-        [f"file:///shard.tfrecord#{i}" for i in range(n)],
-        [640] * n,
-        [480] * n,
+        sha256s=[f"{i:064x}" for i in range(n)],
+        sources=[f"file:///shard.tfrecord#{i}" for i in range(n)],
+        widths=[640] * n,
+        heights=[480] * n,
         row_group_size=7,
     )
     return ids, vectors

@@ -141,6 +141,7 @@ class _Conv(tf.Module):
         kernel_oihw: np.ndarray,
         bias: np.ndarray,
         stride: int,
+        *,
         depthwise: bool,
         relu6: bool,
         name: str,
@@ -213,7 +214,7 @@ class EfficientNetLite(tf.Module):
     """
 
     def __init__(
-        self, state: dict[str, np.ndarray], feature_dim: int, num_classes: int, compute_dtype=tf.float32
+        self, state: dict[str, np.ndarray], *, feature_dim: int, num_classes: int, compute_dtype=tf.float32
     ):
         super().__init__(name="efficientnet_lite")
         self._dtype = compute_dtype
@@ -291,8 +292,10 @@ def _signatures(net: EfficientNetLite) -> dict:
 
 
 def export_saved_model(
-    state: dict[str, np.ndarray], path: str, feature_dim: int, num_classes: int, precision: str = "float32"
+    state: dict[str, np.ndarray], path: str, *, feature_dim: int, num_classes: int, precision: str = "float32"
 ) -> None:
     """Write EfficientNet-Lite built from `state` as a TF Hub SavedModel at `path`."""
-    net = EfficientNetLite(state, feature_dim, num_classes, compute_dtype=tf.as_dtype(precision))
+    net = EfficientNetLite(
+        state, feature_dim=feature_dim, num_classes=num_classes, compute_dtype=tf.as_dtype(precision)
+    )
     tf.saved_model.save(hub_module(net), path, signatures=_signatures(net))

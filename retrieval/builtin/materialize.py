@@ -163,7 +163,7 @@ def _export(spec: BuiltinSpec, fp: str, out_dir: str) -> None:
 
     state = load_state_dict(weights_path(spec))
     efficientnet_lite.export_saved_model(
-        state, out_dir, spec.feature_dim, spec.num_classes, precision=spec.precision
+        state, out_dir, feature_dim=spec.feature_dim, num_classes=spec.num_classes, precision=spec.precision
     )
     marker = {
         "name": spec.name,
