@@ -85,7 +85,7 @@ class TFHubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, Any]):
         return f"imgindex.embed.{self._spec.name}"
 
     def batch_elements_kwargs(self):
-        # A fixed batch: the model's throughput rises steeply up to ~32 images on CPU, and
+        # A fixed batch: the model's CPU throughput rises steeply with the batch size, and
         # adaptive batching would start with batches of 1.
         return {"min_batch_size": self._batch_size, "max_batch_size": self._batch_size}
 

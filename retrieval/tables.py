@@ -74,8 +74,8 @@ def read_embeddings(
     height, passthrough metadata) as an Arrow table aligned with the vectors.
     vectors_path: write the vectors to this local .npy file row group by row group and
     return them as a read-only memory map of it, instead of one in-memory matrix; the ids
-    then come as one pyarrow string array rather than a list of Python strings (about a
-    sixth of the memory for short ids).
+    then come as one pyarrow string array rather than a list of Python strings (far less
+    memory for short ids).
     columns_path: with with_columns, write those columns to this local Parquet file as they
     are read and return its path (a pathlib.Path) as `columns` instead of a table.
     """
@@ -172,7 +172,7 @@ def _dataset_and_spec(source):
 
 def _batches(files: list[str], columns: list[str]):
     """Record batches file by file, one row group at a time: a dataset scan's read-ahead
-    would hold many decoded row groups (measured 3.5x the matrix for one 500k x 256 file)."""
+    would hold many decoded row groups at once, several times the matrix itself."""
     for path in files:
         parquet = pq.ParquetFile(path)
         for group in range(parquet.num_row_groups):

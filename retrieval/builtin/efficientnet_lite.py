@@ -208,9 +208,8 @@ class _MBConv(tf.Module):
 class EfficientNetLite(tf.Module):
     """The network with folded BatchNorm; images are float32 RGB in [0, 1], NHWC.
 
-    compute_dtype bfloat16 runs the convolutions in bfloat16 (about 1.85x faster on CPUs
-    with AVX512_BF16; features stay within cosine 0.998 of float32); input, pooling and
-    outputs stay float32.
+    compute_dtype bfloat16 runs the convolutions in bfloat16 (faster on CPUs with
+    AVX512_BF16, features close to float32's); input, pooling and outputs stay float32.
     """
 
     def __init__(
