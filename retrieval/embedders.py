@@ -30,6 +30,9 @@ DEFAULT_INPUT_SIZE = 224
 PREPROCESSING = "float32 RGB in [0, 1], shape [batch, height, width, 3] (TF Hub image convention)"
 
 _REMOTE_PREFIXES = ("http://", "https://", "gs://", "s3://")
+# A loaded embedder: float32 images [batch, h, w, 3] in [0, 1] -> features [batch, dim]
+# (a TF Hub SavedModel returns a tf.Tensor, which np.asarray converts).
+EmbeddingModel = Callable[[np.ndarray], Any]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -50,7 +53,7 @@ class EmbedderSpec:
     normalisation: str = DEFAULT_NORMALISATION
     preprocessing: str = PREPROCESSING
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
             raise ConfigError(
                 f"embedder name {self.name!r} is not valid: use 1-64 letters, digits, '_', '-' "
@@ -223,7 +226,7 @@ def tree_fingerprint(path: str) -> str:
     return "sha256-tree:" + digest.hexdigest()
 
 
-def load(handle: str, cache_dir: str | None = None):
+def load(handle: str, cache_dir: str | None = None) -> tuple[EmbeddingModel, ResolvedHandle]:
     """Resolves and loads a handle with `tensorflow_hub.load`; returns (model, ResolvedHandle)."""
     resolved = resolve(handle, cache_dir=cache_dir)
     import tensorflow_hub as hub
@@ -243,7 +246,7 @@ def load(handle: str, cache_dir: str | None = None):
     return model, resolved
 
 
-def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None):
+def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None) -> tuple[EmbeddingModel, EmbedderSpec]:
     """Loads the model and returns (model, spec with fingerprint and dim filled in)."""
     model, resolved = load(spec.handle, cache_dir=cache_dir)
     probe = np.zeros((1, spec.input_size, spec.input_size, 3), np.float32)
@@ -256,7 +259,7 @@ def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None):
     return model, dataclasses.replace(spec, fingerprint=resolved.fingerprint, dim=int(out.shape[1]))
 
 
-def embed_batch(model, spec: EmbedderSpec, images) -> np.ndarray:
+def embed_batch(model: EmbeddingModel, spec: EmbedderSpec, images: np.ndarray) -> np.ndarray:
     """Embeds a uint8 batch [b, s, s, 3] with a loaded model; applies the spec's normalisation
     (l2: `retrieval.exact.unit_rows`, all-zero rows stay zero)."""
     batch = np.asarray(images, dtype=np.float32) * np.float32(1.0 / 255.0)

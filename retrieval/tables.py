@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,13 @@ class Embeddings:
 def write_embeddings(
     path: str,
     spec: EmbedderSpec,
-    ids,
+    ids: Sequence[str] | pa.Array,
     vectors: np.ndarray,
     *,
-    sha256s,
-    sources,
-    widths,
-    heights,
+    sha256s: Sequence[str],
+    sources: Sequence[str],
+    widths: Sequence[int] | np.ndarray,
+    heights: Sequence[int] | np.ndarray,
     row_group_size: int = 4096,
 ) -> None:
     """Writes one embedding table file (temporary name, then rename)."""
@@ -109,6 +110,7 @@ def read_embeddings(
                     pieces.append(piece)
             row += m
     if vectors is None:
+        assert vectors_path is not None  # no matrix was allocated: the vectors went to this file
         vectors = npy_stream.open_read(vectors_path)
         ids = pa.chunked_array(id_chunks, schema.field(S.ID).type).combine_chunks()
     else:
@@ -154,7 +156,7 @@ def load_tuning_queries(path: str, spec: EmbedderSpec) -> np.ndarray:
     return queries.vectors
 
 
-def _dataset_and_spec(source):
+def _dataset_and_spec(source: str | list[str]) -> tuple[ds.Dataset, EmbedderSpec]:
     dataset = ds.dataset(source, format="parquet", exclude_invalid_files=False)
     if not dataset.files:
         raise ConfigError(f"no Parquet files found at {source!r}")
@@ -170,7 +172,7 @@ def _dataset_and_spec(source):
     return dataset, spec
 
 
-def _batches(files: list[str], columns: list[str]):
+def _batches(files: list[str], columns: list[str]) -> Iterator[pa.RecordBatch]:
     """Record batches file by file, one row group at a time: a dataset scan's read-ahead
     would hold many decoded row groups at once, several times the matrix itself."""
     for path in files:
