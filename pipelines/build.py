@@ -12,6 +12,7 @@ command is safe.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -20,8 +21,10 @@ import sys
 import tempfile
 import time
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import embed
 from pipelines.options import EmbedOptions, check_flags
@@ -35,7 +38,7 @@ DISTANCES = ("cosine", "dot_product", "squared_l2")
 
 class BuildOptions(EmbedOptions):
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--min_recall",
             type=float,
@@ -189,7 +192,9 @@ def _sharded(run_directory: str, name: str, opts: BuildOptions) -> bool:
     return False
 
 
-def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=None) -> dict:
+def build_indexes(
+    run_directory: str, report: dict, opts: BuildOptions, options: PipelineOptions | None = None
+) -> dict:
     """One index per embedder from its tables; returns the run manifest's `embedders` entry.
 
     A sharded index (--index_shards, --max_shard_vectors) is built by a Beam pipeline on the
@@ -299,7 +304,7 @@ class BuildResult:
     manifest: runs.RunManifest
 
 
-def run(argv: list[str] | None = None, test_pipeline=None) -> BuildResult:
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> BuildResult:
     """Runs the whole job and publishes it.  Raises GateError when a gate refuses the run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     options = BuildOptions(flags=check_flags(argv, BuildOptions))

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.shards import Record
 from retrieval import imaging
@@ -86,27 +88,27 @@ class DecodeDoFn(beam.DoFn):
     emitted in input order.
     """
 
-    def __init__(self, plan: ResizePlan, *, max_pixels: int, threads: int, max_pending: int):
+    def __init__(self, plan: ResizePlan, *, max_pixels: int, threads: int, max_pending: int) -> None:
         self._plan = plan
         self._max_pixels = max_pixels
         self._threads = threads
         self._max_pending = max(1, max_pending)
         self._decoded = beam.metrics.Metrics.counter(NAMESPACE, "decoded")
-        self._pool = None
-        self._pending = collections.deque()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: collections.deque[Future[Decoded | S.Failure]] = collections.deque()
 
-    def setup(self):
+    def setup(self) -> None:
         if self._threads > 0:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="imgindex-decode")
 
-    def teardown(self):
+    def teardown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def start_bundle(self):
+    def start_bundle(self) -> None:
         self._pending = collections.deque()
 
-    def process(self, record: Record):
+    def process(self, record: Record) -> Iterator[Decoded | beam.pvalue.TaggedOutput]:
         if self._pool is None:
             yield self._output(decode_record(record, self._plan, self._max_pixels))
             return
@@ -114,7 +116,7 @@ class DecodeDoFn(beam.DoFn):
         while self._pending and (len(self._pending) > self._max_pending or self._pending[0].done()):
             yield self._output(self._pending.popleft().result())
 
-    def finish_bundle(self):
+    def finish_bundle(self) -> Iterator[WindowedValue | beam.pvalue.TaggedOutput]:
         while self._pending:
             out = self._output(self._pending.popleft().result())
             if isinstance(out, beam.pvalue.TaggedOutput):

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipelines import report as run_report
 from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan, RowInfo, tag_failure
@@ -135,7 +135,7 @@ def inference_failures(dead_letter: tuple, embedder: str) -> Iterator[S.Failure]
 
 
 class ReadDoFn(beam.DoFn):
-    def __init__(self, config: ReaderConfig):
+    def __init__(self, config: ReaderConfig) -> None:
         self._config = config
         self._read = beam.metrics.Metrics.counter(NAMESPACE, "read")
 
@@ -227,7 +227,7 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
     )
 
 
-def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
     """Runs the embedding pipeline; returns the run report (also written as run_report.json).
 
     argv: command-line flags (defaults to sys.argv[1:]); flags not declared here go to Beam,
@@ -238,7 +238,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     return run_with_options(EmbedOptions(flags=check_flags(argv, EmbedOptions)), test_pipeline)
 
 
-def run_with_options(options, test_pipeline=None) -> dict:
+def run_with_options(options: PipelineOptions, test_pipeline: beam.Pipeline | None = None) -> dict:
     """`run` for already parsed options (any PipelineOptions whose flags include EmbedOptions')."""
     started = time.time()
     p = plan(options)

@@ -7,6 +7,7 @@ Every flag not declared here (`--runner`, `--direct_running_mode`, Dataflow's `-
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ LOCAL_RUNNER = "FnApiRunner"
 
 class EmbedOptions(PipelineOptions):
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--input",
             action="append",
@@ -131,7 +132,7 @@ def _option_classes(options_class: type[PipelineOptions]) -> list[type[PipelineO
 
 
 class _CheckingParser(_BeamArgumentParser):
-    def error(self, message):  # a bad value (--batch_size=x): a one-line error, not SystemExit
+    def error(self, message: str) -> None:  # type: ignore[override]  # a bad value (--batch_size=x): a one-line error, not SystemExit
         if not message.startswith("ambiguous option: "):  # ignored, as Beam's parser does
             raise ConfigError(message)
 

@@ -12,14 +12,17 @@ import json
 import os
 import posixpath
 import tarfile
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from retrieval import schema as S
 from retrieval.errors import ConfigError
+
+if TYPE_CHECKING:  # TensorFlow is imported only when a TFRecord shard is read
+    from tensorflow.core.example import feature_pb2
 
 TFRECORD_MARKERS = (".tfrecord", ".tfrec")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -178,16 +181,18 @@ def _read_tfrecord(shard: Shard, config: ReaderConfig) -> Iterator[Record | S.Fa
             yield _example_record(features, source, config)
 
 
-def _feature_values(feature) -> list:
+def _feature_values(feature: feature_pb2.Feature) -> list:
     kind = feature.WhichOneof("kind")
     return list(getattr(feature, kind).value) if kind else []
 
 
-def _as_text(value) -> str:
+def _as_text(value: bytes | str | float) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _example_record(features, source: str, config: ReaderConfig) -> Record | S.Failure:
+def _example_record(
+    features: Mapping[str, feature_pb2.Feature], source: str, config: ReaderConfig
+) -> Record | S.Failure:
     if config.image_key not in features or not _feature_values(features[config.image_key]):
         return S.Failure.of(
             source,
@@ -211,12 +216,12 @@ def _example_record(features, source: str, config: ReaderConfig) -> Record | S.F
     return Record(record_id or source, source, data, metadata)
 
 
-def _first(features, name):
+def _first(features: Mapping[str, feature_pb2.Feature], name: str) -> bytes | float | None:
     values = _feature_values(features[name]) if name in features else []
     return values[0] if values else None
 
 
-def _convert(value, typ: str):
+def _convert(value: bytes | str | float | None, typ: str) -> str | int | float | bool | None:
     """A passthrough value as its column type; None stays None (a null)."""
     if value is None:
         return None
@@ -286,7 +291,7 @@ def _wds_record(path: str, key: str, members: dict, config: ReaderConfig) -> Rec
     return Record(key, source, members[image_ext], metadata)
 
 
-def _sidecar_value(raw: bytes | None, column: MetadataColumn):
+def _sidecar_value(raw: bytes | None, column: MetadataColumn) -> str | int | float | bool | None:
     if raw is not None and column.name == "json" and column.type == "string":
         # Normalised JSON text, so equal objects compare equal in the table.
         return json.dumps(json.loads(raw), sort_keys=True)
