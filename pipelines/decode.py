@@ -31,7 +31,7 @@ class RowInfo:
     """The non-pixel fields of one embedding-table row.
 
     It is the key RunInference carries beside each image (KeyedModelHandler), so it must
-    pickle: a plain frozen dataclass of a module-level class does.
+    pickle, as a frozen dataclass defined at module level does.
     """
 
     id: str

@@ -132,7 +132,8 @@ def _option_classes(options_class: type[PipelineOptions]) -> list[type[PipelineO
 
 
 class _CheckingParser(_BeamArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]  # a bad value (--batch_size=x): a one-line error, not SystemExit
+    # A bad value (--batch_size=x): a one-line error, not SystemExit.
+    def error(self, message: str) -> None:  # type: ignore[override]  # returns on ambiguous options
         if not message.startswith("ambiguous option: "):  # ignored, as Beam's parser does
             raise ConfigError(message)
 
