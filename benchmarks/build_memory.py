@@ -32,10 +32,10 @@ def make_table(n: int, d: int) -> str:
         spec,
         [f"v{i}" for i in range(n)],
         x,
-        ["0" * 64] * n,
-        [f"synthetic#{i}" for i in range(n)],
-        [1] * n,
-        [1] * n,
+        sha256s=["0" * 64] * n,
+        sources=[f"synthetic#{i}" for i in range(n)],
+        widths=[1] * n,
+        heights=[1] * n,
     )
     return run_dir
 

@@ -4,6 +4,7 @@ so `imgindex --help` and `imgindex <cmd> --help` never import TensorFlow."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -11,7 +12,7 @@ from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
 
-def _add_models(sub) -> None:
+def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
         help="list the builtin embedders, or materialise one",
@@ -23,7 +24,7 @@ def _add_models(sub) -> None:
     p.set_defaults(func=_run_models)
 
 
-def _run_models(args) -> int:
+def _run_models(args: argparse.Namespace) -> int:
     from retrieval import builtin
 
     if args.export:
@@ -39,7 +40,7 @@ def _run_models(args) -> int:
     return 0
 
 
-def _add_index(sub) -> None:
+def _add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "index",
         help="build a ScaNN index from embedding tables",
@@ -67,15 +68,13 @@ def _add_index(sub) -> None:
     p.set_defaults(func=_run_index)
 
 
-def _run_index(args) -> int:
+def _run_index(args: argparse.Namespace) -> int:
     from retrieval import index, tables
 
     data = tables.read_embeddings(args.embeddings)
     queries = None
     if args.tuning_queries:
-        from pipelines.build import load_tuning_queries
-
-        queries = load_tuning_queries(args.tuning_queries, data.spec)
+        queries = tables.load_tuning_queries(args.tuning_queries, data.spec)
     built = index.build_index(
         data.vectors,
         data.ids,
@@ -99,7 +98,7 @@ def _run_index(args) -> int:
     return 0
 
 
-def _add_demo(sub) -> None:
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="embed bundled demo photos with the builtin model, index, query",
@@ -114,7 +113,7 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_run_demo)
 
 
-def _run_demo(args) -> int:
+def _run_demo(args: argparse.Namespace) -> int:
     from imgindex import demo
 
     return demo.run(args.output, embedder=args.embedder, variants=args.variants, k=args.k)
@@ -128,12 +127,12 @@ _BEAM_FLAGS = (
 )
 
 
-def _add_embed(sub) -> None:
+def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", add_help=False, help="run the Beam embedding pipeline (shards -> Parquet)")
     p.set_defaults(func=_run_embed, passthrough=True)
 
 
-def _add_build(sub) -> None:
+def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build",
         add_help=False,
@@ -168,14 +167,14 @@ def beam_help(command: str) -> str:
     return parser.format_help()
 
 
-def _run_embed(args, rest: list[str]) -> int:
+def _run_embed(args: argparse.Namespace, rest: list[str]) -> int:
     from pipelines import embed, report  # embed.run refuses unknown flags before any work
 
     print(report.summary(embed.run(rest)))
     return 0
 
 
-def _run_build(args, rest: list[str]) -> int:
+def _run_build(args: argparse.Namespace, rest: list[str]) -> int:
     from pipelines import build  # build.run refuses unknown flags (a misspelt --min_recall) first
 
     try:
@@ -187,7 +186,7 @@ def _run_build(args, rest: list[str]) -> int:
     return 0
 
 
-def _add_query(sub) -> None:
+def _add_query(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "query",
         help="query a published index by image file, vector or id",
@@ -211,7 +210,7 @@ def _add_query(sub) -> None:
     p.set_defaults(func=_run_query)
 
 
-def _query_vector(text: str):
+def _query_vector(text: str):  # -> numpy.ndarray (numpy is imported only when needed)
     """The query vector(s) of --vector: shape (d,) for one query, (q, d) for several."""
     import numpy as np
 
@@ -240,9 +239,7 @@ def _read_image(path: str) -> bytes:
         raise ConfigError(f"--image {path}: cannot read it: {exc.strerror or exc}") from exc
 
 
-def _run_query(args) -> int:
-    import json
-
+def _run_query(args: argparse.Namespace) -> int:
     from serving import Searcher
 
     # Read the query before opening (and checksumming) the index: a typo fails at once.
@@ -271,7 +268,7 @@ def _run_query(args) -> int:
     return 0
 
 
-def _add_serve(sub) -> None:
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a published index over HTTP (JSON, no gRPC)",
@@ -290,24 +287,21 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_run_serve)
 
 
-def _run_serve(args) -> int:
+def _run_serve(args: argparse.Namespace) -> int:
     from serving import http
 
     http.serve(args.path, host=args.host, port=args.port, refresh_seconds=args.refresh_seconds or None)
     return 0
 
 
-def _add_inspect(sub) -> None:
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show what a run, an output root or an index directory holds")
     p.add_argument("path", help="output root (follows LATEST), run directory or index directory")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_run_inspect)
 
 
-def _run_inspect(args) -> int:
-    import json
-    import os
-
+def _run_inspect(args: argparse.Namespace) -> int:
     from retrieval import manifest as index_manifest
     from retrieval import runs, sharded
 

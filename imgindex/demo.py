@@ -77,7 +77,7 @@ def variant(image: Image.Image, rng: np.random.Generator) -> bytes:
 
 
 def write_shards(
-    folder: str, photos: dict[str, bytes], variants: int, shards: int = 2, seed: int = 0
+    folder: str, photos: dict[str, bytes], *, variants: int, shards: int = 2, seed: int = 0
 ) -> list[str]:
     """WebDataset tars of the variants only (key <photo>/vNN, a .json sidecar naming the photo)."""
     rng = np.random.default_rng(seed)
@@ -127,7 +127,7 @@ def _shard_images(paths: list[str]) -> dict[str, bytes]:
     return images
 
 
-def run(output: str, embedder: str = "builtin:efficientnet-lite0", variants: int = 6, k: int = 6) -> int:
+def run(output: str, *, embedder: str = "builtin:efficientnet-lite0", variants: int = 6, k: int = 6) -> int:
     from pipelines import build
     from serving import Searcher
 
@@ -135,7 +135,7 @@ def run(output: str, embedder: str = "builtin:efficientnet-lite0", variants: int
     photos = originals()
     shard_dir = os.path.join(output, "shards")
     shutil.rmtree(shard_dir, ignore_errors=True)
-    shards = write_shards(shard_dir, photos, variants)
+    shards = write_shards(shard_dir, photos, variants=variants)
     print(
         f"demo: {len(photos)} photos x {variants} variants -> {len(shards)} WebDataset shards in {shard_dir}"
     )

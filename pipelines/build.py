@@ -12,6 +12,7 @@ command is safe.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -20,8 +21,10 @@ import sys
 import tempfile
 import time
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import embed
 from pipelines.options import EmbedOptions, check_flags
@@ -35,7 +38,7 @@ DISTANCES = ("cosine", "dot_product", "squared_l2")
 
 class BuildOptions(EmbedOptions):
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--min_recall",
             type=float,
@@ -167,27 +170,6 @@ def tuning_queries_of(opts: BuildOptions) -> dict[str, str]:
     return out
 
 
-def load_tuning_queries(path: str, spec) -> np.ndarray:
-    """Query vectors from a .npy file or from embedding tables made with the same embedder."""
-    if not os.path.exists(path):
-        raise ConfigError(
-            f"--tuning_queries {path!r} does not exist (a .npy file or Parquet embedding tables)"
-        )
-    if path.endswith(".npy"):
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--tuning_queries {path!r} is not a readable .npy array ({exc})") from exc
-    queries = tables.read_embeddings(path)
-    if queries.spec.fingerprint != spec.fingerprint:
-        raise ConfigError(
-            f"--tuning_queries {path!r} was embedded by {queries.spec.name!r} "
-            f"({queries.spec.fingerprint}), the index by {spec.name!r} ({spec.fingerprint}); "
-            "embed the queries with the same embedder"
-        )
-    return queries.vectors
-
-
 def _versions() -> dict:
     import apache_beam
     import numpy
@@ -210,7 +192,9 @@ def _sharded(run_directory: str, name: str, opts: BuildOptions) -> bool:
     return False
 
 
-def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=None) -> dict:
+def build_indexes(
+    run_directory: str, report: dict, opts: BuildOptions, options: PipelineOptions | None = None
+) -> dict:
     """One index per embedder from its tables; returns the run manifest's `embedders` entry.
 
     A sharded index (--index_shards, --max_shard_vectors) is built by a Beam pipeline on the
@@ -225,7 +209,7 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
             queries = None
             if name in tuning:
                 spec = tables.embedder_spec(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}")
-                queries = load_tuning_queries(tuning[name], spec)
+                queries = tables.load_tuning_queries(tuning[name], spec)
             built = build_shards.build_sharded(
                 options if options is not None else opts,
                 run_directory,
@@ -257,7 +241,7 @@ def build_indexes(run_directory: str, report: dict, opts: BuildOptions, options=
             )
             extra = {runs.METADATA_FILE: data.columns}
             vectors = data.vectors
-            queries = load_tuning_queries(tuning[name], data.spec) if name in tuning else None
+            queries = tables.load_tuning_queries(tuning[name], data.spec) if name in tuning else None
             if opts.pca_dim:
                 extra[projection.PROJECTION_FILE] = projection.fit_pca(np.asarray(vectors), opts.pca_dim)
                 vectors = projection.project(np.asarray(vectors), extra[projection.PROJECTION_FILE])
@@ -320,7 +304,7 @@ class BuildResult:
     manifest: runs.RunManifest
 
 
-def run(argv: list[str] | None = None, test_pipeline=None) -> BuildResult:
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> BuildResult:
     """Runs the whole job and publishes it.  Raises GateError when a gate refuses the run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     options = BuildOptions(flags=check_flags(argv, BuildOptions))

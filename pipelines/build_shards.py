@@ -36,6 +36,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import StandardOptions
 
+from pipelines.options import LOCAL_RUNNER
 from retrieval import index as index_lib
 from retrieval import manifest as mf
 from retrieval import metrics, runs, sharded, tables
@@ -237,8 +238,6 @@ def build_sharded(
     os.makedirs(index_dir)
     probe_threshold = 0 if held_out else min(2**64 - 1, int(2**64 * min(1.0, 2 * num_queries / max(n, 1))))
     if options.view_as(StandardOptions).runner is None:
-        from pipelines.embed import LOCAL_RUNNER
-
         options.view_as(StandardOptions).runner = LOCAL_RUNNER
     builder = BuildShard(index_dir, num_shards, distance, k, target_recall, max_shard_vectors, held_out)
     with beam.Pipeline(options=options) as p:

@@ -8,11 +8,14 @@ downstream in the same bundle) works on the current batch.
 from __future__ import annotations
 
 import collections
-from concurrent.futures import ThreadPoolExecutor
+import dataclasses
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.shards import Record
 from retrieval import imaging
@@ -23,8 +26,24 @@ FAILURES = "failures"
 NAMESPACE = "imgindex"
 
 
+@dataclasses.dataclass(frozen=True)
+class RowInfo:
+    """The non-pixel fields of one embedding-table row.
+
+    It is the key RunInference carries beside each image (KeyedModelHandler), so it must
+    pickle, as a frozen dataclass defined at module level does.
+    """
+
+    id: str
+    source: str
+    sha256: str
+    width: int
+    height: int
+    metadata: dict  # passthrough column name -> value (None for a null)
+
+
 class Decoded(NamedTuple):
-    info: tuple  # (id, source, sha256, width, height, metadata): the non-pixel row fields
+    info: RowInfo
     pixels: dict  # embedder name -> uint8 [size, size, 3]
 
 
@@ -41,55 +60,55 @@ class ResizePlan(NamedTuple):
         return cls(tuple(sorted(set(by_embedder.values()))), by_embedder, max(s.input_size for s in specs))
 
 
-def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded | dict:
-    """A Decoded element, or a failure row saying why the record cannot be used."""
+def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded | S.Failure:
+    """A Decoded element, or a Failure saying why the record cannot be used."""
     try:
         image = imaging.decode(record.data, min_size=plan.min_size, max_pixels=max_pixels)
     except Exception as exc:  # ImageDecodeError, or whatever else Pillow raises on hostile input
-        return S.failure_row(record.source, "decode", exc, id=record.id)
+        return S.Failure.of(record.source, "decode", exc, id=record.id)
     try:
         arrays = {target: imaging.resize(image.image, *target) for target in plan.targets}
     except Exception as exc:
-        return S.failure_row(record.source, "preprocess", exc, id=record.id)
-    info = (
-        record.id,
-        record.source,
-        imaging.sha256_hex(record.data),
-        image.width,
-        image.height,
-        record.metadata,
+        return S.Failure.of(record.source, "preprocess", exc, id=record.id)
+    info = RowInfo(
+        id=record.id,
+        source=record.source,
+        sha256=imaging.sha256_hex(record.data),
+        width=image.width,
+        height=image.height,
+        metadata=record.metadata,
     )
     return Decoded(info, {name: arrays[target] for name, target in plan.by_embedder.items()})
 
 
 class DecodeDoFn(beam.DoFn):
-    """Record -> Decoded (main) or failure row (tagged `failures`).
+    """Record -> Decoded (main) or Failure (tagged `failures`).
 
     With threads > 0, up to `max_pending` records are decoded ahead in a thread pool and
     emitted in input order.
     """
 
-    def __init__(self, plan: ResizePlan, max_pixels: int, threads: int, max_pending: int):
+    def __init__(self, plan: ResizePlan, *, max_pixels: int, threads: int, max_pending: int) -> None:
         self._plan = plan
         self._max_pixels = max_pixels
         self._threads = threads
         self._max_pending = max(1, max_pending)
         self._decoded = beam.metrics.Metrics.counter(NAMESPACE, "decoded")
-        self._pool = None
-        self._pending = collections.deque()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: collections.deque[Future[Decoded | S.Failure]] = collections.deque()
 
-    def setup(self):
+    def setup(self) -> None:
         if self._threads > 0:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="imgindex-decode")
 
-    def teardown(self):
+    def teardown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def start_bundle(self):
+    def start_bundle(self) -> None:
         self._pending = collections.deque()
 
-    def process(self, record: Record):
+    def process(self, record: Record) -> Iterator[Decoded | beam.pvalue.TaggedOutput]:
         if self._pool is None:
             yield self._output(decode_record(record, self._plan, self._max_pixels))
             return
@@ -97,7 +116,7 @@ class DecodeDoFn(beam.DoFn):
         while self._pending and (len(self._pending) > self._max_pending or self._pending[0].done()):
             yield self._output(self._pending.popleft().result())
 
-    def finish_bundle(self):
+    def finish_bundle(self) -> Iterator[WindowedValue | beam.pvalue.TaggedOutput]:
         while self._pending:
             out = self._output(self._pending.popleft().result())
             if isinstance(out, beam.pvalue.TaggedOutput):
@@ -105,9 +124,14 @@ class DecodeDoFn(beam.DoFn):
             else:
                 yield GlobalWindows.windowed_value(out)
 
-    def _output(self, result):
+    def _output(self, result: Decoded | S.Failure) -> Decoded | beam.pvalue.TaggedOutput:
         if isinstance(result, Decoded):
             self._decoded.inc()
             return result
-        beam.metrics.Metrics.counter(NAMESPACE, f"failed.{result['stage']}.{result['error_type']}").inc()
-        return beam.pvalue.TaggedOutput(FAILURES, result)
+        return tag_failure(result)
+
+
+def tag_failure(failure: S.Failure) -> beam.pvalue.TaggedOutput:
+    """Counts a failure (Beam counter `failed.<stage>.<error_type>`) and tags it for the failures table."""
+    beam.metrics.Metrics.counter(NAMESPACE, f"failed.{failure.stage}.{failure.error_type}").inc()
+    return beam.pvalue.TaggedOutput(FAILURES, failure)

@@ -14,30 +14,26 @@ import dataclasses
 import functools
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipelines import report as run_report
-from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan
+from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan, RowInfo, tag_failure
 from pipelines.inference import TFHubImageEmbedder
-from pipelines.options import EmbedOptions, check_flags
-from pipelines.shards import ReaderConfig, Record, expand_inputs, parse_metadata_columns, read_shard
+from pipelines.options import LOCAL_RUNNER, EmbedOptions, check_flags
+from pipelines.shards import ReaderConfig, Record, Shard, expand_inputs, parse_metadata_columns, read_shard
 from retrieval import embedders
 from retrieval import schema as S
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
 
 DEFAULT_EMBEDDER = "lite=builtin:efficientnet-lite0"
-# Beam's DirectRunner first tries to download the Prism runner (a network call that fails
-# offline, and a worker pool), then falls back to this same FnApiRunner; going straight to
-# it keeps local runs offline and quiet.  It honours --direct_running_mode and
-# --direct_num_workers.
-LOCAL_RUNNER = "FnApiRunner"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,51 +98,65 @@ def _check_output_is_free(output: str) -> None:
         )
 
 
-def embedding_batch(rows: list, spec: EmbedderSpec, schema: pa.Schema, metadata: list) -> pa.Table:
-    """(info, vector) pairs -> one Arrow table of the embedding schema."""
+def embedding_batch(
+    rows: list[tuple[RowInfo, np.ndarray]], *, spec: EmbedderSpec, schema: pa.Schema, metadata: list
+) -> pa.Table:
+    """(RowInfo, vector) pairs -> one Arrow table of the embedding schema."""
     infos = [info for info, _ in rows]
     vectors = np.stack([vector for _, vector in rows]).astype(np.float32, copy=False)
-    columns = {
-        name: pa.array([info[i] for info in infos], schema.field(name).type)
-        for i, name in enumerate((S.ID, S.SOURCE, S.SHA256, S.WIDTH, S.HEIGHT))
+    fixed = {
+        S.ID: [info.id for info in infos],
+        S.SOURCE: [info.source for info in infos],
+        S.SHA256: [info.sha256 for info in infos],
+        S.WIDTH: [info.width for info in infos],
+        S.HEIGHT: [info.height for info in infos],
     }
+    columns = {name: pa.array(values, schema.field(name).type) for name, values in fixed.items()}
     columns[S.EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), spec.dim)
     for column in metadata:
         columns[column.name] = pa.array(
-            [info[5].get(column.name) for info in infos], schema.field(column.name).type
+            [info.metadata.get(column.name) for info in infos], schema.field(column.name).type
         )
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
-def failures_batch(rows: list) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=S.FAILURES_SCHEMA)
+def failures_batch(failures: list[S.Failure]) -> pa.Table:
+    """Failures -> one Arrow table of the failures schema."""
+    return pa.Table.from_pylist([f.to_row() for f in failures], schema=S.FAILURES_SCHEMA)
 
 
-def inference_failures(dead_letter, embedder: str):
-    """RunInference's dead letter (batch, (type, repr, traceback)) -> one failure row per image."""
+def inference_failures(dead_letter: tuple, embedder: str) -> Iterator[S.Failure]:
+    """RunInference's dead letter (batch, (type, repr, traceback)) -> one Failure per image."""
     batch, (exc_type, exc_repr, _) = dead_letter
+    error_type = getattr(exc_type, "__name__", str(exc_type))
     for key, _ in batch:
-        row = S.failure_row(key[1], "embed", exc_repr, id=key[0], embedder=embedder)
-        row["error_type"] = getattr(exc_type, "__name__", str(exc_type))
-        yield row
+        failure = S.Failure.of(key.source, "embed", exc_repr, id=key.id, embedder=embedder)
+        yield dataclasses.replace(failure, error_type=error_type)
 
 
 class ReadDoFn(beam.DoFn):
-    def __init__(self, config: ReaderConfig):
+    def __init__(self, config: ReaderConfig) -> None:
         self._config = config
         self._read = beam.metrics.Metrics.counter(NAMESPACE, "read")
 
-    def process(self, shard):
+    def process(self, shard: Shard) -> Iterator[Record | beam.pvalue.TaggedOutput]:
         for item in read_shard(shard, self._config):
             if isinstance(item, Record):
                 self._read.inc()
                 yield item
             else:
-                beam.metrics.Metrics.counter(NAMESPACE, f"failed.{item['stage']}.{item['error_type']}").inc()
-                yield beam.pvalue.TaggedOutput(FAILURES, item)
+                yield tag_failure(item)
 
 
-def _write(pcoll, label: str, prefix: str, schema: pa.Schema, opts: EmbedOptions, to_table):
+def _write(
+    pcoll: beam.PCollection,
+    *,
+    label: str,
+    prefix: str,
+    schema: pa.Schema,
+    opts: EmbedOptions,
+    to_table: Callable[[list], pa.Table],
+) -> beam.PCollection:
     return (
         pcoll
         | f"Batch{label}"
@@ -170,7 +180,10 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
     )
     decoded = read.records | "Decode" >> beam.ParDo(
         DecodeDoFn(
-            ResizePlan.of(p.specs), opts.max_pixels, opts.decode_threads, max_pending=2 * opts.batch_size
+            ResizePlan.of(p.specs),
+            max_pixels=opts.max_pixels,
+            threads=opts.decode_threads,
+            max_pending=2 * opts.batch_size,
         )
     ).with_outputs(FAILURES, main="decoded")
     failures = [read[FAILURES], decoded[FAILURES]]
@@ -178,10 +191,10 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
         name = spec.name
         handler = TFHubImageEmbedder(
             spec,
-            opts.batch_size,
-            opts.model_cache_dir,
-            opts.share_model_across_processes,
-            opts.tf_intra_op_threads,
+            batch_size=opts.batch_size,
+            cache_dir=opts.model_cache_dir,
+            share_across_processes=opts.share_model_across_processes,
+            intra_op_threads=opts.tf_intra_op_threads,
         )
         keyed = decoded.decoded | f"Pixels[{name}]" >> beam.Map(lambda d, n=name: (d.info, d.pixels[n]))
         embedded, dead = (
@@ -198,23 +211,23 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
         # A partial, not a closure over the plan: only what the step needs is pickled.
         _write(
             embedded,
-            f"[{name}]",
-            f"{p.output}/embeddings/{name}/part",
-            schema,
-            opts,
-            functools.partial(embedding_batch, spec=spec, schema=schema, metadata=p.metadata),
+            label=f"[{name}]",
+            prefix=f"{p.output}/embeddings/{name}/part",
+            schema=schema,
+            opts=opts,
+            to_table=functools.partial(embedding_batch, spec=spec, schema=schema, metadata=p.metadata),
         )
     _write(
         failures | "AllFailures" >> beam.Flatten(),
-        "[failures]",
-        f"{p.output}/failures/part",
-        S.FAILURES_SCHEMA,
-        opts,
-        failures_batch,
+        label="[failures]",
+        prefix=f"{p.output}/failures/part",
+        schema=S.FAILURES_SCHEMA,
+        opts=opts,
+        to_table=failures_batch,
     )
 
 
-def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
     """Runs the embedding pipeline; returns the run report (also written as run_report.json).
 
     argv: command-line flags (defaults to sys.argv[1:]); flags not declared here go to Beam,
@@ -225,7 +238,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     return run_with_options(EmbedOptions(flags=check_flags(argv, EmbedOptions)), test_pipeline)
 
 
-def run_with_options(options, test_pipeline=None) -> dict:
+def run_with_options(options: PipelineOptions, test_pipeline: beam.Pipeline | None = None) -> dict:
     """`run` for already parsed options (any PipelineOptions whose flags include EmbedOptions')."""
     started = time.time()
     p = plan(options)
@@ -236,7 +249,11 @@ def run_with_options(options, test_pipeline=None) -> dict:
     result = pipeline.run()
     result.wait_until_finish()
     report = run_report.make(
-        p, result, started, options.view_as(StandardOptions).runner, options.view_as(DirectOptions)
+        p,
+        result,
+        started=started,
+        runner=options.view_as(StandardOptions).runner,
+        direct_options=options.view_as(DirectOptions),
     )
     run_report.write(p.output, report)
     return report

@@ -35,11 +35,12 @@ class TFHubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, Any]):
     def __init__(
         self,
         spec: EmbedderSpec,
+        *,
         batch_size: int = 32,
         cache_dir: str | None = None,
         share_across_processes: bool = False,
         intra_op_threads: int = 0,
-    ):
+    ) -> None:
         super().__init__()
         if not spec.fingerprint or spec.dim <= 0:
             raise ValueError(f"embedder spec {spec.name!r} is incomplete: {spec}")
@@ -49,7 +50,7 @@ class TFHubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, Any]):
         self._share = share_across_processes
         self._intra_op_threads = intra_op_threads
 
-    def load_model(self):
+    def load_model(self) -> embedders.EmbeddingModel:
         import tensorflow as tf
 
         if self._intra_op_threads:
@@ -67,7 +68,10 @@ class TFHubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, Any]):
         return model
 
     def run_inference(
-        self, batch: Sequence[np.ndarray], model: Any, inference_args: dict | None = None
+        self,
+        batch: Sequence[np.ndarray],
+        model: embedders.EmbeddingModel,
+        inference_args: dict | None = None,
     ) -> Iterable[np.ndarray]:
         vectors = embedders.embed_batch(model, self._spec, np.stack(batch))
         if vectors.shape != (len(batch), self._spec.dim):
@@ -83,8 +87,8 @@ class TFHubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, Any]):
     def get_metrics_namespace(self) -> str:
         return f"imgindex.embed.{self._spec.name}"
 
-    def batch_elements_kwargs(self):
-        # A fixed batch: the model's throughput rises steeply up to ~32 images on CPU, and
+    def batch_elements_kwargs(self) -> dict[str, int]:
+        # A fixed batch: the model's CPU throughput rises steeply with the batch size, and
         # adaptive batching would start with batches of 1.
         return {"min_batch_size": self._batch_size, "max_batch_size": self._batch_size}
 

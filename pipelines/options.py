@@ -7,6 +7,7 @@ Every flag not declared here (`--runner`, `--direct_running_mode`, Dataflow's `-
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 from collections.abc import Sequence
@@ -14,15 +15,20 @@ from collections.abc import Sequence
 # Beam's parser class: it knows `add_value_provider_argument`, which some option classes use.
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
+from pipelines.shards import DEFAULT_ID_KEYS
 from retrieval.errors import ConfigError
 
 FORMATS = ("auto", "tfrecord", "webdataset", "images")
-DEFAULT_ID_KEYS = ("image/key", "image/id", "image/source_id", "image/filename")
+# Beam's DirectRunner first tries to download the Prism runner (a network call that fails
+# offline, and a worker pool), then falls back to this same FnApiRunner; going straight to
+# it keeps local runs offline and quiet.  It honours --direct_running_mode and
+# --direct_num_workers.
+LOCAL_RUNNER = "FnApiRunner"
 
 
 class EmbedOptions(PipelineOptions):
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--input",
             action="append",
@@ -126,7 +132,8 @@ def _option_classes(options_class: type[PipelineOptions]) -> list[type[PipelineO
 
 
 class _CheckingParser(_BeamArgumentParser):
-    def error(self, message):  # a bad value (--batch_size=x): a one-line error, not SystemExit
+    # A bad value (--batch_size=x): a one-line error, not SystemExit.
+    def error(self, message: str) -> None:  # type: ignore[override]  # returns on ambiguous options
         if not message.startswith("ambiguous option: "):  # ignored, as Beam's parser does
             raise ConfigError(message)
 

@@ -12,13 +12,19 @@ import collections
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import DirectOptions
+from apache_beam.runners.runner import PipelineResult
 
 from pipelines.decode import NAMESPACE
 from retrieval.version import __version__
+
+if TYPE_CHECKING:  # pipelines.embed imports this module
+    from pipelines.embed import Plan
 
 REPORT_NAME = "run_report.json"
 
@@ -46,7 +52,7 @@ def failure_counts(directory: str) -> collections.Counter:
     return counts
 
 
-def _counters(result) -> dict:
+def _counters(result: PipelineResult) -> dict[str, int]:
     try:
         metrics = result.metrics().query(MetricsFilter())
     except Exception:  # a runner without metrics support: the tables still reconcile
@@ -58,7 +64,9 @@ def _counters(result) -> dict:
     return dict(values)
 
 
-def make(plan, result, started: float, runner: str | None, direct_options) -> dict:
+def make(
+    plan: Plan, result: PipelineResult, *, started: float, runner: str | None, direct_options: DirectOptions
+) -> dict:
     counters = _counters(result)
     failures = failure_counts(f"{plan.output}/failures")
     before_embed = sum(n for (stage, emb, _), n in failures.items() if stage != "embed" and stage != "read")

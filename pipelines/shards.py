@@ -1,6 +1,6 @@
 """Input shards: glob expansion, format detection and the three readers.
 
-Every reader yields `Record`s, or failure rows for what it cannot read; a shard whose framing
+Every reader yields `Record`s, or `Failure`s for what it cannot read; a shard whose framing
 breaks part-way (truncated TFRecord, corrupt tar) yields the records before the break and one
 failure row for the unreadable rest.  Paths go through Beam's `FileSystems`, so any scheme
 Beam knows (gs://, s3://, ...) works when its extra is installed.
@@ -12,15 +12,17 @@ import json
 import os
 import posixpath
 import tarfile
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.options import DEFAULT_ID_KEYS
 from retrieval import schema as S
 from retrieval.errors import ConfigError
+
+if TYPE_CHECKING:  # TensorFlow is imported only when a TFRecord shard is read
+    from tensorflow.core.example import feature_pb2
 
 TFRECORD_MARKERS = (".tfrecord", ".tfrec")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -28,6 +30,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 # WebDataset members that can hold the image, in order of preference.
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _WILDCARDS = "*?["
+# TFRecord features tried for the id, in order, when --id_key is not given.
+DEFAULT_ID_KEYS = ("image/key", "image/id", "image/source_id", "image/filename")
 
 
 class Shard(NamedTuple):
@@ -131,23 +135,23 @@ class ReaderConfig(NamedTuple):
     metadata: tuple = ()  # MetadataColumn
 
 
-def read_shard(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict]:
-    """Yields Records and failure rows (dicts of the failures schema)."""
+def read_shard(shard: Shard, config: ReaderConfig) -> Iterator[Record | S.Failure]:
+    """Yields Records, and Failures (rows of the failures table) for what cannot be read."""
     readers = {"tfrecord": _read_tfrecord, "webdataset": _read_webdataset, "images": _read_image_file}
     try:
         yield from readers[shard.format](shard, config)
     except Exception as exc:  # could not even open the shard
-        yield S.failure_row(shard.path, "read", exc)
+        yield S.Failure.of(shard.path, "read", exc)
 
 
-def _read_image_file(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict]:
+def _read_image_file(shard: Shard, config: ReaderConfig) -> Iterator[Record | S.Failure]:
     with FileSystems.open(shard.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         data = f.read()
     rel = shard.path[len(shard.prefix) :] if shard.path.startswith(shard.prefix) else shard.path
     yield Record(rel, shard.path, data, {})
 
 
-def _read_tfrecord(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict]:
+def _read_tfrecord(shard: Shard, config: ReaderConfig) -> Iterator[Record | S.Failure]:
     from apache_beam.io.tfrecordio import _TFRecordUtil
     from tensorflow.core.example import example_pb2
 
@@ -158,7 +162,7 @@ def _read_tfrecord(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict
             try:
                 raw = _TFRecordUtil.read_record(f)
             except Exception as exc:
-                yield S.failure_row(
+                yield S.Failure.of(
                     source,
                     "read",
                     f"TFRecord framing broken at record {index} "
@@ -172,23 +176,25 @@ def _read_tfrecord(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict
             try:
                 features = example_pb2.Example.FromString(raw).features.feature
             except Exception as exc:
-                yield S.failure_row(source, "read", f"record is not a tf.train.Example: {exc}")
+                yield S.Failure.of(source, "read", f"record is not a tf.train.Example: {exc}")
                 continue
             yield _example_record(features, source, config)
 
 
-def _feature_values(feature) -> list:
+def _feature_values(feature: feature_pb2.Feature) -> list:
     kind = feature.WhichOneof("kind")
     return list(getattr(feature, kind).value) if kind else []
 
 
-def _as_text(value) -> str:
+def _as_text(value: bytes | str | float) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _example_record(features, source: str, config: ReaderConfig) -> Record | dict:
+def _example_record(
+    features: Mapping[str, feature_pb2.Feature], source: str, config: ReaderConfig
+) -> Record | S.Failure:
     if config.image_key not in features or not _feature_values(features[config.image_key]):
-        return S.failure_row(
+        return S.Failure.of(
             source,
             "read",
             f"no {config.image_key!r} bytes feature in the example "
@@ -202,20 +208,20 @@ def _example_record(features, source: str, config: ReaderConfig) -> Record | dic
             record_id = _as_text(values[0])
             break
     if record_id is None and config.id_key:
-        return S.failure_row(source, "read", f"no {config.id_key!r} feature (--id_key) in the example")
+        return S.Failure.of(source, "read", f"no {config.id_key!r} feature (--id_key) in the example")
     try:
         metadata = {c.name: _convert(_first(features, c.name), c.type) for c in config.metadata}
     except (ValueError, TypeError) as exc:
-        return S.failure_row(source, "read", f"metadata column: {exc}", id=record_id)
+        return S.Failure.of(source, "read", f"metadata column: {exc}", id=record_id)
     return Record(record_id or source, source, data, metadata)
 
 
-def _first(features, name):
+def _first(features: Mapping[str, feature_pb2.Feature], name: str) -> bytes | float | None:
     values = _feature_values(features[name]) if name in features else []
     return values[0] if values else None
 
 
-def _convert(value, typ: str):
+def _convert(value: bytes | str | float | None, typ: str) -> str | int | float | bool | None:
     """A passthrough value as its column type; None stays None (a null)."""
     if value is None:
         return None
@@ -236,7 +242,7 @@ def _wds_split(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower() if dot else ""
 
 
-def _read_webdataset(shard: Shard, config: ReaderConfig) -> Iterator[Record | dict]:
+def _read_webdataset(shard: Shard, config: ReaderConfig) -> Iterator[Record | S.Failure]:
     with FileSystems.open(shard.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         group_key, members, last = None, {}, None
         try:
@@ -255,7 +261,7 @@ def _read_webdataset(shard: Shard, config: ReaderConfig) -> Iterator[Record | di
             if group_key is not None:
                 yield _wds_record(shard.path, group_key, members, config)
             where = f"after member {last}" if last else "at the start"
-            yield S.failure_row(
+            yield S.Failure.of(
                 f"{shard.path}#{where}",
                 "read",
                 f"tar shard broken {where} ({type(exc).__name__}: {exc}); the rest of "
@@ -266,11 +272,11 @@ def _read_webdataset(shard: Shard, config: ReaderConfig) -> Iterator[Record | di
             yield _wds_record(shard.path, group_key, members, config)
 
 
-def _wds_record(path: str, key: str, members: dict, config: ReaderConfig) -> Record | dict:
+def _wds_record(path: str, key: str, members: dict, config: ReaderConfig) -> Record | S.Failure:
     image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in members), None)
     source = f"{path}#{key}.{image_ext}" if image_ext else f"{path}#{key}"
     if image_ext is None:
-        return S.failure_row(
+        return S.Failure.of(
             source,
             "read",
             f"sample {key!r} has no image member "
@@ -281,11 +287,11 @@ def _wds_record(path: str, key: str, members: dict, config: ReaderConfig) -> Rec
     try:
         metadata = {c.name: _sidecar_value(members.get(c.name), c) for c in config.metadata}
     except (ValueError, TypeError) as exc:
-        return S.failure_row(source, "read", f"metadata sidecar: {exc}", id=key)
+        return S.Failure.of(source, "read", f"metadata sidecar: {exc}", id=key)
     return Record(key, source, members[image_ext], metadata)
 
 
-def _sidecar_value(raw: bytes | None, column: MetadataColumn):
+def _sidecar_value(raw: bytes | None, column: MetadataColumn) -> str | int | float | bool | None:
     if raw is not None and column.name == "json" and column.type == "string":
         # Normalised JSON text, so equal objects compare equal in the table.
         return json.dumps(json.loads(raw), sort_keys=True)

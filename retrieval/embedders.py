@@ -13,12 +13,14 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from retrieval import builtin
 from retrieval.errors import ConfigError, HandleError
+from retrieval.exact import unit_rows
 from retrieval.imaging import RESIZE_MODES
 
 NORMALISATIONS = ("l2", "none")
@@ -28,6 +30,9 @@ DEFAULT_INPUT_SIZE = 224
 PREPROCESSING = "float32 RGB in [0, 1], shape [batch, height, width, 3] (TF Hub image convention)"
 
 _REMOTE_PREFIXES = ("http://", "https://", "gs://", "s3://")
+# A loaded embedder: float32 images [batch, h, w, 3] in [0, 1] -> features [batch, dim]
+# (a TF Hub SavedModel returns a tf.Tensor, which np.asarray converts).
+EmbeddingModel = Callable[[np.ndarray], Any]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -48,7 +53,7 @@ class EmbedderSpec:
     normalisation: str = DEFAULT_NORMALISATION
     preprocessing: str = PREPROCESSING
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
             raise ConfigError(
                 f"embedder name {self.name!r} is not valid: use 1-64 letters, digits, '_', '-' "
@@ -129,30 +134,70 @@ class ResolvedHandle:
     fingerprint: str
 
 
-def resolve(handle: str, cache_dir: str | None = None) -> ResolvedHandle:
-    """Maps a handle to a local SavedModel directory plus a fingerprint of its files.
+@dataclasses.dataclass(frozen=True)
+class Resolver:
+    """One kind of handle: whether it `handles` a handle string, and how to `resolve` it."""
 
-    Raises HandleError naming the handle, the reason and the offline alternatives.
-    Local and builtin handles are checked without touching the network.
-    """
-    if builtin.is_builtin(handle):
-        model = builtin.materialize(handle, cache_dir=cache_dir)
-        return ResolvedHandle(handle, model.path, model.fingerprint)
-    if handle.startswith(_REMOTE_PREFIXES):
-        path = _hub_resolve(handle)
-    else:
-        path = os.path.expanduser(handle)
-        if not os.path.exists(path):
-            raise HandleError(
-                f"embedder handle {handle!r} cannot be resolved: it is not a builtin, not an "
-                "existing local directory and not a URL (https://, gs://). " + _offline_help()
-            )
+    kind: str
+    handles: Callable[[str], bool]
+    resolve: Callable[[str, str | None], ResolvedHandle]  # (handle, cache_dir)
+
+
+def _is_remote(handle: str) -> bool:
+    return handle.startswith(_REMOTE_PREFIXES)
+
+
+def _is_local(handle: str) -> bool:
+    return not builtin.is_builtin(handle) and not _is_remote(handle)
+
+
+def _resolve_builtin(handle: str, cache_dir: str | None) -> ResolvedHandle:
+    model = builtin.materialize(handle, cache_dir=cache_dir)
+    return ResolvedHandle(handle, model.path, model.fingerprint)
+
+
+def _resolve_local(handle: str, cache_dir: str | None) -> ResolvedHandle:
+    path = os.path.expanduser(handle)
+    if not os.path.exists(path):
+        raise HandleError(
+            f"embedder handle {handle!r} cannot be resolved: it is not a builtin, not an "
+            "existing local directory and not a URL (https://, gs://). " + _offline_help()
+        )
+    return _saved_model(handle, path)
+
+
+def _resolve_hub(handle: str, cache_dir: str | None) -> ResolvedHandle:
+    return _saved_model(handle, _hub_resolve(handle))
+
+
+def _saved_model(handle: str, path: str) -> ResolvedHandle:
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise HandleError(
             f"embedder handle {handle!r} resolves to {path!r}, which is not a TF Hub "
             "SavedModel directory (no saved_model.pb). " + _offline_help()
         )
     return ResolvedHandle(handle, path, tree_fingerprint(path))
+
+
+# Tried in order; the first that handles a handle resolves it.  Only the TF Hub resolver
+# may touch the network (and imports tensorflow_hub).
+RESOLVERS: tuple[Resolver, ...] = (
+    Resolver("builtin", builtin.is_builtin, _resolve_builtin),
+    Resolver("local SavedModel directory", _is_local, _resolve_local),
+    Resolver("TF Hub", _is_remote, _resolve_hub),
+)
+
+
+def resolve(handle: str, cache_dir: str | None = None) -> ResolvedHandle:
+    """Maps a handle to a local SavedModel directory plus a fingerprint of its files.
+
+    Raises HandleError naming the handle, the reason and the offline alternatives.
+    Local and builtin handles are checked without touching the network.
+    """
+    for resolver in RESOLVERS:
+        if resolver.handles(handle):
+            return resolver.resolve(handle, cache_dir)
+    raise HandleError(f"embedder handle {handle!r} cannot be resolved. " + _offline_help())
 
 
 def _hub_resolve(handle: str) -> str:
@@ -181,7 +226,7 @@ def tree_fingerprint(path: str) -> str:
     return "sha256-tree:" + digest.hexdigest()
 
 
-def load(handle: str, cache_dir: str | None = None):
+def load(handle: str, cache_dir: str | None = None) -> tuple[EmbeddingModel, ResolvedHandle]:
     """Resolves and loads a handle with `tensorflow_hub.load`; returns (model, ResolvedHandle)."""
     resolved = resolve(handle, cache_dir=cache_dir)
     import tensorflow_hub as hub
@@ -201,7 +246,7 @@ def load(handle: str, cache_dir: str | None = None):
     return model, resolved
 
 
-def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None):
+def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None) -> tuple[EmbeddingModel, EmbedderSpec]:
     """Loads the model and returns (model, spec with fingerprint and dim filled in)."""
     model, resolved = load(spec.handle, cache_dir=cache_dir)
     probe = np.zeros((1, spec.input_size, spec.input_size, 3), np.float32)
@@ -214,14 +259,9 @@ def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None):
     return model, dataclasses.replace(spec, fingerprint=resolved.fingerprint, dim=int(out.shape[1]))
 
 
-def embed_batch(model, spec: EmbedderSpec, images) -> np.ndarray:
-    """Embeds a uint8 batch [b, s, s, 3] with a loaded model; applies the spec's normalisation."""
+def embed_batch(model: EmbeddingModel, spec: EmbedderSpec, images: np.ndarray) -> np.ndarray:
+    """Embeds a uint8 batch [b, s, s, 3] with a loaded model; applies the spec's normalisation
+    (l2: `retrieval.exact.unit_rows`, all-zero rows stay zero)."""
     batch = np.asarray(images, dtype=np.float32) * np.float32(1.0 / 255.0)
     vectors = np.asarray(model(batch), dtype=np.float32)
-    return l2_normalise(vectors) if spec.normalisation == "l2" else vectors
-
-
-def l2_normalise(vectors):
-    """Row-wise L2 normalisation; all-zero rows stay zero."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, np.float32(1e-12))
+    return unit_rows(vectors) if spec.normalisation == "l2" else vectors

@@ -8,8 +8,8 @@ Every decoded image becomes 8-bit RGB the same documented way:
   (0..65535) to 0..255; float greyscale (F) is clipped to 0..255.
 - CMYK, YCbCr, LAB, HSV, 1, L, P are converted with Pillow's `convert("RGB")`.
 JPEGs are decoded at a reduced scale with `Image.draft` when the target is much smaller
-(at least `min_size` on both sides is kept), which is ~1.5x faster with negligible change
-to embeddings.
+(at least `min_size` on both sides is kept): decoding is then much cheaper, and embeddings
+barely change.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode(data: bytes, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode(data: bytes, *, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decodes encoded image bytes to upright RGB.  Raises ImageDecodeError with a reason."""
     if not data:
         raise ImageDecodeError("empty image bytes")

@@ -17,6 +17,7 @@ Failures table: one row per input record that could not be embedded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -32,6 +33,7 @@ KIND_KEY = b"imgindex.kind"
 ID, SHA256, SOURCE, WIDTH, HEIGHT, EMBEDDING = "id", "sha256", "source", "width", "height", "embedding"
 FIXED_COLUMNS = (ID, SHA256, SOURCE, WIDTH, HEIGHT, EMBEDDING)
 FAILURE_STAGES = ("read", "decode", "preprocess", "embed", "write")
+MAX_FAILURE_MESSAGE = 2000  # characters of a failure's message kept in the table
 
 
 def embedding_type(dim: int) -> pa.DataType:
@@ -124,21 +126,48 @@ def metadata_field(name: str, type_name: str) -> pa.Field:
     return pa.field(name, METADATA_TYPES[type_name])
 
 
-def failure_row(
-    source: str, stage: str, error: BaseException | str, id: str | None = None, embedder: str | None = None
-) -> dict:
-    """A failures-table row; `error` is the exception caught (or a reason string)."""
-    if stage not in FAILURE_STAGES:
-        raise ValueError(f"stage {stage!r} is not one of {FAILURE_STAGES}")
-    if isinstance(error, BaseException):
-        error_type, message = type(error).__name__, str(error) or repr(error)
-    else:
-        error_type, message = "Invalid", error
-    return {
-        ID: id,
-        SOURCE: source,
-        "stage": stage,
-        "error_type": error_type,
-        "message": message[:2000],
-        "embedder": embedder,
-    }
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """One row of the failures table: an input record that could not be embedded, and why.
+
+    Make one with `Failure.of`, which applies the table's rules; `to_row()` is the row.
+    """
+
+    id: str | None
+    source: str
+    stage: str  # one of FAILURE_STAGES
+    error_type: str  # the exception's class name, or "Invalid" for a reason string
+    message: str  # at most MAX_FAILURE_MESSAGE characters
+    embedder: str | None = None  # set for embed-stage failures only
+
+    def __post_init__(self) -> None:
+        if self.stage not in FAILURE_STAGES:
+            raise ValueError(f"stage {self.stage!r} is not one of {FAILURE_STAGES}")
+
+    @classmethod
+    def of(
+        cls,
+        source: str,
+        stage: str,
+        error: BaseException | str,
+        *,
+        id: str | None = None,
+        embedder: str | None = None,
+    ) -> Failure:
+        """The failure of `source` at `stage`; `error` is the exception caught (or a reason string)."""
+        if isinstance(error, BaseException):
+            error_type, message = type(error).__name__, str(error) or repr(error)
+        else:
+            error_type, message = "Invalid", error
+        return cls(id, source, stage, error_type, message[:MAX_FAILURE_MESSAGE], embedder)
+
+    def to_row(self) -> dict[str, str | None]:
+        """The failures-table row (a dict of FAILURES_SCHEMA's columns)."""
+        return {
+            ID: self.id,
+            SOURCE: self.source,
+            "stage": self.stage,
+            "error_type": self.error_type,
+            "message": self.message,
+            "embedder": self.embedder,
+        }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,13 @@ class Embeddings:
 def write_embeddings(
     path: str,
     spec: EmbedderSpec,
-    ids,
+    ids: Sequence[str] | pa.Array,
     vectors: np.ndarray,
-    sha256s,
-    sources,
-    widths,
-    heights,
+    *,
+    sha256s: Sequence[str],
+    sources: Sequence[str],
+    widths: Sequence[int] | np.ndarray,
+    heights: Sequence[int] | np.ndarray,
     row_group_size: int = 4096,
 ) -> None:
     """Writes one embedding table file (temporary name, then rename)."""
@@ -62,6 +64,7 @@ def write_embeddings(
 
 def read_embeddings(
     source: str | list[str],
+    *,
     with_columns: bool = False,
     vectors_path: str | None = None,
     columns_path: str | None = None,
@@ -72,8 +75,8 @@ def read_embeddings(
     height, passthrough metadata) as an Arrow table aligned with the vectors.
     vectors_path: write the vectors to this local .npy file row group by row group and
     return them as a read-only memory map of it, instead of one in-memory matrix; the ids
-    then come as one pyarrow string array rather than a list of Python strings (about a
-    sixth of the memory for short ids).
+    then come as one pyarrow string array rather than a list of Python strings (far less
+    memory for short ids).
     columns_path: with with_columns, write those columns to this local Parquet file as they
     are read and return its path (a pathlib.Path) as `columns` instead of a table.
     """
@@ -107,6 +110,7 @@ def read_embeddings(
                     pieces.append(piece)
             row += m
     if vectors is None:
+        assert vectors_path is not None  # no matrix was allocated: the vectors went to this file
         vectors = npy_stream.open_read(vectors_path)
         ids = pa.chunked_array(id_chunks, schema.field(S.ID).type).combine_chunks()
     else:
@@ -127,7 +131,32 @@ def embedder_spec(source: str | list[str]) -> EmbedderSpec:
     return _dataset_and_spec(source)[1]
 
 
-def _dataset_and_spec(source):
+def load_tuning_queries(path: str, spec: EmbedderSpec) -> np.ndarray:
+    """Query vectors from a .npy file or from embedding tables made with the same embedder.
+
+    Raises ConfigError (worded for `--tuning_queries`) when the path is missing or unreadable,
+    or the tables were made by an embedder with another fingerprint than `spec`'s.
+    """
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"--tuning_queries {path!r} does not exist (a .npy file or Parquet embedding tables)"
+        )
+    if path.endswith(".npy"):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--tuning_queries {path!r} is not a readable .npy array ({exc})") from exc
+    queries = read_embeddings(path)
+    if queries.spec.fingerprint != spec.fingerprint:
+        raise ConfigError(
+            f"--tuning_queries {path!r} was embedded by {queries.spec.name!r} "
+            f"({queries.spec.fingerprint}), the index by {spec.name!r} ({spec.fingerprint}); "
+            "embed the queries with the same embedder"
+        )
+    return queries.vectors
+
+
+def _dataset_and_spec(source: str | list[str]) -> tuple[ds.Dataset, EmbedderSpec]:
     dataset = ds.dataset(source, format="parquet", exclude_invalid_files=False)
     if not dataset.files:
         raise ConfigError(f"no Parquet files found at {source!r}")
@@ -143,9 +172,9 @@ def _dataset_and_spec(source):
     return dataset, spec
 
 
-def _batches(files: list[str], columns: list[str]):
+def _batches(files: list[str], columns: list[str]) -> Iterator[pa.RecordBatch]:
     """Record batches file by file, one row group at a time: a dataset scan's read-ahead
-    would hold many decoded row groups (measured 3.5x the matrix for one 500k x 256 file)."""
+    would hold many decoded row groups at once, several times the matrix itself."""
     for path in files:
         parquet = pq.ParquetFile(path)
         for group in range(parquet.num_row_groups):

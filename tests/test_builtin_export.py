@@ -149,11 +149,11 @@ def test_state_dict_that_does_not_fit_is_rejected():
     state = _lite0_state()
     del state["_blocks.15._depthwise_conv.weight"]  # drops the last stage
     with pytest.raises(WeightsFileError, match="stages"):
-        EfficientNetLite(state, 1280, 1000)
+        EfficientNetLite(state, feature_dim=1280, num_classes=1000)
     state = _lite0_state()
     state["_blocks.3._se_reduce.weight"] = np.zeros((4, 144, 1, 1), np.float32)
     with pytest.raises(WeightsFileError, match="_se_reduce"):
-        EfficientNetLite(state, 1280, 1000)
+        EfficientNetLite(state, feature_dim=1280, num_classes=1000)
 
 
 # -- registry, fingerprint, cache -------------------------------------------------------------

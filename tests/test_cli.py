@@ -97,10 +97,10 @@ def test_index_with_tuning_queries_records_held_out_recall(tmp_path, capsys):
         spec,
         [f"v{i}" for i in range(50)],
         vectors,
-        ["0" * 64] * 50,
-        ["s"] * 50,
-        [1] * 50,
-        [1] * 50,
+        sha256s=["0" * 64] * 50,
+        sources=["s"] * 50,
+        widths=[1] * 50,
+        heights=[1] * 50,
     )
     np.save(tmp_path / "q.npy", rng.standard_normal((6, 4)).astype(np.float32))
     assert (
@@ -136,6 +136,37 @@ def test_index_with_tuning_queries_records_held_out_recall(tmp_path, capsys):
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_index_with_tuning_queries_does_not_import_beam(tmp_path):
+    import numpy as np
+
+    from retrieval import tables
+    from retrieval.embedders import EmbedderSpec
+
+    rng = np.random.default_rng(0)
+    spec = EmbedderSpec(name="t", handle="t", fingerprint="f", dim=4)
+    tables.write_embeddings(
+        str(tmp_path / "e.parquet"),
+        spec,
+        [f"v{i}" for i in range(20)],
+        rng.standard_normal((20, 4)).astype(np.float32),
+        sha256s=["0" * 64] * 20,
+        sources=["s"] * 20,
+        widths=[1] * 20,
+        heights=[1] * 20,
+    )
+    np.save(tmp_path / "q.npy", rng.standard_normal((3, 4)).astype(np.float32))
+    argv = ["index", "--embeddings", str(tmp_path / "e.parquet"), "--output", str(tmp_path / "ix")]
+    argv += ["--tuning_queries", str(tmp_path / "q.npy")]
+    result = _python(
+        "import sys\n"
+        "from imgindex.cli import main\n"
+        f"assert main({argv!r}) == 0\n"
+        "heavy = [m for m in ('apache_beam', 'tensorflow') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    assert result.returncode == 0, result.stderr
 
 
 # --------------------------------------------------------------------------- pass-through flags

@@ -187,3 +187,51 @@ def test_output_of_a_previous_run_is_not_overwritten(two_embedder_run, dataset):
     out, _ = two_embedder_run
     with pytest.raises(ConfigError, match="already holds the results"):
         embed.run([f"--input={dataset[0][0]}", f"--output={out}"])
+
+
+def test_row_infos_survive_beams_coder_and_dead_letters_become_failures():
+    import pickle
+
+    from apache_beam.coders import coders
+
+    from pipelines.decode import RowInfo
+    from pipelines.shards import MetadataColumn
+    from retrieval.embedders import EmbedderSpec
+
+    info = RowInfo(id="a", source="file:///a.jpg", sha256="0" * 64, width=3, height=4, metadata={"label": 7})
+    assert pickle.loads(pickle.dumps(info)) == info
+    coder = coders.FastPrimitivesCoder()
+    assert coder.decode(coder.encode((info, b"pixels"))) == (info, b"pixels")
+
+    spec = EmbedderSpec(name="lite", handle="h", fingerprint="f", dim=2)
+    schema = S.embedding_schema(spec, (S.metadata_field("label", "int64"),))
+    vector = np.array([0.6, 0.8], np.float32)
+    table = embed.embedding_batch(
+        [(info, vector)], spec=spec, schema=schema, metadata=[MetadataColumn("label", "int64")]
+    )
+    assert table.schema.equals(schema, check_metadata=True)
+    assert table.to_pylist() == [
+        {
+            "id": "a",
+            "sha256": "0" * 64,
+            "source": "file:///a.jpg",
+            "width": 3,
+            "height": 4,
+            "embedding": pytest.approx([0.6, 0.8]),
+            "label": 7,
+        }
+    ]
+
+    dead_letter = ([(info, b"pixels")], (MemoryError, "MemoryError('out of memory')", "traceback"))
+    failures = list(embed.inference_failures(dead_letter, "lite"))
+    assert [f.to_row() for f in failures] == [
+        {
+            "id": "a",
+            "source": "file:///a.jpg",
+            "stage": "embed",
+            "error_type": "MemoryError",
+            "message": "MemoryError('out of memory')",
+            "embedder": "lite",
+        }
+    ]
+    assert embed.failures_batch(failures).schema.equals(S.FAILURES_SCHEMA, check_metadata=True)

@@ -4,6 +4,7 @@ import pytest
 from retrieval import embedders
 from retrieval.embedders import EmbedderSpec, parse_embedder_arg
 from retrieval.errors import ConfigError, HandleError
+from retrieval.exact import unit_rows
 
 
 def test_parse_name_handle_and_options():
@@ -57,6 +58,19 @@ def test_directory_that_is_not_a_savedmodel(tmp_path):
         embedders.resolve(str(tmp_path))
 
 
+def test_each_handle_goes_to_the_first_resolver_that_takes_it(monkeypatch, tiny_savedmodel):
+    assert [r.kind for r in embedders.RESOLVERS] == ["builtin", "local SavedModel directory", "TF Hub"]
+    sent_to_hub = []
+    monkeypatch.setattr(
+        embedders, "_hub_resolve", lambda handle: sent_to_hub.append(handle) or tiny_savedmodel
+    )
+    remote = embedders.resolve("https://example.invalid/models/tiny/1")
+    assert sent_to_hub == ["https://example.invalid/models/tiny/1"]
+    assert (remote.path, remote.fingerprint) == (tiny_savedmodel, embedders.tree_fingerprint(tiny_savedmodel))
+    local = embedders.resolve(tiny_savedmodel)
+    assert local.fingerprint == remote.fingerprint and len(sent_to_hub) == 1  # never sent to the hub
+
+
 def test_local_savedmodel_loads_with_fingerprint_and_dim(tiny_savedmodel):
     spec = parse_embedder_arg(f"tiny={tiny_savedmodel},size=32")
     model, full = embedders.complete_spec(spec)
@@ -89,3 +103,16 @@ def test_savedmodel_returning_wrong_rank_is_rejected(tmp_path):
     tf.saved_model.save(Bad(), path)
     with pytest.raises(HandleError, match=r"returning \[batch, dim\]"):
         embedders.complete_spec(parse_embedder_arg(f"bad={path},size=16"))
+
+
+def test_l2_normalisation_is_the_projects_unit_rows():
+    outputs = np.array([[3, 4, 0], [0, 0, 0], [1e-30, 0, 0], [1e30, 1e30, 0]], np.float32)
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    l2 = EmbedderSpec(name="m", handle="h", dim=3)
+    vectors = embedders.embed_batch(lambda batch: outputs, l2, images)
+    np.testing.assert_array_equal(vectors, unit_rows(outputs))
+    np.testing.assert_allclose(
+        vectors, [[0.6, 0.8, 0], [0, 0, 0], [1, 0, 0], [0.5**0.5, 0.5**0.5, 0]], rtol=1e-6
+    )
+    raw = EmbedderSpec(name="m", handle="h", dim=3, normalisation="none")
+    np.testing.assert_array_equal(embedders.embed_batch(lambda batch: outputs, raw, images), outputs)

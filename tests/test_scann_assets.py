@@ -244,10 +244,10 @@ def test_read_embeddings_into_a_file_matches_the_in_memory_read(tmp_path, cluste
         spec,
         [f"v{i}" for i in range(n)],
         clustered[:n],
-        ["0" * 64] * n,
-        [f"s{i}" for i in range(n)],
-        [1] * n,
-        [1] * n,
+        sha256s=["0" * 64] * n,
+        sources=[f"s{i}" for i in range(n)],
+        widths=[1] * n,
+        heights=[1] * n,
     )
     in_memory = tables.read_embeddings(str(source), with_columns=True)
     from_file = tables.read_embeddings(str(source), with_columns=True, vectors_path=str(tmp_path / "v.npy"))

@@ -23,10 +23,10 @@ def write(path, n, spec=SPEC, seed=0, prefix="img"):
         spec,
         ids,
         vectors,
-        [f"{i:064x}" for i in range(n)],
-        [f"file:///shard.tfrecord#{i}" for i in range(n)],
-        [640] * n,
-        [480] * n,
+        sha256s=[f"{i:064x}" for i in range(n)],
+        sources=[f"file:///shard.tfrecord#{i}" for i in range(n)],
+        widths=[640] * n,
+        heights=[480] * n,
         row_group_size=7,
     )
     return ids, vectors
@@ -81,11 +81,30 @@ def test_metadata_columns_cannot_shadow_fixed_ones():
 
 
 def test_failure_rows_fit_the_failures_schema():
-    rows = [
-        S.failure_row("gs://b/s.tar#x.jpg", "decode", ValueError("bad huffman"), id="x"),
-        S.failure_row("file:///a.jpg", "read", "empty file"),
+    failures = [
+        S.Failure.of("gs://b/s.tar#x.jpg", "decode", ValueError("bad huffman"), id="x"),
+        S.Failure.of("file:///a.jpg", "read", "empty file"),
+        S.Failure.of("file:///b.jpg", "embed", KeyError(), embedder="lite"),
     ]
-    table = pa.Table.from_pylist(rows, schema=S.FAILURES_SCHEMA)
-    assert table.column("error_type").to_pylist() == ["ValueError", "Invalid"]
+    table = pa.Table.from_pylist([f.to_row() for f in failures], schema=S.FAILURES_SCHEMA)
+    assert table.column("error_type").to_pylist() == ["ValueError", "Invalid", "KeyError"]
+    assert table.to_pylist()[0] == {
+        "id": "x",
+        "source": "gs://b/s.tar#x.jpg",
+        "stage": "decode",
+        "error_type": "ValueError",
+        "message": "bad huffman",
+        "embedder": None,
+    }
+    assert table.column("message").to_pylist()[2] == "KeyError()"  # an empty str() falls back to repr()
+    assert table.column("embedder").to_pylist() == [None, None, "lite"]
     with pytest.raises(ValueError, match="stage"):
-        S.failure_row("s", "teleport", "x")
+        S.Failure.of("s", "teleport", "x")
+
+
+def test_failure_messages_are_cut_and_failures_pickle():
+    import pickle
+
+    failure = S.Failure.of("s", "read", "x" * 5000, id="i")
+    assert len(failure.message) == S.MAX_FAILURE_MESSAGE == 2000
+    assert pickle.loads(pickle.dumps(failure)) == failure

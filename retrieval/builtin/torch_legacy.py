@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import pickle
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -75,8 +76,14 @@ class _TensorRef:
 
 
 def _rebuild_tensor_v2(
-    storage_key, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
-):
+    storage_key: object,
+    storage_offset: int,
+    size: Sequence[int],
+    stride: Sequence[int],
+    requires_grad: bool = False,
+    backward_hooks: object = None,
+    metadata: object = None,
+) -> _TensorRef:
     # Stand-in for torch._utils._rebuild_tensor_v2; persistent_load returned the key.
     if not isinstance(storage_key, str):
         raise WeightsFileError("tensor without a storage in weights file")
@@ -88,11 +95,11 @@ def _rebuild_tensor_v2(
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only the globals of a plain state dict; records storage references."""
 
-    def __init__(self, file: BinaryIO, storages: dict[str, _StorageRef]):
+    def __init__(self, file: BinaryIO, storages: dict[str, _StorageRef]) -> None:
         super().__init__(file)
         self._storages = storages
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> object:
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
@@ -104,7 +111,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             "which a plain tensor state dict never needs"
         )
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: object) -> str:
         if not (
             isinstance(pid, tuple)
             and len(pid) == 6
@@ -121,7 +128,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return str(key)
 
 
-def _load_pickle(f: BinaryIO, storages: dict[str, _StorageRef]):
+def _load_pickle(f: BinaryIO, storages: dict[str, _StorageRef]) -> object:
     return _RestrictedUnpickler(f, storages).load()
 
 
