@@ -268,6 +268,52 @@ def _run_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "runs",
+        help="list the runs under an output root",
+        description="List every run under an output root, oldest first: id, creation time "
+        "(UTC), status (published, rejected, failed; incomplete: no run_manifest.json, a "
+        "build still running or one that was killed; damaged: an unreadable manifest), "
+        "records, failed records and each embedder's rows. * marks the run LATEST names.",
+    )
+    p.add_argument("root", help="output root (holds LATEST and runs/)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, oldest first, instead of a table")
+    p.set_defaults(func=_run_runs)
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+    from retrieval import output_root
+
+    found = output_root.list_runs(args.root)
+    if args.json:
+        print(json.dumps([run.to_dict() for run in found], indent=2))
+        return 0
+    if not found:
+        print(f"no runs under {args.root}")
+        return 0
+    print(f"  {'run id':24} {'created (UTC)':19}  {'status':10} {'records':>9} {'failed':>7}  embedders")
+    for run in found:
+        embedders = " ".join(f"{e.name}={'?' if e.n is None else e.n}" for e in run.embedders)
+        note = run.reason or run.error
+        print(
+            f"{'*' if run.is_latest else ' '} {run.run_id:24} {run.created_at:%Y-%m-%d %H:%M:%S}  "
+            f"{run.status:10} {'-' if run.records is None else run.records:>9} "
+            f"{'-' if run.failed_total is None else run.failed_total:>7}  {embedders or '-'}"
+            + (f"  ({note})" if note else "")
+        )
+    try:
+        latest = output_root.latest_run_id(args.root)
+    except ImgIndexError as exc:
+        print(f"LATEST is unreadable: {exc}")
+        return 0
+    if latest is None:
+        print("* none: LATEST names no run (nothing published)")
+    elif not any(run.is_latest for run in found):
+        print(f"* none: LATEST names runs/{latest}, which is missing")
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -369,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_inspect,
         _add_models,
         _add_query,
+        _add_runs,
         _add_serve,
     ):
         add(sub)
