@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import platform
 import shutil
@@ -28,12 +29,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import embed
 from pipelines.options import EmbedOptions, check_flags
-from retrieval import embedders, projection, runs, sharded, tables
+from retrieval import embedders, output_root, projection, runs, sharded, tables
 from retrieval import index as index_lib
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
+log = logging.getLogger(__name__)
+
 DISTANCES = ("cosine", "dot_product", "squared_l2")
+DEFAULT_KEEP_RUNS = 3
+DEFAULT_KEEP_FAILED_HOURS = 48.0
 
 
 class BuildOptions(EmbedOptions):
@@ -99,6 +104,20 @@ class BuildOptions(EmbedOptions):
             default=None,
             help="name of the run directory (default: UTC timestamp + random suffix)",
         )
+        parser.add_argument(
+            "--keep_runs",
+            type=int,
+            default=DEFAULT_KEEP_RUNS,
+            help="after a publish, delete published runs older than the newest N (the run LATEST "
+            "names and the one before it are always kept; 0 = keep every published run)",
+        )
+        parser.add_argument(
+            "--keep_failed_hours",
+            type=float,
+            default=DEFAULT_KEEP_FAILED_HOURS,
+            help="after a publish, delete failed, rejected and unfinished runs older than this "
+            "(make it longer than the longest build: an unfinished run may still be running)",
+        )
 
 
 class GateError(ImgIndexError):
@@ -137,6 +156,7 @@ def _check(opts: BuildOptions) -> None:
         raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id or opts.run_id.startswith(".")):
         raise ConfigError(f"--run_id {opts.run_id!r} must be a plain directory name")
+    output_root.check_retention(opts.keep_runs, opts.keep_failed_hours)
     tuning_queries_of(opts)
 
 
@@ -315,9 +335,15 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     run_directory = runs.run_dir(root, run_id)
     if os.path.exists(run_directory):
         raise ConfigError(f"run directory {run_directory} exists already; choose another --run_id")
+    embed_options = options.view_as(EmbedOptions)
+    embed_options.output = run_directory
+    if embed_options.reuse_from is None:
+        embed_options.reuse_from = "latest"
+    started = time.time()
+    # Flags, handles and previous tables are checked before the run directory exists.
+    planned = embed.plan(options, root=root, salt=run_id)
     os.makedirs(run_directory)
-    options.view_as(EmbedOptions).output = run_directory
-    timings, started = {}, time.time()
+    timings: dict[str, float] = {}
     manifest = runs.RunManifest(
         run_id=run_id,
         status="failed",
@@ -329,9 +355,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         versions=_versions(),
     )
     try:
-        report = embed.run_with_options(options, test_pipeline)
+        report = embed.run_with_options(options, test_pipeline, planned=planned)
         timings["embed_seconds"] = report["seconds"]
-        manifest.inputs, manifest.counts = report["inputs"], report["counts"]
+        manifest.inputs, manifest.counts = report["inputs"], _counts(report)
         step = time.time()
         manifest.embedders = build_indexes(run_directory, report, opts, options)
         timings["index_seconds"] = round(time.time() - step, 2)
@@ -351,7 +377,30 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             + f" (run kept at {run_directory}; LATEST unchanged)"
         )
     runs.publish(root, run_id)
+    manifest.retention = _retention(root, opts)
+    runs.write_run_manifest(run_directory, manifest)  # again, with what the retention deleted
     return BuildResult(root, run_directory, manifest)
+
+
+def _retention(root: str, opts: BuildOptions) -> dict:
+    """Old runs deleted after a publish (`retrieval.output_root`); a failure here is logged and
+    recorded, not raised: the run is published, and the next build finishes the clean-up."""
+    try:
+        report = output_root.apply_retention(
+            root, keep_runs=opts.keep_runs, keep_failed_hours=opts.keep_failed_hours
+        )
+    except (ImgIndexError, OSError) as exc:
+        log.warning("retention skipped: %s", exc)
+        return {"errors": [f"{type(exc).__name__}: {exc}"], "deleted": []}
+    log.info("%s", report.summary())
+    return report.to_dict()
+
+
+def _counts(report: dict) -> dict:
+    """The run manifest's counts: the report's, plus per embedder what was reused and embedded."""
+    keys = ("rows", "reused", "embedded", "model_inputs", "deleted", "failed_embed")
+    per_embedder = {name: {k: e.get(k) for k in keys} for name, e in report["embedders"].items()}
+    return {**report["counts"], "embedders": per_embedder, "reuse_source": report["reuse"]["source"]}
 
 
 def summary(result: BuildResult) -> str:
@@ -365,9 +414,19 @@ def summary(result: BuildResult) -> str:
         f"  records {c.get('records')}: failed {c.get('failed_total')} "
         f"(rate {manifest.gates.get('failure_rate')})"
     )
-    for name, e in manifest.embedders.items():
+    if c.get("duplicate_ids") or c.get("duplicate_content"):
         lines.append(
-            f"  {name}: n={e['n']} d={e['d']} {e['method']} recall@{e['recall']['k']}="
-            f"{e['recall']['value']} search {e['search_defaults']} -> {e['index']}"
+            f"  duplicates: {c.get('duplicate_ids')} ids (failed), {c.get('duplicate_content')} records "
+            "repeating content seen earlier (embedded once)"
+        )
+    for name, e in manifest.embedders.items():
+        counts = (c.get("embedders") or {}).get(name, {})
+        deleted = (
+            "" if counts.get("deleted") is None else f", {counts['deleted']} deleted since the previous run"
+        )
+        lines.append(
+            f"  {name}: n={e['n']} (reused {counts.get('reused')}, embedded {counts.get('embedded')}{deleted}) "
+            f"d={e['d']} {e['method']} recall@{e['recall']['k']}={e['recall']['value']} "
+            f"search {e['search_defaults']} -> {e['index']}"
         )
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import collections
 import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -43,8 +43,9 @@ class RowInfo:
 
 
 class Decoded(NamedTuple):
-    info: RowInfo
+    info: RowInfo  # of the record decoded (its id, source, size)
     pixels: dict  # embedder name -> uint8 [size, size, 3]
+    request: Any = None  # the pipelines.content.EmbedRequest it answers
 
 
 class ResizePlan(NamedTuple):
@@ -81,8 +82,20 @@ def decode_record(record: Record, plan: ResizePlan, max_pixels: int) -> Decoded 
     return Decoded(info, {name: arrays[target] for name, target in plan.by_embedder.items()})
 
 
+def decode_request(item: tuple[Record, Any], plan: ResizePlan, max_pixels: int) -> list[Decoded | S.Failure]:
+    """(Record, EmbedRequest) -> [Decoded carrying the request], or a Failure for each row of
+    the request (each id with that content) when the record cannot be used."""
+    record, request = item
+    result = decode_record(record, plan, max_pixels)
+    if isinstance(result, Decoded):
+        return [result._replace(request=request)]
+    if not request.embedders:
+        return []  # a verification sample: its rows keep their reused vectors
+    return [dataclasses.replace(result, id=row.id, source=row.source) for row in request.rows]
+
+
 class DecodeDoFn(beam.DoFn):
-    """Record -> Decoded (main) or Failure (tagged `failures`).
+    """(Record, EmbedRequest) -> Decoded (main) or a Failure per row (tagged `failures`).
 
     With threads > 0, up to `max_pending` records are decoded ahead in a thread pool and
     emitted in input order.
@@ -95,7 +108,7 @@ class DecodeDoFn(beam.DoFn):
         self._max_pending = max(1, max_pending)
         self._decoded = beam.metrics.Metrics.counter(NAMESPACE, "decoded")
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: collections.deque[Future[Decoded | S.Failure]] = collections.deque()
+        self._pending: collections.deque[Future[list[Decoded | S.Failure]]] = collections.deque()
 
     def setup(self) -> None:
         if self._threads > 0:
@@ -108,27 +121,29 @@ class DecodeDoFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._pending = collections.deque()
 
-    def process(self, record: Record) -> Iterator[Decoded | beam.pvalue.TaggedOutput]:
+    def process(self, item: tuple[Record, Any]) -> Iterator[Decoded | beam.pvalue.TaggedOutput]:
         if self._pool is None:
-            yield self._output(decode_record(record, self._plan, self._max_pixels))
+            yield from self._output(decode_request(item, self._plan, self._max_pixels))
             return
-        self._pending.append(self._pool.submit(decode_record, record, self._plan, self._max_pixels))
+        self._pending.append(self._pool.submit(decode_request, item, self._plan, self._max_pixels))
         while self._pending and (len(self._pending) > self._max_pending or self._pending[0].done()):
-            yield self._output(self._pending.popleft().result())
+            yield from self._output(self._pending.popleft().result())
 
     def finish_bundle(self) -> Iterator[WindowedValue | beam.pvalue.TaggedOutput]:
         while self._pending:
-            out = self._output(self._pending.popleft().result())
-            if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
-            else:
-                yield GlobalWindows.windowed_value(out)
+            for out in self._output(self._pending.popleft().result()):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+                else:
+                    yield GlobalWindows.windowed_value(out)
 
-    def _output(self, result: Decoded | S.Failure) -> Decoded | beam.pvalue.TaggedOutput:
-        if isinstance(result, Decoded):
-            self._decoded.inc()
-            return result
-        return tag_failure(result)
+    def _output(self, results: list[Decoded | S.Failure]) -> Iterator[Decoded | beam.pvalue.TaggedOutput]:
+        for result in results:
+            if isinstance(result, Decoded):
+                self._decoded.inc()
+                yield result
+            else:
+                yield tag_failure(result)
 
 
 def tag_failure(failure: S.Failure) -> beam.pvalue.TaggedOutput:

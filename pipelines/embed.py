@@ -1,11 +1,16 @@
 """The embedding pipeline: image shards in, Parquet embedding tables out.
 
-    shards ─► Read ─► Decode (once, threads) ─┬─► RunInference[emb1] ─► Parquet embeddings/emb1/
-                │           │                 └─► RunInference[emb2] ─► Parquet embeddings/emb2/
-                └───────────┴──── failures (read, decode, preprocess, embed) ─► Parquet failures/
+    shards ─► Read+hash ─► by id: keep the first ─► by content ─┬─► reused: copy from the previous
+                                 (duplicates fail)   (+ previous │   table's file ──────────────┐
+                                                      tables)    └─► new: re-read, decode once, │
+                                                                     RunInference per embedder ─┴─► embeddings/<emb>/
+    failures (read, duplicate id, decode, preprocess, embed) ─► failures/
 
 Every input record lands in the embedding table of each embedder or in the failures table;
-`run_report.json` next to the tables reconciles the counts.
+`run_report.json` next to the tables reconciles the counts.  Content already embedded by the
+previous run with the same weights and preprocessing (`--reuse_from`, `pipelines.reuse`) is
+not decoded or embedded again: only its bytes are read and hashed.  Identical content within
+the run is embedded once, and every id gets its row.
 """
 
 from __future__ import annotations
@@ -20,15 +25,32 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.parquetio import ReadAllFromParquetBatched
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipelines import report as run_report
-from pipelines.decode import FAILURES, NAMESPACE, DecodeDoFn, ResizePlan, RowInfo, tag_failure
+from pipelines import reuse
+from pipelines.content import (
+    EMBED,
+    REUSE,
+    TODAY,
+    VERIFY,
+    DecideReuseDoFn,
+    EmbedKey,
+    FanOutDoFn,
+    KeepFirstIdDoFn,
+    ReadHashDoFn,
+    RereadDoFn,
+    RouteDoFn,
+    previous_tag,
+)
+from pipelines.decode import FAILURES, DecodeDoFn, ResizePlan, RowInfo
+from pipelines.fetch import CHECKS_SCHEMA, CompareDoFn, FetchDoFn, rows_tag
 from pipelines.inference import TFHubImageEmbedder
-from pipelines.options import LOCAL_RUNNER, EmbedOptions, check_flags
-from pipelines.shards import ReaderConfig, Record, Shard, expand_inputs, parse_metadata_columns, read_shard
-from retrieval import embedders
+from pipelines.options import LOCAL_RUNNER, MIN_VERIFY_ROWS, EmbedOptions, check_flags
+from pipelines.shards import ReaderConfig, expand_inputs, parse_metadata_columns
+from retrieval import embedders, imaging
 from retrieval import schema as S
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
@@ -46,10 +68,13 @@ class Plan:
     metadata: list  # MetadataColumn
     reader: ReaderConfig
     options: EmbedOptions
+    reuse: reuse.ReusePlan
 
 
-def plan(options: EmbedOptions) -> Plan:
-    """Validates the configuration and resolves embedders; raises ConfigError/HandleError."""
+def plan(options: PipelineOptions, *, root: str | None = None, salt: str = "") -> Plan:
+    """Validates the configuration, resolves embedders and previous tables; raises
+    ConfigError/HandleError.  root: the output root whose LATEST `--reuse_from latest` means
+    (imgindex build); salt: makes the verification sample differ from run to run."""
     opts = options.view_as(EmbedOptions)
     if not opts.output:
         raise ConfigError("--output is required: the directory the tables and run report go to")
@@ -70,8 +95,14 @@ def plan(options: EmbedOptions) -> Plan:
     _check_output_is_free(opts.output)
     shards = expand_inputs(opts.input, opts.format)
     specs = [complete(spec, opts.model_cache_dir) for spec in specs]
+    # What else decides the pixels each embedder sees (part of the spec, so of reuse).
+    decode_size = ResizePlan.of(specs).min_size
+    specs = [dataclasses.replace(s, decode_size=decode_size, pixels=imaging.PIXELS) for s in specs]
+    reuse_plan = reuse.plan_reuse(
+        opts.reuse_from, specs, root=root, verify_fraction=opts.verify_reuse_fraction, salt=salt
+    )
     reader = ReaderConfig(opts.image_key, opts.id_key, tuple(metadata))
-    return Plan(opts.output.rstrip("/"), shards, specs, metadata, reader, opts)
+    return Plan(opts.output.rstrip("/"), shards, specs, metadata, reader, opts, reuse_plan)
 
 
 def complete(spec: EmbedderSpec, cache_dir: str | None) -> EmbedderSpec:
@@ -126,26 +157,16 @@ def failures_batch(failures: list[S.Failure]) -> pa.Table:
 
 
 def inference_failures(dead_letter: tuple, embedder: str) -> Iterator[S.Failure]:
-    """RunInference's dead letter (batch, (type, repr, traceback)) -> one Failure per image."""
+    """RunInference's dead letter (batch, (type, repr, traceback)) -> one Failure per row that
+    waited for the vector (every id of each content in the batch)."""
     batch, (exc_type, exc_repr, _) = dead_letter
     error_type = getattr(exc_type, "__name__", str(exc_type))
     for key, _ in batch:
-        failure = S.Failure.of(key.source, "embed", exc_repr, id=key.id, embedder=embedder)
-        yield dataclasses.replace(failure, error_type=error_type)
-
-
-class ReadDoFn(beam.DoFn):
-    def __init__(self, config: ReaderConfig) -> None:
-        self._config = config
-        self._read = beam.metrics.Metrics.counter(NAMESPACE, "read")
-
-    def process(self, shard: Shard) -> Iterator[Record | beam.pvalue.TaggedOutput]:
-        for item in read_shard(shard, self._config):
-            if isinstance(item, Record):
-                self._read.inc()
-                yield item
-            else:
-                yield tag_failure(item)
+        if embedder not in key.request.embedders:
+            continue  # a verification sample: its rows are reused; the check reports it
+        for row in key.request.rows:
+            failure = S.Failure.of(row.source, "embed", exc_repr, id=row.id, embedder=embedder)
+            yield dataclasses.replace(failure, error_type=error_type)
 
 
 def _write(
@@ -172,13 +193,67 @@ def _write(
 def build(pipeline: beam.Pipeline, p: Plan) -> None:
     """Adds the embedding graph for plan `p` to `pipeline`."""
     opts = p.options
+    names = [spec.name for spec in p.specs]
+    tables = p.reuse.tables
     read = (
         pipeline
-        | "Shards" >> beam.Create(p.shards)
+        | "Shards" >> beam.Create(list(enumerate(p.shards)))
         | "SpreadShards" >> beam.Reshuffle()
-        | "Read" >> beam.ParDo(ReadDoFn(p.reader)).with_outputs(FAILURES, main="records")
+        | "ReadHash" >> beam.ParDo(ReadHashDoFn(p.reader)).with_outputs(FAILURES, main="seen")
     )
-    decoded = read.records | "Decode" >> beam.ParDo(
+    failures = [read[FAILURES]]
+    previous_ids, previous_content = {}, {}
+    for name, table in tables.items():
+        batches = (
+            pipeline
+            | f"PreviousFiles[{name}]" >> beam.Create(list(table.files))
+            | f"ReadPrevious[{name}]"
+            >> ReadAllFromParquetBatched(
+                columns=[S.ID, S.SHA256], with_filename=True, label=f"ReadPreviousFiles[{name}]"
+            )
+        )
+        previous_ids[previous_tag(name)] = batches | f"PreviousIds[{name}]" >> beam.FlatMap(_previous_ids)
+        previous_content[previous_tag(name)] = batches | f"PreviousContent[{name}]" >> beam.FlatMap(
+            _previous_content
+        )
+    kept = (
+        {TODAY: read.seen | "ById" >> beam.Map(lambda seen: (seen.id, seen)), **previous_ids}
+        | "GroupById" >> beam.CoGroupByKey()
+        | "KeepFirstId" >> beam.ParDo(KeepFirstIdDoFn(tables)).with_outputs(FAILURES, main="kept")
+    )
+    failures.append(kept[FAILURES])
+    routed = (
+        {TODAY: kept.kept | "ByContent" >> beam.Map(lambda seen: (seen.sha256, seen)), **previous_content}
+        | "GroupByContent" >> beam.CoGroupByKey()
+        | "Route" >> beam.ParDo(RouteDoFn(names, tables, p.reuse.salt)).with_outputs(REUSE, EMBED)
+    )
+    requests = [routed[EMBED]]
+    fetched = None
+    if tables:
+        lowest = (
+            routed[REUSE]
+            | "Draws" >> beam.Map(lambda c: (c.embedder, (c.draw, c.sha256)))
+            | "LowestDraws" >> beam.combiners.Top.SmallestPerKey(MIN_VERIFY_ROWS)
+        )
+        decided = routed[REUSE] | "DecideReuse" >> beam.ParDo(
+            DecideReuseDoFn(p.reuse.verify_fraction), lowest=beam.pvalue.AsDict(lowest)
+        ).with_outputs(EMBED, main="fetch")
+        requests.append(decided[EMBED])
+        fetched = (
+            decided.fetch
+            | "GroupByPreviousFile" >> beam.GroupByKey()
+            | "CopyPrevious"
+            >> beam.ParDo(FetchDoFn({s.name: s.dim for s in p.specs})).with_outputs(
+                VERIFY, *[rows_tag(name) for name in tables]
+            )
+        )
+    records = (
+        requests
+        | "AllEmbedRequests" >> beam.Flatten()
+        | "GroupByShard" >> beam.GroupByKey()
+        | "Reread" >> beam.ParDo(RereadDoFn(p.reader)).with_outputs(FAILURES, main="records")
+    )
+    decoded = records.records | "Decode" >> beam.ParDo(
         DecodeDoFn(
             ResizePlan.of(p.specs),
             max_pixels=opts.max_pixels,
@@ -186,7 +261,8 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
             max_pending=2 * opts.batch_size,
         )
     ).with_outputs(FAILURES, main="decoded")
-    failures = [read[FAILURES], decoded[FAILURES]]
+    failures += [records[FAILURES], decoded[FAILURES]]
+    verify_today = []
     for spec in p.specs:
         name = spec.name
         handler = TFHubImageEmbedder(
@@ -196,7 +272,13 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
             share_across_processes=opts.share_model_across_processes,
             intra_op_threads=opts.tf_intra_op_threads,
         )
-        keyed = decoded.decoded | f"Pixels[{name}]" >> beam.Map(lambda d, n=name: (d.info, d.pixels[n]))
+        keyed = (
+            decoded.decoded
+            | f"Wants[{name}]"
+            >> beam.Filter(lambda d, n=name: n in d.request.embedders or n in d.request.verify)
+            | f"Pixels[{name}]"
+            >> beam.Map(lambda d, n=name: (EmbedKey(d.request, d.info.width, d.info.height), d.pixels[n]))
+        )
         embedded, dead = (
             keyed
             | f"Embed[{name}]"
@@ -207,15 +289,36 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
         failures.append(
             dead.failed_inferences | f"EmbedFailures[{name}]" >> beam.FlatMap(inference_failures, name)
         )
+        fanned = embedded | f"FanOut[{name}]" >> beam.ParDo(FanOutDoFn(name)).with_outputs(
+            VERIFY, main="rows"
+        )
+        verify_today.append(fanned[VERIFY])
+        rows = fanned.rows
+        if fetched is not None and name in tables:
+            rows = (rows, fetched[rows_tag(name)]) | f"AllRows[{name}]" >> beam.Flatten()
         schema = S.embedding_schema(spec, tuple(S.metadata_field(c.name, c.type) for c in p.metadata))
         # A partial, not a closure over the plan: only what the step needs is pickled.
         _write(
-            embedded,
+            rows,
             label=f"[{name}]",
             prefix=f"{p.output}/embeddings/{name}/part",
             schema=schema,
             opts=opts,
             to_table=functools.partial(embedding_batch, spec=spec, schema=schema, metadata=p.metadata),
+        )
+    if fetched is not None:
+        checks = (
+            {"previous": fetched[VERIFY], "today": verify_today | "AllVerified" >> beam.Flatten()}
+            | "MeetSample" >> beam.CoGroupByKey()
+            | "Compare" >> beam.ParDo(CompareDoFn())
+        )
+        _write(
+            checks,
+            label="[checks]",
+            prefix=f"{p.output}/{reuse.CHECKS_DIR}/part",
+            schema=CHECKS_SCHEMA,
+            opts=opts,
+            to_table=_checks_batch,
         )
     _write(
         failures | "AllFailures" >> beam.Flatten(),
@@ -225,6 +328,21 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
         opts=opts,
         to_table=failures_batch,
     )
+
+
+def _previous_ids(batch: tuple[str, pa.Table]) -> Iterator[tuple[str, None]]:
+    for item_id in batch[1].column(S.ID).to_pylist():
+        yield item_id, None
+
+
+def _previous_content(batch: tuple[str, pa.Table]) -> Iterator[tuple[str, str]]:
+    path, table = batch
+    for sha in set(table.column(S.SHA256).to_pylist()):
+        yield sha, path
+
+
+def _checks_batch(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=CHECKS_SCHEMA)
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
@@ -238,22 +356,42 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     return run_with_options(EmbedOptions(flags=check_flags(argv, EmbedOptions)), test_pipeline)
 
 
-def run_with_options(options: PipelineOptions, test_pipeline: beam.Pipeline | None = None) -> dict:
-    """`run` for already parsed options (any PipelineOptions whose flags include EmbedOptions')."""
+def run_with_options(
+    options: PipelineOptions,
+    test_pipeline: beam.Pipeline | None = None,
+    *,
+    planned: Plan | None = None,
+) -> dict:
+    """`run` for already parsed options (any PipelineOptions whose flags include EmbedOptions').
+
+    planned: the Plan made by `plan(options)` beforehand (imgindex build plans before it
+    creates the run directory); planned here otherwise.  Raises pipelines.fetch.ReuseError
+    when a reused vector fails the verification (the tables are written, the report says so).
+    """
     started = time.time()
-    p = plan(options)
+    p = planned if planned is not None else plan(options)
     if test_pipeline is None and options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = LOCAL_RUNNER
     pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
     build(pipeline, p)
     result = pipeline.run()
     result.wait_until_finish()
+    verification, error = None, None
+    if p.reuse.tables:
+        try:
+            verification = reuse.check_verification(p.output, p.reuse)
+        except reuse.ReuseError as exc:
+            error = exc
     report = run_report.make(
         p,
         result,
         started=started,
         runner=options.view_as(StandardOptions).runner,
         direct_options=options.view_as(DirectOptions),
+        verification=verification,
+        error=error,
     )
     run_report.write(p.output, report)
+    if error is not None:
+        raise error
     return report

@@ -24,6 +24,9 @@ FORMATS = ("auto", "tfrecord", "webdataset", "images")
 # it keeps local runs offline and quiet.  It honours --direct_running_mode and
 # --direct_num_workers.
 LOCAL_RUNNER = "FnApiRunner"
+# Reused vectors embedded again to check them: this fraction, and at least this many per embedder.
+DEFAULT_VERIFY_FRACTION = 0.001
+MIN_VERIFY_ROWS = 16
 
 
 class EmbedOptions(PipelineOptions):
@@ -112,6 +115,21 @@ class EmbedOptions(PipelineOptions):
             type=int,
             default=0,
             help="TensorFlow intra-op threads per worker (0 = TensorFlow's default)",
+        )
+        parser.add_argument(
+            "--reuse_from",
+            default=None,
+            help="reuse the vectors of unchanged images (same bytes, same embedder and preprocessing) "
+            "from previous embedding tables: latest (the run OUTPUT/LATEST names; the default of "
+            "imgindex build), none (the default of imgindex embed), or a run directory or embedding "
+            "tables on any Beam filesystem",
+        )
+        parser.add_argument(
+            "--verify_reuse_fraction",
+            type=float,
+            default=DEFAULT_VERIFY_FRACTION,
+            help=f"fraction of the reused vectors embedded again and compared (at least {MIN_VERIFY_ROWS} "
+            "per embedder); the run fails when today's model gives another vector than the one reused",
         )
 
 

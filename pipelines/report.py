@@ -20,6 +20,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.runners.runner import PipelineResult
 
+from pipelines.content import CHANGED, DUPLICATE_ID
 from pipelines.decode import NAMESPACE
 from retrieval.version import __version__
 
@@ -65,35 +66,66 @@ def _counters(result: PipelineResult) -> dict[str, int]:
 
 
 def make(
-    plan: Plan, result: PipelineResult, *, started: float, runner: str | None, direct_options: DirectOptions
+    plan: Plan,
+    result: PipelineResult,
+    *,
+    started: float,
+    runner: str | None,
+    direct_options: DirectOptions,
+    verification: dict | None = None,
+    error: BaseException | None = None,
 ) -> dict:
+    """The run report.  verification: what `pipelines.reuse.check_verification` found;
+    error: why the run fails although its tables are written (a failed verification)."""
     counters = _counters(result)
+
+    def counter(name: str) -> int | None:
+        """A Beam counter; 0 when it never counted, None when the runner reports no metrics."""
+        return counters.get(f"{NAMESPACE}/{name}", 0) if counters else None
+
     failures = failure_counts(f"{plan.output}/failures")
-    before_embed = sum(n for (stage, emb, _), n in failures.items() if stage != "embed" and stage != "read")
-    read_failed = sum(n for (stage, _, _), n in failures.items() if stage == "read")
-    read_ok = counters.get(f"{NAMESPACE}/read")
+    # Records read but dropped before any model: duplicate ids, records that changed during
+    # the run, undecodable images.  A `read` failure of another type is a record never read.
+    after_read = {DUPLICATE_ID, CHANGED}
+    before_embed = sum(
+        n for (stage, _, kind), n in failures.items() if stage not in ("embed", "read") or kind in after_read
+    )
+    read_failed = sum(
+        n for (stage, _, kind), n in failures.items() if stage == "read" and kind not in after_read
+    )
+    read_ok = counter("read")
     by_embedder = {}
     for spec in plan.specs:
-        embedded = count_rows(f"{plan.output}/embeddings/{spec.name}")
+        rows = count_rows(f"{plan.output}/embeddings/{spec.name}")
         embed_failed = sum(
             n for (stage, emb, _), n in failures.items() if stage == "embed" and emb == spec.name
         )
+        reused = counter(f"reused.{spec.name}")
+        embedded = counter(f"embedded.{spec.name}")
         by_embedder[spec.name] = {
             "handle": spec.handle,
             "fingerprint": spec.fingerprint,
             "dim": spec.dim,
+            "rows": rows,
+            "reused": reused,
             "embedded": embedded,
+            "model_inputs": counter(f"embedded_content.{spec.name}"),
+            "deleted": counter(f"deleted.{spec.name}") if spec.name in plan.reuse.tables else None,
             "failed_embed": embed_failed,
             "table": f"{plan.output}/embeddings/{spec.name}",
-            "reconciled": None if read_ok is None else read_ok == embedded + before_embed + embed_failed,
+            "reconciled": None
+            if read_ok is None or reused is None or embedded is None
+            else read_ok == rows + before_embed + embed_failed and rows == reused + embedded,
         }
     reasons = collections.Counter()
     for (stage, emb, error_type), n in failures.items():
         reasons[f"{stage}/{error_type}" + (f" [{emb}]" if emb else "")] += n
     seconds = time.time() - started
+    reconciled = all(e["reconciled"] is not False for e in by_embedder.values())
     return {
         "imgindex_version": __version__,
-        "status": "ok" if all(e["reconciled"] is not False for e in by_embedder.values()) else "unreconciled",
+        "status": "failed" if error is not None else "ok" if reconciled else "unreconciled",
+        "error": None if error is None else f"{type(error).__name__}: {error}",
         "output": plan.output,
         "inputs": {
             "globs": list(plan.options.input),
@@ -106,11 +138,14 @@ def make(
             "records": None if read_ok is None else read_ok + read_failed,
             "read": read_ok,
             "failed_read": read_failed,
-            "decoded": counters.get(f"{NAMESPACE}/decoded"),
+            "duplicate_ids": sum(n for (_, _, kind), n in failures.items() if kind == DUPLICATE_ID),
+            "duplicate_content": counter("duplicate_content"),
+            "decoded": counter("decoded"),
             "failed_before_embed": before_embed,
             "failed_total": sum(failures.values()),
         },
         "embedders": by_embedder,
+        "reuse": {**plan.reuse.to_report(), "verification": verification},
         "failures_by_reason": dict(sorted(reasons.items())),
         "failures_table": f"{plan.output}/failures",
         "seconds": round(seconds, 2),
@@ -136,11 +171,28 @@ def summary(report: dict) -> str:
         f"  records {c['records']}: read {c['read']}, failed to read {c['failed_read']}, "
         f"failed to decode/preprocess {c['failed_before_embed']}",
     ]
-    for name, e in report["embedders"].items():
+    if c.get("duplicate_ids") or c.get("duplicate_content"):
         lines.append(
-            f"  {name}: embedded {e['embedded']}, failed {e['failed_embed']} -> {e['table']}"
+            f"  duplicates: {c.get('duplicate_ids')} ids (failed, first kept), "
+            f"{c.get('duplicate_content')} records with content seen earlier in the run (embedded once)"
+        )
+    for name, e in report["embedders"].items():
+        deleted = "" if e.get("deleted") is None else f", deleted since the previous run {e['deleted']}"
+        lines.append(
+            f"  {name}: rows {e.get('rows')} (reused {e.get('reused')}, embedded {e['embedded']}){deleted}, "
+            f"failed {e['failed_embed']} -> {e['table']}"
             + ("" if e["reconciled"] is not False else "  (COUNTS DO NOT RECONCILE)")
         )
+    reuse = report.get("reuse") or {}
+    for name, entry in (reuse.get("embedders") or {}).items():
+        if entry["status"] != "reused":
+            lines.append(f"  {name}: reuse {entry['status']}")
+    for name, check in (reuse.get("verification") or {}).items():
+        lines.append(
+            f"  {name}: verified {check['checked']} reused vectors, worst cosine {check['worst_cosine']}"
+        )
+    if report.get("error"):
+        lines.append(f"  FAILED: {report['error']}")
     for reason, n in report["failures_by_reason"].items():
         lines.append(f"  failed {n:6d}  {reason}")
     lines.append(f"  failures: {report['failures_table']}  report: {report['output']}/{REPORT_NAME}")

@@ -40,8 +40,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class EmbedderSpec:
     """What an embedding was made with; carried by Parquet tables and index manifests.
 
-    `fingerprint` identifies the exact weights: two specs with the same fingerprint and the
-    same preprocessing produce the same vectors.
+    `fingerprint` identifies the exact weights: two specs with the same `reuse_identity()`
+    (weights and every preprocessing choice) produce the same vectors from the same bytes.
+    `decode_size` and `pixels` are set by the embedding pipeline; 0 and "" mean unknown (tables
+    written before imgindex recorded them), which never matches a known value.
     """
 
     name: str
@@ -52,6 +54,10 @@ class EmbedderSpec:
     resize: str = DEFAULT_RESIZE
     normalisation: str = DEFAULT_NORMALISATION
     preprocessing: str = PREPROCESSING
+    # JPEGs are decoded at reduced scale down to no less than this many pixels a side (the
+    # largest input size of the run's embedders), which changes the pixels a little.
+    decode_size: int = 0
+    pixels: str = ""  # the decode and resize rules (retrieval.imaging.PIXELS) the pixels followed
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -72,6 +78,20 @@ class EmbedderSpec:
             raise ConfigError(
                 f"embedder {self.name!r}: input_size {self.input_size} must be between 16 and 2048"
             )
+
+    def reuse_identity(self) -> tuple:
+        """What decides the vector of given bytes: equal identities give equal vectors, so a
+        table's vector may be reused for a spec with the same identity (names may differ)."""
+        return (
+            self.fingerprint,
+            self.dim,
+            self.input_size,
+            self.resize,
+            self.normalisation,
+            self.preprocessing,
+            self.decode_size,
+            self.pixels,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

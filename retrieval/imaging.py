@@ -26,6 +26,10 @@ from retrieval.errors import ConfigError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 PAD_VALUE = 127  # mid-grey: ~0 after the usual [0,1] -> [-1,1] input scaling
+# The rules above and below, as recorded in an embedder's spec (`EmbedderSpec.pixels`):
+# change it whenever a change here changes the pixels an embedder sees, so that vectors
+# made under the old rules are never reused or mixed with new ones.
+PIXELS = "pillow-rgb/1: EXIF upright, alpha on white, JPEG draft, bilinear, pad 127"
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 

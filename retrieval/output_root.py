@@ -160,7 +160,7 @@ def apply_retention(
     deleted, when LATEST cannot be read.  A deletion that fails is logged and listed in
     `errors`, not raised: the next call retries it.
     """
-    _check_arguments(keep_runs, keep_failed_hours)
+    check_retention(keep_runs, keep_failed_hours)
     root_path = _check_root(root)
     _latest_id(root_path)  # an unreadable LATEST: refuse before deleting anything
     now = _as_utc(now) if now is not None else datetime.datetime.now(datetime.timezone.utc)
@@ -180,7 +180,8 @@ def apply_retention(
     return report
 
 
-def _check_arguments(keep_runs: object, keep_failed_hours: object) -> None:
+def check_retention(keep_runs: object, keep_failed_hours: object) -> None:
+    """ConfigError unless the retention settings are usable (checked before any work)."""
     if isinstance(keep_runs, bool) or not isinstance(keep_runs, int) or keep_runs < 0 or keep_runs == 1:
         raise ConfigError(
             f"keep_runs must be 0 (never delete published runs) or an integer >= 2 (the run "

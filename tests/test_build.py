@@ -73,13 +73,13 @@ def test_recall_gate():
 def test_failed_run_is_recorded_and_latest_unchanged(tmp_path, tiny_savedmodel):
     root = str(tmp_path / "root")
     good = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "a", 12)], root))
-    # The same relative file names under two inputs give duplicate ids: the index refuses them.
-    with pytest.raises(ConfigError, match="ids must be unique"):
-        build.run(_argv(tiny_savedmodel, [_images(tmp_path / "x", 3), _images(tmp_path / "y", 3)], root))
+    # Three images cannot teach a PCA of 7 axes: the index stage raises after the embedding.
+    with pytest.raises(ConfigError, match="needs more than 7 vectors"):
+        build.run(_argv(tiny_savedmodel, [_images(tmp_path / "x", 3)], root, "--pca_dim=7"))
     assert runs.read_latest(root) == good.run_dir
     failed = [d for d in os.listdir(f"{root}/runs") if d != good.manifest.run_id][0]
     manifest = runs.read_run_manifest(f"{root}/runs/{failed}")
-    assert manifest.status == "failed" and "ids must be unique" in manifest.error
+    assert manifest.status == "failed" and "needs more than 7 vectors" in manifest.error
     with pytest.raises(Exception, match="not publishable"):
         runs.publish(root, failed)
 

@@ -78,7 +78,7 @@ def test_embed_runs_the_pipeline_and_prints_a_summary(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0
-    assert "lite: embedded 1, failed 0" in out and "decode/ImageDecodeError" in out
+    assert "lite: rows 1 (reused 0, embedded 1), failed 0" in out and "decode/ImageDecodeError" in out
     assert (tmp_path / "out" / "run_report.json").is_file()
 
 

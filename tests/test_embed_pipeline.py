@@ -194,8 +194,9 @@ def test_row_infos_survive_beams_coder_and_dead_letters_become_failures():
 
     from apache_beam.coders import coders
 
+    from pipelines.content import EmbedKey, EmbedRequest, Seen
     from pipelines.decode import RowInfo
-    from pipelines.shards import MetadataColumn
+    from pipelines.shards import MetadataColumn, Shard
     from retrieval.embedders import EmbedderSpec
 
     info = RowInfo(id="a", source="file:///a.jpg", sha256="0" * 64, width=3, height=4, metadata={"label": 7})
@@ -222,16 +223,24 @@ def test_row_infos_survive_beams_coder_and_dead_letters_become_failures():
         }
     ]
 
-    dead_letter = ([(info, b"pixels")], (MemoryError, "MemoryError('out of memory')", "traceback"))
+    # A failed batch fails every id waiting for each of its contents (here two ids share one),
+    # but not a verification sample's content (its rows are reused).
+    shard = Shard("file:///a.jpg", "images", "file:///")
+    rows = tuple(Seen(i, f"file:///{i}.jpg", "0" * 64, {}, shard, (0, n)) for n, i in enumerate("ab"))
+    key = EmbedKey(EmbedRequest("0" * 64, "file:///a.jpg", shard, rows, ("lite",)), 3, 4)
+    sample = EmbedKey(EmbedRequest("1" * 64, "file:///c.jpg", shard, rows[:1], (), ("lite",)), 3, 4)
+    assert coder.decode(coder.encode((key, b"pixels"))) == (key, b"pixels")
+    dead_letter = ([(key, b"p"), (sample, b"p")], (MemoryError, "MemoryError('out of memory')", "traceback"))
     failures = list(embed.inference_failures(dead_letter, "lite"))
     assert [f.to_row() for f in failures] == [
         {
-            "id": "a",
-            "source": "file:///a.jpg",
+            "id": i,
+            "source": f"file:///{i}.jpg",
             "stage": "embed",
             "error_type": "MemoryError",
             "message": "MemoryError('out of memory')",
             "embedder": "lite",
         }
+        for i in "ab"
     ]
     assert embed.failures_batch(failures).schema.equals(S.FAILURES_SCHEMA, check_metadata=True)
