@@ -31,8 +31,13 @@ MANIFEST_NAME = "manifest.json"
 _CHUNK_BYTES = 1 << 20
 
 
-def _utc_now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def utc_now(after_seconds: float = 0.0) -> str:
+    """The time in UTC (plus `after_seconds`) as ISO 8601 to the second, e.g.
+    "2026-11-22T12:00:00+00:00": every manifest's `created_at`, serving's status times."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if after_seconds:
+        now += datetime.timedelta(seconds=after_seconds)
+    return now.isoformat(timespec="seconds")
 
 
 @dataclasses.dataclass
@@ -63,7 +68,7 @@ class IndexManifest:
     build_seconds: float
     embedder: dict | None = None
     files: dict = dataclasses.field(default_factory=dict)
-    created_at: str = dataclasses.field(default_factory=_utc_now)
+    created_at: str = dataclasses.field(default_factory=utc_now)
     producer_version: str = __version__
     kind: str = KIND
     format_version: int = FORMAT_VERSION

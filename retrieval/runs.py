@@ -31,7 +31,7 @@ from typing import Any
 
 from retrieval.errors import IndexFormatError
 from retrieval.index import METADATA_FILE  # noqa: F401  (pipelines name the run's metadata table by it)
-from retrieval.manifest import MANIFEST_NAME, sha256_file, write_json_atomic, write_text_atomic
+from retrieval.manifest import MANIFEST_NAME, sha256_file, utc_now, write_json_atomic, write_text_atomic
 from retrieval.version import __version__
 
 LATEST = "LATEST"
@@ -76,9 +76,7 @@ class RunManifest:
     embedders: dict
     gates: dict
     timings: dict
-    created_at: str = dataclasses.field(
-        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    )
+    created_at: str = dataclasses.field(default_factory=utc_now)
     producer_version: str = __version__
     versions: dict = dataclasses.field(default_factory=dict)
     error: str | None = None

@@ -101,7 +101,7 @@ class ShardedManifest:
     build_seconds: float
     embedder: dict | None = None
     hash: str = HASH
-    created_at: str = dataclasses.field(default_factory=mf._utc_now)
+    created_at: str = dataclasses.field(default_factory=mf.utc_now)
     producer_version: str = __version__
     kind: str = KIND
     format_version: int = FORMAT_VERSION

@@ -32,7 +32,6 @@ are imported by `open()`, TensorFlow only by the first image query (to load the 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import os
 import threading
@@ -52,6 +51,7 @@ from retrieval.errors import (
     IndexFormatError,
     QueryError,
 )
+from retrieval.manifest import utc_now
 from retrieval.queries import check_k
 from retrieval.searchable import SearchableIndex
 from serving.id_lookup import IdLookup
@@ -173,10 +173,6 @@ class _RunState:
     load_seconds: float
 
 
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def _load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: bool) -> _RunState:
     start = time.perf_counter()
     manifest = runs.read_run_manifest(run_dir)
@@ -202,7 +198,7 @@ def _load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: b
         created_at=manifest.created_at,
         status=manifest.status,
         embedders=types.MappingProxyType(loaded),
-        loaded_at=_utc_now(),
+        loaded_at=utc_now(),
         load_seconds=round(time.perf_counter() - start, 3),
     )
 
@@ -496,7 +492,7 @@ class Searcher:
             if self._root is None:
                 return False
             status = self._refresh_status
-            status["last_checked_at"] = _utc_now()
+            status["last_checked_at"] = utc_now()
             target = None
             try:
                 target = runs.read_latest(self._root)
@@ -523,9 +519,7 @@ class Searcher:
                     )
                     self._retry_at = time.monotonic() + delay
                     status["failed_run"] = target
-                    status["retry_at"] = (
-                        datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=delay)
-                    ).isoformat(timespec="seconds")
+                    status["retry_at"] = utc_now(after_seconds=delay)
                 log.error("refresh failed, still serving run %s: %s", self._state.run_id, exc)
                 raise
             old = self._state
