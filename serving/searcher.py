@@ -148,7 +148,7 @@ class SearchResult(list):
 @dataclasses.dataclass(frozen=True)
 class _EmbedderState:
     name: str
-    entry: Mapping[str, Any]  # the run manifest's record of this embedder
+    entry: runs.EmbedderEntry  # the run manifest's record of this embedder
     spec: Mapping[str, Any] | None  # EmbedderSpec dict
     index: SearchableIndex
     index_dir: str
@@ -182,7 +182,7 @@ def _load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: b
             f"{': ' + manifest.error if manifest.error else ''}; serve a published run or pass "
             "allow_unpublished=True to inspect it"
         )
-    if not isinstance(manifest.embedders, dict) or not manifest.embedders:
+    if not manifest.embedders:
         raise IndexFormatError(f"run {manifest.run_id} ({run_dir}) has no embedders to serve")
     names = sorted(manifest.embedders)
     if only is not None:
@@ -203,9 +203,9 @@ def _load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: b
     )
 
 
-def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _EmbedderState:
+def _load_embedder(run_dir: str, name: str, entry: runs.EmbedderEntry, verify: bool) -> _EmbedderState:
     index = runs.open_index(run_dir, name, entry, verify=verify)
-    spec = entry.get("spec") or index.embedder
+    spec = entry.spec or index.embedder
     index_spec = index.embedder or {}
     if not isinstance(spec, (dict, type(None))) or not isinstance(index_spec, dict):
         raise IndexFormatError(f"embedder {name!r}: the recorded embedder spec is not an object")
@@ -218,10 +218,10 @@ def _load_embedder(run_dir: str, name: str, entry: Any, verify: bool) -> _Embedd
     table = index.metadata()
     return _EmbedderState(
         name=name,
-        entry=types.MappingProxyType(dict(entry)),
+        entry=entry,
         spec=types.MappingProxyType(dict(spec)) if spec else None,
         index=index,
-        index_dir=os.path.join(run_dir, entry["index"]),
+        index_dir=os.path.join(run_dir, entry.index),
         row_of=IdLookup(np.asarray(index.ids, dtype=object)),
         metadata=None if table is None else _Metadata(table),
         vectors=index.stored_vectors(),
