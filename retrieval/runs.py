@@ -82,8 +82,8 @@ class EmbedderEntry:
     index_manifest_sha256: SHA-256 of the index's manifest.json, tying the run to that index.
     n, d, distance, method, search_defaults, recall, build_seconds: as the index records them.
     shards: the number of shards of a sharded index; pca_dim: the dimension of a build-time
-      projection.  These two are written only when the build passed them (`to_dict`): a
-      plain build records "pca_dim": null, a sharded one "shards" and no "pca_dim".
+      projection.  These two are written only when set or given by the build (`explicit`):
+      a plain build records "pca_dim": null, a sharded one "shards" and no "pca_dim".
     """
 
     spec: dict[str, Any] | None
@@ -99,16 +99,18 @@ class EmbedderEntry:
     build_seconds: float
     shards: int | None = None
     pca_dim: int | None = None
-    # The optional fields that the build gave (even as None): `to_dict` writes these.
+    # The optional fields written by `to_dict`: those the build gave (even as None), and
+    # any that is not None.
     explicit: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)
+
+    def __post_init__(self) -> None:
+        given = {name for name in _ENTRY_OPTIONAL if getattr(self, name) is not None}
+        object.__setattr__(self, "explicit", frozenset(self.explicit | given))
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as the run manifest's JSON holds it (the same keys as ever)."""
         out = {name: getattr(self, name) for name in _ENTRY_REQUIRED}
-        for name in _ENTRY_OPTIONAL:
-            value = getattr(self, name)
-            if value is not None or name in self.explicit:
-                out[name] = value
+        out.update({name: getattr(self, name) for name in _ENTRY_OPTIONAL if name in self.explicit})
         return out
 
     @classmethod
