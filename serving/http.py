@@ -42,7 +42,7 @@ import json
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -52,7 +52,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from retrieval.errors import ConfigError, HandleError, QueryError
-from serving.searcher import BadImageError, Searcher, SearchResult, UnknownIdError
+from serving.errors import BadImageError, UnknownIdError
+from serving.results import SearchResult
+from serving.searcher import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +359,8 @@ def _run_query(searcher: Searcher, query: dict[str, Any]) -> SearchResult:
     kind, k, embedder = query["kind"], query["k"], query["embedder"]
     try:
         if kind == "vector":
-            return searcher.search_vector(query["value"], k=k, embedder=embedder)
+            # A flat list of numbers (see _parse_json): one result.
+            return cast(SearchResult, searcher.search_vector(query["value"], k=k, embedder=embedder))
         if kind == "image":
             return searcher.search_image(query["value"], k=k, embedder=embedder)
         return searcher.search_id(query["value"], k=k, embedder=embedder, exclude_self=query["exclude_self"])

@@ -150,8 +150,7 @@ def test_cli_build_exit_status_and_summary(tmp_path, tiny_savedmodel, capsys):
 
 
 def test_two_embedders_give_two_indexes_served_side_by_side(tmp_path, tiny_savedmodel):
-    from serving import Searcher
-    from serving.searcher import EmbedderRequiredError
+    from serving import EmbedderRequiredError, Searcher
 
     root = str(tmp_path / "root")
     result = build.run(
