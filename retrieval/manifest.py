@@ -7,7 +7,9 @@ foreign directory, never a half-valid index.
 
 The checksum helpers (`sha256_file`, `file_entry`, `describe_files`,
 `verify_files`, `write_json_atomic`) know nothing about indexes and are meant
-to be reused by other manifests (e.g. a run manifest).
+to be reused by other manifests (e.g. a run manifest), as is `ManifestSchema`:
+the checks every manifest kind makes when read (index, sharded index, run, and
+the run manifest's embedder entries), each kind wording its own errors.
 
 Compatibility: `format_version` is bumped when a reader of the previous version
 would misread a directory.  Adding an optional field does not bump it; readers
@@ -82,7 +84,7 @@ class IndexManifest:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "manifest") -> IndexManifest:
-        """Build from parsed JSON, checking kind, format version and required fields."""
+        """Build from parsed JSON, checking kind, format version, required fields and types."""
         return cls(**INDEX_SCHEMA.check(data, source))
 
 
