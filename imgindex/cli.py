@@ -387,9 +387,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
             )
             for name, e in m.embedders.items():
                 print(
-                    f"  {name}: {e['spec']['handle']} ({e['spec']['fingerprint'][:23]}...) n={e['n']} "
-                    f"d={e['d']} {e['method']} recall@{e['recall']['k']}={e['recall']['value']} "
-                    f"search {e['search_defaults']} build {e['build_seconds']}s"
+                    f"  {name}: {e.spec['handle']} ({e.spec['fingerprint'][:23]}...) n={e.n} "
+                    f"d={e.d} {e.method} recall@{e.recall['k']}={e.recall['value']} "
+                    f"search {e.search_defaults} build {e.build_seconds}s"
                 )
             print(f"  timings: {m.timings}")
             if m.error:

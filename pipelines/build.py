@@ -301,10 +301,10 @@ def gates(report: dict, embedders: dict, opts: BuildOptions) -> dict:
             f"--max_failure_rate {opts.max_failure_rate}; see the failures table"
         )
     for name, e in embedders.items():
-        recall = e["recall"]["value"]
+        recall = e.recall["value"]
         if recall is not None and recall < opts.min_recall:
             reasons.append(
-                f"{name}: recall@{e['recall']['k']} {recall:.4f} is below --min_recall {opts.min_recall}"
+                f"{name}: recall@{e.recall['k']} {recall:.4f} is below --min_recall {opts.min_recall}"
             )
     if report["status"] != "ok":
         reasons.append(f"embedding counts do not reconcile (run report status {report['status']!r})")
@@ -425,8 +425,8 @@ def summary(result: BuildResult) -> str:
             "" if counts.get("deleted") is None else f", {counts['deleted']} deleted since the previous run"
         )
         lines.append(
-            f"  {name}: n={e['n']} (reused {counts.get('reused')}, embedded {counts.get('embedded')}{deleted}) "
-            f"d={e['d']} {e['method']} recall@{e['recall']['k']}={e['recall']['value']} "
-            f"search {e['search_defaults']} -> {e['index']}"
+            f"  {name}: n={e.n} (reused {counts.get('reused')}, embedded {counts.get('embedded')}{deleted}) "
+            f"d={e.d} {e.method} recall@{e.recall['k']}={e.recall['value']} "
+            f"search {e.search_defaults} -> {e.index}"
         )
     return "\n".join(lines)

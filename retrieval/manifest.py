@@ -7,12 +7,16 @@ foreign directory, never a half-valid index.
 
 The checksum helpers (`sha256_file`, `file_entry`, `describe_files`,
 `verify_files`, `write_json_atomic`) know nothing about indexes and are meant
-to be reused by other manifests (e.g. a run manifest).
+to be reused by other manifests (e.g. a run manifest), as is `ManifestSchema`:
+the checks every manifest kind makes when read (index, sharded index, run, and
+the run manifest's embedder entries), each kind wording its own errors.
 
 Compatibility: `format_version` is bumped when a reader of the previous version
 would misread a directory.  Adding an optional field does not bump it; readers
 ignore fields they do not know.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import datetime
@@ -20,7 +24,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Collection, Mapping
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from retrieval.errors import IndexFormatError
 from retrieval.version import __version__
@@ -31,8 +37,13 @@ MANIFEST_NAME = "manifest.json"
 _CHUNK_BYTES = 1 << 20
 
 
-def _utc_now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def utc_now(after_seconds: float = 0.0) -> str:
+    """The time in UTC (plus `after_seconds`) as ISO 8601 to the second, e.g.
+    "2026-11-22T12:00:00+00:00": every manifest's `created_at`, serving's status times."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if after_seconds:
+        now += datetime.timedelta(seconds=after_seconds)
+    return now.isoformat(timespec="seconds")
 
 
 @dataclasses.dataclass
@@ -63,71 +74,140 @@ class IndexManifest:
     build_seconds: float
     embedder: dict | None = None
     files: dict = dataclasses.field(default_factory=dict)
-    created_at: str = dataclasses.field(default_factory=_utc_now)
+    created_at: str = dataclasses.field(default_factory=utc_now)
     producer_version: str = __version__
     kind: str = KIND
     format_version: int = FORMAT_VERSION
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data, source="manifest"):
-        """Build from parsed JSON, checking kind, format version and required fields."""
+    def from_dict(cls, data: Any, source: str = "manifest") -> IndexManifest:
+        """Build from parsed JSON, checking kind, format version, required fields and types."""
+        return cls(**INDEX_SCHEMA.check(data, source))
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestMessages:
+    """How one kind of manifest words its errors: format strings that may use {source} (where
+    the manifest came from), {got} (a JSON value's type), {kind} and {expected} (the kind
+    found and the one expected), {version} and {supported} (format versions), {imgindex}
+    (this version of imgindex) and {fields} (the fields at fault, comma-separated)."""
+
+    not_object: str
+    missing: str
+    wrong_type: str
+    wrong_kind: str = ""  # needed when the schema names a kind
+    unsupported_version: str = ""  # needed when the schema names a format version
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestSchema:
+    """The checks made when any manifest (or a record inside one) is read, in this order: a
+    JSON object, its `kind` and a supported `format_version` (when the schema names them),
+    the required fields present, and the fields' types (a bool is never an int).
+
+    fields: every field the manifest's dataclass knows; `check` keeps only these (readers
+      ignore fields they do not know).
+    required: the fields that must be present, in the order the error lists them.
+    types: field -> type or tuple of types, checked when the field is present.
+    """
+
+    kind: str | None
+    format_version: int | None
+    fields: tuple[str, ...]
+    required: tuple[str, ...]
+    types: Mapping[str, type | tuple[type, ...]]
+    messages: ManifestMessages
+
+    @classmethod
+    def of(
+        cls,
+        dataclass: type,
+        kind: str | None,
+        format_version: int | None,
+        types: Mapping[str, type | tuple[type, ...]],
+        messages: ManifestMessages,
+        sort_missing: bool = False,
+    ) -> ManifestSchema:
+        """The schema of a manifest dataclass: its fields, those without a default required."""
+        fields = dataclasses.fields(dataclass)
+        required = [
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        return cls(
+            kind=kind,
+            format_version=format_version,
+            fields=tuple(f.name for f in fields),
+            required=tuple(sorted(required) if sort_missing else required),
+            types=types,
+            messages=messages,
+        )
+
+    def check(self, data: Any, source: str = "") -> dict[str, Any]:
+        """The known fields of `data`, once every check passes; IndexFormatError otherwise."""
+        words = self.messages
         if not isinstance(data, dict):
-            raise IndexFormatError(f"{source}: expected a JSON object, got {type(data).__name__}.")
-        if data.get("kind") != KIND:
+            raise IndexFormatError(words.not_object.format(source=source, got=type(data).__name__))
+        if self.kind is not None and data.get("kind") != self.kind:
             raise IndexFormatError(
-                f"{source}: kind is {data.get('kind')!r}, expected {KIND!r}; "
-                "this is not an imgindex index manifest."
+                words.wrong_kind.format(source=source, kind=data.get("kind"), expected=self.kind)
             )
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if self.format_version is not None and version != self.format_version:
             raise IndexFormatError(
-                f"{source}: unsupported format_version {version!r}; this imgindex "
-                f"({__version__}) reads format_version {FORMAT_VERSION}. Use the imgindex "
-                "version that wrote the index, or rebuild the index."
+                words.unsupported_version.format(
+                    source=source, version=version, supported=self.format_version, imgindex=__version__
+                )
             )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        required = {
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        }
-        missing = sorted(required - data.keys())
+        missing = [name for name in self.required if name not in data]
         if missing:
-            raise IndexFormatError(
-                f"{source}: missing field(s) {', '.join(missing)}; the manifest is "
-                "incomplete or hand-edited. Rebuild the index."
-            )
+            raise IndexFormatError(words.missing.format(source=source, fields=", ".join(missing)))
         wrong = [
             name
-            for name, expected in _FIELD_TYPES.items()
+            for name, expected in self.types.items()
             if name in data and (not isinstance(data[name], expected) or isinstance(data[name], bool))
         ]
         if wrong:
-            raise IndexFormatError(
-                f"{source}: field(s) {', '.join(wrong)} have the wrong type; the manifest is "
-                "damaged or hand-edited. Rebuild the index."
-            )
-        return cls(**{key: value for key, value in data.items() if key in fields})
+            raise IndexFormatError(words.wrong_type.format(source=source, fields=", ".join(wrong)))
+        return {key: value for key, value in data.items() if key in self.fields}
 
 
-# Types of the fields readers index into; a wrong type would otherwise surface
-# as an unexplained TypeError deep inside loading.
-_FIELD_TYPES = {
-    "distance": str,
-    "n": int,
-    "d": int,
-    "scann_config": str,
-    "index_config": dict,
-    "search_defaults": dict,
-    "recall": dict,
-    "files": dict,
-}
+# The types checked are those of the fields readers index into; a wrong type would otherwise
+# surface as an unexplained TypeError deep inside loading.
+INDEX_SCHEMA = ManifestSchema.of(
+    IndexManifest,
+    kind=KIND,
+    format_version=FORMAT_VERSION,
+    types={
+        "distance": str,
+        "n": int,
+        "d": int,
+        "scann_config": str,
+        "index_config": dict,
+        "search_defaults": dict,
+        "recall": dict,
+        "files": dict,
+    },
+    messages=ManifestMessages(
+        not_object="{source}: expected a JSON object, got {got}.",
+        wrong_kind="{source}: kind is {kind!r}, expected {expected!r}; this is not an imgindex index manifest.",
+        unsupported_version="{source}: unsupported format_version {version!r}; this imgindex "
+        "({imgindex}) reads format_version {supported}. Use the imgindex version that wrote the "
+        "index, or rebuild the index.",
+        missing="{source}: missing field(s) {fields}; the manifest is incomplete or hand-edited. "
+        "Rebuild the index.",
+        wrong_type="{source}: field(s) {fields} have the wrong type; the manifest is damaged or "
+        "hand-edited. Rebuild the index.",
+    ),
+    sort_missing=True,
+)
 
 
-def write_json_atomic(path, data):
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write `data` as JSON to `path` via a temporary sibling file and os.replace.
 
     Readers see either the old file or the complete new one, never a prefix.
@@ -136,7 +216,7 @@ def write_json_atomic(path, data):
     write_text_atomic(path, text)
 
 
-def write_text_atomic(path, text):
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write `text` to `path` via a synced temporary sibling file and os.replace, then sync
     the directory, so that after a crash or power loss `path` is the old or the new file."""
     path = Path(path)
@@ -157,19 +237,19 @@ def write_text_atomic(path, text):
         os.close(directory)
 
 
-def _numpy_scalar(value):
+def _numpy_scalar(value: Any) -> Any:
     """JSON fallback for NumPy scalars (e.g. an np.int64 leaf count in a config)."""
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def write_manifest(directory, manifest):
+def write_manifest(directory: str | os.PathLike[str], manifest: IndexManifest) -> None:
     """Write `manifest` to `directory`/manifest.json atomically."""
     write_json_atomic(Path(directory) / MANIFEST_NAME, manifest.to_dict())
 
 
-def read_manifest(directory):
+def read_manifest(directory: str | os.PathLike[str]) -> IndexManifest:
     """Read and validate `directory`/manifest.json; IndexFormatError explains any problem."""
     directory = Path(directory)
     if not directory.exists():
@@ -191,7 +271,7 @@ def read_manifest(directory):
     return IndexManifest.from_dict(data, source=str(path))
 
 
-def sha256_file(path):
+def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks so memory use is constant."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -200,12 +280,14 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def file_entry(path):
+def file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest record of one file: {"sha256": hex, "bytes": size}."""
     return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
 
 
-def describe_files(directory, exclude=(MANIFEST_NAME,)):
+def describe_files(
+    directory: str | os.PathLike[str], exclude: Collection[str] = (MANIFEST_NAME,)
+) -> dict[str, dict[str, Any]]:
     """{relative POSIX path: file_entry} for every regular file under `directory`."""
     directory = Path(directory)
     entries = {}
@@ -216,7 +298,7 @@ def describe_files(directory, exclude=(MANIFEST_NAME,)):
     return entries
 
 
-def verify_files(directory, manifest, check_hashes=True):
+def verify_files(directory: str | os.PathLike[str], manifest: Any, check_hashes: bool = True) -> None:
     """Check every file listed in `manifest.files` (any object with a `files` mapping).
 
     Sizes are always checked (cheap, catches truncation); SHA-256 only when
@@ -248,7 +330,7 @@ def verify_files(directory, manifest, check_hashes=True):
             )
 
 
-def _safe_relative(rel, directory):
+def _safe_relative(rel: str, directory: Path) -> Path:
     """Reject manifest paths that would point outside the directory."""
     pure = PurePosixPath(rel)
     if pure.is_absolute() or ".." in pure.parts or not pure.parts:

@@ -21,18 +21,32 @@ directory (for inspection) with status "failed" or "rejected" and LATEST is left
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
 import os
 import secrets
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retrieval.errors import IndexFormatError
 from retrieval.index import METADATA_FILE  # noqa: F401  (pipelines name the run's metadata table by it)
-from retrieval.manifest import MANIFEST_NAME, sha256_file, write_json_atomic, write_text_atomic
+from retrieval.manifest import (
+    MANIFEST_NAME,
+    ManifestMessages,
+    ManifestSchema,
+    sha256_file,
+    utc_now,
+    write_json_atomic,
+    write_text_atomic,
+)
+from retrieval.searchable import SearchableIndex
 from retrieval.version import __version__
+
+if TYPE_CHECKING:
+    from retrieval.index import Index
+    from retrieval.sharded import ShardedIndex
 
 LATEST = "LATEST"
 RUNS_DIR = "runs"
@@ -59,13 +73,98 @@ def index_dir(run_directory: str, embedder: str) -> str:
     return f"{run_directory.rstrip('/')}/{INDEX_DIR}/{embedder}"
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbedderEntry:
+    """The run manifest's record of one embedder's saved index (`embedder_entry` makes it).
+
+    spec: the EmbedderSpec dict (None when the vectors came from elsewhere).
+    table, index: the embedding table's and the index's directories, relative to the run.
+    index_manifest_sha256: SHA-256 of the index's manifest.json, tying the run to that index.
+    n, d, distance, method, search_defaults, recall, build_seconds: as the index records them.
+    shards: the number of shards of a sharded index; pca_dim: the dimension of a build-time
+      projection.  These two are written only when set or given by the build (`explicit`):
+      a plain build records "pca_dim": null, a sharded one "shards" and no "pca_dim".
+    """
+
+    spec: dict[str, Any] | None
+    table: str | None
+    index: str
+    index_manifest_sha256: str
+    n: int
+    d: int
+    distance: str
+    method: str
+    search_defaults: dict[str, Any]
+    recall: dict[str, Any]
+    build_seconds: float
+    shards: int | None = None
+    pca_dim: int | None = None
+    # The optional fields written by `to_dict`: those the build gave (even as None), and
+    # any that is not None.
+    explicit: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)
+
+    def __post_init__(self) -> None:
+        given = {name for name in _ENTRY_OPTIONAL if getattr(self, name) is not None}
+        object.__setattr__(self, "explicit", frozenset(self.explicit | given))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as the run manifest's JSON holds it (the same keys as ever)."""
+        out = {name: getattr(self, name) for name in _ENTRY_REQUIRED}
+        out.update({name: getattr(self, name) for name in _ENTRY_OPTIONAL if name in self.explicit})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, name: str, source: str = "the run manifest") -> EmbedderEntry:
+        """Check and build the entry of embedder `name`; IndexFormatError says what is wrong."""
+        fields = ENTRY_SCHEMA.check(data, f"{source}: embedder {name!r}")
+        if not fields["index_manifest_sha256"]:
+            raise IndexFormatError(
+                ENTRY_SCHEMA.messages.missing.format(
+                    source=f"{source}: embedder {name!r}", fields="index_manifest_sha256"
+                )
+            )
+        return cls(**fields, explicit=frozenset(key for key in _ENTRY_OPTIONAL if key in fields))
+
+
+_ENTRY_OPTIONAL = ("shards", "pca_dim")
+_ENTRY_REQUIRED = tuple(
+    f.name
+    for f in dataclasses.fields(EmbedderEntry)
+    if f.name not in _ENTRY_OPTIONAL and f.name != "explicit"
+)
+ENTRY_SCHEMA = ManifestSchema(
+    kind=None,
+    format_version=None,
+    fields=_ENTRY_REQUIRED + _ENTRY_OPTIONAL,
+    required=_ENTRY_REQUIRED,
+    types={
+        "spec": (dict, type(None)),
+        "table": (str, type(None)),
+        "index": str,
+        "index_manifest_sha256": str,
+        "n": int,
+        "d": int,
+        "distance": str,
+        "method": str,
+        "search_defaults": dict,
+        "recall": dict,
+        "build_seconds": (int, float),
+        "shards": (int, type(None)),
+        "pca_dim": (int, type(None)),
+    },
+    messages=ManifestMessages(
+        not_object="{source} entry is not an object",
+        missing="{source} has no {fields}; the run manifest is incomplete",
+        wrong_type="{source}: {fields} has the wrong type; the run manifest is damaged, rebuild the run",
+    ),
+)
+
+
 @dataclasses.dataclass
 class RunManifest:
     """What a run holds and how it went.
 
-    embedders: name -> {"spec": EmbedderSpec dict, "table": relative dir, "index": relative
-      dir, "index_manifest_sha256": hex, "n", "d", "method", "recall": {...},
-      "build_seconds", "search_defaults"}.
+    embedders: name -> EmbedderEntry.
     gates: {"min_recall", "max_failure_rate", "failure_rate", "passed", "reasons": [...]}.
     """
 
@@ -73,12 +172,10 @@ class RunManifest:
     status: str
     inputs: dict
     counts: dict
-    embedders: dict
+    embedders: dict[str, EmbedderEntry]
     gates: dict
     timings: dict
-    created_at: str = dataclasses.field(
-        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    )
+    created_at: str = dataclasses.field(default_factory=utc_now)
     producer_version: str = __version__
     versions: dict = dataclasses.field(default_factory=dict)
     error: str | None = None
@@ -88,45 +185,46 @@ class RunManifest:
     format_version: int = RUN_FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["embedders"] = {name: entry.to_dict() for name, entry in self.embedders.items()}
+        if out["retention"] is None:
+            del out["retention"]  # runs before retention existed read back byte for byte
+        return copy.deepcopy(out)  # like dataclasses.asdict: nothing shared with the manifest
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunManifest:
-        if not isinstance(data, dict):
-            raise IndexFormatError(
-                f"not an imgindex run manifest (a JSON {type(data).__name__}, not an object)"
-            )
-        if data.get("kind") != RUN_KIND:
-            raise IndexFormatError(f"not an imgindex run manifest (kind {data.get('kind')!r})")
-        if data.get("format_version") != RUN_FORMAT_VERSION:
-            raise IndexFormatError(
-                f"run manifest format version {data.get('format_version')!r} is not supported by "
-                f"imgindex {__version__} (reads version {RUN_FORMAT_VERSION}); upgrade imgindex"
-            )
-        fields = dataclasses.fields(cls)
-        missing = [
-            f.name
-            for f in fields
-            if f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-            and f.name not in data
-        ]
-        if missing:
-            raise IndexFormatError(
-                f"the run manifest lacks {', '.join(missing)}; the run is incomplete "
-                "or was not written by imgindex; rebuild it"
-            )
-        wrong = [name for name in _OBJECT_FIELDS if not isinstance(data[name], dict)]
-        if wrong or not isinstance(data["run_id"], str) or not isinstance(data["status"], str):
-            raise IndexFormatError(
-                f"the run manifest is damaged: {', '.join(wrong) or 'run_id or status'} "
-                "has the wrong type; rebuild the run"
-            )
-        known = {f.name for f in fields}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Any, source: str = "the run manifest") -> RunManifest:
+        """Build from parsed JSON (`source`: where it came from, for error messages), checking
+        kind, format version, required fields, their types and every embedder entry."""
+        fields = RUN_SCHEMA.check(data, source)
+        fields["embedders"] = {
+            name: EmbedderEntry.from_dict(entry, name, source) for name, entry in fields["embedders"].items()
+        }
+        return cls(**fields)
 
 
-_OBJECT_FIELDS = ("inputs", "counts", "embedders", "gates", "timings")
+RUN_SCHEMA = ManifestSchema.of(
+    RunManifest,
+    kind=RUN_KIND,
+    format_version=RUN_FORMAT_VERSION,
+    types={
+        "run_id": str,
+        "status": str,
+        "inputs": dict,
+        "counts": dict,
+        "embedders": dict,
+        "gates": dict,
+        "timings": dict,
+    },
+    messages=ManifestMessages(
+        not_object="not an imgindex run manifest (a JSON {got}, not an object)",
+        wrong_kind="not an imgindex run manifest (kind {kind!r})",
+        unsupported_version="run manifest format version {version!r} is not supported by imgindex "
+        "{imgindex} (reads version {supported}); upgrade imgindex",
+        missing="the run manifest lacks {fields}; the run is incomplete or was not written by imgindex; "
+        "rebuild it",
+        wrong_type="the run manifest is damaged: {fields} has the wrong type; rebuild the run",
+    ),
+)
 
 
 def write_run_manifest(directory: str, manifest: RunManifest) -> None:
@@ -142,7 +240,7 @@ def read_run_manifest(directory: str) -> RunManifest:
         raise IndexFormatError(f"{directory} is not a finished imgindex run (no {RUN_MANIFEST})") from exc
     except (OSError, ValueError) as exc:
         raise IndexFormatError(f"{path} is unreadable: {exc}") from exc
-    return RunManifest.from_dict(data)
+    return RunManifest.from_dict(data, str(path))
 
 
 def read_latest(root: str) -> str | None:
@@ -178,69 +276,69 @@ def resolve_run(path: str) -> str:
     return latest
 
 
-def embedder_entry(run_directory: str, name: str, index, spec: dict, **extra) -> dict:
+def embedder_entry(
+    run_directory: str,
+    name: str,
+    index: Index | ShardedIndex,
+    spec: dict[str, Any] | None,
+    **extra: int | None,
+) -> EmbedderEntry:
     """The run manifest's record of one embedder's saved index (`index`: a saved
-    retrieval.index.Index), tying the run to that index's manifest by its sha256."""
+    retrieval.index.Index or ShardedIndex), tying the run to that index's manifest by its
+    sha256.  extra: `shards` and `pca_dim`, recorded as given (None included)."""
     m = index.manifest
-    return {
-        "spec": spec,
-        "table": f"{EMBEDDINGS_DIR}/{name}",
-        "index": f"{INDEX_DIR}/{name}",
-        "index_manifest_sha256": sha256_file(os.path.join(index_dir(run_directory, name), MANIFEST_NAME)),
-        "n": m.n,
-        "d": m.d,
-        "distance": m.distance,
-        "method": index.method,
-        "search_defaults": m.search_defaults,
-        "recall": m.recall,
-        "build_seconds": m.build_seconds,
+    return EmbedderEntry(
+        spec=spec,
+        table=f"{EMBEDDINGS_DIR}/{name}",
+        index=f"{INDEX_DIR}/{name}",
+        index_manifest_sha256=sha256_file(os.path.join(index_dir(run_directory, name), MANIFEST_NAME)),
+        n=m.n,
+        d=m.d,
+        distance=m.distance,
+        method=index.method,
+        search_defaults=m.search_defaults,
+        recall=m.recall,
+        build_seconds=m.build_seconds,
         **extra,
-    }
+        explicit=frozenset(extra),
+    )
 
 
-def open_index(run_directory: str, name: str, entry: Any, verify: bool = True):
+def open_index(run_directory: str, name: str, entry: EmbedderEntry, verify: bool = True) -> SearchableIndex:
     """The index of embedder `name` that a run published, loaded (either layout, see
     `retrieval.sharded.open_index`; verify: check every file's SHA-256).
 
     `entry` is the run manifest's record of that embedder.  Refused with IndexFormatError:
     an index path outside the run, an index whose manifest.json is not the one the run
-    recorded (`index_manifest_sha256`), or an index whose n, d or embedder fingerprint
-    differ from the run manifest's.
+    recorded (`index_manifest_sha256`), or an index whose n or d differ from the run
+    manifest's.
     """
     from retrieval.sharded import open_index as open_any
 
-    if not isinstance(entry, dict):
-        raise IndexFormatError(f"{run_directory}/{RUN_MANIFEST}: embedder {name!r} entry is not an object")
-    index_path = _inside(run_directory, entry.get("index"), f"embedders.{name}.index")
-    expected = entry.get("index_manifest_sha256")
-    if not isinstance(expected, str) or not expected:
-        raise IndexFormatError(
-            f"{run_directory}/{RUN_MANIFEST}: embedder {name!r} has no "
-            "index_manifest_sha256; the run manifest is incomplete"
-        )
+    index_path = _inside(run_directory, entry.index, f"embedders.{name}.index")
     try:
         actual = sha256_file(index_path / MANIFEST_NAME)
     except FileNotFoundError as exc:
         raise IndexFormatError(
             f"index of embedder {name!r} ({index_path}) has no {MANIFEST_NAME}; the run directory is incomplete"
         ) from exc
-    if actual != expected:
+    if actual != entry.index_manifest_sha256:
         raise IndexFormatError(
             f"index of embedder {name!r} ({index_path}): {MANIFEST_NAME} does not match the "
             "run manifest's index_manifest_sha256 (the index was replaced or modified after "
             "the run was published); rebuild the run"
         )
     index = open_any(index_path, verify=verify)
-    for key, value in (("n", index.n), ("d", index.d)):
-        if key in entry and entry[key] != value:
+    for key, recorded, value in (("n", entry.n, index.n), ("d", entry.d, index.d)):
+        if recorded != value:
             raise IndexFormatError(
                 f"index of embedder {name!r}: the run manifest says "
-                f"{key}={entry[key]} but the index holds {key}={value}"
+                f"{key}={recorded} but the index holds {key}={value}"
             )
     return index
 
 
-def _inside(run_directory: str, rel: Any, what: str) -> Path:
+def _inside(run_directory: str, rel: str, what: str) -> Path:
     pure = PurePosixPath(rel) if isinstance(rel, str) and rel else None
     if pure is None or pure.is_absolute() or ".." in pure.parts:
         raise IndexFormatError(

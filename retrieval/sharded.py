@@ -101,33 +101,25 @@ class ShardedManifest:
     build_seconds: float
     embedder: dict | None = None
     hash: str = HASH
-    created_at: str = dataclasses.field(default_factory=mf._utc_now)
+    created_at: str = dataclasses.field(default_factory=mf.utc_now)
     producer_version: str = __version__
     kind: str = KIND
     format_version: int = FORMAT_VERSION
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data, source):
-        if data.get("format_version") != FORMAT_VERSION:
+    def from_dict(cls, data: object, source: str | Path) -> ShardedManifest:
+        """Build from parsed JSON, checking what every manifest kind checks
+        (`retrieval.manifest.ManifestSchema`), then the hash and the shard list."""
+        fields = SHARDED_SCHEMA.check(data, str(source))
+        if fields.get("hash") != HASH:
             raise IndexFormatError(
-                f"{source}: unsupported sharded index format_version {data.get('format_version')!r}; "
-                f"this imgindex ({__version__}) reads {FORMAT_VERSION}. Rebuild the index."
-            )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        try:
-            manifest = cls(**{key: value for key, value in data.items() if key in fields})
-        except TypeError as e:
-            raise IndexFormatError(
-                f"{source}: incomplete sharded index manifest ({e}). Rebuild the index."
-            ) from e
-        if data.get("hash") != HASH:
-            raise IndexFormatError(
-                f"{source}: rows were partitioned by {data.get('hash')!r}, which this "
+                f"{source}: rows were partitioned by {fields.get('hash')!r}, which this "
                 f"imgindex does not know ({HASH}). Rebuild the index."
             )
+        manifest = cls(**fields)
         if (
             not isinstance(manifest.shards, list)
             or len(manifest.shards) != manifest.num_shards
@@ -142,11 +134,36 @@ class ShardedManifest:
         return manifest
 
 
-def write_manifest(directory, manifest: ShardedManifest) -> None:
+SHARDED_SCHEMA = mf.ManifestSchema.of(
+    ShardedManifest,
+    kind=KIND,
+    format_version=FORMAT_VERSION,
+    types={
+        "distance": str,
+        "n": int,
+        "d": int,
+        "num_shards": int,
+        "recall": dict,
+        "search_defaults": dict,
+    },
+    messages=mf.ManifestMessages(
+        not_object="{source}: expected a JSON object, got {got}. Rebuild the index.",
+        wrong_kind="{source}: kind is {kind!r}, expected {expected!r}; this is not an imgindex "
+        "sharded index manifest.",
+        unsupported_version="{source}: unsupported sharded index format_version {version!r}; "
+        "this imgindex ({imgindex}) reads {supported}. Rebuild the index.",
+        missing="{source}: incomplete sharded index manifest (missing {fields}). Rebuild the index.",
+        wrong_type="{source}: field(s) {fields} of the sharded index manifest have the wrong type "
+        "(damaged or hand-edited). Rebuild the index.",
+    ),
+)
+
+
+def write_manifest(directory: str | Path, manifest: ShardedManifest) -> None:
     mf.write_json_atomic(Path(directory) / mf.MANIFEST_NAME, manifest.to_dict())
 
 
-def manifest_kind(directory) -> str | None:
+def manifest_kind(directory: str | Path) -> str | None:
     """The `kind` of directory/manifest.json, or None when it is missing or unreadable."""
     try:
         return json.loads((Path(directory) / mf.MANIFEST_NAME).read_text(encoding="utf-8")).get("kind")

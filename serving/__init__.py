@@ -5,16 +5,17 @@ Importing this package loads NumPy only; ScaNN and pyarrow are imported by
 `Searcher.open`, TensorFlow by the first image query.
 """
 
-from retrieval.errors import DimensionMismatchError, NonFiniteQueryError, QueryError
-from serving.searcher import (
+from serving.errors import (
     BadImageError,
+    DimensionMismatchError,
     EmbedderRequiredError,
-    Searcher,
-    SearchHit,
-    SearchResult,
+    NonFiniteQueryError,
+    QueryError,
     UnknownEmbedderError,
     UnknownIdError,
 )
+from serving.results import SearchHit, SearchResult
+from serving.searcher import Searcher
 
 __all__ = [
     "BadImageError",

@@ -26,3 +26,28 @@ def tiny_savedmodel(tmp_path_factory):
     module = Tiny()
     tf.saved_model.save(module, path, signatures={"serving_default": module.__call__})
     return path
+
+
+@pytest.fixture(scope="session")
+def vec_run(tmp_path_factory):
+    """A published run of two vector embedders, (root, run directory, {name: EmbedderData}):
+    "a": cosine brute force (2000 x 32); "b": squared_l2 tree-AH (1500 x 16), searching every
+    leaf and reordering 100 candidates exactly, so both answer exactly.  Read-only: copy it
+    before changing it."""
+    from retrieval.index import IndexConfig
+    from tests.helpers import runs_fixture as rf
+
+    tree = IndexConfig(
+        method="tree_ah",
+        num_leaves=10,
+        training_sample_size=1500,
+        leaves_to_search=10,
+        pre_reorder_num_neighbors=100,
+    )
+    data = {
+        "a": rf.vector_embedder("a", 2000, 32, seed=0),
+        "b": rf.vector_embedder("b", 1500, 16, seed=1, distance="squared_l2", config=tree),
+    }
+    root = tmp_path_factory.mktemp("vec_root")
+    run_dir = rf.write_run(root, data, run_id="20260101T000000Z-aaaaaa")
+    return root, run_dir, data

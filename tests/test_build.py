@@ -1,5 +1,6 @@
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -37,10 +38,10 @@ def test_build_publishes_a_complete_run(tmp_path, tiny_savedmodel):
     on_disk = runs.read_run_manifest(result.run_dir)
     assert on_disk.to_dict() == json.loads(json.dumps(m.to_dict()))
     entry = m.embedders["tiny"]
-    assert (entry["n"], entry["d"], entry["method"]) == (30, 8, "brute_force")
-    assert entry["spec"]["fingerprint"].startswith("sha256-tree:")
-    loaded = index.load_index(os.path.join(result.run_dir, entry["index"]))
-    metadata = pq.read_table(os.path.join(result.run_dir, entry["index"], runs.METADATA_FILE))
+    assert (entry.n, entry.d, entry.method) == (30, 8, "brute_force")
+    assert entry.spec["fingerprint"].startswith("sha256-tree:")
+    loaded = index.load_index(os.path.join(result.run_dir, entry.index))
+    metadata = pq.read_table(os.path.join(result.run_dir, entry.index, runs.METADATA_FILE))
     assert metadata.column("id").to_pylist() == list(loaded.ids)
     assert {"source", "sha256", "width", "height", "cls"} <= set(metadata.column_names)
     assert "embedding" not in metadata.column_names
@@ -62,7 +63,10 @@ def test_failure_rate_gate_refuses_and_keeps_the_previous_run(tmp_path, tiny_sav
 
 def test_recall_gate():
     report = {"counts": {"records": 100, "failed_total": 0}, "status": "ok"}
-    embedders = {"a": {"recall": {"k": 10, "value": 0.91}}, "b": {"recall": {"k": 10, "value": 0.99}}}
+    embedders = {
+        "a": SimpleNamespace(recall={"k": 10, "value": 0.91}),
+        "b": SimpleNamespace(recall={"k": 10, "value": 0.99}),
+    }
     opts = build.BuildOptions(flags=["--min_recall=0.95"]).view_as(build.BuildOptions)
     gate = build.gates(report, embedders, opts)
     assert not gate["passed"] and gate["reasons"] == ["a: recall@10 0.9100 is below --min_recall 0.95"]
@@ -97,14 +101,14 @@ def test_tuning_queries_measure_the_published_recall(tmp_path, tiny_savedmodel):
             f"--tuning_queries=tiny={tmp_path / 'q.npy'}",
         )
     )
-    recall = result.manifest.embedders["tiny"]["recall"]
+    recall = result.manifest.embedders["tiny"].recall
     assert recall["method"].startswith("held-out: 20 query vectors") and recall["n_queries"] == 20
     assert recall["value"] == 1.0  # brute force is exact
     tables = os.path.join(result.run_dir, runs.EMBEDDINGS_DIR, "tiny")
     again = build.run(
         _argv(tiny_savedmodel, [_images(tmp_path / "in2", 30, seed=50)], root, f"--tuning_queries={tables}")
     )
-    assert again.manifest.embedders["tiny"]["recall"]["method"].startswith("held-out: 30 query vectors")
+    assert again.manifest.embedders["tiny"].recall["method"].startswith("held-out: 30 query vectors")
     sharded_run = build.run(
         _argv(
             tiny_savedmodel,
@@ -114,7 +118,7 @@ def test_tuning_queries_measure_the_published_recall(tmp_path, tiny_savedmodel):
             "--index_shards=2",
         )
     )
-    recall = sharded_run.manifest.embedders["tiny"]["recall"]
+    recall = sharded_run.manifest.embedders["tiny"].recall
     assert recall["method"].startswith("held-out over the merged shards: 20 query vectors")
     assert recall["value"] == 1.0  # brute-force shards
 
@@ -146,8 +150,7 @@ def test_cli_build_exit_status_and_summary(tmp_path, tiny_savedmodel, capsys):
 
 
 def test_two_embedders_give_two_indexes_served_side_by_side(tmp_path, tiny_savedmodel):
-    from serving import Searcher
-    from serving.searcher import EmbedderRequiredError
+    from serving import EmbedderRequiredError, Searcher
 
     root = str(tmp_path / "root")
     result = build.run(

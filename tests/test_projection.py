@@ -47,7 +47,7 @@ def test_build_with_pca_serves_queries_in_the_embedder_space(tmp_path, tiny_save
         + [f"--output={root}", f"--embedder=tiny={tiny_savedmodel},size=32", "--pca_dim=4"]
     )
     entry = result.manifest.embedders["tiny"]
-    assert entry["d"] == 4 and entry["pca_dim"] == 4 and entry["spec"]["dim"] == 8
+    assert entry.d == 4 and entry.pca_dim == 4 and entry.spec["dim"] == 8
     searcher = Searcher.open(root)
     info = searcher.info()["embedders"]["tiny"]
     assert info["pca"] and info["d"] == 8 and info["index_d"] == 4

@@ -275,7 +275,7 @@ def test_imgindex_build_with_shards_is_served_by_the_searcher(tmp_path, tiny_sav
         ]
     )
     entry = result.manifest.embedders["tiny"]
-    assert entry["shards"] == 2 and entry["method"] == "sharded(2x brute_force)" and entry["n"] == 40
+    assert entry.shards == 2 and entry.method == "sharded(2x brute_force)" and entry.n == 40
     searcher = Searcher.open(root)
     info = searcher.info()["embedders"]["tiny"]
     assert info["n"] == 40 and info["id_queries"] and "source" in info["metadata_columns"]

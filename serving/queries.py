@@ -1,0 +1,61 @@
+"""What is left of query handling in serving once the index has checked the query
+(`retrieval.queries`): which embedder answers, the row of an id, and the result."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retrieval.errors import QueryError
+from serving.errors import EmbedderRequiredError, UnknownEmbedderError, UnknownIdError
+from serving.results import SearchHit, SearchResult
+from serving.run_state import EmbedderState, RunState
+
+
+def pick_embedder(state: RunState, embedder: str | None) -> EmbedderState:
+    """The embedder a query names, or the run's only one when it names none."""
+    if embedder is None:
+        if len(state.embedders) == 1:
+            return next(iter(state.embedders.values()))
+        raise EmbedderRequiredError(
+            f"run {state.run_id} serves several embedders; name one with embedder=...: "
+            f"{', '.join(sorted(state.embedders))}"
+        )
+    emb = state.embedders.get(embedder) if isinstance(embedder, str) else None
+    if emb is None:
+        raise UnknownEmbedderError(
+            f"unknown embedder {embedder!r}; available: {', '.join(sorted(state.embedders))}"
+        )
+    return emb
+
+
+def row_of(state: RunState, emb: EmbedderState, item_id: object) -> int:
+    """The row of an indexed id whose stored vector is available, for id queries."""
+    if not isinstance(item_id, str):
+        raise QueryError(f"id must be a string, got {type(item_id).__name__}", code="bad_id")
+    row = emb.row_of.get(item_id)
+    if row is None:
+        raise UnknownIdError(item_id, emb.name, state.run_id)
+    if emb.vectors is None:
+        raise QueryError(
+            f"the index of embedder {emb.name!r} stores no vectors, so id queries are unavailable; "
+            "query by vector",
+            code="id_queries_unavailable",
+        )
+    return row
+
+
+def to_result(state: RunState, emb: EmbedderState, rows: np.ndarray, scores: np.ndarray) -> SearchResult:
+    """The hits of index rows and their scores (NaN: no hit), with their ids and metadata."""
+    scores = np.asarray(scores, dtype=np.float32)[: len(rows)]
+    found = ~np.isnan(scores)
+    rows, score_list = rows[found], scores[found].tolist()
+    ids = emb.index.ids[rows].tolist()
+    if emb.metadata is not None and len(rows):
+        metadata = emb.metadata.rows(rows)
+    else:
+        metadata = [{} for _ in ids]
+    hits = [
+        SearchHit(rank=rank, id=item_id, score=score, metadata=md)
+        for rank, (item_id, score, md) in enumerate(zip(ids, score_list, metadata), 1)
+    ]
+    return SearchResult(hits, embedder=emb.name, run_id=state.run_id, distance=emb.index.distance)
