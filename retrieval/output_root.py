@@ -33,7 +33,6 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -262,15 +261,10 @@ def _describe(path: Path, latest: str | None) -> RunInfo | None:
         created_from="manifest" if created else "mtime",
         records=_count(m.counts.get("records")),
         failed_total=_count(m.counts.get("failed_total")),
-        embedders=tuple(EmbedderRows(str(name), _rows(e)) for name, e in m.embedders.items()),
+        embedders=tuple(EmbedderRows(str(name), e.n) for name, e in m.embedders.items()),
         error=m.error if isinstance(m.error, str) else None,
         reason=None,
     )
-
-
-def _rows(entry: object) -> int | None:
-    """`n` of a manifest's embedder entry: a dict today, an object with `n` tomorrow."""
-    return _count(entry.get("n") if isinstance(entry, Mapping) else getattr(entry, "n", None))
 
 
 def _count(value: object) -> int | None:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,23 @@ T0 = datetime.datetime(2026, 11, 22, 12, tzinfo=datetime.timezone.utc)
 HOUR = datetime.timedelta(hours=1)
 
 
+def entry(name, n):
+    """A run manifest's record of an embedder's index of n rows (no index is written)."""
+    return runs.EmbedderEntry(
+        spec=None,
+        table=f"{runs.EMBEDDINGS_DIR}/{name}",
+        index=f"{runs.INDEX_DIR}/{name}",
+        index_manifest_sha256="0" * 64,
+        n=n,
+        d=8,
+        distance="cosine",
+        method="brute_force",
+        search_defaults={"k": 10},
+        recall={},
+        build_seconds=0.0,
+    )
+
+
 def make_run(root, hours, status="published", publish=False, error=None, embedders=None) -> str:
     """A run directory whose manifest was written at T0 + hours (no index: retention needs none)."""
     when = T0 + hours * HOUR
@@ -35,7 +51,9 @@ def make_run(root, hours, status="published", publish=False, error=None, embedde
         status=status,
         inputs={"globs": ["test"]},
         counts={"records": 100, "failed_total": 2},
-        embedders=embedders if embedders is not None else {"clip": {"n": 98}, "dino": {"n": 97}},
+        embedders=embedders
+        if embedders is not None
+        else {"clip": entry("clip", 98), "dino": entry("dino", 97)},
         gates={"passed": status == "published", "reasons": []},
         timings={},
         created_at=when.isoformat(timespec="seconds"),
@@ -143,13 +161,10 @@ def test_list_runs_reports_every_status_oldest_first(tmp_path):
     assert by_id[bad_json].created_at == T0 + 5 * HOUR
 
 
-def test_list_runs_reads_rows_from_dict_entries_or_entry_objects(tmp_path):
-    assert output_root._rows({"n": 3}) == 3
-    assert output_root._rows(types.SimpleNamespace(n=4)) == 4  # a future EmbedderEntry
-    assert output_root._rows({"d": 8}) is None and output_root._rows({"n": "3"}) is None
-    run_id = make_run(tmp_path, 0, embedders={"clip": {"spec": {}}})
+def test_list_runs_reads_each_embedders_rows_from_the_manifest(tmp_path):
+    run_id = make_run(tmp_path, 0, embedders={"clip": entry("clip", 3)})
     (run,) = output_root.list_runs(tmp_path)
-    assert run.run_id == run_id and run.embedders == (output_root.EmbedderRows("clip", None),)
+    assert run.run_id == run_id and run.embedders == (output_root.EmbedderRows("clip", 3),)
 
 
 def test_list_runs_of_a_root_without_runs_and_of_a_file(tmp_path):
