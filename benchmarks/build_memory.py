@@ -56,7 +56,8 @@ def _probe_steps() -> None:
     """Print this process's RSS and the time of each step of the index stage (the --steps view)."""
     import time
 
-    from retrieval import index, scann_assets, tables
+    from retrieval import scann_assets, tables
+    from retrieval.index import build, recall, store
 
     def after(owner, name, label):
         inner = getattr(owner, name)
@@ -71,13 +72,13 @@ def _probe_steps() -> None:
 
     _rss_line("imports")
     after(tables, "read_embeddings", "read tables")
-    after(index, "_check_ids", "ids checked")
+    after(build, "_check_ids", "ids checked")
     for name in ("write_dataset", "train", "hash_rows"):
         after(scann_assets, name, name)
-    after(index._RecallProbe, "sample", "recall probe (exact)")
-    after(index, "_load_searcher", "searcher loaded")
-    after(index, "_choose_search_defaults", "tuned")
-    after(index.Index, "save", "saved")
+    after(recall.RecallProbe, "sample", "recall probe (exact)")
+    after(scann_assets, "load_searcher", "searcher loaded")
+    after(build, "choose_search_defaults", "tuned")
+    after(store.Index, "save", "saved")
 
 
 def child(run_dir: str, steps: bool = False) -> None:

@@ -202,6 +202,7 @@ def build_sharded(
     options,
     run_directory: str,
     embedder: str,
+    *,
     num_shards: int | None,
     max_shard_vectors: int | None,
     distance: str,
@@ -272,10 +273,7 @@ def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
     for shard in range(num_shards):
         with open(os.path.join(partitions, f"probe-shard-{shard:05d}.json")) as f:
             answers.append(json.load(f))
-    higher = distance != "squared_l2"
-    recall = _merged_recall(answers, k, higher)
-    recall.update(target=target_recall, per_shard=[a["recall"]["value"] for a in answers])
-    recall["reached_target"] = recall["value"] is not None and recall["value"] >= target_recall
+    recall = _merged_recall(answers, k, distance != "squared_l2", target_recall)
     manifest = sharded.ShardedManifest(
         distance=distance,
         n=sum(a["n"] for a in answers),
@@ -292,7 +290,7 @@ def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
             }
             for a in answers
         ],
-        recall=recall,
+        recall=recall.to_dict(),
         search_defaults={"k": k},
         build_seconds=round(time.perf_counter() - start, 3),
         embedder=answers[0]["embedder"],
@@ -318,13 +316,19 @@ class ShardedBuild:
         return sharded.open_index(self.directory, verify=verify)
 
 
-def _merged_recall(answers, k, higher_is_better):
+def _merged_recall(
+    answers: list[dict], k: int, higher_is_better: bool, target_recall: float
+) -> index_lib.RecallRecord:
     """Recall@k of the merged shard answers against the merged exact answers: leave-self-out
     when each probe is a database row (its own id is dropped from both lists), plain when the
-    probes are held-out queries (id None)."""
+    probes are held-out queries (id None); with the recall each shard measured itself."""
+    per_shard = tuple(a["recall"]["value"] for a in answers)
+    unmeasured = index_lib.RecallRecord(
+        k=k, value=None, n_queries=0, target=target_recall, per_shard=per_shard
+    )
     queries = len(answers[0]["exact"])
     if queries == 0:
-        return {"k": k, "value": None, "n_queries": 0}
+        return unmeasured
     approx_lists, exact_lists = [], []
     for query in range(queries):
         merged = {}
@@ -341,7 +345,7 @@ def _merged_recall(answers, k, higher_is_better):
         approx_lists.append([i for i in merged["approx"] if i != self_id][:k])
     k_eff = min(k, min(len(e) for e in exact_lists))
     if k_eff < 1:
-        return {"k": k, "value": None, "n_queries": 0}
+        return unmeasured
     if answers[0]["probe_ids"][0] is None:
         method = (
             f"held-out over the merged shards: {queries} query vectors given to the build are "
@@ -355,9 +359,11 @@ def _merged_recall(answers, k, higher_is_better):
             f"per-shard lists are merged, the query's own id dropped, and recall@k = mean "
             f"|approx & exact| / k"
         )
-    return {
-        "k": k_eff,
-        "value": metrics.recall_at_k(approx_lists, exact_lists, k_eff),
-        "n_queries": queries,
-        "method": method,
-    }
+    return index_lib.RecallRecord(
+        k=k_eff,
+        value=metrics.recall_at_k(approx_lists, exact_lists, k_eff),
+        n_queries=queries,
+        target=target_recall,
+        method=method,
+        per_shard=per_shard,
+    )

@@ -12,9 +12,13 @@ bounded by `block_elements` scores however large q and n are.  Ties are broken
 by database row index (lower index first), which makes results deterministic.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from retrieval.errors import ConfigError
 
@@ -25,7 +29,7 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 22
 _QUERY_BLOCK_ROWS = 256
 
 
-def check_distance(distance):
+def check_distance(distance: str) -> None:
     """Raise ConfigError unless `distance` is one of DISTANCES."""
     if distance not in DISTANCES:
         raise ConfigError(f"Unknown distance {distance!r}; allowed values: {', '.join(DISTANCES)}.")
@@ -34,7 +38,9 @@ def check_distance(distance):
 _SMALL_NORM = 1e-15  # below this a float32 norm may have lost precision to underflow
 
 
-def unit_rows(x, in_place=False, on_zero_rows=None):
+def unit_rows(
+    x: npt.ArrayLike, in_place: bool = False, on_zero_rows: Callable[[np.ndarray], None] | None = None
+) -> np.ndarray:
     """Return `x` (2-D) as float32 with every row scaled to unit L2 norm; all-zero rows
     stay zero, or `on_zero_rows(indices)` is called first (it may raise; nothing is
     written before it).
@@ -45,7 +51,7 @@ def unit_rows(x, in_place=False, on_zero_rows=None):
     normalised in float64 instead, so any finite non-zero row keeps its direction.
     """
     out = np.array(x, dtype=np.float32, order="C", copy=None if in_place else True)
-    if len(out) == 1:  # one query: scalar arithmetic, ~4x faster than the array path below
+    if len(out) == 1:  # one query: scalar arithmetic, faster than the array path below
         with np.errstate(over="ignore", under="ignore"):  # the extreme rows go below
             norm = math.sqrt(float(np.dot(out[0], out[0])))
         if _SMALL_NORM < norm < math.inf:
@@ -70,12 +76,14 @@ def unit_rows(x, in_place=False, on_zero_rows=None):
     return out
 
 
-def normalize_rows(x, what="vectors", in_place=False, row_offset=0):
+def normalize_rows(
+    x: npt.ArrayLike, what: str = "vectors", in_place: bool = False, row_offset: int = 0
+) -> np.ndarray:
     """`unit_rows`, refusing zero rows: raises ConfigError naming the first (numbered from
     `row_offset`, for a chunk of a larger matrix), since a zero vector has no direction, so
     cosine is undefined for it."""
 
-    def refuse(zero_rows):
+    def refuse(zero_rows: np.ndarray) -> None:
         raise ConfigError(
             f"{what}: {zero_rows.size} row(s) have zero L2 norm (first: row {row_offset + zero_rows[0]}); "
             "cosine distance is undefined for zero vectors. Remove them or use "
@@ -85,7 +93,14 @@ def normalize_rows(x, what="vectors", in_place=False, row_offset=0):
     return unit_rows(x, in_place, on_zero_rows=refuse)
 
 
-def exact_search(queries, database, k, distance, block_elements=DEFAULT_BLOCK_ELEMENTS):
+def exact_search(
+    queries: npt.ArrayLike,
+    database: npt.ArrayLike,
+    k: int,
+    distance: str,
+    *,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k neighbours of each query row among the database rows.
 
     Args:
@@ -120,15 +135,22 @@ def exact_search(queries, database, k, distance, block_elements=DEFAULT_BLOCK_EL
     return indices, keys
 
 
-def exact_search_by_chunks(queries, database, k, distance, normalize_database=False, chunk_rows=None):
+def exact_search_by_chunks(
+    queries: npt.ArrayLike,
+    database: np.ndarray,
+    k: int,
+    distance: str,
+    *,
+    normalize_database: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """`exact_search` over `database` one row chunk at a time; same results and ties.
 
     For a database too large to copy (e.g. a memory map: its pages are released after each
     chunk).  normalize_database: L2-normalise each chunk first (cosine over raw rows).
     For dot product and cosine, each query block's top k is carried from chunk to chunk, so
-    after the first block only the scores that beat the current k-th best are gathered (the
-    build's recall probe, 1,000 queries over 1M x 256: 6.5 s instead of 7.75 s, medians of 3
-    interleaved runs; the matrix products alone take ~3.5 s).
+    after the first block only the scores that beat the current k-th best are gathered,
+    which saves time on top of the matrix products.
     """
     check_distance(distance)
     if distance == "squared_l2":
@@ -141,7 +163,7 @@ def exact_search_by_chunks(queries, database, k, distance, normalize_database=Fa
         return _no_results(k)
     q_block, db_block = _block_sizes(queries.shape[0], DEFAULT_BLOCK_ELEMENTS)
     starts = range(0, queries.shape[0], q_block)
-    best: list = [None] * len(starts)
+    best: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(starts)
     for start, stop in chunk_bounds(database.shape[0], chunk_rows or CHUNK_ROWS):
         chunk = np.asarray(database[start:stop], dtype=np.float32)
         if normalize_database:
@@ -152,16 +174,24 @@ def exact_search_by_chunks(queries, database, k, distance, normalize_database=Fa
                 queries[q0 : q0 + q_block], chunk, None, k, db_block, best=best[i], offset=start
             )
         release_pages(database)
-    return np.concatenate([b[0] for b in best]), np.concatenate([b[1] for b in best])
+    done = [b for b in best if b is not None]  # all of them: every block saw every chunk
+    return np.concatenate([b[0] for b in done]), np.concatenate([b[1] for b in done])
 
 
-def _by_chunks_merged(queries, database, k, distance, normalize_database, chunk_rows):
+def _by_chunks_merged(
+    queries: npt.ArrayLike,
+    database: np.ndarray,
+    k: int,
+    distance: str,
+    normalize_database: bool,
+    chunk_rows: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """exact_search on each chunk, merged.  Used for squared_l2, whose scan keys (an
     expansion) are re-scored exactly only at the end of each chunk, so a threshold carried
     from earlier chunks would compare keys of different precision."""
     from retrieval.npy_stream import CHUNK_ROWS, chunk_bounds, release_pages
 
-    best_rows = best_scores = None
+    best: tuple[np.ndarray, np.ndarray] | None = None
     for start, stop in chunk_bounds(database.shape[0], chunk_rows or CHUNK_ROWS):
         chunk = database[start:stop]
         if normalize_database:
@@ -169,18 +199,19 @@ def _by_chunks_merged(queries, database, k, distance, normalize_database, chunk_
         rows, scores = exact_search(queries, chunk, k, distance)
         release_pages(database)
         rows = rows + start
-        if best_rows is not None:
-            rows = np.concatenate([best_rows, rows], axis=1)
-            scores = np.concatenate([best_scores, scores], axis=1)
+        if best is not None:
+            rows = np.concatenate([best[0], rows], axis=1)
+            scores = np.concatenate([best[1], scores], axis=1)
             # Stable, and earlier chunks come first: equal scores keep the lower row first.
             order = np.argsort(scores, axis=1, kind="stable")[:, :k]
             rows = np.take_along_axis(rows, order, axis=1)
             scores = np.take_along_axis(scores, order, axis=1)
-        best_rows, best_scores = rows, scores
-    return best_rows, best_scores
+        best = rows, scores
+    assert best is not None  # chunk_bounds gives at least one chunk
+    return best
 
 
-def _prepare(queries, n, k, distance):
+def _prepare(queries: np.ndarray, n: int, k: int, distance: str) -> tuple[np.ndarray, int]:
     """(queries, k): queries normalised for cosine, k checked and clamped to the n rows."""
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}.")
@@ -189,17 +220,17 @@ def _prepare(queries, n, k, distance):
     return queries, min(k, n)
 
 
-def _no_results(k):
+def _no_results(k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
 
 
-def _block_sizes(num_queries, block_elements):
+def _block_sizes(num_queries: int, block_elements: int) -> tuple[int, int]:
     """(query rows, database rows) per scored block, at most block_elements scores."""
     q_block = max(1, min(_QUERY_BLOCK_ROWS, block_elements, num_queries))
     return q_block, max(1, block_elements // q_block)
 
 
-def _check_arrays(queries, database):
+def _check_arrays(queries: npt.ArrayLike, database: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     queries = np.asarray(queries, dtype=np.float32)
     database = np.asarray(database, dtype=np.float32)
     if queries.ndim != 2 or database.ndim != 2:
@@ -217,7 +248,7 @@ def _check_arrays(queries, database):
     return queries, database
 
 
-def check_finite(x, what, rows_per_chunk=65536, row_offset=0):
+def check_finite(x: np.ndarray, what: str, rows_per_chunk: int = 65536, row_offset: int = 0) -> None:
     """Raise ConfigError naming the first row of `x` (2-D) holding NaN or infinity
     (numbered from `row_offset`, for a chunk of a larger matrix).
 
@@ -233,11 +264,19 @@ def check_finite(x, what, rows_per_chunk=65536, row_offset=0):
             )
 
 
-def _sq_norms(x):
+def _sq_norms(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x)
 
 
-def _search_query_block(queries, database, db_sq_norms, k, db_block, best=None, offset=0):
+def _search_query_block(
+    queries: np.ndarray,
+    database: np.ndarray,
+    db_sq_norms: np.ndarray | None,
+    k: int,
+    db_block: int,
+    best: tuple[np.ndarray, np.ndarray] | None = None,
+    offset: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (indices, keys) for one block of queries, scanning the database in column blocks.
 
     best: the (indices, keys) found so far in earlier rows (indices below `offset`, the row
@@ -272,15 +311,15 @@ def _search_query_block(queries, database, db_sq_norms, k, db_block, best=None, 
     return best_idx, best_keys
 
 
-def _beating_best(keys, best_keys, k):
+def _beating_best(keys: np.ndarray, best_keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(positions, keys) of the block's keys above each query's current k-th best, padded
     with -inf, or None (use argpartition) when there is no full finite top k yet or too
     many keys beat it.
 
     Once k neighbours are known, few keys of a later block beat the k-th best, and a
-    comparison plus np.nonzero costs far less than argpartition over the whole block
-    (the build's recall probe, 1,000 queries over 1M x 256: 7.4 s instead of 12.9 s).  Only strictly greater keys
-    can enter: a later block's equal key has a higher row, so it loses the tie.
+    comparison plus np.nonzero costs far less than argpartition over the whole block.
+    Only strictly greater keys can enter: a later block's equal key has a higher row, so it
+    loses the tie.
     """
     # -inf padding must rank below every real key, so the k-th best has to be finite.
     if best_keys.shape[1] < k or not np.isfinite(best_keys[:, k - 1]).all():
@@ -298,7 +337,9 @@ def _beating_best(keys, best_keys, k):
     return positions, picked
 
 
-def _negated_squared_distances(queries, database, indices, block_elements):
+def _negated_squared_distances(
+    queries: np.ndarray, database: np.ndarray, indices: np.ndarray, block_elements: int
+) -> np.ndarray:
     """-sum((q - x)^2) for each query and each of its selected database rows.
 
     The expansion used for scanning loses precision to cancellation when norms are
@@ -313,7 +354,7 @@ def _negated_squared_distances(queries, database, indices, block_elements):
     return keys
 
 
-def _top_k_by_position(keys, k):
+def _top_k_by_position(keys: np.ndarray, k: int) -> np.ndarray:
     """Column positions of the k highest keys per row, ties going to the lower position.
 
     argpartition is O(n) but picks arbitrarily among keys equal to the k-th
@@ -330,7 +371,7 @@ def _top_k_by_position(keys, k):
     return picked
 
 
-def _top_k_sorted(indices, keys, k):
+def _top_k_sorted(indices: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best (indices, keys) per row, sorted by key descending then index ascending."""
     order = np.lexsort((indices, -keys), axis=1)[:, :k]
     return np.take_along_axis(indices, order, axis=1), np.take_along_axis(keys, order, axis=1)

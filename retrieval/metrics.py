@@ -14,17 +14,25 @@ the rankings given as the labels of the retrieved items.  An item at rank i is
 relevant when it is `in` that collection.
 """
 
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence, Sized
+from typing import TypeAlias
+
 import numpy as np
 
 from retrieval.errors import ConfigError
 
+# Per query, a list of ids or labels, best first: a sequence of lists, or a 2-D array.
+Rankings: TypeAlias = "Sequence[Iterable[Hashable]] | np.ndarray"
 
-def recall_at_k(approx_ids, exact_ids, k):
+
+def recall_at_k(approx_ids: Rankings, exact_ids: Rankings, k: int) -> float:
     """Mean over queries of |approx[:k] ∩ exact[:k]| / k (see `recall_per_query`)."""
     return _mean(recall_per_query(approx_ids, exact_ids, k))
 
 
-def recall_per_query(approx_ids, exact_ids, k):
+def recall_per_query(approx_ids: Rankings, exact_ids: Rankings, k: int) -> list[float]:
     """Per query, |approx[:k] ∩ exact[:k]| / k, as a list of floats.
 
     Args:
@@ -47,7 +55,7 @@ def recall_per_query(approx_ids, exact_ids, k):
     return hits
 
 
-def relevance(ranking, relevant):
+def relevance(ranking: Iterable[Hashable], relevant: Iterable[Hashable]) -> np.ndarray:
     """Boolean array: relevance[i] is True when ranking[i] is in `relevant`."""
     if isinstance(relevant, (str, bytes)):
         # set("cat") would be {"c", "a", "t"}: almost certainly a bare label.
@@ -59,7 +67,7 @@ def relevance(ranking, relevant):
     return np.array([item in relevant for item in ranking], dtype=bool)
 
 
-def precision_at_k(rankings, relevant, k):
+def precision_at_k(rankings: Rankings, relevant: Sequence[Iterable[Hashable]], k: int) -> float:
     """Mean over queries of (number of relevant items among the first k) / k.
 
     Args:
@@ -78,7 +86,9 @@ def precision_at_k(rankings, relevant, k):
     return _mean(values)
 
 
-def average_precision(ranking, relevant, n_relevant=None):
+def average_precision(
+    ranking: Iterable[Hashable], relevant: Iterable[Hashable], n_relevant: int | None = None
+) -> float:
     """Average precision of one ranking.
 
     AP = (1 / R) * sum over ranks i (1-based) where the item is relevant of P@i,
@@ -105,7 +115,11 @@ def average_precision(ranking, relevant, n_relevant=None):
     return float(precision_at_rank[rel].sum() / total)
 
 
-def mean_average_precision(rankings, relevant, n_relevant=None):
+def mean_average_precision(
+    rankings: Rankings,
+    relevant: Sequence[Iterable[Hashable]],
+    n_relevant: Sequence[int | None] | None = None,
+) -> float:
     """Mean over queries of `average_precision` (mAP).
 
     Args:
@@ -120,7 +134,7 @@ def mean_average_precision(rankings, relevant, n_relevant=None):
     return _mean([average_precision(r, rel, n) for r, rel, n in zip(rankings, relevant, n_relevant)])
 
 
-def ns_score(retrieved_groups, query_groups, top=4):
+def ns_score(retrieved_groups: Rankings, query_groups: Sequence[Hashable], top: int = 4) -> float:
     """UKBench N-S score: mean number of same-group items among the top `top` results.
 
     UKBench has 4 images per object and every image is used as a query against
@@ -143,17 +157,17 @@ def ns_score(retrieved_groups, query_groups, top=4):
     return _mean(counts)
 
 
-def _check_k(k):
+def _check_k(k: int) -> None:
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}.")
 
 
-def _check_same_length(a, b, name_a, name_b):
+def _check_same_length(a: Sized, b: Sized, name_a: str, name_b: str) -> None:
     if len(a) != len(b):
         raise ConfigError(f"{name_a} and {name_b} differ in length: {len(a)} != {len(b)}.")
     if len(a) == 0:
         raise ConfigError(f"{name_a} is empty: need at least one query.")
 
 
-def _mean(values):
+def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values))

@@ -1,9 +1,8 @@
 """Optional PCA projection learned at build time, applied to the database and to queries.
 
 Off by default (`imgindex build --pca_dim N` turns it on).  Projection: subtract the mean,
-multiply by the top-N principal axes, re-normalise to unit length.  No whitening: on the
-CIFAR-10 test set embedded with the builtin model (benchmarks/pca_map.py, BENCHMARKS.md)
-PCA to 64-512 dims raised mAP by 2.6-3.3 points while whitening lowered it by 10-18.
+multiply by the top-N principal axes, re-normalise to unit length.  No whitening: on a
+labelled set it lowered mAP where plain PCA raised it (benchmarks/pca_map.py, BENCHMARKS.md).
 
 Stored in an index directory as `projection.npy`, float32 of shape (N + 1, d_in): row 0 is
 the mean, rows 1..N the principal axes (unit vectors, largest variance first).

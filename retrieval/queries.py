@@ -49,7 +49,7 @@ def prepare_query(
     """
     query = vector if isinstance(vector, np.ndarray) else None
     if query is not None and projection is None and query.shape == (dim,) and query.dtype.kind in "fiu":
-        # The common case in a few microseconds: a finite vector far from float32's limits
+        # The common case, on a fast path: a finite vector far from float32's limits
         # (NaN and infinity fail both comparisons and take the general path, which says why).
         with np.errstate(over="ignore"):
             q = query.astype(np.float32)

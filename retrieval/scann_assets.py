@@ -2,8 +2,8 @@
 
 Why: ScaNN's in-memory builder (`scann.builder(x, ...).build()`) copies the whole matrix
 into its own dataset, computes the AH residual of every row, and `serialize()` makes one
-more copy while writing `dataset.npy`; measured on 500k x 256 the index stage peaked at
-4.1x the float32 matrix (BENCHMARKS.md).  Here no process step holds more than one copy:
+more copy while writing `dataset.npy`, so the index stage peaks at several times the float32
+matrix (BENCHMARKS.md).  Here no process step holds more than one copy:
 
 1. `write_dataset`: the vectors are cast to float32, checked, L2-normalised for cosine and
    written to `dataset.npy` in row chunks (the input may itself be a memory map).
@@ -17,22 +17,39 @@ more copy while writing `dataset.npy`; measured on 500k x 256 the index stage pe
    (tests/test_scann_assets.py checks this); the training sample's rows, which step 2's
    build has encoded already, are taken from it rather than encoded twice.
 4. `finish`: the asset list and the final config (trained config + exact reordering) are
-   written; `scann.load_searcher(directory)` then loads it like any serialized searcher.
+   written; `load_searcher(directory)` then loads it like any serialized searcher.
 
+`build_tree_ah` runs these steps for an `IndexConfig` in a build's `AssetsDirectory`.
 The asset names and types are the ones ScaNN 1.4's `serialize()` writes and
 `load_searcher()` reads (scann_assets.pbtxt).
 """
 
+from __future__ import annotations
+
 import ctypes
 import os
 import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from retrieval.errors import IndexFormatError
 from retrieval.exact import check_finite, normalize_rows
 from retrieval.npy_stream import CHUNK_ROWS, NpyWriter, chunk_bounds, open_read, release_pages
-from retrieval.scann_import import import_scann_pybind
+from retrieval.scann_import import ScannSearcher, import_scann_pybind
+
+if TYPE_CHECKING:
+    from scann.proto.scann_pb2 import ScannConfig
+
+    from retrieval.index.config import IndexConfig
+
+Probe = TypeVar("Probe")
+# A ScaNN pybind builder (`scann_ops_pybind.builder(...)`), which ships without type information.
+Builder = Any
 
 ASSETS_FILE = "scann_assets.pbtxt"
 CONFIG_FILE = "scann_config.pb"
@@ -45,7 +62,7 @@ AH_DATASET = ("AH_DATASET_NPY", "hashed_dataset.npy")
 SAMPLE_HASHES = {TOKENIZATION[1]: "sample-datapoint_to_token.npy", AH_DATASET[1]: "sample-hashed_dataset.npy"}
 
 
-def trim_heap():
+def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc keeps large freed arenas otherwise)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -53,7 +70,14 @@ def trim_heap():
         pass
 
 
-def write_dataset(vectors, path, normalize, what="vectors", chunk_rows=CHUNK_ROWS):
+def write_dataset(
+    vectors: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    normalize: bool,
+    what: str = "vectors",
+    chunk_rows: int = CHUNK_ROWS,
+) -> np.ndarray:
     """Write `vectors` (n, d) as a float32 .npy at `path`, checked and optionally L2-normalised
     chunk by chunk; returns the file as a read-only memory map.
 
@@ -72,12 +96,12 @@ def write_dataset(vectors, path, normalize, what="vectors", chunk_rows=CHUNK_ROW
     return open_read(path)
 
 
-def sample_indices(n, size, seed):
+def sample_indices(n: int, size: int, *, seed: int) -> np.ndarray:
     """`size` distinct row numbers of range(n) chosen with `seed`, sorted."""
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
-def sample_rows(x, rows, chunk_rows=CHUNK_ROWS):
+def sample_rows(x: np.ndarray, rows: np.ndarray, *, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """The rows of `x` numbered by the sorted array `rows`, gathered chunk by chunk."""
     out = np.empty((len(rows), x.shape[1]), np.float32)
     for start, stop in chunk_bounds(x.shape[0], chunk_rows):
@@ -87,7 +111,14 @@ def sample_rows(x, rows, chunk_rows=CHUNK_ROWS):
     return out
 
 
-def train(sample, scann_distance, k, configure, directory):
+def train(
+    sample: np.ndarray,
+    directory: str | os.PathLike[str],
+    *,
+    scann_distance: str,
+    k: int,
+    configure: Callable[[Builder], Builder],
+) -> ScannConfig:
     """Train partitioner and AH codebooks on `sample`; write them and the trained config.
 
     configure(builder) adds the tree and score_ah stanzas (no reordering) to a ScaNN builder.
@@ -106,12 +137,19 @@ def train(sample, scann_distance, k, configure, directory):
         os.replace(trained / name, directory / name)
     for name, kept in SAMPLE_HASHES.items():
         os.replace(trained / name, directory / kept)
-    config = _read_config(trained / CONFIG_FILE)
+    config = read_config(trained / CONFIG_FILE)
     shutil.rmtree(trained)
     return config
 
 
-def hash_rows(trained_config, directory, sample=None, chunk_rows=CHUNK_ROWS, threads=None):
+def hash_rows(
+    trained_config: ScannConfig,
+    directory: str | os.PathLike[str],
+    *,
+    sample: np.ndarray | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    threads: int | None = None,
+) -> None:
     """Tokenize and AH-encode every row of directory/dataset.npy with the trained assets in
     `directory`, writing datapoint_to_token.npy and hashed_dataset.npy there.
 
@@ -120,9 +158,8 @@ def hash_rows(trained_config, directory, sample=None, chunk_rows=CHUNK_ROWS, thr
     `threads` threads (default: the available cores), and serialising it writes their tokens
     and codes.  `sample`, the sorted row numbers `train` was given, takes those rows' tokens
     and codes from the files `train` kept instead: ScaNN's build already encoded them, the
-    same way (tests/test_scann_assets.py checks the bytes).
-    Measured on 131k x 256 rows, 707 leaves: 25 us a row on 2 threads (39 on one); serialising
-    holds ~0.65 MB per leaf for a moment.
+    same way (tests/test_scann_assets.py checks the bytes).  Serialising briefly holds a
+    buffer per leaf.
     """
     directory = Path(directory)
     x = open_read(directory / DATASET[1])
@@ -134,14 +171,14 @@ def hash_rows(trained_config, directory, sample=None, chunk_rows=CHUNK_ROWS, thr
     try:
         encoded.mkdir()
         if rest.any():
-            _encode_rows(x, rest, trained_config, directory, encoded, chunk_rows, threads)
+            _encode_rows(x, rest, trained_config, directory, encoded, chunk_rows=chunk_rows, threads=threads)
         for name, kept in SAMPLE_HASHES.items():
             if len(sample) == 0:
                 os.replace(encoded / name, directory / name)
             elif not rest.any():
                 os.replace(directory / kept, directory / name)
             else:
-                _interleave(encoded / name, directory / kept, rest, directory / name, chunk_rows)
+                _interleave(encoded / name, directory / kept, rest, directory / name, chunk_rows=chunk_rows)
         for _, name in (TOKENIZATION, AH_DATASET):
             rows = np.load(directory / name, mmap_mode="r").shape[0]
             if rows != n:
@@ -152,7 +189,16 @@ def hash_rows(trained_config, directory, sample=None, chunk_rows=CHUNK_ROWS, thr
             (directory / kept).unlink(missing_ok=True)
 
 
-def _encode_rows(x, selected, trained_config, directory, out, chunk_rows, threads):
+def _encode_rows(
+    x: np.ndarray,
+    selected: np.ndarray,
+    trained_config: ScannConfig,
+    directory: Path,
+    out: Path,
+    *,
+    chunk_rows: int,
+    threads: int | None,
+) -> None:
     """Tokens and codes of the rows of `x` where `selected` is true, in row order, written to
     `out` by serialising a ScaNN searcher seeded with the first of them."""
     scann = import_scann_pybind()
@@ -182,7 +228,9 @@ def _encode_rows(x, selected, trained_config, directory, out, chunk_rows, thread
         shutil.rmtree(seed, ignore_errors=True)
 
 
-def _interleave(encoded_path, sample_path, rest, path, chunk_rows):
+def _interleave(
+    encoded_path: Path, sample_path: Path, rest: np.ndarray, path: Path, *, chunk_rows: int
+) -> None:
     """Write `path` with the rows of encoded_path where `rest` is true and those of
     sample_path elsewhere, both in row order."""
     encoded, sampled = open_read(encoded_path), open_read(sample_path)
@@ -209,11 +257,13 @@ def _interleave(encoded_path, sample_path, rest, path, chunk_rows):
 _UPSERT_BATCH = 256
 
 
-def _available_cores():
+def _available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def finish(trained_config, reorder_config, directory):
+def finish(
+    trained_config: ScannConfig, reorder_config: ScannConfig | None, directory: str | os.PathLike[str]
+) -> None:
     """Write the final config (trained + exact reordering) and the full asset list."""
     config = type(trained_config)()
     config.CopyFrom(trained_config)
@@ -222,7 +272,7 @@ def finish(trained_config, reorder_config, directory):
     write_assets(directory, config, [AH_CENTERS, PARTITIONER, TOKENIZATION, AH_DATASET, DATASET])
 
 
-def reorder_stanza(builder_config_text):
+def reorder_stanza(builder_config_text: str) -> ScannConfig:
     """The ScannConfig parsed from a builder's create_config() text (for its exact_reordering)."""
     from google.protobuf import text_format
     from scann.proto import scann_pb2
@@ -230,7 +280,11 @@ def reorder_stanza(builder_config_text):
     return text_format.Parse(builder_config_text, scann_pb2.ScannConfig())
 
 
-def write_assets(directory, config, assets):
+def write_assets(
+    directory: str | os.PathLike[str], config: ScannConfig, assets: Sequence[tuple[str, str]]
+) -> list[str]:
+    """Write `config` and the asset list naming `assets` ((type, file name) pairs, each
+    present in `directory`); returns the file names listed."""
     directory = Path(directory)
     (directory / CONFIG_FILE).write_bytes(config.SerializeToString())
     entries = [CONFIG_FILE]
@@ -243,9 +297,99 @@ def write_assets(directory, config, assets):
     return entries
 
 
-def _read_config(path):
+def read_config(path: str | os.PathLike[str]) -> ScannConfig:
+    """The ScannConfig message serialised at `path` (scann_config.pb)."""
     from scann.proto import scann_pb2
 
     config = scann_pb2.ScannConfig()
     config.ParseFromString(Path(path).read_bytes())
     return config
+
+
+def load_searcher(scann_dir: str | os.PathLike[str]) -> ScannSearcher:
+    """The ScaNN searcher serialised in `scann_dir`; IndexFormatError when ScaNN cannot load it."""
+    scann = import_scann_pybind()
+    try:
+        # Without the shim, ScaNN never writes into the index directory.
+        searcher: ScannSearcher = scann.load_searcher(str(scann_dir), assets_backcompat_shim=False)
+    except (RuntimeError, ValueError) as e:
+        raise IndexFormatError(f"ScaNN could not load {scann_dir}: {e}. Rebuild the index.") from e
+    return searcher
+
+
+def build_tree_ah(
+    vectors: np.ndarray,
+    directory: Path,
+    *,
+    config: IndexConfig,
+    scann_distance: str,
+    normalize: bool,
+    k: int,
+    seed: int,
+    make_probe: Callable[[np.ndarray], Probe],
+) -> tuple[ScannSearcher, Probe]:
+    """A tree-AH searcher for `config` made through its assets in `directory`, and
+    `make_probe(x)` of the rows as written to dataset.npy (x memory-maps them).
+
+    The probe's exact search streams over the dataset file before the searcher loads it,
+    so the two never hold the matrix at the same time.  `seed` picks the training sample.
+    """
+    scann = import_scann_pybind()
+    x = write_dataset(vectors, directory / DATASET[1], normalize=normalize)
+    d = x.shape[1]
+
+    def configure(builder: Builder) -> Builder:
+        threshold = config.anisotropic_quantization_threshold
+        return builder.tree(
+            num_leaves=config.num_leaves,
+            num_leaves_to_search=config.leaves_to_search,
+            training_sample_size=config.training_sample_size,
+            random_init=not config.deterministic_training,
+        ).score_ah(
+            config.dims_per_block,
+            anisotropic_quantization_threshold=float("nan") if threshold is None else threshold,
+            training_sample_size=config.training_sample_size,
+        )
+
+    # The rows ScaNN's own builder would sample for training; seeded so builds repeat.
+    assert config.training_sample_size is not None  # a validated tree-AH config has one
+    rows = sample_indices(x.shape[0], config.training_sample_size, seed=seed)
+    sample = sample_rows(x, rows)
+    trained = train(sample, directory, scann_distance=scann_distance, k=k, configure=configure)
+    del sample
+    hash_rows(trained, directory, sample=rows)
+    reorder = configure(scann.builder(np.zeros((1, d), np.float32), k, scann_distance))
+    reorder = reorder.reorder(config.pre_reorder_num_neighbors).create_config()
+    finish(trained, reorder_stanza(reorder), directory)
+    probe = make_probe(x)
+    release_pages(x)
+    del x
+    trim_heap()  # the freed training and probe buffers
+    return load_searcher(directory), probe
+
+
+class AssetsDirectory:
+    """A build's ScaNN assets: a temporary directory removed when its Index goes away."""
+
+    def __init__(self, work_dir: str | os.PathLike[str] | None) -> None:
+        if work_dir is not None:
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(dir=work_dir, prefix=".imgindex-build-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    def remove(self) -> None:
+        self._finalizer()
+
+    def copy_to(self, directory: Path) -> None:
+        """Hard-link (or, across filesystems, copy) the assets into `directory`."""
+        for path in sorted(self.path.iterdir()):
+            if not path.name.startswith("."):
+                link_or_copy(path, directory / path.name)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link `source` as `target`, or copy it where hard links are impossible."""
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or no hard links there
+        shutil.copyfile(source, target)

@@ -2,30 +2,64 @@
 
 `scann/__init__.py` runs `try: import tensorflow ... except ModuleNotFoundError`
 so that the TF custom ops are available when TF is installed.  Importing
-TensorFlow takes ~4 s and a lot of memory, and loading or querying an index
+TensorFlow is slow and takes a lot of memory, and loading or querying an index
 needs none of it: the pybind module (`scann_ops_pybind`) is self-contained.
 """
 
+from __future__ import annotations
+
 import importlib
 import sys
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
 
 _PYBIND_MODULE = "scann.scann_ops.py.scann_ops_pybind"
 
 
-def import_scann_pybind():
+class ScannSearcher(Protocol):
+    """What imgindex uses of a ScaNN pybind searcher (`scann_ops_pybind.ScannSearcher`, which
+    ships without type information)."""
+
+    def search(
+        self,
+        q: np.ndarray,
+        final_num_neighbors: int = ...,
+        pre_reorder_num_neighbors: int = ...,
+        leaves_to_search: int = ...,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def search_batched_parallel(
+        self,
+        queries: np.ndarray,
+        final_num_neighbors: int | None = ...,
+        pre_reorder_num_neighbors: int | None = ...,
+        leaves_to_search: int | None = ...,
+        batch_size: int = ...,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def serialize(self, artifacts_dir: str, relative_path: bool = ...) -> None: ...
+
+    def size(self) -> int: ...
+
+    def config(self) -> str: ...
+
+
+def import_scann_pybind() -> ModuleType:
     """Return `scann.scann_ops.py.scann_ops_pybind`, importing TensorFlow only if it already is.
 
     When neither TensorFlow nor ScaNN has been imported yet, `sys.modules["tensorflow"]`
     is set to None for the duration of the import: Python then raises
     ModuleNotFoundError for `import tensorflow`, which `scann/__init__.py` catches
-    and skips its TF ops (measured with a warm file cache: 0.1 s instead of 3-3.5 s
-    for a plain `import scann`, and 'tensorflow' is not in sys.modules afterwards).
+    and skips its TF ops (much faster than a plain `import scann`, and 'tensorflow' is
+    not in sys.modules afterwards).
     The marker is removed again so a later `import tensorflow` works normally.
 
     Consequences: in such a process `import scann` does not load the TF ops module
     (`scann.scann_ops.py.scann_ops`) even after TensorFlow is imported; importing
     that module explicitly still works.  The marker is process-global, so a
-    thread importing TensorFlow during this ~0.1 s would fail: call this before
+    thread importing TensorFlow during this import would fail: call this before
     starting threads that might import TensorFlow.
     """
     if "tensorflow" in sys.modules or "scann" in sys.modules:

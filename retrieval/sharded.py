@@ -23,14 +23,23 @@ import functools
 import hashlib
 import json
 import math
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from retrieval import manifest as mf
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.queries import check_k, prepare_queries, prepare_query
 from retrieval.version import __version__
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from retrieval.index import Index
 
 KIND = "imgindex.sharded_index"
 FORMAT_VERSION = 1
@@ -42,7 +51,7 @@ _PERSON = b"imgindex-shard"
 _SIGMAS = 6.0
 
 
-def shard_of(ids, num_shards: int) -> np.ndarray:
+def shard_of(ids: Sequence[str], num_shards: int) -> np.ndarray:
     """The shard of each id (an int64 array); stable across runs, machines and Python versions."""
     _check_num_shards(num_shards)
     keys = np.fromiter(
@@ -75,7 +84,7 @@ def shards_for(n: int, max_shard_vectors: int) -> int:
         shards += 1
 
 
-def _check_num_shards(num_shards) -> None:
+def _check_num_shards(num_shards: object) -> None:
     if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
         raise ConfigError(f"num_shards must be an integer >= 1, got {num_shards!r}")
 
@@ -171,13 +180,15 @@ def manifest_kind(directory: str | Path) -> str | None:
         return None
 
 
-def describe_method(shard_methods) -> str:
+def describe_method(shard_methods: Iterable[str]) -> str:
     """`sharded(<N>x <methods>)`, as run manifests and `info()` show a sharded index."""
     shard_methods = list(shard_methods)
     return f"sharded({len(shard_methods)}x {'/'.join(sorted(set(shard_methods)))})"
 
 
-def merge_top_k(id_lists, score_lists, k: int, higher_is_better: bool):
+def merge_top_k(
+    id_lists: Sequence[Sequence[str]], score_lists: Sequence[npt.ArrayLike], k: int, higher_is_better: bool
+) -> tuple[list[str], np.ndarray]:
     """Merge per-shard results (lists of ids, scores best first) into the best k overall."""
     ids, scores = _merge_rows(
         [np.asarray(part, dtype=object) for part in id_lists], score_lists, k, higher_is_better
@@ -189,7 +200,12 @@ class ShardedIndex:
     """Several indexes searched as one; implements `retrieval.searchable.SearchableIndex` like
     `retrieval.index.Index`.  Global row numbers run through shard 0's rows, then shard 1's..."""
 
-    def __init__(self, shards, manifest: ShardedManifest, directories):
+    def __init__(
+        self,
+        shards: Sequence[Index],
+        manifest: ShardedManifest,
+        directories: Sequence[str | os.PathLike[str]],
+    ) -> None:
         self.shards = list(shards)
         self.manifest = manifest
         self.directories = [Path(d) for d in directories]
@@ -211,13 +227,13 @@ class ShardedIndex:
         return describe_method(s.method for s in self.shards)
 
     @property
-    def search_defaults(self):
+    def search_defaults(self) -> dict[str, Any]:
         return dict(self.manifest.search_defaults)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"ShardedIndex(n={self.n}, d={self.d}, distance={self.distance!r}, shards={self.num_shards})"
 
-    def metadata(self):
+    def metadata(self) -> pa.Table | None:
         """Every shard's metadata table, concatenated in global row order, or None when no shard
         has one.  Some shards with and others without, or differing schemas: IndexFormatError."""
         import pyarrow as pa
@@ -235,34 +251,39 @@ class ShardedIndex:
                 f"{where}: the shards' metadata schemas differ ({exc}); rebuild the index"
             ) from exc
 
-    def stored_vectors(self):
+    def stored_vectors(self) -> np.ndarray | _ShardVectors | None:
         """Row lookup over every shard's stored vectors (global row), or None when any lacks them."""
         return self._stored_vectors
 
     @functools.cached_property
-    def _stored_vectors(self):
+    def _stored_vectors(self) -> np.ndarray | _ShardVectors | None:
         arrays = [shard.stored_vectors() for shard in self.shards]
-        if any(a is None for a in arrays):
+        present = [a for a in arrays if a is not None]
+        if len(present) < len(arrays):
             return None
-        return arrays[0] if len(arrays) == 1 else _ShardVectors(arrays)
+        return present[0] if len(present) == 1 else _ShardVectors(present)
 
-    def search(self, query, k=None):
+    def search(self, query: npt.ArrayLike, k: int | None = None) -> tuple[list[str], np.ndarray]:
         """Top k of one query over all shards: (ids, scores) best first."""
         rows, scores = self.search_rows(query, k)
         return self._ids[rows].tolist(), scores
 
-    def search_batch(self, queries, k=None):
+    def search_batch(
+        self, queries: npt.ArrayLike, k: int | None = None
+    ) -> tuple[list[list[str]], np.ndarray]:
         """Top k of each query over all shards: (list of id lists, (q, k) float32 scores, NaN-padded)."""
         row_lists, scores = self.search_batch_rows(queries, k)
         return [self._ids[rows].tolist() for rows in row_lists], scores
 
-    def search_rows(self, query, k=None):
+    def search_rows(self, query: npt.ArrayLike, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`search`, answering with global row numbers (row i is ids[i]) instead of ids."""
         k = check_k(self.manifest.search_defaults["k"] if k is None else k)
         query = prepare_query(query, dim=self.d, distance=self.distance, label=self._label)
         return self._search_prepared(query, k)
 
-    def search_batch_rows(self, queries, k=None):
+    def search_batch_rows(
+        self, queries: npt.ArrayLike, k: int | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray]:
         """`search_batch`, answering with q arrays of global row numbers instead of id lists."""
         k = check_k(self.manifest.search_defaults["k"] if k is None else k)
         queries = prepare_queries(queries, dim=self.d, distance=self.distance, label=self._label)
@@ -282,7 +303,7 @@ class ShardedIndex:
             out_scores[row, : len(rows)] = scores
         return out_rows, out_scores
 
-    def neighbours_of_row(self, row, k=None):
+    def neighbours_of_row(self, row: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest neighbours (global rows, scores) of the indexed vector at global `row`."""
         vectors = self.stored_vectors()
         if vectors is None:
@@ -290,7 +311,7 @@ class ShardedIndex:
         k = check_k(self.manifest.search_defaults["k"] if k is None else k)
         return self._search_prepared(np.array(vectors[row], dtype=np.float32), k)  # stored rows are ready
 
-    def _search_prepared(self, query, k):
+    def _search_prepared(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Each shard's top k of a query checked once (`retrieval.queries`), merged."""
         parts = [shard._search_prepared(query, k) for shard in self.shards]
         return _merge_rows(
@@ -301,7 +322,7 @@ class ShardedIndex:
         )
 
     @property
-    def _label(self):
+    def _label(self) -> str:
         name = (self.manifest.embedder or {}).get("name")
         return "the index" if not isinstance(name, str) else f"the index of embedder {name!r}"
 
@@ -309,7 +330,7 @@ class ShardedIndex:
 class _ShardVectors:
     """Row lookup across the shards' memory-mapped vectors (global row = shard offset + row)."""
 
-    def __init__(self, arrays):
+    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
         self._arrays = arrays
         self._offsets = np.cumsum([0] + [len(a) for a in arrays])
 
@@ -321,7 +342,9 @@ class _ShardVectors:
         return self._arrays[shard][row - self._offsets[shard]]
 
 
-def _merge_rows(row_parts, score_parts, k: int, higher_is_better: bool):
+def _merge_rows(
+    row_parts: Sequence[np.ndarray], score_parts: Sequence[npt.ArrayLike], k: int, higher_is_better: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """The best k of per-shard (rows, scores) parts as two arrays; NaN scores (ScaNN's padding)
     are dropped, and ties keep shard order."""
     rows = np.concatenate(row_parts)
@@ -334,7 +357,7 @@ def _merge_rows(row_parts, score_parts, k: int, higher_is_better: bool):
     return rows[order], scores[order]
 
 
-def open_index(path, verify: bool = True):
+def open_index(path: str | os.PathLike[str], verify: bool = True) -> Index | ShardedIndex:
     """Load an index directory of either layout: retrieval.index.Index or ShardedIndex.
 
     For a sharded index every shard listed in its manifest must be present, have the

@@ -1,5 +1,7 @@
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -51,3 +53,60 @@ def vec_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("vec_root")
     run_dir = rf.write_run(root, data, run_id="20260101T000000Z-aaaaaa")
     return root, run_dir, data
+
+
+# --- index test data (tests/test_index_*.py, tests/test_recall_tuning.py) ------------------
+
+
+@pytest.fixture(scope="session")
+def index_data():
+    """20k database vectors, 500 fresh queries and a separate 3k set around 100 cluster centres
+    in 64 dimensions, drawn in that order from one seeded generator."""
+    from tests.helpers.index_data import clusters
+
+    sample = clusters()
+    return sample(20_000), sample(500), sample(3_000)
+
+
+@pytest.fixture(scope="session")
+def large(index_data):
+    """20k database vectors (tree-AH by default), their ids, and 500 fresh queries."""
+    vectors, queries, _ = index_data
+    return vectors, np.array([f"img{i:05d}" for i in range(len(vectors))]), queries
+
+
+@pytest.fixture(scope="session")
+def tree_indexes(large):
+    """Default (tuned tree-AH) indexes of `large` for each distance."""
+    from retrieval.index import build_index
+
+    vectors, ids, _ = large
+    return {
+        distance: build_index(vectors, ids.tolist(), distance=distance)
+        for distance in ("cosine", "dot_product", "squared_l2")
+    }
+
+
+@pytest.fixture(scope="session")
+def small(index_data):
+    """3k vectors (brute force by default) and their ids."""
+    vectors = index_data[2]
+    return vectors, [f"s{i}" for i in range(len(vectors))]
+
+
+@pytest.fixture(scope="session")
+def saved_small(small, tmp_path_factory):
+    """A saved brute-force index, copied by tests that damage it."""
+    from retrieval.index import build_index
+
+    path = tmp_path_factory.mktemp("saved") / "index"
+    build_index(*small, distance="cosine").save(path)
+    return path
+
+
+@pytest.fixture
+def damaged(saved_small, tmp_path):
+    """A copy of `saved_small` for a test to damage."""
+    path = tmp_path / "index"
+    shutil.copytree(saved_small, path)
+    return path

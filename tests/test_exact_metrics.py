@@ -39,8 +39,9 @@ def data():
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
-# 1 and 7 force many blocks whose edges fall inside the top-k; 40*301 is a single block.
-@pytest.mark.parametrize("block_elements", [1, 7, 64, 1000, 40 * 301])
+# 1 and 7 force many blocks whose edges fall inside the top-k (1: one score a block, slow);
+# 40*301 is a single block.
+@pytest.mark.parametrize("block_elements", [pytest.param(1, marks=pytest.mark.slow), 7, 64, 1000, 40 * 301])
 @pytest.mark.parametrize("k", [1, 5, 301])
 def test_exact_matches_naive_reference(data, distance, block_elements, k):
     queries, database = data

@@ -40,6 +40,7 @@ def test_pca_rejects_bad_dimensions():
         project(np.zeros((2, 3), np.float32), fit_pca(np.random.rand(10, 4).astype(np.float32), 2))
 
 
+@pytest.mark.slow
 def test_build_with_pca_serves_queries_in_the_embedder_space(tmp_path, tiny_savedmodel):
     root = str(tmp_path / "root")
     result = build.run(

@@ -43,7 +43,7 @@ def test_chunked_hashing_is_byte_identical_to_scann_build(clustered, tmp_path):
 
     staged = tmp_path / "staged"
     staged.mkdir()
-    trained = scann_assets._read_config(reference / scann_assets.CONFIG_FILE)
+    trained = scann_assets.read_config(reference / scann_assets.CONFIG_FILE)
     reorder = type(trained)()
     reorder.CopyFrom(trained)
     trained.ClearField("exact_reordering")
@@ -85,7 +85,11 @@ def test_hashing_reuses_the_training_samples_codes_byte_identically(clustered, t
     reused.mkdir()
     np.save(reused / "dataset.npy", clustered)
     trained = scann_assets.train(
-        scann_assets.sample_rows(clustered, rows), "dot_product", 10, configure, reused
+        scann_assets.sample_rows(clustered, rows),
+        reused,
+        scann_distance="dot_product",
+        k=10,
+        configure=configure,
     )
     assert sorted(p.name for p in reused.iterdir() if p.name.startswith("sample-")) == sorted(
         scann_assets.SAMPLE_HASHES.values()

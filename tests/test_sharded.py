@@ -95,6 +95,7 @@ def test_merge_top_k_orders_by_score_and_skips_padding():
     assert ids == ["c", "a", "b"]
 
 
+@pytest.mark.slow
 def test_sharded_build_partitions_by_id_and_merged_search_is_exact_for_brute_force_shards(tmp_path):
     run_dir, x, ids = _run_with_table(tmp_path, 3000)
     built = _build(run_dir, num_shards=3)
@@ -126,6 +127,7 @@ def test_sharded_build_partitions_by_id_and_merged_search_is_exact_for_brute_for
     assert not os.path.exists(os.path.join(index_dir, build_shards.PARTITIONS))
 
 
+@pytest.mark.slow
 def test_both_layouts_offer_readers_one_interface(tmp_path):
     run_dir, x, ids = _run_with_table(tmp_path, 3000)
     _build(run_dir, num_shards=3)
@@ -151,6 +153,7 @@ def test_both_layouts_offer_readers_one_interface(tmp_path):
             index.search_rows(x[42][:15])
 
 
+@pytest.mark.slow
 def test_sharded_tree_ah_index_agrees_with_exact_search_like_a_single_index(tmp_path):
     n, d = 40_000, 64  # 20k x 64 per shard: tree-AH
     run_dir, x, ids = _run_with_table(tmp_path, n, d, seed=3)
@@ -169,6 +172,7 @@ def test_sharded_tree_ah_index_agrees_with_exact_search_like_a_single_index(tmp_
     assert abs(built.manifest.recall["value"] - sharded_recall) < 0.04
 
 
+@pytest.mark.slow
 def test_sharded_build_with_held_out_tuning_queries(tmp_path):
     n, d = 40_000, 64  # tree-AH shards
     run_dir, x, ids = _run_with_table(tmp_path, n, d, seed=5)
@@ -199,6 +203,7 @@ def test_sharded_build_with_held_out_tuning_queries(tmp_path):
     assert abs(recall["value"] - measured) < 0.05
 
 
+@pytest.mark.slow
 def test_max_shard_vectors_picks_the_shard_count_and_bounds_every_shard(tmp_path):
     run_dir, _, _ = _run_with_table(tmp_path, 3000, files=3)
     built = _build(run_dir, max_shard_vectors=1000)
@@ -210,6 +215,7 @@ def test_max_shard_vectors_picks_the_shard_count_and_bounds_every_shard(tmp_path
     assert sizes == [s["n"] for s in built.manifest.shards]
 
 
+@pytest.mark.slow
 def test_a_shard_above_the_budget_or_empty_is_refused(tmp_path):
     run_dir, _, _ = _run_with_table(tmp_path, 200)
     with pytest.raises(Exception, match="above --max_shard_vectors 90"):
@@ -220,6 +226,7 @@ def test_a_shard_above_the_budget_or_empty_is_refused(tmp_path):
         _build(tiny_dir, num_shards=40)
 
 
+@pytest.mark.slow
 def test_missing_or_corrupted_shard_is_a_clear_error(tmp_path):
     run_dir, _, _ = _run_with_table(tmp_path, 600)
     _build(run_dir, num_shards=2)
@@ -246,6 +253,7 @@ def test_missing_or_corrupted_shard_is_a_clear_error(tmp_path):
         sharded.open_index(other)
 
 
+@pytest.mark.slow
 def test_sharded_build_in_multi_processing_mode_gives_the_same_index(tmp_path):
     run_dir, _, _ = _run_with_table(tmp_path, 1200)
     local = _build(run_dir, num_shards=2).open()
@@ -259,6 +267,7 @@ def test_sharded_build_in_multi_processing_mode_gives_the_same_index(tmp_path):
     assert mp.manifest.recall["value"] == local.manifest.recall["value"]
 
 
+@pytest.mark.slow
 def test_imgindex_build_with_shards_is_served_by_the_searcher(tmp_path, tiny_savedmodel):
     src = tmp_path / "in"
     os.makedirs(src)

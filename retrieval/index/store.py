@@ -1,0 +1,372 @@
+"""`Index`, a searchable ScaNN index with string ids, and `load_index`, which reads one from
+its directory (`retrieval.index.files` describes the layout).
+
+Loading and searching use ScaNN's pybind API only and never import TensorFlow.
+
+Score convention (same as ScaNN and `retrieval.exact`): for "cosine" and
+"dot_product" the score is the similarity, higher is better; for "squared_l2"
+it is the squared distance, lower is better.  Results are always best first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from retrieval import manifest as mf
+from retrieval import scann_assets
+from retrieval.errors import ConfigError, IndexFormatError
+from retrieval.index.config import SEARCH_KNOBS, check_positive_int
+from retrieval.index.files import (
+    DATASET_FILE,
+    IDS_FILE,
+    SCANN_DIR,
+    check_projection,
+    check_save_target,
+    map_vectors,
+    publish,
+    read_ids,
+    read_metadata,
+    write_ids,
+)
+from retrieval.projection import PROJECTION_FILE
+from retrieval.queries import check_k, prepare_queries, prepare_query
+from retrieval.scann_import import ScannSearcher
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# What `Index.save` writes beside the index's own files: a table, an array (.npy), or the
+# path of a Parquet file to hard-link or copy.
+ExtraFile: TypeAlias = "pa.Table | np.ndarray | os.PathLike[str]"
+
+
+class Index:
+    """A searchable ScaNN index with string ids; made by `build_index` or `load_index`.
+
+    Implements `retrieval.searchable.SearchableIndex`.  Queries are in the embedder's space:
+    an index saved with a build-time projection (`projection.npy`) projects them itself.
+    """
+
+    def __init__(
+        self,
+        searcher: ScannSearcher,
+        ids: np.ndarray | pa.Array,
+        manifest: mf.IndexManifest,
+        *,
+        assets: scann_assets.AssetsDirectory | None = None,
+        directory: str | os.PathLike[str] | None = None,
+        projection: np.ndarray | None = None,
+    ) -> None:
+        self._searcher = searcher
+        # A numpy object array, or a pyarrow string array as built from Arrow ids: that one
+        # becomes Python strings only when a search or `ids` needs them, so a build that
+        # just saves never holds a Python object per id.
+        self._ids = ids
+        self.manifest = manifest
+        # Built tree-AH indexes keep the ScaNN assets they were loaded from, so save()
+        # links them instead of serialising again (which copies the whole dataset once more).
+        self._assets = assets
+        self._directory = None if directory is None else Path(directory)
+        self._projection = projection
+        self._stored_vectors: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return self.manifest.n
+
+    @property
+    def ids(self) -> np.ndarray:
+        """row i -> id of vector i (numpy object array)."""
+        if not isinstance(self._ids, np.ndarray):
+            self._ids = self._ids.to_numpy(zero_copy_only=False).astype(object, copy=False)
+        return self._ids
+
+    @property
+    def d(self) -> int:
+        return self.manifest.d
+
+    @property
+    def distance(self) -> str:
+        return self.manifest.distance
+
+    @property
+    def method(self) -> str:
+        return self.manifest.index_config["method"]
+
+    @property
+    def recall(self) -> dict[str, Any]:
+        """recall record measured at build time"""
+        return self.manifest.recall
+
+    @property
+    def embedder(self) -> dict[str, Any] | None:
+        """the embedder spec (dict) or None"""
+        return self.manifest.embedder
+
+    @property
+    def directory(self) -> Path | None:
+        """the index directory (None until saved)"""
+        return self._directory
+
+    @property
+    def projection(self) -> np.ndarray | None:
+        """The build-time PCA (float32 (index d + 1, input_dim), `retrieval.projection`), or None."""
+        return self._projection
+
+    @property
+    def input_dim(self) -> int:
+        """Dimension of query vectors: the embedder's, before any build-time projection."""
+        return self.d if self._projection is None else self._projection.shape[1]
+
+    @property
+    def search_defaults(self) -> dict[str, Any]:
+        return dict(self.manifest.search_defaults)
+
+    def __repr__(self) -> str:
+        return f"Index(n={self.n}, d={self.d}, distance={self.distance!r}, method={self.method!r})"
+
+    def metadata(self) -> pa.Table | None:
+        """metadata.parquet (without `id`; rows aligned with the ids) as a pyarrow Table, or None."""
+        if self._directory is None:
+            return None
+        return read_metadata(self._directory, self.manifest, self.n)
+
+    def stored_vectors(self) -> np.ndarray | None:
+        """The indexed vectors (float32 (n, d), normalised for cosine) memory-mapped, or None
+        when the directory does not hold them in that form.  Mapped once, on first use."""
+        if self._directory is None or DATASET_FILE not in self.manifest.files:
+            return None
+        if self._stored_vectors is None:
+            self._stored_vectors = map_vectors(self._directory / DATASET_FILE, self.n, self.d)
+        return self._stored_vectors
+
+    def search(
+        self, query: npt.ArrayLike, k: int | None = None, **overrides: int
+    ) -> tuple[list[str], np.ndarray]:
+        """Nearest neighbours of one query vector of shape (input_dim,).
+
+        Args:
+          k: number of neighbours (default: the build-time k); clamped to n.
+          **overrides: tree-AH only: leaves_to_search, pre_reorder_num_neighbors.
+
+        Returns:
+          (ids, scores): list of str and float32 array, best first.  Tree-AH can
+          return fewer than k when the searched leaves hold fewer vectors.
+        """
+        rows, scores = self.search_rows(query, k, **overrides)
+        return self.ids[rows].tolist(), scores
+
+    def search_rows(
+        self, query: npt.ArrayLike, k: int | None = None, **overrides: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`search`, answering with row numbers (an integer array; row i is ids[i]) instead of ids."""
+        query = prepare_query(
+            query, dim=self.input_dim, distance=self.distance, projection=self._projection, label=self._label
+        )
+        return self._search_prepared(query, k, overrides)
+
+    def search_batch(
+        self, queries: npt.ArrayLike, k: int | None = None, **overrides: int
+    ) -> tuple[list[list[str]], np.ndarray]:
+        """Nearest neighbours of each row of `queries` (q, input_dim); see `search`.
+
+        Returns:
+          (ids, scores): q lists of str, and a float32 array (q, k).  When tree-AH
+          finds fewer than k neighbours for a query, its id list is shorter and
+          the trailing scores are NaN.
+        """
+        row_lists, scores = self.search_batch_rows(queries, k, **overrides)
+        ids = self.ids
+        return [ids[rows].tolist() for rows in row_lists], scores
+
+    def search_batch_rows(
+        self, queries: npt.ArrayLike, k: int | None = None, **overrides: int
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """`search_batch`, answering with q arrays of row numbers instead of id lists."""
+        queries = prepare_queries(
+            queries,
+            dim=self.input_dim,
+            distance=self.distance,
+            projection=self._projection,
+            label=self._label,
+        )
+        return self._search_batch_prepared(queries, k, overrides)
+
+    def neighbours_of_row(self, row: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest neighbours (rows, scores) of the indexed vector at `row` (from `stored_vectors`);
+        the row itself comes first unless ties put another equal vector before it."""
+        vectors = self.stored_vectors()
+        if vectors is None:
+            raise ConfigError(f"{self._label} stores no vectors, so it cannot search by row")
+        return self._search_prepared(np.array(vectors[row], dtype=np.float32), k)
+
+    @property
+    def _label(self) -> str:
+        name = (self.manifest.embedder or {}).get("name")
+        return "the index" if not isinstance(name, str) else f"the index of embedder {name!r}"
+
+    def _search_prepared(
+        self, query: np.ndarray, k: int | None = None, overrides: Mapping[str, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One query already made ready by `retrieval.queries` (a ShardedIndex prepares once)."""
+        if k is None and not overrides:
+            k, knobs = self._default_params
+        else:
+            k, knobs = self._search_params(k, overrides or {})
+        rows, scores = self._searcher.search(query, final_num_neighbors=k, **knobs)
+        return np.asarray(rows), np.asarray(scores, dtype=np.float32)
+
+    def _search_batch_prepared(
+        self, queries: np.ndarray, k: int | None = None, overrides: Mapping[str, int] | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        k, knobs = self._search_params(k, overrides or {})
+        if queries.shape[0] == 0:
+            return [], np.empty((0, k), dtype=np.float32)
+        rows, scores = self._searcher.search_batched_parallel(queries, final_num_neighbors=k, **knobs)
+        scores = np.asarray(scores, dtype=np.float32)
+        # ScaNN pads missing neighbours with row 0 and a NaN score.
+        found = ~np.isnan(scores)
+        return [r[f] for r, f in zip(np.asarray(rows), found)], scores
+
+    @functools.cached_property
+    def _default_params(self) -> tuple[int, dict[str, int]]:
+        return self._search_params(None, {})
+
+    def _search_params(self, k: int | None, overrides: Mapping[str, int]) -> tuple[int, dict[str, int]]:
+        defaults = self.manifest.search_defaults
+        k = check_k(defaults["k"] if k is None else k)
+        k = min(k, self.n)
+        allowed = SEARCH_KNOBS if self.method == "tree_ah" else ()
+        unknown = sorted(overrides.keys() - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"Unknown search option(s) {', '.join(unknown)} for a {self.method} index; "
+                f"allowed: {', '.join(allowed) or 'none'}."
+            )
+        knobs = {name: overrides.get(name, defaults[name]) for name in allowed}
+        for name, value in knobs.items():
+            check_positive_int(value, name)
+        if knobs:
+            # Fewer reorder candidates than k would silently truncate the result.
+            knobs["pre_reorder_num_neighbors"] = max(knobs["pre_reorder_num_neighbors"], k)
+        return k, knobs
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        tables: Mapping[str, ExtraFile] | None = None,
+    ) -> None:
+        """Write the index directory at `path`, published by a rename only when complete.
+
+        Everything is written into a temporary sibling directory, manifest.json last,
+        then renamed to `path`.  `tables` ({file name: pyarrow.Table, numpy array, or the
+        pathlib.Path of a Parquet file, hard-linked or copied}) are
+        written beside ids.parquet (Parquet, rows aligned with the ids; or .npy) and covered
+        by the manifest's checksums (e.g. metadata.parquet, projection.npy).  An existing `path` is replaced only with
+        overwrite=True and only if it is an imgindex index (or empty); the old
+        directory is moved aside and restored if the final rename fails.
+        """
+        path = Path(path)
+        tables = tables or {}
+        check_save_target(path, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            manifest = self._write_contents(staging, tables)
+            publish(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.manifest = manifest
+        self._directory = path
+        if PROJECTION_FILE in tables:
+            self._projection = check_projection(np.asarray(tables[PROJECTION_FILE]), self.d, path)
+
+    def _write_contents(self, directory: Path, tables: Mapping[str, ExtraFile]) -> mf.IndexManifest:
+        import pyarrow.parquet as pq
+
+        for name, value in tables.items():
+            if name in (SCANN_DIR, IDS_FILE, mf.MANIFEST_NAME) or "/" in name:
+                raise ConfigError(
+                    f"extra file {name!r} must be a plain file name other than the index's own files"
+                )
+            if isinstance(value, np.ndarray):
+                np.save(directory / name, value, allow_pickle=False)
+            elif isinstance(value, os.PathLike):
+                rows = pq.read_metadata(value).num_rows
+                if rows != self.n:
+                    raise ConfigError(
+                        f"extra table {name!r} ({value}) must have one row per vector "
+                        f"({self.n}), got {rows} rows"
+                    )
+                scann_assets.link_or_copy(Path(value), directory / name)
+            elif value.num_rows != self.n:
+                raise ConfigError(
+                    f"extra table {name!r} must have one row per vector ({self.n}), got {value.num_rows} rows"
+                )
+            else:
+                pq.write_table(value, directory / name)
+        scann_dir = directory / SCANN_DIR
+        scann_dir.mkdir()
+        # The default (relative_path=False) records absolute asset paths in
+        # scann_assets.pbtxt, which point into the staging directory and break
+        # after the rename; relative paths are resolved against the scann/ dir.
+        if self._assets is not None:
+            self._assets.copy_to(scann_dir)
+        else:
+            self._searcher.serialize(str(scann_dir), relative_path=True)
+        write_ids(directory / IDS_FILE, self._ids)
+        manifest = dataclasses.replace(self.manifest, files=mf.describe_files(directory))
+        mf.write_manifest(directory, manifest)
+        return manifest
+
+
+def load_index(path: str | os.PathLike[str], verify: bool = True) -> Index:
+    """Load an index directory written by `Index.save`.
+
+    Args:
+      verify: check every file's SHA-256 against the manifest (reads all bytes once).
+        With verify=False only presence and sizes are checked, and corrupted contents
+        may go unnoticed or crash ScaNN.
+
+    Raises IndexFormatError when the directory is missing, is not an index, has an
+    unreadable or unsupported manifest, or has missing, truncated or corrupted files.
+    """
+    path = Path(path)
+    manifest = mf.read_manifest(path)
+    for required in (IDS_FILE, f"{SCANN_DIR}/{scann_assets.ASSETS_FILE}"):
+        if required not in manifest.files:
+            raise IndexFormatError(
+                f"{path}: the manifest does not list {required}; the index is incomplete. Rebuild the index."
+            )
+    mf.verify_files(path, manifest, check_hashes=verify)
+    # load_searcher unpickles scann_docids.pkl if present; imgindex never writes
+    # one, so its presence means the directory was tampered with.
+    if (path / SCANN_DIR / "scann_docids.pkl").exists():
+        raise IndexFormatError(
+            f"{path}/{SCANN_DIR} contains scann_docids.pkl, which imgindex never writes; "
+            "refusing to load it. Rebuild the index."
+        )
+    ids = read_ids(path / IDS_FILE, manifest.n)
+    searcher = scann_assets.load_searcher(path / SCANN_DIR)
+    if searcher.size() != manifest.n:
+        raise IndexFormatError(
+            f"{path}: the ScaNN searcher holds {searcher.size()} vectors but the manifest says "
+            f"n={manifest.n}. Rebuild the index."
+        )
+    projection = None
+    if PROJECTION_FILE in manifest.files:  # verified with the other listed files above
+        projection = check_projection(np.load(path / PROJECTION_FILE), manifest.d, path)
+    return Index(searcher, ids, manifest, directory=path, projection=projection)
