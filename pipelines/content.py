@@ -74,10 +74,11 @@ class EmbedRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A content whose vector for `embedder` is in the previous table `file`."""
+    """A content whose vector for `embedder` is in a previous table at `location`
+    (file, row group)."""
 
     embedder: str
-    file: str
+    location: tuple[str, int]
     sha256: str
     rows: tuple[Seen, ...]
     draw: float  # uniform in [0, 1) per (run, embedder, content): picks the verification sample
@@ -149,7 +150,7 @@ class KeepFirstIdDoFn(beam.DoFn):
 
 
 class RouteDoFn(beam.DoFn):
-    """(sha256, {TODAY: [Seen], previous_tag(embedder): [previous files]}) -> per embedder, a Candidate
+    """(sha256, {TODAY: [Seen], previous_tag(embedder): [(file, row group)]}) -> per embedder, a Candidate
     when a previous table holds the content (tagged REUSE), else the content goes into one
     EmbedRequest for every embedder that needs it (tagged EMBED, keyed by shard)."""
 
@@ -166,10 +167,10 @@ class RouteDoFn(beam.DoFn):
         needed = []
         # A content only the previous tables hold (no rows) gives nothing.
         for name in self._embedders if rows else ():
-            files = groups.get(previous_tag(name)) if name in self._reusable else None
-            if files:
+            locations = groups.get(previous_tag(name)) if name in self._reusable else None
+            if locations:
                 yield beam.pvalue.TaggedOutput(
-                    REUSE, Candidate(name, min(files), sha, rows, draw(self._salt, name, sha))
+                    REUSE, Candidate(name, min(locations), sha, rows, draw(self._salt, name, sha))
                 )
             else:
                 needed.append(name)
@@ -186,7 +187,7 @@ def draw(salt: str, embedder: str, sha: str) -> float:
 
 
 class DecideReuseDoFn(beam.DoFn):
-    """Candidate -> ((embedder, file), FetchRequest) (main), plus, for the verification sample,
+    """Candidate -> ((embedder, file, row group), FetchRequest) (main), plus, for the verification sample,
     (shard, EmbedRequest) with `verify` (tagged EMBED).
 
     The sample: every candidate whose draw is below `fraction`, and the `minimum` lowest draws
@@ -198,13 +199,14 @@ class DecideReuseDoFn(beam.DoFn):
 
     def process(
         self, candidate: Candidate, lowest: dict[str, list[tuple[float, str]]]
-    ) -> Iterator[tuple[tuple[str, str], FetchRequest] | beam.pvalue.TaggedOutput]:
+    ) -> Iterator[tuple[tuple[str, str, int], FetchRequest] | beam.pvalue.TaggedOutput]:
         beam.metrics.Metrics.counter(NAMESPACE, f"reused.{candidate.embedder}").inc(len(candidate.rows))
         if self._lowest[0] != id(lowest):  # the same side input for the whole bundle
             self._lowest = (id(lowest), {name: set(map(tuple, draws)) for name, draws in lowest.items()})
         sample = self._lowest[1].get(candidate.embedder, set())
         verify = candidate.draw < self._fraction or (candidate.draw, candidate.sha256) in sample
-        yield (candidate.embedder, candidate.file), FetchRequest(candidate.sha256, candidate.rows, verify)
+        path, group = candidate.location
+        yield (candidate.embedder, path, group), FetchRequest(candidate.sha256, candidate.rows, verify)
         if verify:
             first = candidate.rows[0]
             request = EmbedRequest(

@@ -25,7 +25,6 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.parquetio import ReadAllFromParquetBatched
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
@@ -46,7 +45,15 @@ from pipelines.content import (
     previous_tag,
 )
 from pipelines.decode import FAILURES, DecodeDoFn, ResizePlan, RowInfo
-from pipelines.fetch import CHECKS_SCHEMA, CompareDoFn, FetchDoFn, rows_tag
+from pipelines.fetch import (
+    CHECKS_SCHEMA,
+    IDS,
+    CompareDoFn,
+    FetchDoFn,
+    PreviousKeysDoFn,
+    PreviousRowGroupsDoFn,
+    rows_tag,
+)
 from pipelines.inference import TFHubImageEmbedder
 from pipelines.options import LOCAL_RUNNER, MIN_VERIFY_ROWS, EmbedOptions, check_flags
 from pipelines.shards import ReaderConfig, expand_inputs, parse_metadata_columns
@@ -204,18 +211,15 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
     failures = [read[FAILURES]]
     previous_ids, previous_content = {}, {}
     for name, table in tables.items():
-        batches = (
+        keys = (
             pipeline
             | f"PreviousFiles[{name}]" >> beam.Create(list(table.files))
-            | f"ReadPrevious[{name}]"
-            >> ReadAllFromParquetBatched(
-                columns=[S.ID, S.SHA256], with_filename=True, label=f"ReadPreviousFiles[{name}]"
-            )
+            | f"PreviousRowGroups[{name}]" >> beam.ParDo(PreviousRowGroupsDoFn())
+            | f"SpreadRowGroups[{name}]" >> beam.Reshuffle()
+            | f"ReadPrevious[{name}]" >> beam.ParDo(PreviousKeysDoFn()).with_outputs(IDS, main="content")
         )
-        previous_ids[previous_tag(name)] = batches | f"PreviousIds[{name}]" >> beam.FlatMap(_previous_ids)
-        previous_content[previous_tag(name)] = batches | f"PreviousContent[{name}]" >> beam.FlatMap(
-            _previous_content
-        )
+        previous_ids[previous_tag(name)] = keys[IDS]
+        previous_content[previous_tag(name)] = keys.content
     kept = (
         {TODAY: read.seen | "ById" >> beam.Map(lambda seen: (seen.id, seen)), **previous_ids}
         | "GroupById" >> beam.CoGroupByKey()
@@ -241,7 +245,7 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
         requests.append(decided[EMBED])
         fetched = (
             decided.fetch
-            | "GroupByPreviousFile" >> beam.GroupByKey()
+            | "GroupByPreviousRowGroup" >> beam.GroupByKey()
             | "CopyPrevious"
             >> beam.ParDo(FetchDoFn({s.name: s.dim for s in p.specs})).with_outputs(
                 VERIFY, *[rows_tag(name) for name in tables]
@@ -328,17 +332,6 @@ def build(pipeline: beam.Pipeline, p: Plan) -> None:
         opts=opts,
         to_table=failures_batch,
     )
-
-
-def _previous_ids(batch: tuple[str, pa.Table]) -> Iterator[tuple[str, None]]:
-    for item_id in batch[1].column(S.ID).to_pylist():
-        yield item_id, None
-
-
-def _previous_content(batch: tuple[str, pa.Table]) -> Iterator[tuple[str, str]]:
-    path, table = batch
-    for sha in set(table.column(S.SHA256).to_pylist()):
-        yield sha, path
 
 
 def _checks_batch(rows: list[dict]) -> pa.Table:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import re
 from collections.abc import Sequence
 
@@ -196,3 +197,35 @@ def check_flags(argv: Sequence[str], options_class: type[PipelineOptions] | None
         + ", ".join(problems)
         + "; see --help for the flags (any other must be a Beam pipeline option)"
     )
+
+
+class _OwnFlagsFilter(logging.Filter):
+    """Drops Beam's "Unparseable argument: --keep_runs=0" warnings for imgindex's own flags.
+
+    Beam collects options only from direct subclasses of PipelineOptions, so the flags of a
+    deeper class (BuildOptions extends EmbedOptions) look unknown to it; `check_flags` has
+    already refused every flag that really is unknown, before any work."""
+
+    _PREFIX = "Unparseable argument: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self._PREFIX + "--"):
+            return True
+        name = re.split(r"[=.\s]", message[len(self._PREFIX) :], maxsplit=1)[0]
+        return name not in _own_flags()
+
+
+def _own_flags() -> set[str]:
+    flags, stack = set(), [EmbedOptions]
+    while stack:
+        cls = stack.pop()
+        parser = argparse.ArgumentParser(add_help=False)
+        if "_add_argparse_args" in vars(cls):
+            cls._add_argparse_args(parser)
+        flags.update(s for action in parser._actions for s in action.option_strings)
+        stack.extend(cls.__subclasses__())
+    return flags
+
+
+logging.getLogger("apache_beam.options.pipeline_options").addFilter(_OwnFlagsFilter())

@@ -76,11 +76,16 @@ class IndexManifest:
     files: dict = dataclasses.field(default_factory=dict)
     created_at: str = dataclasses.field(default_factory=utc_now)
     producer_version: str = __version__
+    # How the tree-AH training came about (retrieval.index.training.TrainingRecord), or None.
+    training: dict | None = None
     kind: str = KIND
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["training"] is None:
+            del out["training"]  # indexes without it read back byte for byte
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "manifest") -> IndexManifest:
@@ -191,6 +196,7 @@ INDEX_SCHEMA = ManifestSchema.of(
         "search_defaults": dict,
         "recall": dict,
         "files": dict,
+        "training": (dict, type(None)),
     },
     messages=ManifestMessages(
         not_object="{source}: expected a JSON object, got {got}.",

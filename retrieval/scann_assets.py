@@ -327,12 +327,16 @@ def build_tree_ah(
     k: int,
     seed: int,
     make_probe: Callable[[np.ndarray], Probe],
+    trained: tuple[Path, ScannConfig] | None = None,
 ) -> tuple[ScannSearcher, Probe]:
     """A tree-AH searcher for `config` made through its assets in `directory`, and
     `make_probe(x)` of the rows as written to dataset.npy (x memory-maps them).
 
     The probe's exact search streams over the dataset file before the searcher loads it,
     so the two never hold the matrix at the same time.  `seed` picks the training sample.
+    trained: (a previous index's scann/ directory, its config without exact reordering):
+    its partitioner and AH codebooks are used as they are, and every row is only encoded
+    (`retrieval.index.training`); `config` must be the one they were trained with.
     """
     scann = import_scann_pybind()
     x = write_dataset(vectors, directory / DATASET[1], normalize=normalize)
@@ -351,16 +355,22 @@ def build_tree_ah(
             training_sample_size=config.training_sample_size,
         )
 
-    # The rows ScaNN's own builder would sample for training; seeded so builds repeat.
-    assert config.training_sample_size is not None  # a validated tree-AH config has one
-    rows = sample_indices(x.shape[0], config.training_sample_size, seed=seed)
-    sample = sample_rows(x, rows)
-    trained = train(sample, directory, scann_distance=scann_distance, k=k, configure=configure)
-    del sample
-    hash_rows(trained, directory, sample=rows)
+    if trained is None:
+        # The rows ScaNN's own builder would sample for training; seeded so builds repeat.
+        assert config.training_sample_size is not None  # a validated tree-AH config has one
+        rows = sample_indices(x.shape[0], config.training_sample_size, seed=seed)
+        sample = sample_rows(x, rows)
+        trained_config = train(sample, directory, scann_distance=scann_distance, k=k, configure=configure)
+        del sample
+        hash_rows(trained_config, directory, sample=rows)
+    else:
+        previous, trained_config = trained
+        for _, name in (PARTITIONER, AH_CENTERS):
+            link_or_copy(previous / name, directory / name)
+        hash_rows(trained_config, directory)
     reorder = configure(scann.builder(np.zeros((1, d), np.float32), k, scann_distance))
     reorder = reorder.reorder(config.pre_reorder_num_neighbors).create_config()
-    finish(trained, reorder_stanza(reorder), directory)
+    finish(trained_config, reorder_stanza(reorder), directory)
     probe = make_probe(x)
     release_pages(x)
     del x

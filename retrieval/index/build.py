@@ -8,6 +8,7 @@ that name the offending row or id.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -31,10 +32,13 @@ from retrieval.index.config import (
 )
 from retrieval.index.recall import RecallProbe, choose_search_defaults
 from retrieval.index.store import Index
+from retrieval.index.training import PreviousTraining, TrainingRecord, previous_training
 from retrieval.scann_import import ScannSearcher, import_scann_pybind
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+log = logging.getLogger(__name__)
 
 
 def build_index(
@@ -51,6 +55,7 @@ def build_index(
     copy: bool = True,
     work_dir: str | os.PathLike[str] | None = None,
     tuning_queries: npt.ArrayLike | None = None,
+    trained_from: str | os.PathLike[str] | None = None,
 ) -> Index:
     """Build a ScaNN index over `vectors` and measure its recall@k against exact search.
 
@@ -78,6 +83,13 @@ def build_index(
         queries differ from the indexed rows: with near-duplicates in the data, a
         database row finds its copies in its own leaf and leave-self-out overstates
         the recall of outside queries (BENCHMARKS.md, scale set).
+      trained_from: a previous index directory (last night's) whose tree-AH training this
+        build may reuse instead of training (`retrieval.index.training`: the same distance
+        and dimension, a similar row count, not too many builds since it was trained):
+        today's rows are only encoded with its partitioner and codebooks, and its search
+        defaults are measured instead of tuning.  Ignored with an explicit `config`.  When
+        they miss `target_recall`, the index is built again with training and tuning.  The
+        manifest's `training` says which happened and why.
       work_dir: where tree-AH writes its assets (a temporary directory inside it,
         removed with the Index; default: the system's temporary directory).  On the
         same filesystem as the later `Index.save` target, saving hard-links the files
@@ -110,51 +122,100 @@ def build_index(
     arr = _as_matrix(vectors)
     n, d = arr.shape
     checked_ids = _check_ids(ids, n)
+    explicit = config is not None
     config = choose_config(n, d, distance, k=k) if config is None else config
     validate_config(config, n, d, k)
     held_out = None if tuning_queries is None else prepare_tuning_queries(tuning_queries, d, distance)
     scann_distance = SCANN_DISTANCE[distance]
+    previous, note = None, None
+    if trained_from is not None and config.method == "tree_ah":
+        if explicit:
+            note = "not reused: an explicit config was given"
+        else:
+            previous, note = previous_training(trained_from, distance=distance, d=d, n=n)
 
     def make_probe(x: np.ndarray) -> RecallProbe | None:
         if held_out is not None:
             return RecallProbe.held_out(x, held_out, scann_distance, k)
         return RecallProbe.sample(x, scann_distance, k, num_queries, seed)
 
-    assets = None
-    searcher: ScannSearcher
-    if config.method == "brute_force":
-        x = _prepare_vectors(arr, distance, copy)
-        searcher = _build_brute_force(x, scann_distance, k)
-        probe = make_probe(x)
-    else:
-        assets = scann_assets.AssetsDirectory(work_dir)
-        try:
-            searcher, probe = scann_assets.build_tree_ah(
-                arr,
-                assets.path,
-                config=config,
-                scann_distance=scann_distance,
-                normalize=distance == "cosine",
-                k=k,
-                seed=TRAINING_SEED,
-                make_probe=make_probe,
-            )
-        except BaseException:
+    # With a previous training: try it first, and train after all if it misses the target.
+    for attempt in [previous, None] if previous is not None else [None]:
+        used = config if attempt is None else _warm_config(config, attempt, n, d, k)
+        assets = None
+        searcher: ScannSearcher
+        if used.method == "brute_force":
+            x = _prepare_vectors(arr, distance, copy)
+            searcher = _build_brute_force(x, scann_distance, k)
+            probe = make_probe(x)
+        else:
+            assets = scann_assets.AssetsDirectory(work_dir)
+            try:
+                searcher, probe = scann_assets.build_tree_ah(
+                    arr,
+                    assets.path,
+                    config=used,
+                    scann_distance=scann_distance,
+                    normalize=distance == "cosine",
+                    k=k,
+                    seed=TRAINING_SEED,
+                    make_probe=make_probe,
+                    trained=None if attempt is None else (attempt.directory, attempt.scann_config),
+                )
+            except BaseException:
+                assets.remove()
+                raise
+        first_guess = None if attempt is None else attempt.search_defaults
+        search_defaults, recall = choose_search_defaults(
+            searcher, used, probe, k, target_recall, first_guess=first_guess
+        )
+        if attempt is None or recall.reached_target:
+            break
+        log.warning(
+            "the training reused from %s misses recall %s: training again", trained_from, target_recall
+        )
+        note = f"not reused: with the training of {trained_from} the recall missed the target"
+        if assets is not None:
             assets.remove()
-            raise
-    search_defaults, recall = choose_search_defaults(searcher, config, probe, k, target_recall)
+    training = None
+    if used.method == "tree_ah":
+        record = (
+            TrainingRecord(None, 0, n, note)
+            if attempt is None
+            else TrainingRecord(str(trained_from), attempt.generation, attempt.trained_n)
+        )
+        training = record.to_dict()
     manifest = mf.IndexManifest(
         distance=distance,
         n=n,
         d=d,
         scann_config=searcher.config(),
-        index_config=dataclasses.asdict(config),
+        index_config=dataclasses.asdict(used),
         search_defaults=search_defaults,
         recall=recall.to_dict(),
         build_seconds=round(time.perf_counter() - start, 3),
         embedder=embedder,
+        training=training,
     )
     return Index(searcher, checked_ids, manifest, assets=assets)
+
+
+def _warm_config(config: IndexConfig, previous: PreviousTraining, n: int, d: int, k: int) -> IndexConfig:
+    """Today's default config with the previous index's trained structure (leaves, blocks,
+    quantisation), its search knobs clamped to today's n."""
+    trained = previous.config
+    num_leaves = trained.num_leaves or config.num_leaves
+    assert num_leaves is not None
+    warm = dataclasses.replace(
+        config,
+        num_leaves=num_leaves,
+        training_sample_size=min(n, max(num_leaves, trained.training_sample_size or num_leaves)),
+        dims_per_block=trained.dims_per_block,
+        anisotropic_quantization_threshold=trained.anisotropic_quantization_threshold,
+        leaves_to_search=min(num_leaves, config.leaves_to_search or 1),
+    )
+    validate_config(warm, n, d, k)
+    return warm
 
 
 def _as_matrix(vectors: npt.ArrayLike) -> np.ndarray:

@@ -178,9 +178,18 @@ def _drop_self(neighbours: np.ndarray, query_rows: np.ndarray, k: int) -> np.nda
 
 
 def choose_search_defaults(
-    searcher: ScannSearcher, config: IndexConfig, probe: RecallProbe | None, k: int, target_recall: float
+    searcher: ScannSearcher,
+    config: IndexConfig,
+    probe: RecallProbe | None,
+    k: int,
+    target_recall: float,
+    *,
+    first_guess: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], RecallRecord]:
-    """Search defaults and the recall record for a freshly built searcher."""
+    """Search defaults and the recall record for a freshly built searcher.
+
+    first_guess: search knobs (a previous index's tuned defaults) tried instead of the
+    tuning ladder: kept when they reach the target, else the record says it was missed."""
     record = RecallRecord(
         k=None if probe is None else probe.k,
         value=None,
@@ -202,7 +211,7 @@ def choose_search_defaults(
             # Tune on one half of the queries and report on the other, so the recorded
             # recall is not flattered by having been the tuning objective.
             tune_probe, report_probe = probe.split()
-            knobs, trials = _tune(searcher, config, tune_probe, k, target_recall)
+            knobs, trials = _tune(searcher, config, tune_probe, k, target_recall, first_guess)
             record = dataclasses.replace(
                 record,
                 value=report_probe.recall(searcher, **knobs),
@@ -216,7 +225,12 @@ def choose_search_defaults(
 
 
 def _tune(
-    searcher: ScannSearcher, config: IndexConfig, probe: RecallProbe, k: int, target_recall: float
+    searcher: ScannSearcher,
+    config: IndexConfig,
+    probe: RecallProbe,
+    k: int,
+    target_recall: float,
+    first_guess: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], tuple[TuningTrial, ...]]:
     """The cheapest (leaves_to_search, pre_reorder_num_neighbors) reaching target_recall.
 
@@ -228,12 +242,22 @@ def _tune(
     already-failed candidate searched at least as many leaves and reordered at
     least as many candidates, as recall is (close to) monotone in both knobs.
     When none reaches the target, the highest recall found wins (cheapest on ties).
+    With a `first_guess` (leaves_to_search, pre_reorder_num_neighbors), only it is tried.
 
     Returns (knobs, trials) where trials lists every evaluated candidate.
     """
     assert config.num_leaves is not None  # a tree-AH config
     trials: list[TuningTrial] = []
-    for cost, leaves, reorder in tuning_candidates(config.num_leaves, searcher.size(), k):
+    n = searcher.size()
+    candidates = tuning_candidates(config.num_leaves, n, k)
+    if first_guess is not None:  # only the guess: a miss is for the caller to handle
+        leaves, reorder = (
+            min(int(first_guess.get(name, 1)), top) for name, top in zip(SEARCH_KNOBS, (config.num_leaves, n))
+        )
+        candidates = [
+            (round(leaves * n / config.num_leaves + REORDER_COST_IN_POINTS * reorder), leaves, reorder)
+        ]
+    for cost, leaves, reorder in candidates:
         if any(leaves <= t.leaves_to_search and reorder <= t.pre_reorder_num_neighbors for t in trials):
             continue
         per_query = probe.recalls(searcher, leaves_to_search=leaves, pre_reorder_num_neighbors=reorder)
