@@ -29,7 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import embed
 from pipelines.options import EmbedOptions, check_flags
-from retrieval import embedders, output_root, projection, runs, sharded, tables
+from retrieval import embedders, projection, retention, runs, sharded, tables
 from retrieval import index as index_lib
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
@@ -156,7 +156,7 @@ def _check(opts: BuildOptions) -> None:
         raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id or opts.run_id.startswith(".")):
         raise ConfigError(f"--run_id {opts.run_id!r} must be a plain directory name")
-    output_root.check_retention(opts.keep_runs, opts.keep_failed_hours)
+    retention.check_retention(opts.keep_runs, opts.keep_failed_hours)
     tuning_queries_of(opts)
 
 
@@ -383,10 +383,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
 
 def _retention(root: str, opts: BuildOptions) -> dict:
-    """Old runs deleted after a publish (`retrieval.output_root`); a failure here is logged and
+    """Old runs deleted after a publish (`retrieval.retention`); a failure here is logged and
     recorded, not raised: the run is published, and the next build finishes the clean-up."""
     try:
-        report = output_root.apply_retention(
+        report = retention.apply_retention(
             root, keep_runs=opts.keep_runs, keep_failed_hours=opts.keep_failed_hours
         )
     except (ImgIndexError, OSError) as exc:
