@@ -146,7 +146,7 @@ def beam_help(command: str) -> str:
     from pipelines.options import EmbedOptions
 
     if command == "build":
-        from pipelines.build import BuildOptions as options_class
+        from pipelines.build_options import BuildOptions as options_class
 
         description = (
             "The nightly job: run the embedding pipeline into OUTPUT/runs/<run_id>/, build "

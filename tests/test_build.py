@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgindex import cli
-from pipelines import build
+from pipelines import build, build_options
 from retrieval import index, runs
 from retrieval.errors import ConfigError, IndexFormatError
 from tests.helpers import images
@@ -67,10 +67,10 @@ def test_recall_gate():
         "a": SimpleNamespace(recall={"k": 10, "value": 0.91}),
         "b": SimpleNamespace(recall={"k": 10, "value": 0.99}),
     }
-    opts = build.BuildOptions(flags=["--min_recall=0.95"]).view_as(build.BuildOptions)
+    opts = build_options.BuildOptions(flags=["--min_recall=0.95"]).view_as(build_options.BuildOptions)
     gate = build.gates(report, embedders, opts)
     assert not gate["passed"] and gate["reasons"] == ["a: recall@10 0.9100 is below --min_recall 0.95"]
-    opts = build.BuildOptions(flags=["--min_recall=0.9"]).view_as(build.BuildOptions)
+    opts = build_options.BuildOptions(flags=["--min_recall=0.9"]).view_as(build_options.BuildOptions)
     assert build.gates(report, embedders, opts)["passed"]
 
 

@@ -216,7 +216,7 @@ def test_embed_refuses_unknown_flags_including_builds(tmp_path, capsys):
 
 
 def test_flags_beam_knows_pass_through(capsys):
-    from pipelines.build import BuildOptions
+    from pipelines.build_options import BuildOptions
     from pipelines.options import EmbedOptions, check_flags
 
     beam = [
