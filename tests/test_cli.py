@@ -57,6 +57,7 @@ def test_user_errors_are_one_line_not_a_traceback(capsys, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_embed_runs_the_pipeline_and_prints_a_summary(tmp_path, capsys):
     from tests.helpers import images
 
