@@ -82,12 +82,12 @@ def _probe_steps() -> None:
 
 
 def child(run_dir: str, steps: bool = False) -> None:
-    from pipelines import build
+    from pipelines import build, build_options
 
     if steps:
         _probe_steps()
     shutil.rmtree(os.path.join(run_dir, "index"), ignore_errors=True)
-    opts = build.BuildOptions(flags=["--output=unused"]).view_as(build.BuildOptions)
+    opts = build_options.BuildOptions(flags=["--output=unused"]).view_as(build_options.BuildOptions)
     entry = build.build_indexes(run_dir, {"embedders": {"synthetic": {}}}, opts)["synthetic"]
     print(
         f"method {entry['method']} recall {entry['recall']['value']} build_seconds {entry['build_seconds']}"

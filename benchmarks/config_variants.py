@@ -29,7 +29,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         sys.exit(__doc__)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from benchmarks.peer_methods import num_leaves_of
+    from benchmarks.peer_scann import num_leaves_of
     from retrieval.scann_import import import_scann_pybind
 
     prefix, variant = argv[0], json.loads(argv[1] if len(argv) > 1 else "{}")

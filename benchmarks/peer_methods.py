@@ -7,7 +7,8 @@ method's index over the base (both cores allowed), writes it to a scratch direct
 library's own save to measure its size on disk (then deletes it), and measures every point of
 the method's parameter sweep with ONE search thread.  Prints one JSON object on the last line.
 
-Methods (all cosine = inner product on the L2-normalised vectors, k = 10):
+Methods (all cosine = inner product on the L2-normalised vectors, k = 10; the ScaNN ones in
+benchmarks/peer_scann.py, the others in benchmarks/peer_libraries.py):
   imgindex         retrieval.index.build_index(base, ids, distance="cosine", k=10,
                    target_recall=0.95) with base a memory map: what `imgindex build` configures and tunes
                    by default.  Tree-AH: a leaves_to_search x pre_reorder_num_neighbors grid
@@ -52,7 +53,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import math
 import os
 import resource
 import shutil
@@ -63,20 +63,10 @@ import time
 
 import numpy as np
 
-K = 10
-BUILD_THREADS = 2
-SINGLE_BUDGET = 2e10  # multiply-adds one exact single-query loop may cost (n * d per query)
-HNSW_EFS = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-IVF_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-IVFPQ_NPROBES = (4, 8, 16, 32, 64, 128, 256)
-IVFPQ_K_FACTORS = (2, 4, 8, 16, 32, 64)
-# ScaNN grids (imgindex and autopilot alike): leaves_to_search = 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
-# up to a quarter of the leaves, plus the searcher's default x these factors;
-# pre_reorder_num_neighbors = these depths plus the default x these factors.
-SCANN_LEAF_FACTORS = (0.5, 0.75, 1, 1.5, 2)
-SCANN_REORDERS = (20, 50, 100, 200, 400, 800, 1600)
-SCANN_REORDER_FACTORS = (0.5, 1, 2)
-IVF_TRAINING_SAMPLE = 256_000
+from benchmarks.peer_base import BUILD_THREADS, K, Method
+from benchmarks.peer_libraries import Exact, FaissMethod, Hnswlib
+from benchmarks.peer_scann import Imgindex, ScannAutopilot
+
 METHODS = (
     "imgindex",
     "scann-autopilot",
@@ -112,280 +102,6 @@ def numpy_blas_threads(n: int) -> None:
 
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-def ladder(values, lo: int, hi: int) -> list[int]:
-    return sorted({min(hi, max(lo, int(round(v)))) for v in values})
-
-
-# ---------------------------------------------------------------------------------------------
-# Methods.  Each: build(base) in __init__ (timed by the caller), save(directory), points()
-# -> list of parameter dicts, single(q, params) -> ids of one query, batch(queries, params)
-# -> (q, k) ids.  `single_input` shapes one query as the library's single-query call wants it.
-
-
-class Method:
-    single_limit = None  # max queries in the single-query loop (None: all)
-
-    def single_input(self, q):
-        return q
-
-    def set_search_threads(self):
-        pass
-
-    def config(self) -> dict:
-        return {}
-
-
-class _ScannBase(Method):
-    """Raw pybind ScannNumpy calls: search(q, k, pre_reorder, leaves), search_batched(..., False, 0)."""
-
-    def _init_knobs(self, searcher, leaves, reorder):
-        self.raw = searcher.searcher if hasattr(searcher, "searcher") else searcher
-        self.n = searcher.size()
-        self.num_leaves, self.leaves, self.reorder = num_leaves_of(searcher.config()), leaves, reorder
-
-    def points(self):
-        if not self.num_leaves:
-            return [{}]
-        steps = [m * 2**i for i in range(32) for m in (1, 3) if m * 2**i <= max(1, self.num_leaves // 4)]
-        leaves = ladder(steps + [self.leaves * f for f in SCANN_LEAF_FACTORS], 1, self.num_leaves)
-        reorders = ladder(list(SCANN_REORDERS) + [self.reorder * f for f in SCANN_REORDER_FACTORS], K, self.n)
-        return [{"leaves_to_search": lv, "pre_reorder_num_neighbors": r} for lv in leaves for r in reorders]
-
-    def single(self, q, p):
-        rows, _ = self.raw.search(q, K, p.get("pre_reorder_num_neighbors", -1), p.get("leaves_to_search", -1))
-        return rows
-
-    def batch(self, queries, p):
-        rows, scores = self.raw.search_batched(
-            queries, K, p.get("pre_reorder_num_neighbors", -1), p.get("leaves_to_search", -1), False, 0
-        )
-        rows = np.asarray(rows, np.int64)
-        rows[np.isnan(scores)] = -1  # ScaNN pads missing neighbours with row 0 and a NaN score
-        return rows
-
-
-def num_leaves_of(config_text: str) -> int | None:
-    """num_children of a ScaNN tree config (None: no partitioning, i.e. brute force)."""
-    value = _config_int(config_text, "num_children")
-    return value if "partitioning" in config_text else None
-
-
-def _config_int(config_text: str, key: str) -> int | None:
-    for line in config_text.splitlines():
-        name, _, value = line.strip().partition(":")
-        if name == key:
-            return int(value.strip())
-    return None
-
-
-class Imgindex(_ScannBase):
-    def __init__(self, base, overrides=None):
-        from retrieval import index
-
-        config = index.choose_config(*base.shape, "cosine", k=K, **overrides) if overrides else None
-        self.index = index.build_index(
-            base,
-            [str(i) for i in range(len(base))],
-            distance="cosine",
-            k=K,
-            config=config,
-            target_recall=0.95,
-            work_dir=os.path.dirname(os.path.abspath(base.filename)),
-        )
-        defaults = self.index.search_defaults
-        self._init_knobs(
-            self.index._searcher, defaults.get("leaves_to_search"), defaults.get("pre_reorder_num_neighbors")
-        )
-        if self.index.method != "tree_ah":
-            self.num_leaves = None
-
-    def config(self):
-        m = self.index.manifest
-        return {
-            "index_config": m.index_config,
-            "search_defaults": m.search_defaults,
-            "build_recall": {k: v for k, v in m.recall.items() if k != "tuning"},
-            "tuning_trials": len(m.recall.get("tuning", [])),
-        }
-
-    def save(self, directory):
-        self.index.save(os.path.join(directory, "index"))
-
-    def points(self):
-        tuned = {k: v for k, v in self.index.search_defaults.items() if k != "k"}
-        return super().points() + [{**tuned, "api": "Index.search/search_batch"}]
-
-    def single(self, q, p):
-        if "api" in p:
-            ids, _ = self.index.search(q, k=K)
-            return [int(i) for i in ids]
-        return super().single(q, p)
-
-    def batch(self, queries, p):
-        if "api" in p:
-            ids, _ = self.index.search_batch(queries, k=K)
-            return [[int(i) for i in row] for row in ids]
-        return super().batch(queries, p)
-
-
-class ScannAutopilot(_ScannBase):
-    def __init__(self, base):
-        from retrieval.scann_import import import_scann_pybind
-
-        scann = import_scann_pybind()
-        self.searcher = scann.builder(base, K, "dot_product").autopilot().build()
-        text = self.searcher.config()
-        self._init_knobs(
-            self.searcher, _config_int(text, "max_spill_centers"), _config_int(text, "approx_num_neighbors")
-        )
-
-    def config(self):
-        text = self.searcher.config()
-        return {
-            "num_leaves": self.num_leaves,
-            "leaves_to_search": self.leaves,
-            "pre_reorder_num_neighbors": self.reorder,
-            "scann_config": text,
-        }
-
-    def save(self, directory):
-        self.searcher.serialize(directory, relative_path=True)
-
-
-class FaissMethod(Method):
-    def __init__(self, base, kind):
-        import faiss
-
-        self.faiss = faiss
-        faiss.omp_set_num_threads(BUILD_THREADS)
-        n, d = base.shape
-        self.kind = kind
-        if kind == "hnsw32":
-            self.index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efConstruction = 200
-        else:
-            self.nlist = max(1, int(round(4 * math.sqrt(n))))
-            desc = f"IVF{self.nlist},Flat" if kind == "ivf-flat" else f"IVF{self.nlist},PQ{d // 2}x4fs,RFlat"
-            self.index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)
-            ivf = faiss.extract_index_ivf(self.index)
-            ivf.cp.max_points_per_centroid = max(39, IVF_TRAINING_SAMPLE // self.nlist)
-            self.index.train(base)
-        self.index.add(base)
-        self.params = faiss.ParameterSpace()
-
-    def config(self):
-        if self.kind == "hnsw32":
-            return {"factory": "HNSW32,Flat", "efConstruction": 200}
-        cp = self.faiss.extract_index_ivf(self.index).cp
-        return {
-            "nlist": self.nlist,
-            "training_sample": min(self.nlist * cp.max_points_per_centroid, self.index.ntotal),
-        }
-
-    def set_search_threads(self):
-        self.faiss.omp_set_num_threads(1)
-
-    def save(self, directory):
-        self.faiss.write_index(self.index, os.path.join(directory, "index.faiss"))
-
-    def points(self):
-        if self.kind == "hnsw32":
-            return [{"efSearch": ef} for ef in HNSW_EFS]
-        if self.kind == "ivf-flat":
-            return [{"nprobe": p} for p in ladder(IVF_NPROBES, 1, self.nlist)]
-        return [
-            {"nprobe": p, "k_factor": kf}
-            for p in ladder(IVFPQ_NPROBES, 1, self.nlist)
-            for kf in IVFPQ_K_FACTORS
-        ]
-
-    def _apply(self, p):
-        for name, value in p.items():
-            if name == "k_factor":  # IndexRefineFlat's; ParameterSpace knows it as k_factor_rf
-                self.faiss.downcast_index(self.index).k_factor = value
-            else:
-                self.params.set_index_parameter(self.index, name, value)
-
-    def single_input(self, q):
-        return q[None, :]
-
-    def single(self, q, p):
-        return self.index.search(q, K)[1][0]
-
-    def batch(self, queries, p):
-        return self.index.search(queries, K)[1]
-
-
-class Hnswlib(Method):
-    def __init__(self, base, m):
-        import hnswlib
-
-        self.m = m
-        self.index = hnswlib.Index(space="ip", dim=base.shape[1])
-        self.index.init_index(max_elements=len(base), ef_construction=200, M=m, random_seed=100)
-        self.index.add_items(base, np.arange(len(base)), num_threads=BUILD_THREADS)
-
-    def config(self):
-        return {"M": self.m, "ef_construction": 200}
-
-    def set_search_threads(self):
-        self.index.set_num_threads(1)
-
-    def save(self, directory):
-        self.index.save_index(os.path.join(directory, "index.bin"))
-
-    def points(self):
-        return [{"ef": ef} for ef in HNSW_EFS]
-
-    def _apply(self, p):
-        self.index.set_ef(max(p["ef"], K))
-
-    def single(self, q, p):
-        return self.index.knn_query(q, k=K)[0][0]
-
-    def batch(self, queries, p):
-        return self.index.knn_query(queries, k=K)[0]
-
-
-class Exact(Method):
-    def __init__(self, base):
-        self.base = base
-        self.single_limit = int(min(1e9, max(50, SINGLE_BUDGET // base.size)))
-        # NumPy batched: query blocks of at most 2^24 scores (64 MiB) at a time.
-        self.block = max(1, (1 << 24) // len(base))
-
-    def config(self):
-        return {"single_queries": self.single_limit, "numpy_query_block": self.block}
-
-    def save(self, directory):
-        np.save(os.path.join(directory, "base.npy"), self.base)
-
-    def points(self):
-        return [{"impl": "retrieval.exact"}, {"impl": "numpy"}]
-
-    def single(self, q, p):
-        if p["impl"] == "numpy":
-            scores = self.base @ q
-            top = np.argpartition(-scores, K)[:K]
-            return top[np.argsort(-scores[top])]
-        from retrieval.exact import exact_search
-
-        return exact_search(q[None, :], self.base, K, "dot_product")[0][0]
-
-    def batch(self, queries, p):
-        if p["impl"] == "numpy":
-            out = np.empty((len(queries), K), np.int64)
-            for s in range(0, len(queries), self.block):
-                scores = queries[s : s + self.block] @ self.base.T
-                top = np.argpartition(-scores, K, axis=1)[:, :K]
-                order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
-                out[s : s + self.block] = np.take_along_axis(top, order, axis=1)
-            return out
-        from retrieval.exact import exact_search
-
-        return exact_search(queries, self.base, K, "dot_product")[0]
 
 
 def make(method: str, base: np.ndarray, overrides=None) -> Method:

@@ -8,9 +8,10 @@ points and 1,000 held-out queries; `scale` = 1,000,000 x 256 points derived from
 256-d, 110-111 Gaussian-noise copies of each real database point; see peer_data's docstring),
 1,000 queries made the same way from the held-out points.  Ground truth: exact top-10 cosine.
 
-Methods (benchmarks/peer_methods.py, each in its own fresh process, one after the other): the
-index `imgindex build` makes by default (tuned to recall 0.95), ScaNN's own autopilot, faiss
-HNSW32 / IVF-Flat / IVF-PQ-fast-scan+refine, hnswlib M16 / M32, exact search.  Builds may use
+Methods (benchmarks/peer_methods.py, adapters in peer_scann.py and peer_libraries.py, each in
+its own fresh process, one after the other): the index `imgindex build` makes by default (tuned
+to recall 0.95), ScaNN's own autopilot, faiss HNSW32 / IVF-Flat / IVF-PQ-fast-scan+refine,
+hnswlib M16 / M32, exact search.  Builds may use
 both cores; every search uses one thread.  For each method: build seconds, peak RSS (build:
 getrusage in the child after the build; whole run: the process sampled every 0.1 s, including
 the sweep), index size on disk (the library's own save), and per sweep point recall@10,

@@ -27,12 +27,12 @@ MODULE = "benchmarks.sharded_build"
 def child(run_dir: str, variant: str, out_dir: str) -> None:
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines import build, build_shards
+    from pipelines import build, build_options, build_shards
 
     index_dir = os.path.join(run_dir, "index", "synthetic")
     shutil.rmtree(index_dir, ignore_errors=True)
     if variant == "single":
-        opts = build.BuildOptions(flags=["--output=unused"]).view_as(build.BuildOptions)
+        opts = build_options.BuildOptions(flags=["--output=unused"]).view_as(build_options.BuildOptions)
         build.build_indexes(run_dir, {"embedders": {"synthetic": {}}}, opts)
     else:
         shards = int(variant.split("=")[1])

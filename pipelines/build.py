@@ -12,7 +12,6 @@ command is safe.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -27,167 +26,18 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import embed
+from pipelines import build_options, embed
 from pipelines.options import EmbedOptions, check_flags
-from retrieval import embedders, output_root, projection, runs, sharded, tables
 from retrieval import index as index_lib
+from retrieval import projection, retention, runs, sharded, tables
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
 log = logging.getLogger(__name__)
 
-DISTANCES = ("cosine", "dot_product", "squared_l2")
-DEFAULT_KEEP_RUNS = 3
-DEFAULT_KEEP_FAILED_HOURS = 48.0
-
-
-class BuildOptions(EmbedOptions):
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--min_recall",
-            type=float,
-            default=0.95,
-            help="refuse to publish when an index's recall@k against exact search is below this",
-        )
-        parser.add_argument(
-            "--max_failure_rate",
-            type=float,
-            default=0.01,
-            help="refuse to publish when more than this fraction of input records "
-            "failed (read, decode or embed)",
-        )
-        parser.add_argument(
-            "--distance",
-            default="cosine",
-            choices=DISTANCES,
-            help="index distance (cosine needs L2-normalised embeddings, the default)",
-        )
-        parser.add_argument(
-            "--recall_k", type=int, default=10, help="k of the recall gate and the index's default k"
-        )
-        parser.add_argument(
-            "--pca_dim",
-            type=int,
-            default=0,
-            help="project embeddings to this many dimensions with a PCA learned at "
-            "build time (re-normalised, no whitening; cosine only); 0 = off",
-        )
-        parser.add_argument(
-            "--index_shards",
-            type=int,
-            default=0,
-            help="build each embedder's index as N shards, rows partitioned by a stable "
-            "hash of the id, each shard built by a Beam worker (0 = one index, or as "
-            "many shards as --max_shard_vectors needs)",
-        )
-        parser.add_argument(
-            "--max_shard_vectors",
-            type=int,
-            default=0,
-            help="memory budget: the most rows one shard (one worker's matrix) may "
-            "hold; picks the number of shards when --index_shards is 0 (0 = no limit)",
-        )
-        parser.add_argument(
-            "--tuning_queries",
-            action="append",
-            default=None,
-            help="held-out query vectors that measure each index's recall and tune its "
-            "search knobs instead of sampled database rows (use them when queries are "
-            "unlike the indexed images, e.g. past queries): [EMBEDDER=]PATH, PATH a local "
-            ".npy file (q, dim) or Parquet embedding table(s) written by `imgindex embed` "
-            "with the same embedder; repeat per embedder; without EMBEDDER= it applies "
-            "to the run's only embedder",
-        )
-        parser.add_argument(
-            "--run_id",
-            default=None,
-            help="name of the run directory (default: UTC timestamp + random suffix)",
-        )
-        parser.add_argument(
-            "--keep_runs",
-            type=int,
-            default=DEFAULT_KEEP_RUNS,
-            help="after a publish, delete published runs older than the newest N (the run LATEST "
-            "names and the one before it are always kept; 0 = keep every published run)",
-        )
-        parser.add_argument(
-            "--keep_failed_hours",
-            type=float,
-            default=DEFAULT_KEEP_FAILED_HOURS,
-            help="after a publish, delete failed, rejected and unfinished runs older than this "
-            "(make it longer than the longest build: an unfinished run may still be running)",
-        )
-
 
 class GateError(ImgIndexError):
     """The run finished but a quality gate refused to publish it."""
-
-
-def _check(opts: BuildOptions) -> None:
-    if not opts.output:
-        raise ConfigError("--output is required: the output root that holds runs/ and LATEST")
-    if "://" in opts.output:
-        raise ConfigError(
-            f"--output {opts.output!r}: `imgindex build` publishes to a local or mounted "
-            "path (index building and the atomic LATEST rename are local); `imgindex embed` "
-            "writes to any Beam filesystem"
-        )
-    if not 0 < opts.min_recall <= 1:
-        raise ConfigError(f"--min_recall must be in (0, 1], got {opts.min_recall}")
-    if not 0 <= opts.max_failure_rate <= 1:
-        raise ConfigError(f"--max_failure_rate must be in [0, 1], got {opts.max_failure_rate}")
-    if opts.pca_dim < 0 or (opts.pca_dim and opts.distance != "cosine"):
-        raise ConfigError(
-            f"--pca_dim {opts.pca_dim}: must be >= 0, and a projection (re-normalised) "
-            "needs --distance cosine"
-        )
-    if opts.index_shards < 0 or opts.max_shard_vectors < 0:
-        raise ConfigError(
-            f"--index_shards ({opts.index_shards}) and --max_shard_vectors "
-            f"({opts.max_shard_vectors}) must be >= 0 (0 = automatic / no limit)"
-        )
-    if opts.pca_dim and (opts.index_shards > 1 or opts.max_shard_vectors):
-        raise ConfigError(
-            "--pca_dim cannot be combined with a sharded build (--index_shards > 1 or "
-            "--max_shard_vectors) yet: the projection is learned on one machine's matrix"
-        )
-    if opts.recall_k < 1:
-        raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
-    if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id or opts.run_id.startswith(".")):
-        raise ConfigError(f"--run_id {opts.run_id!r} must be a plain directory name")
-    output_root.check_retention(opts.keep_runs, opts.keep_failed_hours)
-    tuning_queries_of(opts)
-
-
-def tuning_queries_of(opts: BuildOptions) -> dict[str, str]:
-    """--tuning_queries as {embedder name: path}, checked against the run's embedders."""
-    if not opts.tuning_queries:
-        return {}
-    names = [embedders.parse_embedder_arg(e).name for e in (opts.embedder or [embed.DEFAULT_EMBEDDER])]
-    out = {}
-    for value in opts.tuning_queries:
-        name, sep, path = value.partition("=")
-        if not sep:
-            if len(names) != 1:
-                raise ConfigError(
-                    f"--tuning_queries {value!r}: the run has embedders {names}; "
-                    "say which one with EMBEDDER=PATH"
-                )
-            name, path = names[0], value
-        if name not in names:
-            raise ConfigError(
-                f"--tuning_queries {value!r}: unknown embedder {name!r}; the run's embedders are {names}"
-            )
-        if name in out:
-            raise ConfigError(f"--tuning_queries given twice for embedder {name!r}")
-        if "://" in path or not os.path.exists(path):
-            raise ConfigError(
-                f"--tuning_queries {value!r}: {path!r} is not an existing local file or "
-                "directory (a .npy file or Parquet embedding tables)"
-            )
-        out[name] = path
-    return out
 
 
 def _versions() -> dict:
@@ -203,7 +53,7 @@ def _versions() -> dict:
     }
 
 
-def _sharded(run_directory: str, name: str, opts: BuildOptions) -> bool:
+def _sharded(run_directory: str, name: str, opts: build_options.BuildOptions) -> bool:
     if opts.index_shards > 1:
         return True
     if opts.index_shards == 0 and opts.max_shard_vectors:
@@ -213,7 +63,7 @@ def _sharded(run_directory: str, name: str, opts: BuildOptions) -> bool:
 
 
 def build_indexes(
-    run_directory: str, report: dict, opts: BuildOptions, options: PipelineOptions | None = None
+    run_directory: str, report: dict, opts: build_options.BuildOptions, options: PipelineOptions | None = None
 ) -> dict:
     """One index per embedder from its tables; returns the run manifest's `embedders` entry.
 
@@ -221,7 +71,7 @@ def build_indexes(
     runner `options` names (pipelines.build_shards); a single index in this process.
     """
     out = {}
-    tuning = tuning_queries_of(opts)
+    tuning = build_options.tuning_queries_of(opts)
     for name in report["embedders"]:
         if _sharded(run_directory, name, opts):
             from pipelines import build_shards
@@ -288,7 +138,7 @@ def build_indexes(
     return out
 
 
-def gates(report: dict, embedders: dict, opts: BuildOptions) -> dict:
+def gates(report: dict, embedders: dict, opts: build_options.BuildOptions) -> dict:
     records = report["counts"]["records"] or 0
     failed = report["counts"]["failed_total"]
     rate = failed / records if records else 1.0
@@ -327,9 +177,9 @@ class BuildResult:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> BuildResult:
     """Runs the whole job and publishes it.  Raises GateError when a gate refuses the run."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    options = BuildOptions(flags=check_flags(argv, BuildOptions))
-    opts = options.view_as(BuildOptions)
-    _check(opts)
+    options = build_options.BuildOptions(flags=check_flags(argv, build_options.BuildOptions))
+    opts = options.view_as(build_options.BuildOptions)
+    build_options.check(opts)
     root = opts.output.rstrip("/")
     run_id = opts.run_id or runs.new_run_id()
     run_directory = runs.run_dir(root, run_id)
@@ -382,11 +232,11 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     return BuildResult(root, run_directory, manifest)
 
 
-def _retention(root: str, opts: BuildOptions) -> dict:
-    """Old runs deleted after a publish (`retrieval.output_root`); a failure here is logged and
+def _retention(root: str, opts: build_options.BuildOptions) -> dict:
+    """Old runs deleted after a publish (`retrieval.retention`); a failure here is logged and
     recorded, not raised: the run is published, and the next build finishes the clean-up."""
     try:
-        report = output_root.apply_retention(
+        report = retention.apply_retention(
             root, keep_runs=opts.keep_runs, keep_failed_hours=opts.keep_failed_hours
         )
     except (ImgIndexError, OSError) as exc:

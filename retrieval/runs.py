@@ -179,7 +179,7 @@ class RunManifest:
     producer_version: str = __version__
     versions: dict = dataclasses.field(default_factory=dict)
     error: str | None = None
-    # What the retention deleted after the publish (retrieval.output_root.RetentionReport).
+    # What the retention deleted after the publish (retrieval.retention.RetentionReport).
     retention: dict | None = None
     kind: str = RUN_KIND
     format_version: int = RUN_FORMAT_VERSION

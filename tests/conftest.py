@@ -55,6 +55,27 @@ def vec_run(tmp_path_factory):
     return root, run_dir, data
 
 
+@pytest.fixture(scope="session")
+def sharded_build(tmp_path_factory, tiny_savedmodel):
+    """A published `imgindex build` (a BuildResult) of 40 small JPEGs img000.jpg ... with the
+    tiny embedder ("tiny", 32 px), its index built as two brute-force shards and tuned on 20
+    held-out query vectors (--tuning_queries=PATH, a (20, 8) .npy).  Read-only."""
+    from pipelines import build
+    from tests.helpers import images
+
+    base = tmp_path_factory.mktemp("sharded_build")
+    np.save(base / "queries.npy", np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    return build.run(
+        [
+            f"--input={images.write_folder(base / 'in', 40)}",
+            f"--output={base / 'root'}",
+            f"--embedder=tiny={tiny_savedmodel},size=32",
+            "--index_shards=2",
+            f"--tuning_queries={base / 'queries.npy'}",
+        ]
+    )
+
+
 # --- index test data (tests/test_index_*.py, tests/test_recall_tuning.py) ------------------
 
 

@@ -7,31 +7,36 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgindex import cli
-from pipelines import build
+from pipelines import build, build_options
 from retrieval import index, runs
 from retrieval.errors import ConfigError, IndexFormatError
 from tests.helpers import images
-
-
-def _images(folder, n, bad=0, seed=0):
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        with open(os.path.join(folder, f"img{i:03d}.jpg"), "wb") as f:
-            f.write(images.jpeg(48 + i % 7, 40, seed=seed + i))
-    for i in range(bad):
-        with open(os.path.join(folder, f"bad{i}.jpg"), "wb") as f:
-            f.write(images.random_bytes(seed=i))
-    return folder
 
 
 def _argv(tiny, inputs, root, *extra):
     return [*(f"--input={i}" for i in inputs), f"--output={root}", f"--embedder=tiny={tiny},size=32", *extra]
 
 
-def test_build_publishes_a_complete_run(tmp_path, tiny_savedmodel):
-    src = _images(tmp_path / "in", 30, bad=0)
-    root = str(tmp_path / "root")
-    result = build.run(_argv(tiny_savedmodel, [src], root, "--metadata=cls"))
+@pytest.fixture(scope="module")
+def two_embedder_build(tmp_path_factory, tiny_savedmodel):
+    """A published run of 30 photos with a `cls` metadata column and two embedders: "tiny"
+    (32 px) and "big" (48 px, centre crop).  Read-only."""
+    base = tmp_path_factory.mktemp("two_embedders")
+    return build.run(
+        [
+            f"--input={images.write_folder(base / 'in', 30)}",
+            f"--output={base / 'root'}",
+            f"--embedder=tiny={tiny_savedmodel},size=32",
+            f"--embedder=big={tiny_savedmodel},size=48,resize=crop",
+            "--metadata=cls",
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_build_publishes_a_complete_run(two_embedder_build):
+    result = two_embedder_build
+    root = result.root
     m = result.manifest
     assert runs.read_latest(root) == result.run_dir == runs.run_dir(root, m.run_id)
     assert m.status == "published" and m.gates["passed"] and m.counts["records"] == 30
@@ -47,10 +52,11 @@ def test_build_publishes_a_complete_run(tmp_path, tiny_savedmodel):
     assert "embedding" not in metadata.column_names
 
 
+@pytest.mark.slow
 def test_failure_rate_gate_refuses_and_keeps_the_previous_run(tmp_path, tiny_savedmodel):
     root = str(tmp_path / "root")
-    good = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "good", 20)], root))
-    bad_src = _images(tmp_path / "bad", 10, bad=5)
+    good = build.run(_argv(tiny_savedmodel, [images.write_folder(tmp_path / "good", 20)], root))
+    bad_src = images.write_folder(tmp_path / "bad", 10, bad=5)
     with pytest.raises(build.GateError, match="failure rate 0.3333"):
         build.run(_argv(tiny_savedmodel, [bad_src], root, "--max_failure_rate=0.1"))
     assert runs.read_latest(root) == good.run_dir
@@ -67,19 +73,20 @@ def test_recall_gate():
         "a": SimpleNamespace(recall={"k": 10, "value": 0.91}),
         "b": SimpleNamespace(recall={"k": 10, "value": 0.99}),
     }
-    opts = build.BuildOptions(flags=["--min_recall=0.95"]).view_as(build.BuildOptions)
+    opts = build_options.BuildOptions(flags=["--min_recall=0.95"]).view_as(build_options.BuildOptions)
     gate = build.gates(report, embedders, opts)
     assert not gate["passed"] and gate["reasons"] == ["a: recall@10 0.9100 is below --min_recall 0.95"]
-    opts = build.BuildOptions(flags=["--min_recall=0.9"]).view_as(build.BuildOptions)
+    opts = build_options.BuildOptions(flags=["--min_recall=0.9"]).view_as(build_options.BuildOptions)
     assert build.gates(report, embedders, opts)["passed"]
 
 
+@pytest.mark.slow
 def test_failed_run_is_recorded_and_latest_unchanged(tmp_path, tiny_savedmodel):
     root = str(tmp_path / "root")
-    good = build.run(_argv(tiny_savedmodel, [_images(tmp_path / "a", 12)], root))
+    good = build.run(_argv(tiny_savedmodel, [images.write_folder(tmp_path / "a", 12)], root))
     # Three images cannot teach a PCA of 7 axes: the index stage raises after the embedding.
     with pytest.raises(ConfigError, match="needs more than 7 vectors"):
-        build.run(_argv(tiny_savedmodel, [_images(tmp_path / "x", 3)], root, "--pca_dim=7"))
+        build.run(_argv(tiny_savedmodel, [images.write_folder(tmp_path / "x", 3)], root, "--pca_dim=7"))
     assert runs.read_latest(root) == good.run_dir
     failed = [d for d in os.listdir(f"{root}/runs") if d != good.manifest.run_id][0]
     manifest = runs.read_run_manifest(f"{root}/runs/{failed}")
@@ -88,6 +95,7 @@ def test_failed_run_is_recorded_and_latest_unchanged(tmp_path, tiny_savedmodel):
         runs.publish(root, failed)
 
 
+@pytest.mark.slow
 def test_tuning_queries_measure_the_published_recall(tmp_path, tiny_savedmodel):
     # Held-out queries from a .npy file and from embedding tables of the same embedder.
     root = str(tmp_path / "root")
@@ -96,7 +104,7 @@ def test_tuning_queries_measure_the_published_recall(tmp_path, tiny_savedmodel):
     result = build.run(
         _argv(
             tiny_savedmodel,
-            [_images(tmp_path / "in", 30)],
+            [images.write_folder(tmp_path / "in", 30)],
             root,
             f"--tuning_queries=tiny={tmp_path / 'q.npy'}",
         )
@@ -106,19 +114,20 @@ def test_tuning_queries_measure_the_published_recall(tmp_path, tiny_savedmodel):
     assert recall["value"] == 1.0  # brute force is exact
     tables = os.path.join(result.run_dir, runs.EMBEDDINGS_DIR, "tiny")
     again = build.run(
-        _argv(tiny_savedmodel, [_images(tmp_path / "in2", 30, seed=50)], root, f"--tuning_queries={tables}")
-    )
-    assert again.manifest.embedders["tiny"].recall["method"].startswith("held-out: 30 query vectors")
-    sharded_run = build.run(
         _argv(
             tiny_savedmodel,
-            [_images(tmp_path / "in3", 30, seed=90)],
+            [images.write_folder(tmp_path / "in2", 30, seed=50)],
             root,
-            f"--tuning_queries={tmp_path / 'q.npy'}",
-            "--index_shards=2",
+            f"--tuning_queries={tables}",
         )
     )
-    recall = sharded_run.manifest.embedders["tiny"].recall
+    assert again.manifest.embedders["tiny"].recall["method"].startswith("held-out: 30 query vectors")
+
+
+@pytest.mark.slow
+def test_tuning_queries_measure_a_sharded_builds_recall(sharded_build):
+    # --tuning_queries=PATH (no EMBEDDER=: the run's only embedder) of 20 vectors.
+    recall = sharded_build.manifest.embedders["tiny"].recall
     assert recall["method"].startswith("held-out over the merged shards: 20 query vectors")
     assert recall["value"] == 1.0  # brute-force shards
 
@@ -140,33 +149,26 @@ def test_bad_build_options_fail_before_work(tmp_path, tiny_savedmodel, extra, wo
     assert not root.exists()
 
 
+@pytest.mark.slow
 def test_cli_build_exit_status_and_summary(tmp_path, tiny_savedmodel, capsys):
     root = str(tmp_path / "root")
-    src = _images(tmp_path / "in", 8, bad=4)
+    src = images.write_folder(tmp_path / "in", 8, bad=4)
     assert cli.main(["build", *_argv(tiny_savedmodel, [src], root)]) == 3
     assert "refused" in capsys.readouterr().err and runs.read_latest(root) is None
     assert cli.main(["build", *_argv(tiny_savedmodel, [src], root, "--max_failure_rate=0.5")]) == 0
     assert "published" in capsys.readouterr().out and runs.read_latest(root) is not None
 
 
-def test_two_embedders_give_two_indexes_served_side_by_side(tmp_path, tiny_savedmodel):
+@pytest.mark.slow
+def test_two_embedders_give_two_indexes_served_side_by_side(two_embedder_build):
     from serving import EmbedderRequiredError, Searcher
 
-    root = str(tmp_path / "root")
-    result = build.run(
-        [
-            f"--input={_images(tmp_path / 'in', 10)}",
-            f"--output={root}",
-            f"--embedder=small={tiny_savedmodel},size=32",
-            f"--embedder=big={tiny_savedmodel},size=48,resize=crop",
-        ]
-    )
-    assert sorted(result.manifest.embedders) == ["big", "small"]
-    searcher = Searcher.open(root)
-    assert searcher.embedders == ["big", "small"]
-    with pytest.raises(EmbedderRequiredError, match="big, small"):
+    assert sorted(two_embedder_build.manifest.embedders) == ["big", "tiny"]
+    searcher = Searcher.open(two_embedder_build.root)
+    assert searcher.embedders == ["big", "tiny"]
+    with pytest.raises(EmbedderRequiredError, match="big, tiny"):
         searcher.search_id("img003.jpg")
-    for name in ("big", "small"):
+    for name in ("big", "tiny"):
         assert searcher.search_id("img003.jpg", k=1, embedder=name)[0].id == "img003.jpg"
 
 

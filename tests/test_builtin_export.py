@@ -80,12 +80,14 @@ def _probabilities(hub_model, images: np.ndarray) -> np.ndarray:
 # -- exported model --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lite0_classifies_sample_photos(lite0_hub):
     coffee, chelsea = _probabilities(lite0_hub, _photos(224))
     assert coffee.argmax() == ESPRESSO and coffee[ESPRESSO] > 0.9
     assert chelsea.argmax() in CAT_CLASSES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
 def test_larger_variants_classify_sample_photos(name, cache_dir):
     import tensorflow_hub as hub
@@ -96,6 +98,7 @@ def test_larger_variants_classify_sample_photos(name, cache_dir):
     assert chelsea.argmax() in CAT_CLASSES
 
 
+@pytest.mark.slow
 def test_bfloat16_variant_is_a_distinct_model_with_near_identical_features(lite0_hub, cache_dir):
     import tensorflow_hub as hub
 
@@ -111,6 +114,7 @@ def test_bfloat16_variant_is_a_distinct_model_with_near_identical_features(lite0
     assert coffee.argmax() == ESPRESSO and chelsea.argmax() in CAT_CLASSES
 
 
+@pytest.mark.slow
 def test_hub_load_gives_features_for_any_image_size(lite0, lite0_hub):
     images = _photos(224)
     features = lite0_hub(images).numpy()
@@ -121,6 +125,7 @@ def test_hub_load_gives_features_for_any_image_size(lite0, lite0_hub):
     assert lite0_hub(np.zeros((1, 200, 300, 3), np.float32)).shape == (1, lite0.feature_dim)
 
 
+@pytest.mark.slow
 def test_keras_layer_matches_hub_load(lite0, lite0_hub):
     import tensorflow_hub as hub
     import tf_keras
@@ -134,6 +139,7 @@ def test_keras_layer_matches_hub_load(lite0, lite0_hub):
     assert len(layer.weights) == len(lite0_hub.variables) > 0
 
 
+@pytest.mark.slow
 def test_marker_describes_export(lite0):
     with open(os.path.join(lite0.path, "imgindex_builtin.json")) as f:
         marker = json.load(f)
@@ -215,6 +221,7 @@ def test_cache_dir_defaults(monkeypatch, tmp_path):
     assert materialize_module.cache_root() == os.path.expanduser("~/.cache/imgindex")
 
 
+@pytest.mark.slow
 def test_concurrent_materialize_publishes_one_complete_copy(tmp_path):
     cache = str(tmp_path)
     ctx = multiprocessing.get_context("spawn")
@@ -238,6 +245,7 @@ def test_publish_keeps_the_winners_copy(tmp_path):
     assert os.listdir(final) == ["winner"]
 
 
+@pytest.mark.slow
 def test_corrupted_cache_entry_is_reported(lite0, tmp_path):
     copy = tmp_path / "models" / os.path.basename(lite0.path)
     shutil.copytree(lite0.path, copy)

@@ -57,6 +57,7 @@ def test_user_errors_are_one_line_not_a_traceback(capsys, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_embed_runs_the_pipeline_and_prints_a_summary(tmp_path, capsys):
     from tests.helpers import images
 
@@ -216,7 +217,7 @@ def test_embed_refuses_unknown_flags_including_builds(tmp_path, capsys):
 
 
 def test_flags_beam_knows_pass_through(capsys):
-    from pipelines.build import BuildOptions
+    from pipelines.build_options import BuildOptions
     from pipelines.options import EmbedOptions, check_flags
 
     beam = [

@@ -38,6 +38,7 @@ def _table(path):
     return pq.read_table(path)
 
 
+@pytest.mark.slow
 def test_every_input_is_embedded_or_a_failure_row(dataset, two_embedder_run):
     _, good, n_failures, _ = dataset
     out, report = two_embedder_run
@@ -53,6 +54,7 @@ def test_every_input_is_embedded_or_a_failure_row(dataset, two_embedder_run):
         assert json.load(f) == report
 
 
+@pytest.mark.slow
 def test_failures_table_names_source_stage_and_reason(dataset, two_embedder_run):
     globs, _, n_failures, _ = dataset
     root = os.path.dirname(os.path.dirname(globs[0]))
@@ -74,6 +76,7 @@ def test_failures_table_names_source_stage_and_reason(dataset, two_embedder_run)
     assert all(r["embedder"] is None for r in rows.values())
 
 
+@pytest.mark.slow
 def test_tables_match_the_schema_and_read_with_pandas(dataset, two_embedder_run):
     _, good, _, labels = dataset
     out, _ = two_embedder_run
@@ -96,6 +99,7 @@ def test_tables_match_the_schema_and_read_with_pandas(dataset, two_embedder_run)
     assert max(meta.row_group(i).num_rows for i in range(meta.num_row_groups)) <= 5
 
 
+@pytest.mark.slow
 def test_same_bytes_same_sha_and_embedding_across_formats(tmp_path):
     from tests.helpers import images
 
@@ -113,6 +117,7 @@ def test_same_bytes_same_sha_and_embedding_across_formats(tmp_path):
     np.testing.assert_allclose(table[0]["embedding"], table[1]["embedding"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_multi_processing_gives_the_same_embeddings(dataset, two_embedder_run, tmp_path):
     globs, good, _, _ = dataset
     out, _ = two_embedder_run
@@ -134,6 +139,7 @@ def test_multi_processing_gives_the_same_embeddings(dataset, two_embedder_run, t
     np.testing.assert_allclose(np.stack(a.embedding), np.stack(b.embedding), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_test_pipeline_can_be_injected(tmp_path):
     from apache_beam.testing.test_pipeline import TestPipeline
 
@@ -183,6 +189,7 @@ def test_unknown_extension_asks_for_format(tmp_path):
         embed.run([f"--input={tmp_path}/*.bin", f"--output={tmp_path}/out"])
 
 
+@pytest.mark.slow
 def test_output_of_a_previous_run_is_not_overwritten(two_embedder_run, dataset):
     out, _ = two_embedder_run
     with pytest.raises(ConfigError, match="already holds the results"):

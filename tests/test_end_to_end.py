@@ -18,6 +18,8 @@ from tests.helpers.shards import mixed_inputs
 
 UKBENCH = os.path.join(SHARED_DATA, "ukbench56")
 
+pytestmark = pytest.mark.slow  # each test builds with Beam, then serves over HTTP
+
 
 def test_build_publish_search_and_http_agree(tmp_path, tiny_savedmodel):
     root = str(tmp_path / "root")

@@ -60,6 +60,6 @@ def test_build_with_pca_serves_queries_in_the_embedder_space(tmp_path, tiny_save
         searcher.search_vector(np.ones(4, np.float32))
 
 
-def test_pca_needs_cosine(tmp_path, tiny_savedmodel):
+def test_pca_needs_cosine(tmp_path):
     with pytest.raises(ConfigError, match="cosine"):
         build.run([f"--input={tmp_path}", f"--output={tmp_path}/r", "--pca_dim=4", "--distance=squared_l2"])

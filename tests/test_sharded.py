@@ -16,7 +16,6 @@ from retrieval.errors import ConfigError, DimensionMismatchError, IndexFormatErr
 from retrieval.index import build_index
 from retrieval.searchable import SearchableIndex
 from serving import Searcher
-from tests.helpers import images
 from tests.helpers.runs_fixture import clustered
 
 SPEC = EmbedderSpec(name="vec", handle="synthetic", fingerprint="synthetic:1", dim=16)
@@ -268,21 +267,9 @@ def test_sharded_build_in_multi_processing_mode_gives_the_same_index(tmp_path):
 
 
 @pytest.mark.slow
-def test_imgindex_build_with_shards_is_served_by_the_searcher(tmp_path, tiny_savedmodel):
-    src = tmp_path / "in"
-    os.makedirs(src)
-    for i in range(40):
-        with open(src / f"img{i:03d}.jpg", "wb") as f:
-            f.write(images.jpeg(48 + i % 7, 40, seed=i))
-    root = str(tmp_path / "root")
-    result = build.run(
-        [
-            f"--input={src}",
-            f"--output={root}",
-            f"--embedder=tiny={tiny_savedmodel},size=32",
-            "--index_shards=2",
-        ]
-    )
+def test_imgindex_build_with_shards_is_served_by_the_searcher(sharded_build):
+    result = sharded_build
+    root = result.root
     entry = result.manifest.embedders["tiny"]
     assert entry.shards == 2 and entry.method == "sharded(2x brute_force)" and entry.n == 40
     searcher = Searcher.open(root)

@@ -11,10 +11,13 @@ from retrieval import exact, metrics, tables
 from tests.helpers.data import SHARED_DATA
 
 UKBENCH = os.path.join(SHARED_DATA, "ukbench56")
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(UKBENCH),
-    reason=f"real-photo set not found at {UKBENCH} (../shared/data is not part of a clone)",
-)
+pytestmark = [
+    pytest.mark.slow,  # embeds 56 photos with the builtin model
+    pytest.mark.skipif(
+        not os.path.isdir(UKBENCH),
+        reason=f"real-photo set not found at {UKBENCH} (../shared/data is not part of a clone)",
+    ),
+]
 
 
 def test_builtin_model_finds_the_other_views_of_each_object(tmp_path):

@@ -1,6 +1,7 @@
 """Builders of small real encoded images, good and bad, shared by the tests."""
 
 import io
+import os
 import struct
 import zlib
 
@@ -86,3 +87,16 @@ def huge_png(width=200_000, height=200_000) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
+
+
+def write_folder(folder, n, bad=0, seed=0) -> str:
+    """n distinct small JPEGs img000.jpg, img001.jpg, ... (sizes 48-54 x 40) and `bad` files
+    bad<i>.jpg of random bytes in `folder` (created); returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        with open(os.path.join(folder, f"img{i:03d}.jpg"), "wb") as f:
+            f.write(jpeg(48 + i % 7, 40, seed=seed + i))
+    for i in range(bad):
+        with open(os.path.join(folder, f"bad{i}.jpg"), "wb") as f:
+            f.write(random_bytes(seed=i))
+    return str(folder)

@@ -1,0 +1,224 @@
+"""The `imgindex` commands that read a published output root, a run or an index directory:
+`query`, `runs`, `serve` and `inspect` (the parser and the job commands are in
+`imgindex.cli`).  Like those, each imports its heavy dependencies only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from retrieval.errors import ConfigError, ImgIndexError
+
+
+def add_query(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "query",
+        help="query a published index by image file, vector or id",
+        description="Query the run published under an output root (following LATEST) "
+        "or a run directory; prints the hits best first. A .npy --vector of shape (d,) "
+        "or (1, d) (what the embedder returns for one image) is one query; a (q, d) "
+        "array with q > 1 runs q queries: the table gains a leading 'query' column "
+        "(the row, from 0) and --json prints one list of hits per row.",
+    )
+    p.add_argument("path", help="output root or run directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", help="image file to embed with the index's embedder")
+    what.add_argument(
+        "--vector",
+        help="comma-separated floats, or a .npy file holding one vector (d,) or (1, d), or several (q, d)",
+    )
+    what.add_argument("--id", help="an indexed id: its own vector is the query")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--embedder", help="which index, when the run has several")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_query)
+
+
+def _query_vector(text: str):  # -> numpy.ndarray (numpy is imported only when needed)
+    """The query vector(s) of --vector: shape (d,) for one query, (q, d) for several."""
+    import numpy as np
+
+    if text.endswith(".npy"):
+        try:
+            array = np.load(text)
+        except (OSError, ValueError) as exc:  # missing, unreadable, not a .npy, pickled objects
+            raise ConfigError(f"--vector {text}: cannot read it as a .npy array: {exc}") from exc
+        if array.ndim not in (1, 2) or 0 in array.shape:
+            raise ConfigError(
+                f"--vector {text} holds an array of shape {array.shape}; expected one "
+                "vector (d,) or (1, d), or one query per row (q, d)"
+            )
+        return array[0] if array.ndim == 2 and len(array) == 1 else array
+    try:
+        return np.array([float(v) for v in text.split(",")], np.float32)
+    except ValueError as exc:
+        raise ConfigError(f"--vector must be comma-separated numbers or a .npy file: {exc}") from exc
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"--image {path}: cannot read it: {exc.strerror or exc}") from exc
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    from serving import Searcher
+
+    # Read the query before opening (and checksumming) the index: a typo fails at once.
+    image = _read_image(args.image) if args.image else None
+    vector = _query_vector(args.vector) if args.vector is not None else None
+    searcher = Searcher.open(args.path, embedder=args.embedder)
+    if image is not None:
+        results = [searcher.search_image(image, k=args.k, embedder=args.embedder)]
+    elif args.id is not None:
+        results = [searcher.search_id(args.id, k=args.k, embedder=args.embedder)]
+    else:
+        found = searcher.search_vector(vector, k=args.k, embedder=args.embedder)
+        results = [found] if vector.ndim == 1 else found
+    several = vector is not None and vector.ndim == 2  # (1, d) became (d,) above
+    if args.json:
+        lists = [[hit.to_dict() for hit in hits] for hits in results]
+        print(json.dumps(lists if several else lists[0], indent=2))
+        return 0
+    print(f"{'query':>5}  " * several + f"{'rank':>4}  {'score':>8}  {'id':40} source")
+    for row, hits in enumerate(results):
+        for hit in hits:
+            print(
+                f"{row:5d}  " * several
+                + f"{hit.rank:4d}  {hit.score:8.4f}  {hit.id:40} {hit.metadata.get('source', '')}"
+            )
+    return 0
+
+
+def add_runs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "runs",
+        help="list the runs under an output root",
+        description="List every run under an output root, oldest first: id, creation time "
+        "(UTC), status (published, rejected, failed; incomplete: no run_manifest.json, a "
+        "build still running or one that was killed; damaged: an unreadable manifest), "
+        "records, failed records and each embedder's rows. * marks the run LATEST names.",
+    )
+    p.add_argument("root", help="output root (holds LATEST and runs/)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, oldest first, instead of a table")
+    p.set_defaults(func=_run_runs)
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+    from retrieval import output_root
+
+    found = output_root.list_runs(args.root)
+    if args.json:
+        print(json.dumps([run.to_dict() for run in found], indent=2))
+        return 0
+    if not found:
+        print(f"no runs under {args.root}")
+        return 0
+    print(f"  {'run id':24} {'created (UTC)':19}  {'status':10} {'records':>9} {'failed':>7}  embedders")
+    for run in found:
+        embedders = " ".join(f"{e.name}={'?' if e.n is None else e.n}" for e in run.embedders)
+        note = run.reason or run.error
+        print(
+            f"{'*' if run.is_latest else ' '} {run.run_id:24} {run.created_at:%Y-%m-%d %H:%M:%S}  "
+            f"{run.status:10} {'-' if run.records is None else run.records:>9} "
+            f"{'-' if run.failed_total is None else run.failed_total:>7}  {embedders or '-'}"
+            + (f"  ({note})" if note else "")
+        )
+    try:
+        latest = output_root.latest_run_id(args.root)
+    except ImgIndexError as exc:
+        print(f"LATEST is unreadable: {exc}")
+        return 0
+    if latest is None:
+        print("* none: LATEST names no run (nothing published)")
+    elif not any(run.is_latest for run in found):
+        print(f"* none: LATEST names runs/{latest}, which is missing")
+    return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a published index over HTTP (JSON, no gRPC)",
+        description="HTTP JSON API: POST /v1/search, GET /v1/healthz, GET /v1/index. "
+        "Follows LATEST and swaps in newer runs without dropping queries.",
+    )
+    p.add_argument("path", help="output root (follows LATEST) or run directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--refresh_seconds",
+        type=float,
+        default=60.0,
+        help="how often LATEST is checked for a newer run (0 = never)",
+    )
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from serving import http
+
+    http.serve(args.path, host=args.host, port=args.port, refresh_seconds=args.refresh_seconds or None)
+    return 0
+
+
+def add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="show what a run, an output root or an index directory holds")
+    p.add_argument("path", help="output root (follows LATEST), run directory or index directory")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from retrieval import manifest as index_manifest
+    from retrieval import runs, sharded
+
+    if sharded.manifest_kind(args.path) == sharded.KIND:
+        data = json.loads(open(os.path.join(args.path, index_manifest.MANIFEST_NAME)).read())
+        if not args.json:
+            print(
+                f"sharded index {args.path}: n={data['n']} d={data['d']} distance={data['distance']} "
+                f"shards={data['num_shards']} recall@{data['recall'].get('k')}={data['recall'].get('value')} "
+                f"(merged; per shard {data['recall'].get('per_shard')})"
+            )
+            for shard in data["shards"]:
+                print(
+                    f"  {shard['dir']}: n={shard['n']} {shard.get('method')} search {shard.get('search_defaults')}"
+                )
+    elif os.path.isfile(os.path.join(args.path, index_manifest.MANIFEST_NAME)):
+        m = index_manifest.read_manifest(args.path)
+        data = m.to_dict()
+        if not args.json:
+            print(
+                f"index {args.path}: n={m.n} d={m.d} distance={m.distance} "
+                f"method={m.index_config.get('method')} recall@{m.recall.get('k')}={m.recall.get('value')} "
+                f"search {m.search_defaults} embedder {(m.embedder or {}).get('handle')} files {len(m.files)}"
+            )
+    else:
+        run_dir = runs.resolve_run(args.path)
+        m = runs.read_run_manifest(run_dir)
+        data = m.to_dict()
+        if not args.json:
+            print(
+                f"run {m.run_id} ({run_dir}): {m.status}, created {m.created_at}, imgindex {m.producer_version}"
+            )
+            print(f"  inputs: {m.inputs.get('globs')} ({m.inputs.get('files')} files)")
+            print(
+                f"  records: {m.counts.get('records')}, failed {m.counts.get('failed_total')}; gates: "
+                f"{'passed' if m.gates.get('passed') else m.gates.get('reasons')}"
+            )
+            for name, e in m.embedders.items():
+                print(
+                    f"  {name}: {e.spec['handle']} ({e.spec['fingerprint'][:23]}...) n={e.n} "
+                    f"d={e.d} {e.method} recall@{e.recall['k']}={e.recall['value']} "
+                    f"search {e.search_defaults} build {e.build_seconds}s"
+                )
+            print(f"  timings: {m.timings}")
+            if m.error:
+                print(f"  error: {m.error}")
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    return 0
