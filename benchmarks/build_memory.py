@@ -89,9 +89,7 @@ def child(run_dir: str, steps: bool = False) -> None:
     shutil.rmtree(os.path.join(run_dir, "index"), ignore_errors=True)
     opts = build_options.BuildOptions(flags=["--output=unused"]).view_as(build_options.BuildOptions)
     entry = build.build_indexes(run_dir, {"embedders": {"synthetic": {}}}, opts)["synthetic"]
-    print(
-        f"method {entry['method']} recall {entry['recall']['value']} build_seconds {entry['build_seconds']}"
-    )
+    print(f"method {entry.method} recall {entry.recall['value']} build_seconds {entry.build_seconds}")
 
 
 def main(argv=None):

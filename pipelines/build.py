@@ -127,6 +127,7 @@ def build_indexes(
                 copy=False,
                 work_dir=work_dir,
                 tuning_queries=queries,
+                trained_from=None if opts.pca_dim else _previous_index(report, name),
             )
             del data.vectors, vectors
             built.save(index_dir, tables=extra)
@@ -136,6 +137,20 @@ def build_indexes(
             run_directory, name, built, data.spec.to_dict(), pca_dim=opts.pca_dim or None
         )
     return out
+
+
+def _previous_index(report: dict, name: str) -> str | None:
+    """The index the run whose table embedder `name` reused built from that table (local
+    runs only), whose training today's index may reuse (`retrieval.index.training`)."""
+    table = ((report.get("reuse") or {}).get("embedders") or {}).get(name, {}).get("table")
+    if not table or "://" in table:
+        return None
+    embeddings, previous_name = os.path.split(table.rstrip("/"))
+    run_directory, folder = os.path.split(embeddings)
+    if folder != runs.EMBEDDINGS_DIR:
+        return None  # tables given without their run: no index to learn from
+    index = runs.index_dir(run_directory, previous_name)
+    return index if os.path.isdir(index) else None
 
 
 def gates(report: dict, embedders: dict, opts: build_options.BuildOptions) -> dict:
