@@ -10,6 +10,8 @@ BENCHMARKS = [
     "benchmarks.serving_latency",
     "benchmarks.build_memory",
     "benchmarks.sharded_build",
+    "benchmarks.incremental",
+    "benchmarks.reuse_tolerance",
 ]
 
 
