@@ -8,7 +8,7 @@ dropped).  Then, with Beam's keyed joins (so no worker holds more than one key's
   failure naming both sources (and the ids of the previous tables that are gone are counted);
 - by content (sha256): the ids sharing one content are embedded once, and for each
   embedder the content's vector is either reused from the previous run's table (a
-  `Candidate`, later a `FetchRequest` to that table's file) or embedded (an `EmbedRequest`,
+  `Candidate`, later a `FetchRequest` to its row group of that table) or embedded (an `EmbedRequest`,
   which re-reads the record's bytes from its shard).
 
 A random sample of the reused contents is embedded again to check that today's runtime
