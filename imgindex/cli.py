@@ -8,9 +8,17 @@ import os
 import sys
 
 from imgindex import root_commands
-from retrieval.errors import ImgIndexError
+from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.exact import DISTANCES
 from retrieval.version import __version__
+
+# Exit statuses besides 0 (success), 2 (an error the user can fix) and 3 (`build`: a gate
+# refused the run): what a shell reports for a tool stopped by Ctrl-C (128 + SIGINT) or by a
+# reader that closed the pipe, as `head` does (128 + SIGPIPE).
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+HelpFormatter = root_commands.HelpFormatter
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +27,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
         help="list the builtin embedders, or materialise one",
         description="List the builtin (offline) embedders. With --export, "
         "materialise one as a TF Hub SavedModel in the cache and print its path.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--export", metavar="NAME", help="builtin to materialise, e.g. efficientnet-lite0")
-    p.add_argument("--cache_dir", help="cache root (default $IMGINDEX_CACHE_DIR or ~/.cache/imgindex)")
+    p.add_argument("--cache_dir", help="cache root (default: $IMGINDEX_CACHE_DIR, else ~/.cache/imgindex)")
     p.set_defaults(func=_run_models)
 
 
@@ -47,10 +56,11 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         help="build a ScaNN index from embedding tables",
         description="Build a ScaNN index from Parquet embedding tables, measure "
         "its recall against exact search, and save it with a manifest.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--embeddings", required=True, help="a Parquet file or a directory of them")
     p.add_argument("--output", required=True, help="index directory to create")
-    p.add_argument("--distance", default="cosine", choices=DISTANCES)
+    p.add_argument("--distance", default="cosine", choices=DISTANCES, help="similarity the index ranks by")
     p.add_argument("--k", type=int, default=10, help="neighbours the recall is measured at")
     p.add_argument(
         "--target_recall",
@@ -70,9 +80,18 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_index(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
     from retrieval import index, tables
 
-    data = tables.read_embeddings(args.embeddings)
+    if not os.path.exists(args.embeddings):
+        raise ConfigError(
+            f"--embeddings {args.embeddings} does not exist (a Parquet file or a directory of them)"
+        )
+    try:
+        data = tables.read_embeddings(args.embeddings)
+    except pa.ArrowInvalid as exc:  # not Parquet, or not an embedding table
+        raise ConfigError(f"--embeddings {args.embeddings}: cannot read embedding tables: {exc}") from exc
     queries = None
     if args.tuning_queries:
         queries = tables.load_tuning_queries(args.tuning_queries, data.spec)
@@ -106,6 +125,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         description="The embedded default job: augmented variants of scikit-image's "
         "sample photographs, embedded with the builtin EfficientNet-Lite0, indexed "
         "with ScaNN and queried with each original photo.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--output", default="runs/demo", help="where the tables, index and contact sheet go")
     p.add_argument("--embedder", default="builtin:efficientnet-lite0", help="embedder handle")
@@ -215,12 +235,29 @@ def main(argv: list[str] | None = None) -> int:
     # machines) alarm users and say nothing actionable; Python errors still raise.
     # Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    parser = build_parser()
-    # Pass-through subcommands (embed) hand every flag they do not know to Beam.
-    args, rest = parser.parse_known_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    command = "imgindex"
+    try:
+        parser = build_parser()
+        # Pass-through subcommands (embed) hand every flag they do not know to Beam.
+        args, rest = parser.parse_known_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        command = f"imgindex {args.command}"
+        code = _dispatch(parser, args, rest)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's exit
+        return code
+    except BrokenPipeError:
+        # `imgindex query --json | head`: the reader has what it wanted. Python's docs: point
+        # stdout at /dev/null so that the flush at exit does not fail again, and exit quietly.
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     passthrough = getattr(args, "passthrough", False)
     if passthrough and ("-h" in rest or "--help" in rest):
         print(beam_help(args.command))
@@ -232,6 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     except ImgIndexError as exc:
         print(f"imgindex {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # a file missing, unreadable or unwritable: say which, no traceback
+        print(f"imgindex {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured by a test harness)
+        pass
 
 
 if __name__ == "__main__":

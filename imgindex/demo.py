@@ -10,6 +10,7 @@ hit rate (a photo's variants found in its top hits) is printed and drawn as a co
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -19,7 +20,7 @@ import tarfile
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from retrieval import imaging
 from retrieval.errors import ConfigError
@@ -100,21 +101,83 @@ def write_shards(
     return paths
 
 
-def contact_sheet(rows: list[tuple[bytes, list[tuple[bytes, bool]]]], path: str, thumb: int = 96) -> None:
-    """Query thumbnail then its hits; green border = a variant of the query photo, red = other."""
-    cols = 1 + max(len(hits) for _, hits in rows)
-    pad = 6
-    sheet = Image.new("RGB", (cols * (thumb + pad) + 2 * pad, len(rows) * (thumb + pad) + pad), "white")
+@dataclasses.dataclass(frozen=True)
+class SheetHit:
+    """One hit on the contact sheet: its image, whether it is a variant of the query photo."""
+
+    image: bytes
+    relevant: bool
+    rank: int
+    score: float
+    id: str
+
+
+# Border colours of the contact sheet, in the order of its legend.
+BORDERS = (
+    ("black", "query photo (not in the index)"),
+    ("green", "hit: a variant of the query photo"),
+    ("red", "miss: another photo"),
+)
+_LEGEND_NOTE = "under each hit: #rank, score, id (best first)"
+
+
+def contact_sheet(rows: list[tuple[str, bytes, list[SheetHit]]], path: str, thumb: int = 128) -> None:
+    """One row per query (name, image bytes, hits): the query's thumbnail with a black border,
+    then its hits with a green (a variant of the query photo) or red (another photo) border,
+    each labelled with its rank, score and id; a legend of the colours on top."""
+    font = ImageFont.load_default()  # Pillow's own font: no font file needed
+    line = _text_height(font) + 3
+    pad, border = 8, 3
+    cell_w, cell_h = thumb + pad, thumb + 2 * line + pad
+    cols = 1 + max(len(hits) for _, _, hits in rows)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    swatch = line - 3
+    legend_w = sum(swatch + 4 + measure.textlength(text, font=font) + 3 * pad for _, text in BORDERS)
+    header_h = 2 * line + pad
+    width = max(cols * cell_w + pad, int(legend_w) + 2 * pad)
+    sheet = Image.new("RGB", (width, header_h + len(rows) * cell_h + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, (query, hits) in enumerate(rows):
-        y = pad + r * (thumb + pad)
-        for c, (data, relevant) in enumerate([(query, None)] + hits):
-            x = pad + c * (thumb + pad) + (pad if c else 0)
-            tile = imaging.resize(imaging.decode(data, min_size=thumb).image, thumb - 4, "pad")
-            colour = "black" if relevant is None else ("green" if relevant else "red")
+
+    x = pad
+    for colour, text in BORDERS:
+        draw.rectangle((x, pad, x + swatch, pad + swatch), fill=colour)
+        draw.text((x + swatch + 4, pad), text, fill="black", font=font)
+        x += swatch + 4 + int(measure.textlength(text, font=font)) + 3 * pad
+    draw.text((pad, pad + line), _LEGEND_NOTE, fill="black", font=font)
+
+    for r, (name, query, hits) in enumerate(rows):
+        y = header_h + r * cell_h
+        cells = [(query, "black", ("query", name))]
+        cells += [
+            (hit.image, "green" if hit.relevant else "red", (f"#{hit.rank}  {hit.score:.3f}", hit.id))
+            for hit in hits
+        ]
+        for c, (data, colour, caption) in enumerate(cells):
+            x = pad + c * cell_w
+            tile = imaging.resize(imaging.decode(data, min_size=thumb).image, thumb - 2 * border, "pad")
             draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=colour)
-            sheet.paste(Image.fromarray(tile), (x + 2, y + 2))
+            sheet.paste(Image.fromarray(tile), (x + border, y + border))
+            for i, text in enumerate(caption):
+                draw.text(
+                    (x, y + thumb + 2 + i * line), _fit(measure, text, font, thumb), fill="black", font=font
+                )
     sheet.save(path)
+
+
+def _text_height(font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+    left, top, right, bottom = font.getbbox("Ag/")
+    return int(bottom)
+
+
+def _fit(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int
+) -> str:
+    """`text`, cut with "..." at the end when it is wider than `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def _shard_images(paths: list[str]) -> dict[str, bytes]:
@@ -157,7 +220,16 @@ def run(output: str, *, embedder: str = "builtin:efficientnet-lite0", variants: 
             f"{'*' if r else ' '}{hit.id} {hit.score:.2f}" for hit, r in zip(hits[:3], relevant)
         )
         print(f"{photo:25} {cells}  ...")
-        rows.append((data, [(indexed[hit.id], r) for hit, r in zip(hits[:k], relevant)]))
+        rows.append(
+            (
+                photo,
+                data,
+                [
+                    SheetHit(indexed[hit.id], r, hit.rank, hit.score, hit.id)
+                    for hit, r in zip(hits[:k], relevant)
+                ],
+            )
+        )
 
     sheet = os.path.join(output, "contact_sheet.png")
     contact_sheet(rows, sheet)

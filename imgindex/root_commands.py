@@ -10,6 +10,26 @@ import os
 
 from retrieval.errors import ConfigError, ImgIndexError
 
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, unless it has none to show (None, an off
+    switch) or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _check_path(path: str, what: str) -> None:
+    """ConfigError unless `path` is an existing directory: a typo fails in one line."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} does not exist (expected {what})")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path} is not a directory (expected {what})")
+
 
 def add_query(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,6 +40,7 @@ def add_query(sub: argparse._SubParsersAction) -> None:
         "or (1, d) (what the embedder returns for one image) is one query; a (q, d) "
         "array with q > 1 runs q queries: the table gains a leading 'query' column "
         "(the row, from 0) and --json prints one list of hits per row.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("path", help="output root or run directory")
     what = p.add_mutually_exclusive_group(required=True)
@@ -29,8 +50,8 @@ def add_query(sub: argparse._SubParsersAction) -> None:
         help="comma-separated floats, or a .npy file holding one vector (d,) or (1, d), or several (q, d)",
     )
     what.add_argument("--id", help="an indexed id: its own vector is the query")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--embedder", help="which index, when the run has several")
+    p.add_argument("--k", type=int, default=10, help="hits per query")
+    p.add_argument("--embedder", help="which index, when the run has several (default: the only one)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run_query)
 
@@ -41,9 +62,16 @@ def _query_vector(text: str):  # -> numpy.ndarray (numpy is imported only when n
 
     if text.endswith(".npy"):
         try:
-            array = np.load(text)
-        except (OSError, ValueError) as exc:  # missing, unreadable, not a .npy, pickled objects
+            with open(text, "rb") as f:
+                magic = f.read(len(NPY_MAGIC))
+                f.seek(0)
+                array = np.load(f) if magic == NPY_MAGIC else None  # np.load would try a pickle
+        except OSError as exc:  # missing, unreadable, a directory
+            raise ConfigError(f"--vector {text}: cannot read it: {exc.strerror or exc}") from exc
+        except ValueError as exc:  # truncated, pickled objects
             raise ConfigError(f"--vector {text}: cannot read it as a .npy array: {exc}") from exc
+        if array is None:
+            raise ConfigError(f"--vector {text} is not a .npy file (numpy.save writes them)")
         if array.ndim not in (1, 2) or 0 in array.shape:
             raise ConfigError(
                 f"--vector {text} holds an array of shape {array.shape}; expected one "
@@ -70,6 +98,7 @@ def _run_query(args: argparse.Namespace) -> int:
     # Read the query before opening (and checksumming) the index: a typo fails at once.
     image = _read_image(args.image) if args.image else None
     vector = _query_vector(args.vector) if args.vector is not None else None
+    _check_path(args.path, "an output root or a run directory")
     searcher = Searcher.open(args.path, embedder=args.embedder)
     if image is not None:
         results = [searcher.search_image(image, k=args.k, embedder=args.embedder)]
@@ -101,6 +130,7 @@ def add_runs(sub: argparse._SubParsersAction) -> None:
         "(UTC), status (published, rejected, failed; incomplete: no run_manifest.json, a "
         "build still running or one that was killed; damaged: an unreadable manifest), "
         "records, failed records and each embedder's rows. * marks the run LATEST names.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("root", help="output root (holds LATEST and runs/)")
     p.add_argument("--json", action="store_true", help="print a JSON list, oldest first, instead of a table")
@@ -166,7 +196,13 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show what a run, an output root or an index directory holds")
+    p = sub.add_parser(
+        "inspect",
+        help="show what a run, an output root or an index directory holds",
+        description="Show what a run, an output root (the run LATEST names) or an index "
+        "directory holds: counts, gates, each embedder's index, recall and timings.",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("path", help="output root (follows LATEST), run directory or index directory")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_run_inspect)
@@ -176,6 +212,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from retrieval import manifest as index_manifest
     from retrieval import runs, sharded
 
+    _check_path(args.path, "an output root, a run directory or an index directory")
     if sharded.manifest_kind(args.path) == sharded.KIND:
         data = json.loads(open(os.path.join(args.path, index_manifest.MANIFEST_NAME)).read())
         if not args.json:

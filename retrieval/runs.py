@@ -250,6 +250,8 @@ def read_latest(root: str) -> str | None:
         name = path.read_text().strip()
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError as exc:
+        raise IndexFormatError(f"{path} is not text (it should hold runs/<run_id>): {exc}") from exc
     if not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise IndexFormatError(f"{path} holds {name!r}, not a run directory relative to {root}")
     return str(Path(root) / name)
