@@ -29,7 +29,7 @@ def test_list_runs_reports_every_status_oldest_first(tmp_path):
     bad_json = make_damaged(tmp_path, 5)
     wrong_kind = make_damaged(tmp_path, 6, json.dumps({"kind": "something else"}))
     data = runs.read_run_manifest(runs.run_dir(str(tmp_path), first)).to_dict()
-    unknown_status = make_damaged(tmp_path, 7, json.dumps({**data, "status": "publishing"}))
+    unknown_status = make_damaged(tmp_path, 7, json.dumps({**data, "status": "archived"}))
     (tmp_path / "runs" / ".trash-x-1234").mkdir()  # a deletion in progress: not a run
     (tmp_path / "runs" / "notes.txt").write_text("not a run")
 
@@ -69,7 +69,7 @@ def test_list_runs_reports_every_status_oldest_first(tmp_path):
     assert "cannot tell which" in by_id[killed].reason and by_id[killed].records is None
     assert "unreadable" in by_id[bad_json].reason
     assert "not an imgindex run manifest" in by_id[wrong_kind].reason
-    assert "publishing" in by_id[unknown_status].reason
+    assert "unknown status 'archived'" in by_id[unknown_status].reason
     assert by_id[bad_json].created_at == T0 + 5 * HOUR
 
 
