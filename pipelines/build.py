@@ -262,8 +262,12 @@ def _record_failed_publish(
     """A publish that raised before LATEST named the run leaves a failed run (one that raised
     after is published: LATEST names it, and the next publish records it so)."""
     try:
-        if runs.read_latest(root) == run_directory:
-            return
+        named = runs.read_latest(root) == run_directory
+    except (ImgIndexError, OSError):
+        named = False
+    if named:
+        return
+    try:
         manifest.status, manifest.publisher = runs.FAILED, None
         manifest.error = f"{type(exc).__name__} while publishing: {exc}"
         runs.write_run_manifest(run_directory, manifest)

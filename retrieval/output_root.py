@@ -37,8 +37,8 @@ class RunInfo:
     "publishing" (a publish in progress), "incomplete" (no run_manifest.json) or "damaged"
     (a run_manifest.json that cannot be read; `reason` says why).  A manifest that says
     "publishing" gives the run's true status (`retrieval.runs.effective_status`): published
-    when LATEST names it, failed when its publish was killed; `recorded_status` is then
-    "publishing" and `reason` says why.  created_at: the manifest's, or the directory's
+    when LATEST names it, failed when its publish was killed (`reason` says why);
+    `recorded_status` is the manifest's own.  created_at: the manifest's, or the directory's
     mtime (`created_from` "mtime") for incomplete and damaged runs and manifests without a
     readable time.
     """
@@ -54,7 +54,7 @@ class RunInfo:
     is_latest: bool
     error: str | None  # the manifest's error
     reason: str | None  # why a run is incomplete or damaged, or its status not the recorded one
-    recorded_status: str | None = None  # the manifest's status, when it is not `status`
+    recorded_status: str | None = None  # the manifest's status (None without a readable manifest)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -146,7 +146,7 @@ def _describe(path: Path, latest: str | None, now: datetime.datetime | None) -> 
     return dataclasses.replace(
         info,
         status=status,
-        recorded_status=None if status == m.status else m.status,
+        recorded_status=m.status,
         created_at=created or mtime,
         created_from="manifest" if created else "mtime",
         records=_count(m.counts.get("records")),
