@@ -136,7 +136,9 @@ KEY_STAGES = ("publishing", "latest-written")  # both halves of the publish wind
 @pytest.mark.parametrize(
     "stage",
     [
-        pytest.param(stage, marks=pytest.mark.slow if stage in KEY_STAGES else pytest.mark.stress)
+        pytest.param(
+            stage, marks=pytest.mark.slow if stage in KEY_STAGES else [pytest.mark.slow, pytest.mark.stress]
+        )
         for stage in STAGES
     ],
 )
