@@ -397,12 +397,12 @@ def publish(root: str, run_id: str) -> RunManifest:
             f"not {PUBLISHING!r} or {PUBLISHED!r})"
         )
     make_read_only(directory)
-    previous = read_latest(root)
-    if previous is not None and os.path.isfile(os.path.join(previous, RUN_MANIFEST)):
-        try:
+    try:  # a damaged LATEST or previous run is retention's to report, not a reason not to publish
+        previous = read_latest(root)
+        if previous is not None and os.path.isfile(os.path.join(previous, RUN_MANIFEST)):
             repair_status(previous)
-        except (IndexFormatError, OSError):
-            pass  # a damaged previous run is retention's to report, not a reason not to publish
+    except (IndexFormatError, OSError):
+        pass
     killpoints.reached("publishing")
     write_text_atomic(Path(root) / LATEST, f"{RUNS_DIR}/{run_id}\n")
     killpoints.reached("latest-written")
