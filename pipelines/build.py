@@ -6,8 +6,10 @@
     LATEST                               <- names the run, written last and atomically
 
 A run that fails, is interrupted or is refused by a gate never touches LATEST, so the
-previous good run stays published.  Every run gets a new directory: rerunning the same
-command is safe.
+previous good run stays published.  A run that passes its gates is recorded as
+"publishing", made read-only, named by LATEST, then recorded as "published"
+(`retrieval.runs.publish`; a kill in between is told apart by LATEST).  Every run gets a
+new directory: rerunning the same command is safe.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import build_options, embed
 from pipelines.options import EmbedOptions, check_flags
 from retrieval import index as index_lib
-from retrieval import projection, retention, runs, sharded, tables
+from retrieval import killpoints, projection, retention, runs, sharded, tables
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
@@ -129,6 +131,7 @@ def build_indexes(
                 tuning_queries=queries,
                 trained_from=None if opts.pca_dim else _previous_index(report, name),
             )
+            killpoints.reached("index")
             del data.vectors, vectors
             built.save(index_dir, tables=extra)
         finally:
@@ -227,24 +230,49 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         manifest.embedders = build_indexes(run_directory, report, opts, options)
         timings["index_seconds"] = round(time.time() - step, 2)
         manifest.gates = gates(report, manifest.embedders, opts)
-        manifest.status = "published" if manifest.gates["passed"] else "rejected"
+        manifest.status = runs.PUBLISHING if manifest.gates["passed"] else "rejected"
     except BaseException as exc:  # interrupted or failed: record it, leave LATEST alone
         manifest.error = f"{type(exc).__name__}: {exc}"
         timings["total_seconds"] = round(time.time() - started, 2)
         runs.write_run_manifest(run_directory, manifest)
         raise
     timings["total_seconds"] = round(time.time() - started, 2)
+    if manifest.status == runs.PUBLISHING:
+        manifest.publisher = runs.publisher_record()
     runs.write_run_manifest(run_directory, manifest)
-    if manifest.status != "published":
+    if manifest.status != runs.PUBLISHING:
         raise GateError(
             f"run {run_id} was not published: "
             + "; ".join(manifest.gates["reasons"])
             + f" (run kept at {run_directory}; LATEST unchanged)"
         )
-    runs.publish(root, run_id)
+    try:
+        manifest = runs.publish(root, run_id)  # read-only, LATEST, then status "published"
+    except BaseException as exc:
+        _record_failed_publish(root, run_directory, manifest, exc)
+        raise
     manifest.retention = _retention(root, opts)
     runs.write_run_manifest(run_directory, manifest)  # again, with what the retention deleted
     return BuildResult(root, run_directory, manifest)
+
+
+def _record_failed_publish(
+    root: str, run_directory: str, manifest: runs.RunManifest, exc: BaseException
+) -> None:
+    """A publish that raised before LATEST named the run leaves a failed run (one that raised
+    after is published: LATEST names it, and the next publish records it so)."""
+    try:
+        named = runs.read_latest(root) == run_directory
+    except (ImgIndexError, OSError):
+        named = False
+    if named:
+        return
+    try:
+        manifest.status, manifest.publisher = runs.FAILED, None
+        manifest.error = f"{type(exc).__name__} while publishing: {exc}"
+        runs.write_run_manifest(run_directory, manifest)
+    except (ImgIndexError, OSError) as second:
+        log.warning("could not record the failed publish of %s: %s", run_directory, second)
 
 
 def _retention(root: str, opts: build_options.BuildOptions) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 
 from pipelines.decode import NAMESPACE, RowInfo, tag_failure
 from pipelines.shards import ReaderConfig, Record, Shard, read_shard
-from retrieval import imaging
+from retrieval import imaging, killpoints
 from retrieval import schema as S
 
 # Tags of the routed outputs, of today's records in the keyed joins, and of the vectors
@@ -106,6 +106,7 @@ class ReadHashDoFn(beam.DoFn):
         for item in read_shard(shard, self._config):
             if isinstance(item, Record):
                 self._read.inc()
+                killpoints.reached("reading")  # a test hook, inert unless set
                 yield Seen(
                     id=item.id,
                     source=item.source,

@@ -15,7 +15,7 @@ import numpy as np
 from apache_beam.ml.inference import base as _run_inference
 from apache_beam.ml.inference.base import ModelHandler
 
-from retrieval import embedders
+from retrieval import embedders, killpoints
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import HandleError
 
@@ -73,6 +73,7 @@ class TFHubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, Any]):
         model: embedders.EmbeddingModel,
         inference_args: dict | None = None,
     ) -> Iterable[np.ndarray]:
+        killpoints.reached("embedding")  # a test hook, inert unless set
         vectors = embedders.embed_batch(model, self._spec, np.stack(batch))
         if vectors.shape != (len(batch), self._spec.dim):
             raise ValueError(

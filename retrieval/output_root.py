@@ -33,10 +33,14 @@ class EmbedderRows:
 class RunInfo:
     """One run directory under `<root>/runs/`.
 
-    status: "published", "rejected" or "failed" (from run_manifest.json), "incomplete" (no
-    run_manifest.json) or "damaged" (a run_manifest.json that cannot be read; `reason` says
-    why).  created_at: the manifest's, or the directory's mtime (`created_from` "mtime") for
-    incomplete and damaged runs and manifests without a readable time.
+    status: what the run is: "published", "rejected" or "failed" (from run_manifest.json),
+    "publishing" (a publish in progress), "incomplete" (no run_manifest.json) or "damaged"
+    (a run_manifest.json that cannot be read; `reason` says why).  A manifest that says
+    "publishing" gives the run's true status (`retrieval.runs.effective_status`): published
+    when LATEST names it, failed when its publish was killed (`reason` says why);
+    `recorded_status` is the manifest's own.  created_at: the manifest's, or the directory's
+    mtime (`created_from` "mtime") for incomplete and damaged runs and manifests without a
+    readable time.
     """
 
     run_id: str
@@ -49,7 +53,8 @@ class RunInfo:
     embedders: tuple[EmbedderRows, ...]
     is_latest: bool
     error: str | None  # the manifest's error
-    reason: str | None  # why a run is incomplete or damaged
+    reason: str | None  # why a run is incomplete or damaged, or its status not the recorded one
+    recorded_status: str | None = None  # the manifest's status (None without a readable manifest)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -58,9 +63,11 @@ class RunInfo:
         return data
 
 
-def list_runs(root: str | os.PathLike[str]) -> list[RunInfo]:
+def list_runs(root: str | os.PathLike[str], now: datetime.datetime | None = None) -> list[RunInfo]:
     """Every run directory under `<root>/runs/`, oldest first (by run id, which starts with
-    its UTC start time).  Dot-directories (deletions in progress) and files are ignored."""
+    its UTC start time).  Dot-directories (deletions in progress) and files are ignored.
+    `now` (default: the current time) decides whether an old "publishing" manifest's
+    publish was killed (`retrieval.runs.publisher_alive`)."""
     root_path = check_root(root)
     try:
         latest = _latest_id(root_path)
@@ -71,7 +78,9 @@ def list_runs(root: str | os.PathLike[str]) -> list[RunInfo]:
         entries = [e for e in os.scandir(directory) if not e.name.startswith(".")]
     except (FileNotFoundError, NotADirectoryError):
         return []
-    described = (_describe(Path(e.path), latest) for e in sorted(entries, key=lambda e: e.name) if e.is_dir())
+    described = (
+        _describe(Path(e.path), latest, now) for e in sorted(entries, key=lambda e: e.name) if e.is_dir()
+    )
     return [info for info in described if info is not None]
 
 
@@ -104,7 +113,7 @@ def run_id_of(root: Path, latest: str | None) -> str | None:
     return parts[1] if len(parts) == 2 and parts[0] == runs.RUNS_DIR else None
 
 
-def _describe(path: Path, latest: str | None) -> RunInfo | None:
+def _describe(path: Path, latest: str | None, now: datetime.datetime | None) -> RunInfo | None:
     try:
         mtime = modified_at(path)
     except FileNotFoundError:  # deleted since it was listed
@@ -132,17 +141,19 @@ def _describe(path: Path, latest: str | None) -> RunInfo | None:
         return dataclasses.replace(
             info, status=DAMAGED, reason=f"its manifest has an unknown status {m.status!r}"
         )
+    status, why = runs.effective_status(str(path), m, now)
     created = _parse_time(m.created_at)
     return dataclasses.replace(
         info,
-        status=m.status,
+        status=status,
+        recorded_status=m.status,
         created_at=created or mtime,
         created_from="manifest" if created else "mtime",
         records=_count(m.counts.get("records")),
         failed_total=_count(m.counts.get("failed_total")),
         embedders=tuple(EmbedderRows(str(name), e.n) for name, e in m.embedders.items()),
         error=m.error if isinstance(m.error, str) else None,
-        reason=None,
+        reason=why,
     )
 
 

@@ -10,9 +10,20 @@
 - Failed, rejected, damaged and incomplete runs are deleted once older than
   `keep_failed_hours`.  An incomplete run (no run_manifest.json: a build still running, or
   one that was killed; nothing on disk tells which) is deleted only when nothing in it was
-  modified within the grace period.
+  modified within the grace period.  A run killed while publishing (its manifest says
+  "publishing", LATEST does not name it, its publisher is gone) is a failed run; a publish
+  in progress is kept.
+- Statuses: a kept run whose manifest says "publishing" gets its true status written
+  (`retrieval.runs.repair_status`): "published" when LATEST names it, "failed" when its
+  publish was killed.
 - Scratch: `runs/.trash-*` directories (left by an interrupted deletion) are removed at
   once; temporary LATEST files (`<root>/.LATEST.*.tmp`) once older than the grace period.
+  Inside a kept run, the scratch a killed build leaves (dot-entries: the index stage's
+  `index/.read-*`, ScaNN's `index/.imgindex-build-*`, a sharded build's
+  `index/<embedder>/.partitions`, unfinished index directories and temporary manifests)
+  is removed at once when the run has finished (published, rejected or failed: nothing
+  writes there any more), otherwise once nothing in it was modified within the grace
+  period.
 
 The runs are those `retrieval.output_root.list_runs` lists.  A deletion renames
 `runs/<run_id>` to `runs/.trash-<run_id>-<random>` (one atomic rename: the run is listed
@@ -35,7 +46,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrieval import output_root, runs
+from retrieval import killpoints, output_root, runs
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.output_root import INCOMPLETE, PUBLISHED, RunInfo
 
@@ -43,13 +54,16 @@ log = logging.getLogger(__name__)
 
 TRASH_PREFIX = ".trash-"
 TRASH = "trash"  # status of a leftover .trash-* directory in a RetentionReport
-SCRATCH = "scratch"  # status of a temporary LATEST file in a RetentionReport
+SCRATCH = "scratch"  # status of a temporary LATEST file or a run's scratch in a RetentionReport
+# Runs whose builder is done: nothing writes their scratch any more.
+FINISHED = (PUBLISHED, "rejected", runs.FAILED)
 
 
 @dataclasses.dataclass(frozen=True)
 class RetentionEntry:
-    """A directory or file retention deleted or kept, and why.  run_id is None for a
-    temporary LATEST file; status is the run's, or "trash" / "scratch" for leftovers."""
+    """A directory or file retention deleted, kept or repaired, and why.  run_id is None for
+    a temporary LATEST file; status is the run's, or "trash" / "scratch" for leftovers (a
+    run's scratch carries its run id)."""
 
     run_id: str | None
     status: str
@@ -60,6 +74,7 @@ class RetentionEntry:
 @dataclasses.dataclass
 class RetentionReport:
     """What one `apply_retention` call deleted and kept (`to_dict()` for a run manifest);
+    `repaired`: runs whose manifest got its true status (the status written);
     `errors`: deletions that failed or were left half done, for the next call to finish."""
 
     root: str
@@ -69,6 +84,7 @@ class RetentionReport:
     latest: str | None  # the run id LATEST named when retention decided
     deleted: list[RetentionEntry] = dataclasses.field(default_factory=list)
     kept: list[RetentionEntry] = dataclasses.field(default_factory=list)
+    repaired: list[RetentionEntry] = dataclasses.field(default_factory=list)
     errors: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +96,8 @@ class RetentionReport:
             f"retention: deleted {runs_deleted} run(s) and {len(self.deleted) - runs_deleted} "
             f"leftover(s), kept {len(self.kept)} run(s)"
         )
+        if self.repaired:
+            text += f", recorded the status of {len(self.repaired)} interrupted publish(es)"
         return text + (f", {len(self.errors)} error(s)" if self.errors else "")
 
 
@@ -104,7 +122,7 @@ def apply_retention(
     grace = datetime.timedelta(hours=keep_failed_hours)
     report = RetentionReport(str(root), keep_runs, keep_failed_hours, now.isoformat(timespec="seconds"), None)
     _remove_leftovers(root_path, now - grace, report)
-    listing = output_root.list_runs(root_path)
+    listing = output_root.list_runs(root_path, now)
     raw_latest = runs.read_latest(str(root_path))  # re-read just before deciding
     report.latest = latest = output_root.run_id_of(root_path, raw_latest)
     deletions = _decide(listing, latest, keep_runs, keep_failed_hours, now, report)
@@ -114,6 +132,11 @@ def apply_retention(
             log.warning("retention: LATEST changed while deleting; stopped (the next call continues)")
             break
         _delete_run(root_path, info, reason, report)
+    kept = {e.run_id for e in report.kept}
+    for info in listing:
+        if info.run_id in kept and _latest_now(root_path) == raw_latest:
+            _repair(info, now, report)
+            _remove_scratch(info, now - grace, report)
     return report
 
 
@@ -183,7 +206,9 @@ def _decide(
         if info.run_id in decided:
             continue
         age = now - info.created_at
-        if age <= grace:
+        if info.status == runs.PUBLISHING:
+            kept = "a publish in progress"
+        elif age <= grace:
             kept = f"younger than the grace period ({keep_failed_hours:g}h)"
             if info.status == INCOMPLETE:
                 kept += ": maybe a build in progress"
@@ -198,6 +223,69 @@ def _decide(
         report.kept.append(RetentionEntry(info.run_id, info.status, kept, info.path))
     report.kept.sort(key=lambda e: e.run_id or "")
     return [(r, reason) for r in listing if (reason := decided.get(r.run_id)) is not None]
+
+
+def _repair(info: RunInfo, now: datetime.datetime, report: RetentionReport) -> None:
+    """Writes the true status of a kept run whose manifest says "publishing"."""
+    if info.recorded_status != runs.PUBLISHING:
+        return
+    try:
+        written = runs.repair_status(info.path, now)
+    except (IndexFormatError, OSError) as exc:
+        report.errors.append(f"could not record the status of run {info.run_id}: {exc}")
+        log.warning("retention: could not record the status of run %s: %s", info.run_id, exc)
+        return
+    if written is not None:
+        report.repaired.append(RetentionEntry(info.run_id, written, info.reason or "", info.path))
+        log.info("retention: run %s recorded as %s (%s)", info.run_id, written, info.reason)
+
+
+def scratch_of(run_directory: str | os.PathLike[str]) -> list[Path]:
+    """The scratch a build leaves in a run directory when killed: the dot-entries of the run
+    directory, of `index/`, of each `index/<embedder>/` and of each sharded index's shard
+    directory (no file an intact run needs starts with a dot)."""
+    run = Path(run_directory)
+    found: list[Path] = []
+    levels = [run, run / runs.INDEX_DIR]
+    index_dirs = _subdirectories(run / runs.INDEX_DIR)
+    levels += index_dirs + [shard for d in index_dirs for shard in _subdirectories(d)]
+    for level in levels:
+        try:
+            with os.scandir(level) as entries:
+                found += [Path(e.path) for e in entries if e.name.startswith(".")]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return sorted(found)
+
+
+def _subdirectories(path: Path) -> list[Path]:
+    try:
+        with os.scandir(path) as entries:
+            return [
+                Path(e.path)
+                for e in entries
+                if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _remove_scratch(info: RunInfo, older_than: datetime.datetime, report: RetentionReport) -> None:
+    """Removes a kept run's scratch: at once when the run has finished, else what was not
+    modified since `older_than`."""
+    finished = info.status in FINISHED
+    for path in scratch_of(info.path):
+        if not finished and (
+            output_root.modified_at(path) >= older_than
+            or (path.is_dir() and not path.is_symlink() and _active_since(path, older_than))
+        ):
+            continue
+        reason = (
+            f"scratch of a {info.status} run" if finished else "scratch not modified within the grace period"
+        )
+        if _remove_tree(path, report):
+            report.deleted.append(RetentionEntry(info.run_id, SCRATCH, reason, str(path)))
+            log.info("retention: deleted %s of run %s (%s)", path.name, info.run_id, reason)
 
 
 def _active_since(path: Path, since: datetime.datetime) -> bool:
@@ -230,6 +318,7 @@ def _delete_run(root: Path, info: RunInfo, reason: str, report: RetentionReport)
         return
     _sync_directory(trash.parent)
     report.deleted.append(RetentionEntry(info.run_id, info.status, reason, info.path))
+    killpoints.reached("retention")
     _remove_tree(trash, report)
     log.info("retention: deleted run %s (%s, %s)", info.run_id, info.status, reason)
 

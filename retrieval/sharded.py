@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from retrieval.index import Index
+    from retrieval.index.files import StoredVectors
 
 KIND = "imgindex.sharded_index"
 FORMAT_VERSION = 1
@@ -251,12 +252,12 @@ class ShardedIndex:
                 f"{where}: the shards' metadata schemas differ ({exc}); rebuild the index"
             ) from exc
 
-    def stored_vectors(self) -> np.ndarray | _ShardVectors | None:
+    def stored_vectors(self) -> StoredVectors | _ShardVectors | None:
         """Row lookup over every shard's stored vectors (global row), or None when any lacks them."""
         return self._stored_vectors
 
     @functools.cached_property
-    def _stored_vectors(self) -> np.ndarray | _ShardVectors | None:
+    def _stored_vectors(self) -> StoredVectors | _ShardVectors | None:
         arrays = [shard.stored_vectors() for shard in self.shards]
         present = [a for a in arrays if a is not None]
         if len(present) < len(arrays):
@@ -328,9 +329,9 @@ class ShardedIndex:
 
 
 class _ShardVectors:
-    """Row lookup across the shards' memory-mapped vectors (global row = shard offset + row)."""
+    """Row lookup across the shards' stored vectors (global row = shard offset + row)."""
 
-    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
+    def __init__(self, arrays: Sequence[StoredVectors]) -> None:
         self._arrays = arrays
         self._offsets = np.cumsum([0] + [len(a) for a in arrays])
 

@@ -57,9 +57,10 @@ def load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: bo
     """Load the run at `run_dir` (every embedder, or `only` that one)."""
     start = time.perf_counter()
     manifest = runs.read_run_manifest(run_dir)
-    if manifest.status != "published" and not allow_unpublished:
+    status, _ = runs.effective_status(run_dir, manifest)  # "publishing" and named by LATEST: published
+    if status != runs.PUBLISHED and not allow_unpublished:
         raise IndexFormatError(
-            f"run {manifest.run_id} ({run_dir}) has status {manifest.status!r}, not 'published'"
+            f"run {manifest.run_id} ({run_dir}) has status {status!r}, not 'published'"
             f"{': ' + manifest.error if manifest.error else ''}; serve a published run or pass "
             "allow_unpublished=True to inspect it"
         )
@@ -77,7 +78,7 @@ def load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: bo
         run_id=manifest.run_id,
         run_dir=str(run_dir),
         created_at=manifest.created_at,
-        status=manifest.status,
+        status=status,
         embedders=types.MappingProxyType(loaded),
         loaded_at=utc_now(),
         load_seconds=round(time.perf_counter() - start, 3),

@@ -1,5 +1,6 @@
 import json
 import os
+import stat
 from types import SimpleNamespace
 
 import numpy as np
@@ -50,6 +51,11 @@ def test_build_publishes_a_complete_run(two_embedder_build):
     assert metadata.column("id").to_pylist() == list(loaded.ids)
     assert {"source", "sha256", "width", "height", "cls"} <= set(metadata.column_names)
     assert "embedding" not in metadata.column_names
+    # Published runs are immutable: no file can be written, every directory can (retention).
+    for parent, _dirs, files in os.walk(result.run_dir):
+        assert os.stat(parent).st_mode & stat.S_IWUSR
+        assert not [f for f in files if os.stat(os.path.join(parent, f)).st_mode & 0o222]
+    assert m.publisher is None and on_disk.publisher is None
 
 
 @pytest.mark.slow
@@ -65,6 +71,20 @@ def test_failure_rate_gate_refuses_and_keeps_the_previous_run(tmp_path, tiny_sav
     # The same inputs pass with a looser gate, and the new run is published.
     again = build.run(_argv(tiny_savedmodel, [bad_src], root, "--max_failure_rate=0.5"))
     assert runs.read_latest(root) == again.run_dir != good.run_dir
+
+
+@pytest.mark.slow
+def test_a_publish_that_fails_before_latest_leaves_a_failed_run(tmp_path, tiny_savedmodel):
+    root = tmp_path / "root"
+    (root / runs.LATEST).mkdir(parents=True)  # LATEST cannot be read, nor replaced
+    with pytest.raises(OSError):
+        build.run(
+            _argv(tiny_savedmodel, [images.write_folder(tmp_path / "in", 6)], str(root), "--reuse_from=none")
+        )
+    (run_id,) = os.listdir(root / runs.RUNS_DIR)
+    manifest = runs.read_run_manifest(runs.run_dir(str(root), run_id))
+    assert manifest.status == "failed" and manifest.error.startswith("IsADirectoryError while publishing")
+    assert manifest.publisher is None
 
 
 def test_recall_gate():

@@ -255,3 +255,39 @@ def test_unparseable_manifest(damaged):
     (damaged / "manifest.json").write_text('{"kind": "imgindex.index", ')
     with pytest.raises(IndexFormatError, match="manifest.json is unreadable .*Rebuild the index"):
         load_index(damaged)
+
+
+# --- stored vectors (id queries) -------------------------------------------------------------
+
+
+def test_stored_vectors_are_read_row_by_row(damaged, small):
+    vectors, _ = small
+    stored = load_index(damaged).stored_vectors()
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)  # cosine stores unit rows
+    assert len(stored) == len(vectors) and stored.shape == vectors.shape
+    for row in (0, 17, len(vectors) - 1, np.int64(5), -1):
+        np.testing.assert_allclose(stored[row], unit[int(row)], atol=1e-6)
+        assert stored[row].dtype == np.float32
+    with pytest.raises(IndexError, match="out of range"):
+        stored[len(vectors)]
+    with pytest.raises(TypeError, match="one row at a time"):
+        stored[1:3]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "rewrite"])
+def test_a_dataset_changed_in_place_after_loading_is_an_error_not_a_crash(damaged, damage):
+    index = load_index(damaged)
+    stored = index.stored_vectors()
+    first = stored[100]
+    path = damaged / "scann" / "dataset.npy"
+    with open(path, "r+b") as f:
+        if damage == "truncate":  # what `cp other dataset.npy` does first: row 100 is gone
+            f.truncate(1024)
+        else:  # the same size, other bytes (a later mtime)
+            f.seek(-8, os.SEEK_END)
+            f.write(b"\0" * 8)
+    with pytest.raises(IndexFormatError, match="dataset.npy .*modified in place while served"):
+        stored[100]
+    with pytest.raises(IndexFormatError, match="dataset.npy"):
+        index.neighbours_of_row(100, k=3)
+    assert index.search(first, k=1)[0] == ["s100"]  # ScaNN's own copy still answers

@@ -1,6 +1,7 @@
 """retrieval.retention (deleting the runs an output root no longer needs), on real run
 directories."""
 
+import datetime
 import json
 import logging
 import os
@@ -299,3 +300,103 @@ def test_a_kill_9_during_retention_leaves_latest_valid_and_the_next_call_finishe
     assert runs.resolve_run(str(tmp_path)) == runs.run_dir(str(tmp_path), latest)
     for run_id in (previous, latest):
         assert runs.read_run_manifest(runs.run_dir(str(tmp_path), run_id)).status == "published"
+
+
+# --- a publish interrupted between its two manifest writes; scratch of kept runs -----------
+
+
+def _publishing(root, hours, pid=None, since=None):
+    """A run whose manifest says "publishing", its publisher gone (or `pid`, from `since`)."""
+    run_id = make_run(root, hours, "publishing")
+    directory = runs.run_dir(str(root), run_id)
+    manifest = runs.read_run_manifest(directory)
+    if pid is None:
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        pid = child.pid
+    manifest.publisher = {**runs.publisher_record(), "pid": pid, **({"since": since} if since else {})}
+    runs.write_run_manifest(directory, manifest)
+    return run_id
+
+
+def test_a_killed_publish_is_a_failed_run_recorded_so_and_deleted_after_the_grace_period(tmp_path):
+    latest = make_run(tmp_path, 0, publish=True)
+    killed = _publishing(tmp_path, 1)
+    report = retention.apply_retention(tmp_path, keep_runs=2, keep_failed_hours=24, now=T0 + 2 * HOUR)
+    assert run_ids(tmp_path) == [latest, killed]
+    assert [(e.run_id, e.status) for e in report.repaired] == [(killed, "failed")]
+    manifest = runs.read_run_manifest(runs.run_dir(str(tmp_path), killed))
+    assert manifest.status == "failed" and "killed while publishing" in manifest.error
+    assert manifest.publisher is None and "recorded the status of 1" in report.summary()
+
+    other = _publishing(tmp_path, 2)
+    report = retention.apply_retention(tmp_path, keep_runs=2, keep_failed_hours=24, now=T0 + 30 * HOUR)
+    assert run_ids(tmp_path) == [latest]
+    assert {(e.run_id, e.status) for e in report.deleted} == {(killed, "failed"), (other, "failed")}
+
+
+def test_a_publish_in_progress_is_kept_even_without_a_grace_period(tmp_path):
+    latest = make_run(tmp_path, 0, publish=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    running = _publishing(tmp_path, 1, pid=os.getpid(), since=now.isoformat(timespec="seconds"))
+    report = retention.apply_retention(tmp_path, keep_runs=2, keep_failed_hours=0, now=now)
+    assert run_ids(tmp_path) == [latest, running] and not report.repaired
+    assert {e.run_id: e.reason for e in report.kept}[running] == "a publish in progress"
+    assert runs.read_run_manifest(runs.run_dir(str(tmp_path), running)).status == "publishing"
+
+
+def test_a_publish_killed_after_latest_is_protected_and_recorded_as_published(tmp_path):
+    previous = make_run(tmp_path, 0, publish=True)
+    named = _publishing(tmp_path, 1)
+    write_text_atomic(tmp_path / runs.LATEST, f"runs/{named}\n")  # the kill came after this
+    report = retention.apply_retention(tmp_path, keep_runs=2, keep_failed_hours=0, now=T0 + 1000 * HOUR)
+    assert run_ids(tmp_path) == [previous, named]
+    kept = {e.run_id: e.reason for e in report.kept}
+    assert kept[named] == "named by LATEST" and "before LATEST" in kept[previous]
+    assert [(e.run_id, e.status) for e in report.repaired] == [(named, "published")]
+    assert runs.read_run_manifest(runs.run_dir(str(tmp_path), named)).status == "published"
+
+
+def _scratch(directory, *names):
+    for name in names:
+        path = Path(directory, name)
+        path.mkdir(parents=True)
+        (path / "vectors.npy").write_bytes(b"x" * 64)
+
+
+def test_scratch_of_finished_runs_goes_at_once_and_of_unfinished_ones_after_the_grace_period(tmp_path):
+    latest = make_run(tmp_path, 0, publish=True)
+    failed = make_run(tmp_path, 1, "failed")
+    running = make_incomplete(tmp_path, 2)
+    scratch = [
+        ".read-clip-x1",
+        ".imgindex-build-x2",
+        "clip/.partitions",
+        "clip/shard-00000-of-00002/.x.tmp-3",
+    ]
+    for run_id in (latest, failed, running):
+        _scratch(Path(runs.run_dir(str(tmp_path), run_id), runs.INDEX_DIR), *scratch)
+        Path(runs.run_dir(str(tmp_path), run_id), ".run_manifest.json.abc.tmp").write_text("{")
+    intact = Path(runs.run_dir(str(tmp_path), latest), runs.INDEX_DIR, "clip", "manifest.json")
+    intact.write_text("{}")
+    set_mtime(runs.run_dir(str(tmp_path), running), T0 + 2 * HOUR)
+
+    report = retention.apply_retention(tmp_path, keep_runs=2, keep_failed_hours=24, now=T0 + 3 * HOUR)
+    assert run_ids(tmp_path) == [latest, failed, running]
+    for run_id in (latest, failed):
+        assert retention.scratch_of(runs.run_dir(str(tmp_path), run_id)) == []
+    assert len(retention.scratch_of(runs.run_dir(str(tmp_path), running))) == 5  # maybe being built
+    assert intact.exists() and (intact.parent / "shard-00000-of-00002").is_dir()
+    gone = [e for e in report.deleted if e.status == "scratch"]
+    assert len(gone) == 10 and {e.run_id for e in gone} == {latest, failed}
+    assert all("scratch of a published run" == e.reason for e in gone if e.run_id == latest)
+
+    # A kept incomplete run (written to recently) loses only scratch untouched for the grace period.
+    old = T0 + 2 * HOUR
+    recent = Path(runs.run_dir(str(tmp_path), running), runs.INDEX_DIR, ".read-clip-x1", "vectors.npy")
+    stamp = (T0 + 40 * HOUR).timestamp()
+    os.utime(recent, (stamp, stamp))
+    report = retention.apply_retention(tmp_path, keep_runs=2, keep_failed_hours=24, now=old + 30 * HOUR)
+    assert run_ids(tmp_path) == [latest, running]  # the failed run is past its grace period
+    left = retention.scratch_of(runs.run_dir(str(tmp_path), running))
+    assert [p.name for p in left] == [".read-clip-x1"]

@@ -1,6 +1,7 @@
 """retrieval.output_root (listing the runs under an output root) and `imgindex runs`, on real
 run directories."""
 
+import datetime
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ def test_list_runs_reports_every_status_oldest_first(tmp_path):
     bad_json = make_damaged(tmp_path, 5)
     wrong_kind = make_damaged(tmp_path, 6, json.dumps({"kind": "something else"}))
     data = runs.read_run_manifest(runs.run_dir(str(tmp_path), first)).to_dict()
-    unknown_status = make_damaged(tmp_path, 7, json.dumps({**data, "status": "publishing"}))
+    unknown_status = make_damaged(tmp_path, 7, json.dumps({**data, "status": "archived"}))
     (tmp_path / "runs" / ".trash-x-1234").mkdir()  # a deletion in progress: not a run
     (tmp_path / "runs" / "notes.txt").write_text("not a run")
 
@@ -69,7 +70,7 @@ def test_list_runs_reports_every_status_oldest_first(tmp_path):
     assert "cannot tell which" in by_id[killed].reason and by_id[killed].records is None
     assert "unreadable" in by_id[bad_json].reason
     assert "not an imgindex run manifest" in by_id[wrong_kind].reason
-    assert "publishing" in by_id[unknown_status].reason
+    assert "unknown status 'archived'" in by_id[unknown_status].reason
     assert by_id[bad_json].created_at == T0 + 5 * HOUR
 
 
@@ -188,3 +189,83 @@ def test_runs_command_does_not_import_tensorflow_or_beam(mixed_root, argv):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=env
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- a publish interrupted between its two manifest writes ----------------------------------
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _publishing(root, hours, **publisher):
+    """A run whose manifest says "publishing", by `publisher` (default: a process that is gone)."""
+    run_id = make_run(root, hours, "publishing")
+    directory = runs.run_dir(str(root), run_id)
+    manifest = runs.read_run_manifest(directory)
+    record = {**runs.publisher_record(), "pid": _dead_pid(), **publisher}
+    manifest.publisher = record
+    runs.write_run_manifest(directory, manifest)
+    return run_id
+
+
+def test_a_publishing_run_is_what_latest_and_its_publisher_say(tmp_path):
+    named = _publishing(tmp_path, 0)
+    runs.publish(str(tmp_path), named)  # repairs nothing yet: it is the run being published
+    # What a kill after LATEST was written leaves: LATEST names it, its manifest says publishing.
+    directory = runs.run_dir(str(tmp_path), named)
+    manifest = runs.read_run_manifest(directory)
+    manifest.status = "publishing"
+    runs.write_run_manifest(directory, manifest)
+    killed = _publishing(tmp_path, 1)
+    running = _publishing(tmp_path, 2, pid=os.getpid())
+    stale = _publishing(tmp_path, 3, pid=os.getpid(), since="2020-01-01T00:00:00+00:00")
+    elsewhere = _publishing(tmp_path, 4, host="another-machine")
+
+    by_id = {r.run_id: r for r in output_root.list_runs(tmp_path)}
+
+    assert by_id[named].status == "published" and by_id[named].is_latest
+    assert "interrupted after LATEST was written" in by_id[named].reason
+    assert by_id[killed].status == "failed" and "killed while publishing" in by_id[killed].reason
+    assert by_id[running].status == "publishing" and "in progress" in by_id[running].reason
+    assert by_id[stale].status == "failed"  # older than the publish timeout: killed, wherever
+    assert by_id[elsewhere].status == "publishing"  # another machine's: only the timeout tells
+    assert {r.recorded_status for r in by_id.values()} == {"publishing"}
+    later = output_root.as_utc(datetime.datetime.now()) + datetime.timedelta(hours=1)
+    assert {r.status for r in output_root.list_runs(tmp_path, now=later)} == {"published", "failed"}
+
+
+def test_runs_command_shows_a_killed_publish_as_failed(tmp_path, capsys):
+    make_run(tmp_path, 0, publish=True)
+    killed = _publishing(tmp_path, 1)
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if killed in line)
+    assert row.split()[3] == "failed" and "killed while publishing" in row
+    assert cli.main(["runs", str(tmp_path), "--json"]) == 0
+    data = {d["run_id"]: d for d in json.loads(capsys.readouterr().out)}
+    assert (data[killed]["status"], data[killed]["recorded_status"]) == ("failed", "publishing")
+
+
+def test_publish_records_the_true_status_of_the_run_it_replaces(tmp_path):
+    first = _publishing(tmp_path, 0)
+    runs.publish(str(tmp_path), first)
+    assert runs.read_run_manifest(runs.run_dir(str(tmp_path), first)).status == "published"
+    # Interrupted after LATEST: the next publish records it as published before moving on.
+    directory = runs.run_dir(str(tmp_path), first)
+    manifest = runs.read_run_manifest(directory)
+    manifest.status = "publishing"
+    runs.write_run_manifest(directory, manifest)
+    second = _publishing(tmp_path, 1)
+    written = runs.publish(str(tmp_path), second)
+    assert written.status == "published" and written.publisher is None
+    for run_id in (first, second):
+        m = runs.read_run_manifest(runs.run_dir(str(tmp_path), run_id))
+        assert m.status == "published" and m.publisher is None
+    assert runs.read_latest(str(tmp_path)) == runs.run_dir(str(tmp_path), second)
+    for status in ("failed", "rejected"):
+        refused = make_run(tmp_path, 2, status)
+        with pytest.raises(IndexFormatError, match=f"not publishable .*'{status}'"):
+            runs.publish(str(tmp_path), refused)
+    assert runs.read_latest(str(tmp_path)) == runs.run_dir(str(tmp_path), second)

@@ -6,6 +6,13 @@ plus ``imgindex_builtin.json``.  Exports are written to a private temporary
 sibling and renamed into place, so a cache entry is either absent or complete,
 even when several worker processes materialise the same model at once.
 
+The marker records the size and SHA-256 of every file of the export (``files``).  The
+first `materialize` of a model in a process hashes the cached files and compares; later
+calls in that process compare sizes, mtimes and inodes with those seen then.  A cache entry
+that does not match (a file changed, missing or added, a marker without checksums) is
+exported again and swapped in by renames, so that a damaged or altered model is never
+used under the fingerprint of the weights.
+
 TensorFlow is only imported when a model actually has to be exported.
 """
 
@@ -19,12 +26,17 @@ import importlib
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
+from retrieval import manifest as mf
 from retrieval.errors import HandleError
 from retrieval.version import __version__
+
+log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 # Bump whenever the exported graph changes, so caches are rebuilt.
@@ -182,6 +194,7 @@ def _export(spec: BuiltinSpec, fp: str, out_dir: str) -> None:
             "logits": f"images -> {{'logits': ImageNet logits [batch, {spec.num_classes}]}}",
         },
     }
+    marker["files"] = mf.describe_files(out_dir, exclude=(MARKER_FILE,))
     with open(os.path.join(out_dir, MARKER_FILE), "w") as f:
         json.dump(marker, f, indent=2)
 
@@ -198,23 +211,99 @@ def _publish(tmp_dir: str, final_dir: str) -> None:
 def _build(spec: BuiltinSpec, fp: str, final_dir: str) -> None:
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp", dir=parent)
+    # Mode 0777 less the umask (mkdtemp's is 0700): the cache may be shared.
+    tmp_dir = str(mf.make_temp_dir(parent, prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp"))
     try:
         _export(spec, fp, tmp_dir)
-        os.chmod(tmp_dir, 0o755)  # mkdtemp makes it owner-only; the cache may be shared
         _publish(tmp_dir, final_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # no-op once renamed
 
 
+def _rebuild(spec: BuiltinSpec, fp: str, final_dir: str) -> None:
+    """Exports the model again and swaps it in for the damaged entry at `final_dir`: the
+    damaged one is renamed aside, the new one renamed into place, the old one removed.  A
+    process that repaired the entry meanwhile wins: its copy is kept."""
+    parent = os.path.dirname(final_dir)
+    tmp_dir = str(mf.make_temp_dir(parent, prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp"))
+    damaged = os.path.join(parent, f".{os.path.basename(final_dir)}.damaged-{secrets.token_hex(4)}")
+    try:
+        _export(spec, fp, tmp_dir)
+        if _problem(final_dir, fp, full=True) is None:
+            return  # another process put a good copy in place meanwhile
+        try:
+            os.rename(final_dir, damaged)
+        except FileNotFoundError:
+            pass
+        _publish(tmp_dir, final_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # no-op once renamed
+        shutil.rmtree(damaged, ignore_errors=True)
+
+
+# model directory -> the (relative path, size, mtime, inode) of its files when they were last
+# hashed and found intact in this process.
+_verified: dict[str, tuple[tuple[str, int, int, int], ...]] = {}
+_verified_lock = threading.Lock()
+
+
+def _file_stats(model_dir: str) -> tuple[tuple[str, int, int, int], ...]:
+    out = []
+    root = Path(model_dir)
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MARKER_FILE:
+            st = path.stat()
+            out.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+def _problem(model_dir: str, fp: str, full: bool = False) -> str | None:
+    """Why the cached model at `model_dir` must not be used as fingerprint `fp`, or None when
+    its files are those its marker records (hashed once per process, see the module doc;
+    `full`: hash them whatever was seen before)."""
+    marker = _read_marker(model_dir)
+    if marker is None:
+        return f"no readable {MARKER_FILE}"
+    if marker.get("fingerprint") != fp:
+        return f"{MARKER_FILE} names fingerprint {marker.get('fingerprint')!r}"
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{MARKER_FILE} records no checksums of the files (an export by an older imgindex)"
+    try:
+        stats = _file_stats(model_dir)
+    except OSError as exc:
+        return f"its files cannot be listed ({exc})"
+    with _verified_lock:
+        if not full and _verified.get(model_dir) == stats:
+            return None
+    present = {rel for rel, *_ in stats}
+    if present != set(files):
+        missing, extra = sorted(set(files) - present), sorted(present - set(files))
+        return f"files missing {missing[:3]} or not from the export {extra[:3]}"
+    for rel, size, *_ in stats:
+        entry = files[rel]
+        if not isinstance(entry, dict) or entry.get("bytes") != size:
+            return f"{rel} has {size} bytes, the export wrote {entry.get('bytes') if isinstance(entry, dict) else '?'}"
+        try:
+            digest = mf.sha256_file(os.path.join(model_dir, rel))
+        except OSError as exc:
+            return f"{rel} is unreadable ({exc})"
+        if digest != entry.get("sha256"):
+            return f"{rel} differs from the exported file (SHA-256)"
+    with _verified_lock:
+        _verified[model_dir] = stats
+    return None
+
+
 def materialize(name_or_handle: str, cache_dir: str | None = None) -> MaterializedModel:
-    """Return the cached TF Hub SavedModel of a builtin model, exporting it if needed.
+    """Return the cached TF Hub SavedModel of a builtin model, exporting it if needed; a
+    cached copy whose files differ from those exported is exported again (module doc).
 
     Cache: `cache_dir`, else $IMGINDEX_CACHE_DIR, else ~/.cache/imgindex.
     """
     spec = spec_of(name_or_handle)
     if spec.precision == "bfloat16" and not cpu_has_bf16():
-        logging.getLogger(__name__).warning(
+        log.warning(
             "%s runs bfloat16 convolutions, but this CPU has no native bfloat16 support "
             "(avx512_bf16/amx_bf16): expect it to be several times slower than %s",
             spec.name,
@@ -224,12 +313,14 @@ def materialize(name_or_handle: str, cache_dir: str | None = None) -> Materializ
     final_dir = _model_dir(spec, fp, cache_dir)
     if not os.path.isdir(final_dir):
         _build(spec, fp, final_dir)
-    marker = _read_marker(final_dir)
-    if marker is None or marker.get("fingerprint") != fp:
-        # Entries are published complete, so this one was damaged after the fact.
-        # Replacing it in place could pull it from under a process using it.
-        raise HandleError(
-            f"cached model {final_dir} is incomplete or corrupted "
-            f"(no valid {MARKER_FILE}); delete that directory and retry"
-        )
+    problem = _problem(final_dir, fp)
+    if problem is not None:
+        log.warning("cached model %s does not match its export (%s): exporting it again", final_dir, problem)
+        _rebuild(spec, fp, final_dir)
+        problem = _problem(final_dir, fp, full=True)
+        if problem is not None:
+            raise HandleError(
+                f"cached model {final_dir} does not match its export even after exporting it "
+                f"again ({problem}); delete that directory and retry"
+            )
     return MaterializedModel(spec.name, final_dir, fp, spec.input_size, spec.feature_dim)

@@ -7,6 +7,9 @@ An index directory holds
     metadata.parquet  optional per-row metadata, rows aligned with the ids
     projection.npy    optional build-time PCA (`retrieval.projection`)
     manifest.json     written last; sizes and SHA-256 of every other file
+
+The stored vectors (scann/dataset.npy) answer id queries row by row (`StoredVectors`):
+read with pread, so that a file damaged while served is an error, never a SIGBUS.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,7 +63,7 @@ def publish(staging: Path, path: Path) -> None:
     if not path.exists():
         os.rename(staging, path)
         return
-    backup = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+    backup = mf.make_temp_dir(path.parent, prefix=f".{path.name}.old-")
     os.rename(path, backup / "index")
     try:
         os.rename(staging, path)
@@ -148,20 +151,95 @@ def read_metadata(directory: str | os.PathLike[str], manifest: mf.IndexManifest,
     return table
 
 
-def map_vectors(path: Path, n: int, d: int) -> np.ndarray | None:
-    """scann/dataset.npy memory-mapped when it is float32 (n, d), else None (with a warning)."""
+class StoredVectors:
+    """The float32 rows (n, d) of scann/dataset.npy, read one row at a time (`vectors[row]`).
+
+    Rows are read with pread(2) from a descriptor opened once, never through a memory map:
+    a file truncated in place after it was opened (as `cp` over it does) would make a read
+    through a map kill the process with SIGBUS.  The file's size is checked when it is
+    opened, and its size and mtime before every row read: a file that changed since it was
+    opened (or verified) raises IndexFormatError, while the ScaNN searcher keeps answering
+    vector queries from its own copy in memory.  Thread-safe.
+    """
+
+    def __init__(self, path: Path, fd: int, offset: int, n: int, d: int) -> None:
+        self.path, self.shape, self.dtype = path, (n, d), np.dtype("<f4")
+        self._fd, self._offset, self._row_bytes = fd, offset, d * 4
+        self._identity = _identity(os.fstat(fd))
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, row: int | np.integer) -> np.ndarray:
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+            raise TypeError(f"stored vectors are read one row at a time (an int), not {type(row).__name__}")
+        n = self.shape[0]
+        index = int(row) + n if row < 0 else int(row)
+        if not 0 <= index < n:
+            raise IndexError(f"row {row} is out of range for {n} stored vectors")
+        self.check()
+        data = os.pread(self._fd, self._row_bytes, self._offset + index * self._row_bytes)
+        if len(data) != self._row_bytes:
+            raise self._changed("is shorter than its rows")
+        return np.frombuffer(data, dtype=self.dtype).astype(np.float32)
+
+    def check(self) -> None:
+        """IndexFormatError when the file's size or mtime changed since it was opened."""
+        if _identity(os.fstat(self._fd)) != self._identity:
+            raise self._changed("changed after it was loaded (size or modification time)")
+
+    def close(self) -> None:
+        self._closer()
+
+    def _changed(self, what: str) -> IndexFormatError:
+        log.error("%s %s; id queries of this index fail until a good run is loaded", self.path, what)
+        return IndexFormatError(
+            f"{self.path} {what}: the index was modified in place while served (published runs "
+            "are read-only; restore the run or publish a new one)"
+        )
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
+def open_vectors(path: Path, n: int, d: int) -> StoredVectors | None:
+    """scann/dataset.npy as StoredVectors when it is float32 (n, d), else None (with a
+    warning); IndexFormatError when it is unreadable or its size does not fit its header."""
     try:
-        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
         raise IndexFormatError(f"{path} is not a readable .npy file ({exc})") from exc
-    if vectors.dtype != np.float32 or vectors.shape != (n, d):
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(f)
+            offset = f.tell()
+        size = os.fstat(fd).st_size
+    except (OSError, ValueError) as exc:
+        os.close(fd)
+        raise IndexFormatError(f"{path} is not a readable .npy file ({exc})") from exc
+    if dtype != np.dtype("<f4") or tuple(shape) != (n, d) or fortran_order:
+        os.close(fd)
         log.warning(
             "%s holds %s %s, not float32 (%d, %d): the stored vectors are unavailable",
             path,
-            vectors.dtype,
-            vectors.shape,
+            dtype,
+            tuple(shape),
             n,
             d,
         )
         return None
-    return vectors
+    if size != offset + n * d * 4:
+        os.close(fd)
+        raise IndexFormatError(
+            f"{path} has {size} bytes, but its header says {n} x {d} float32 rows after "
+            f"{offset} header bytes ({offset + n * d * 4}): truncated or modified; rebuild the index"
+        )
+    return StoredVectors(path, fd, offset, n, d)

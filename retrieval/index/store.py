@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -30,9 +29,10 @@ from retrieval.index.files import (
     DATASET_FILE,
     IDS_FILE,
     SCANN_DIR,
+    StoredVectors,
     check_projection,
     check_save_target,
-    map_vectors,
+    open_vectors,
     publish,
     read_ids,
     read_metadata,
@@ -78,7 +78,7 @@ class Index:
         self._assets = assets
         self._directory = None if directory is None else Path(directory)
         self._projection = projection
-        self._stored_vectors: np.ndarray | None = None
+        self._stored_vectors: StoredVectors | None = None
 
     @property
     def n(self) -> int:
@@ -141,13 +141,14 @@ class Index:
             return None
         return read_metadata(self._directory, self.manifest, self.n)
 
-    def stored_vectors(self) -> np.ndarray | None:
-        """The indexed vectors (float32 (n, d), normalised for cosine) memory-mapped, or None
-        when the directory does not hold them in that form.  Mapped once, on first use."""
+    def stored_vectors(self) -> StoredVectors | None:
+        """The indexed vectors (float32 (n, d), normalised for cosine) by row (`[row]`), or
+        None when the directory does not hold them in that form.  Opened once, on first use;
+        a row read raises IndexFormatError once the file changed (`StoredVectors`)."""
         if self._directory is None or DATASET_FILE not in self.manifest.files:
             return None
         if self._stored_vectors is None:
-            self._stored_vectors = map_vectors(self._directory / DATASET_FILE, self.n, self.d)
+            self._stored_vectors = open_vectors(self._directory / DATASET_FILE, self.n, self.d)
         return self._stored_vectors
 
     def search(
@@ -282,7 +283,7 @@ class Index:
         tables = tables or {}
         check_save_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        staging = mf.make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
         try:
             manifest = self._write_contents(staging, tables)
             publish(staging, path)
