@@ -176,6 +176,7 @@ def test_a_damaged_previous_table_is_embedded_in_full(tmp_path, tiny_savedmodel)
     first = build.run(_argv(tiny_savedmodel, day1, root))
     table_dir = os.path.join(first.run_dir, runs.EMBEDDINGS_DIR, "tiny")
     for name in os.listdir(table_dir):
+        os.chmod(os.path.join(table_dir, name), 0o644)  # published runs are read-only
         with open(os.path.join(table_dir, name), "r+b") as f:
             f.truncate(os.path.getsize(f.name) // 2)  # no footer any more
     second = build.run(_argv(tiny_savedmodel, day2, root))
@@ -193,6 +194,7 @@ def test_the_verification_sample_catches_a_perturbed_previous_table(tmp_path, ti
     table_dir = os.path.join(first.run_dir, runs.EMBEDDINGS_DIR, "tiny")
     for name in os.listdir(table_dir):
         path = os.path.join(table_dir, name)
+        os.chmod(path, 0o644)  # published runs are read-only
         table = pq.read_table(path)
         vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
         vectors[:, 0] += 1e-2  # what another TensorFlow build might have made
