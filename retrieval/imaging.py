@@ -1,5 +1,17 @@
 """Robust image decoding and resizing for embedders (Pillow).
 
+Only the formats of `ACCEPTED_FORMATS` (JPEG, PNG, WebP, GIF, BMP, TIFF) are opened, for
+queries and the pipeline alike: Pillow knows dozens more, some of them handed to external
+programs (EPS to Ghostscript) or rarely exercised parsers; any other format is refused with
+its name.
+
+The decompression-bomb guard is ours and deterministic: the size an image declares in its
+header is checked against `max_pixels` after the header is parsed and before any pixel is
+decoded.  Pillow's own guard (`Image.MAX_IMAGE_PIXELS`, a process-wide limit that warns
+above 89 MP and raises above 179 MP) is switched off when this module is imported: its
+warning became an error or not depending on the `warnings` filters of whatever thread ran at
+the same moment, so the same image was accepted alone and refused next to another decode.
+
 Every decoded image becomes 8-bit RGB the same documented way:
 - EXIF orientation is applied; width/height reported are those of the upright original.
 - Multi-frame files (GIF, TIFF, WebP animations): the first frame.
@@ -17,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -25,6 +36,9 @@ from PIL import Image, ImageOps
 from retrieval.errors import ConfigError
 
 DEFAULT_MAX_PIXELS = 100_000_000
+# Pillow format names opened by `decode`; anything else is refused.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 PAD_VALUE = 127  # mid-grey: ~0 after the usual [0,1] -> [-1,1] input scaling
 # The rules above and below, as recorded in an embedder's spec (`EmbedderSpec.pixels`):
 # change it whenever a change here changes the pixels an embedder sees, so that vectors
@@ -36,6 +50,10 @@ _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 class ImageDecodeError(ValueError):
     """The bytes are not a decodable image, or the image is not acceptable."""
+
+
+# See the module docstring: `decode` checks every image's declared size itself.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclasses.dataclass
@@ -50,15 +68,17 @@ def sha256_hex(data: bytes) -> str:
 
 
 def decode(data: bytes, *, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decodes encoded image bytes to upright RGB.  Raises ImageDecodeError with a reason."""
+    """Decodes encoded image bytes to upright RGB.  Raises ImageDecodeError with a reason.
+
+    Only ACCEPTED_FORMATS are opened; an image declaring more than `max_pixels` pixels is
+    refused before any of its pixels is decoded.  Thread-safe, and the outcome depends only
+    on the bytes and the arguments."""
     if not data:
         raise ImageDecodeError("empty image bytes")
     try:
-        image: Image.Image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression-bomb guard: {exc}") from exc
+        image: Image.Image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Exception as exc:
-        raise ImageDecodeError(f"not a recognised image: {exc}") from exc
+        raise ImageDecodeError(_unrecognised(data)) from exc
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
@@ -76,16 +96,40 @@ def decode(data: bytes, *, min_size: int | None = None, max_pixels: int = DEFAUL
     if min_size and image.format == "JPEG":
         image.draft("RGB", (min_size, min_size))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-            image = _upright(image, orientation)
-            rgb = to_rgb(image)
-    except ImageDecodeError:
-        raise
+        image.load()
+        image = _upright(image, orientation)
+        rgb = to_rgb(image)
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return DecodedImage(rgb, width, height)
+
+
+def identify_format(data: bytes) -> str | None:
+    """The Pillow format whose signature the bytes start with (whether accepted or not), or
+    None.  Only the header's first bytes are looked at: no plugin parses the file."""
+    Image.init()
+    prefix = data[:16]
+    for name in ACCEPTED_FORMATS + tuple(f for f in Image.ID if f not in ACCEPTED_FORMATS):
+        accept = Image.OPEN[name][1] if name in Image.OPEN else None
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a plugin's signature check failing on odd bytes: not that format
+            continue
+    return None
+
+
+def _unrecognised(data: bytes) -> str:
+    """Why Pillow could not open `data` with the accepted formats (no object addresses, so
+    the same bytes always get the same message)."""
+    name = identify_format(data)
+    if name is None:
+        return (
+            f"not a recognised image (accepted formats: {_FORMAT_NAMES}); the bytes start with {data[:8]!r}"
+        )
+    if name in ACCEPTED_FORMATS:
+        return f"{name} header cannot be read (a damaged or truncated file)"
+    return f"the bytes look like {name}, not an accepted image format (accepted formats: {_FORMAT_NAMES})"
 
 
 def _upright(image: Image.Image, orientation: int) -> Image.Image:
@@ -98,9 +142,10 @@ def _upright(image: Image.Image, orientation: int) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any Pillow mode to 8-bit RGB as documented in the module docstring."""
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)
+    """Converts any Pillow mode to 8-bit RGB as documented in the module docstring.
+
+    A multi-frame image is used at the frame it is on: `decode` loads the first.  (Asking for
+    `n_frames` would parse every frame of an animation first.)"""
     mode = image.mode
     if mode == "RGB":
         return image

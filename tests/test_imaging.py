@@ -91,3 +91,100 @@ def test_pad_keeps_whole_image_and_crop_fills_the_square():
 def test_unknown_resize_mode_lists_allowed():
     with pytest.raises(ValueError, match="pad"):
         imaging.resize(images.photo(), 10, "zoom")
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICO", "PPM", "PCX", "SGI", "DDS"])
+def test_formats_outside_the_accepted_list_are_refused_by_name(fmt):
+    data = images.encode(images.photo(), fmt)
+    with pytest.raises(ImageDecodeError, match=rf"look like {fmt}, not an accepted image format.*JPEG, PNG"):
+        imaging.decode(data)
+
+
+def test_eps_never_reaches_ghostscript(monkeypatch):
+    """A real EPS file is refused before any plugin parses it: Pillow's EPS plugin (which
+    hands the file to Ghostscript) is never asked to open it."""
+    from PIL import EpsImagePlugin
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the EPS plugin was asked to open the file")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", refuse)
+    with pytest.raises(ImageDecodeError, match="EPS"):
+        imaging.decode(images.encode(images.photo(), "EPS"))
+
+
+def test_psd_header_is_named():
+    with pytest.raises(ImageDecodeError, match="look like PSD"):
+        imaging.decode(b"8BPS\x00\x01" + bytes(40))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_accepted_format_decodes(fmt):
+    assert imaging.decode(images.encode(images.photo(), fmt)).image.size == (64, 48)
+
+
+def test_unrecognised_bytes_name_their_start_and_nothing_random():
+    with pytest.raises(ImageDecodeError) as first:
+        imaging.decode(b"<html>not found</html>")
+    with pytest.raises(ImageDecodeError) as second:
+        imaging.decode(b"<html>not found</html>")
+    assert str(first.value) == str(second.value) and "b'<html>no'" in str(first.value)
+
+
+def test_bomb_guard_is_deterministic_across_threads_and_warning_filters():
+    """Many bombs and good images decoded by 8 threads at once, while another thread keeps
+    turning every warning into an error (process-wide state): every bomb is refused, every good
+    image accepted, in every trial.  The limit sits just between them."""
+    import concurrent.futures
+    import threading
+    import warnings
+
+    limit = 48 * 48
+    bombs = [images.huge_png(100_000, 100_000), images.huge_png(49, 48)] * 40
+    good = [
+        images.encode(images.photo(48, 48, seed=i), fmt)
+        for i, fmt in enumerate(["PNG", "JPEG", "GIF", "TIFF"] * 10)
+    ]
+    items = [(data, True) for data in bombs] + [(data, False) for data in good]
+    stop = threading.Event()
+
+    def meddle():
+        while not stop.is_set():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+
+    def outcome(item):
+        data, _ = item
+        try:
+            imaging.decode(data, max_pixels=limit)
+            return False
+        except ImageDecodeError as exc:
+            assert "decompression-bomb" in str(exc), exc
+            return True
+
+    meddler = threading.Thread(target=meddle)
+    meddler.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for _ in range(5):
+                assert list(pool.map(outcome, items)) == [bomb for _, bomb in items]
+    finally:
+        stop.set()
+        meddler.join()
+
+
+def test_images_above_pillows_own_limit_follow_max_pixels_only():
+    """Pillow's process-wide guard (a warning above 89 MP, an error above 179 MP) is off: the
+    declared size against max_pixels is the one rule, whatever the warning filters say."""
+    import warnings
+
+    from PIL import Image
+
+    assert Image.MAX_IMAGE_PIXELS is None
+    bomb = images.huge_png(10_000, 9_000)  # 90 MP: above Pillow's warning limit, below ours
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageDecodeError, match="cannot decode"):  # past the guard; its pixels are bogus
+            imaging.decode(bomb)
+    with pytest.raises(ImageDecodeError, match="decompression-bomb"):
+        imaging.decode(bomb, max_pixels=89_999_999)
