@@ -8,7 +8,9 @@ needs none of it: the pybind module (`scann_ops_pybind`) is self-contained.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
 import sys
 from types import ModuleType
 from typing import Protocol
@@ -65,10 +67,38 @@ def import_scann_pybind() -> ModuleType:
     if "tensorflow" in sys.modules or "scann" in sys.modules:
         # TF is loaded (its import already paid for) or explicitly blocked by the
         # caller, or ScaNN's __init__ already ran: nothing to avoid, nothing to undo.
-        return importlib.import_module(_PYBIND_MODULE)
-    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # blocks the import
+        module = importlib.import_module(_PYBIND_MODULE)
+    else:
+        sys.modules["tensorflow"] = None  # type: ignore[assignment]  # blocks the import
+        try:
+            module = importlib.import_module(_PYBIND_MODULE)
+        finally:
+            if "tensorflow" in sys.modules and sys.modules["tensorflow"] is None:
+                del sys.modules["tensorflow"]
+    _follow_tf_log_level()
+    return module
+
+
+# ScaNN's C++ code logs through its own copy of absl (INFO lines on every tree-AH build,
+# warnings from its k-means), which reads no environment variable.  Its minimum level is set
+# through absl's exported SetMinLogLevel to follow TF_CPP_MIN_LOG_LEVEL, so that one variable
+# governs both libraries' C++ logs (0 all, 1 from warnings, 2 errors, 3 none but fatal; the
+# `imgindex` command sets 3 unless it is set).  Unset: ScaNN logs as it always did.
+_ABSL_SET_MIN_LOG_LEVEL = "_ZN4absl12lts_2025012714SetMinLogLevelENS0_18LogSeverityAtLeastE"
+_log_level_set = False
+
+
+def _follow_tf_log_level() -> None:
+    global _log_level_set
+    if _log_level_set:
+        return
+    _log_level_set = True
     try:
-        return importlib.import_module(_PYBIND_MODULE)
-    finally:
-        if "tensorflow" in sys.modules and sys.modules["tensorflow"] is None:
-            del sys.modules["tensorflow"]
+        level = min(3, max(0, int(os.environ["TF_CPP_MIN_LOG_LEVEL"])))
+        library = ctypes.CDLL(sys.modules["scann_pybind"].__file__)
+        set_min_log_level = getattr(library, _ABSL_SET_MIN_LOG_LEVEL)
+    except (KeyError, ValueError, TypeError, OSError, AttributeError):
+        return  # not asked for, or another ScaNN build: its logs stay as they are
+    set_min_log_level.argtypes = [ctypes.c_int]
+    set_min_log_level.restype = None
+    set_min_log_level(level)
