@@ -164,7 +164,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 def beam_help(command: str) -> str:
     """Help of a pass-through subcommand, from its PipelineOptions class (imports Beam, not TF)."""
-    from pipelines.options import EmbedOptions
+    from pipelines.options import EmbedOptions, HelpFormatter
 
     if command == "build":
         from pipelines.build_options import BuildOptions as options_class
@@ -181,7 +181,9 @@ def beam_help(command: str) -> str:
             "Run the Beam embedding pipeline: image shards in, one Parquet embedding table "
             "per embedder plus a failures table and a run report out. "
         )
-    parser = argparse.ArgumentParser(prog=f"imgindex {command}", description=description + _BEAM_FLAGS)
+    parser = argparse.ArgumentParser(
+        prog=f"imgindex {command}", description=description + _BEAM_FLAGS, formatter_class=HelpFormatter
+    )
     for cls in reversed(options_class.__mro__):
         if "_add_argparse_args" in vars(cls) and issubclass(cls, EmbedOptions):
             cls._add_argparse_args(parser)

@@ -25,8 +25,9 @@ from typing import NamedTuple
 import apache_beam as beam
 import numpy as np
 
+from pipelines import progress
 from pipelines.decode import NAMESPACE, RowInfo, tag_failure
-from pipelines.shards import ReaderConfig, Record, Shard, read_shard
+from pipelines.shards import CorruptShard, ReaderConfig, Record, Shard, Skipped, Untrusted, read_shard
 from retrieval import imaging, killpoints
 from retrieval import schema as S
 
@@ -94,7 +95,12 @@ class FetchRequest:
 
 
 class ReadHashDoFn(beam.DoFn):
-    """(shard number, Shard) -> Seen per record (main), Failure per unreadable part (tagged)."""
+    """(shard number, Shard) -> Seen per record (main), Failure per unreadable part (tagged).
+
+    A shard's records are held (as Seens, without their bytes) until the reader is done with
+    it: when a gzip shard fails its integrity check at the end (`Untrusted`), each of them
+    becomes a `read` failure (CorruptShard) instead.  Tar members that are no records
+    (`Skipped`) are counted (`skipped_members.<kind>`)."""
 
     def __init__(self, config: ReaderConfig) -> None:
         self._config = config
@@ -102,22 +108,40 @@ class ReadHashDoFn(beam.DoFn):
 
     def process(self, numbered: tuple[int, Shard]) -> Iterator[Seen | beam.pvalue.TaggedOutput]:
         number, shard = numbered
-        position = 0
+        held: list[Seen] = []
+        untrusted = None
         for item in read_shard(shard, self._config):
             if isinstance(item, Record):
-                self._read.inc()
                 killpoints.reached("reading")  # a test hook, inert unless set
-                yield Seen(
-                    id=item.id,
-                    source=item.source,
-                    sha256=imaging.sha256_hex(item.data),
-                    metadata=item.metadata,
-                    shard=shard,
-                    order=(number, position),
+                held.append(
+                    Seen(
+                        id=item.id,
+                        source=item.source,
+                        sha256=imaging.sha256_hex(item.data),
+                        metadata=item.metadata,
+                        shard=shard,
+                        order=(number, len(held)),
+                    )
                 )
-                position += 1
+            elif isinstance(item, Skipped):
+                beam.metrics.Metrics.counter(NAMESPACE, f"skipped_members.{item.kind}").inc()
+            elif isinstance(item, Untrusted):
+                untrusted = item
             else:
                 yield tag_failure(item)
+        if untrusted is not None:
+            error = CorruptShard(
+                f"{shard.path} fails its gzip integrity check ({untrusted.reason}): the damage can "
+                "be anywhere in what was read, so none of its records is used; fetch the shard again"
+            )
+            for seen in held:
+                yield tag_failure(S.Failure.of(seen.source, "read", error, id=seen.id))
+            progress.count("shards")
+            return
+        self._read.inc(len(held))
+        progress.count("shards")
+        progress.count("read", len(held))
+        yield from held
 
 
 class KeepFirstIdDoFn(beam.DoFn):
@@ -202,6 +226,8 @@ class DecideReuseDoFn(beam.DoFn):
         self, candidate: Candidate, lowest: dict[str, list[tuple[float, str]]]
     ) -> Iterator[tuple[tuple[str, str, int], FetchRequest] | beam.pvalue.TaggedOutput]:
         beam.metrics.Metrics.counter(NAMESPACE, f"reused.{candidate.embedder}").inc(len(candidate.rows))
+        progress.count(f"rows.{candidate.embedder}", len(candidate.rows))
+        progress.count(f"reused.{candidate.embedder}", len(candidate.rows))
         if self._lowest[0] != id(lowest):  # the same side input for the whole bundle
             self._lowest = (id(lowest), {name: set(map(tuple, draws)) for name, draws in lowest.items()})
         sample = self._lowest[1].get(candidate.embedder, set())
@@ -291,6 +317,7 @@ class FanOutDoFn(beam.DoFn):
         request = key.request
         if self._embedder in request.embedders:
             self._contents.inc()
+            progress.count(f"rows.{self._embedder}", len(request.rows))
             for row in request.rows:
                 self._rows.inc()
                 info = RowInfo(row.id, row.source, request.sha256, key.width, key.height, row.metadata)

@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
+from pipelines import progress
 from pipelines.shards import Record
 from retrieval import imaging
 from retrieval import schema as S
@@ -146,7 +147,16 @@ class DecodeDoFn(beam.DoFn):
                 yield tag_failure(result)
 
 
+# error_type of `read` failures of records that were read (pipelines.content): the progress
+# display counts them as done.
+_READ_THEN_DROPPED = ("DuplicateId", "ChangedDuringRun")
+
+
 def tag_failure(failure: S.Failure) -> beam.pvalue.TaggedOutput:
-    """Counts a failure (Beam counter `failed.<stage>.<error_type>`) and tags it for the failures table."""
+    """Counts a failure (Beam counter `failed.<stage>.<error_type>`, and the progress display's
+    counts) and tags it for the failures table."""
     beam.metrics.Metrics.counter(NAMESPACE, f"failed.{failure.stage}.{failure.error_type}").inc()
+    progress.count("failed")
+    if failure.stage in ("decode", "preprocess") or failure.error_type in _READ_THEN_DROPPED:
+        progress.count("dropped")
     return beam.pvalue.TaggedOutput(FAILURES, failure)

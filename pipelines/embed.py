@@ -15,6 +15,7 @@ the run is embedded once, and every id gets its row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -26,10 +27,15 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+    WorkerOptions,
+)
 
+from pipelines import progress, reuse
 from pipelines import report as run_report
-from pipelines import reuse
 from pipelines.content import (
     EMBED,
     REUSE,
@@ -55,7 +61,7 @@ from pipelines.fetch import (
     rows_tag,
 )
 from pipelines.inference import TFHubImageEmbedder
-from pipelines.options import LOCAL_RUNNER, MIN_VERIFY_ROWS, EmbedOptions, check_flags
+from pipelines.options import LOCAL_RUNNER, MIN_VERIFY_ROWS, EmbedOptions, check_flags, own_flags
 from pipelines.shards import ReaderConfig, expand_inputs, parse_metadata_columns
 from retrieval import embedders, imaging
 from retrieval import schema as S
@@ -76,6 +82,7 @@ class Plan:
     reader: ReaderConfig
     options: EmbedOptions
     reuse: reuse.ReusePlan
+    skipped: dict = dataclasses.field(default_factory=dict)  # input files skipped: reason -> paths
 
 
 def plan(options: PipelineOptions, *, root: str | None = None, salt: str = "") -> Plan:
@@ -89,6 +96,7 @@ def plan(options: PipelineOptions, *, root: str | None = None, salt: str = "") -
         ("--batch_size", opts.batch_size, 1),
         ("--row_group_size", opts.row_group_size, 1),
         ("--max_pixels", opts.max_pixels, 1),
+        ("--max_record_bytes", opts.max_record_bytes, 1),
         ("--decode_threads", opts.decode_threads, 0),
         ("--num_output_shards", opts.num_output_shards, 0),
     ):
@@ -100,7 +108,7 @@ def plan(options: PipelineOptions, *, root: str | None = None, salt: str = "") -
         raise ConfigError(f"embedder names must be unique, got {names}; use NAME=HANDLE")
     metadata = parse_metadata_columns(opts.metadata)
     _check_output_is_free(opts.output)
-    shards = expand_inputs(opts.input, opts.format)
+    inputs = expand_inputs(opts.input, opts.format)
     specs = [complete(spec, opts.model_cache_dir) for spec in specs]
     # What else decides the pixels each embedder sees (part of the spec, so of reuse).
     decode_size = ResizePlan.of(specs).min_size
@@ -108,8 +116,10 @@ def plan(options: PipelineOptions, *, root: str | None = None, salt: str = "") -
     reuse_plan = reuse.plan_reuse(
         opts.reuse_from, specs, root=root, verify_fraction=opts.verify_reuse_fraction, salt=salt
     )
-    reader = ReaderConfig(opts.image_key, opts.id_key, tuple(metadata))
-    return Plan(opts.output.rstrip("/"), shards, specs, metadata, reader, opts, reuse_plan)
+    reader = ReaderConfig(opts.image_key, opts.id_key, tuple(metadata), opts.max_record_bytes)
+    return Plan(
+        opts.output.rstrip("/"), inputs.shards, specs, metadata, reader, opts, reuse_plan, inputs.skipped
+    )
 
 
 def complete(spec: EmbedderSpec, cache_dir: str | None) -> EmbedderSpec:
@@ -171,6 +181,8 @@ def inference_failures(dead_letter: tuple, embedder: str) -> Iterator[S.Failure]
     for key, _ in batch:
         if embedder not in key.request.embedders:
             continue  # a verification sample: its rows are reused; the check reports it
+        progress.count("failed", len(key.request.rows))
+        progress.count(f"failed.{embedder}", len(key.request.rows))
         for row in key.request.rows:
             failure = S.Failure.of(row.source, "embed", exc_repr, id=row.id, embedder=embedder)
             yield dataclasses.replace(failure, error_type=error_type)
@@ -338,6 +350,46 @@ def _checks_batch(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CHECKS_SCHEMA)
 
 
+def _pipeline(options: PipelineOptions) -> beam.Pipeline:
+    """A Pipeline on the runner `options` names.  The local FnApiRunner is made as Beam's
+    DirectRunner makes it, with the pipeline options handed to its worker processes
+    (--direct_running_mode=multi_processing), so that they log at WARNING and above
+    (--default_sdk_harness_log_level; Beam's default INFO logs every channel they open)."""
+    if options.view_as(StandardOptions).runner != LOCAL_RUNNER:
+        return beam.Pipeline(options=options)
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    workers = options.view_as(WorkerOptions)
+    if workers.default_sdk_harness_log_level is None:
+        workers.default_sdk_harness_log_level = "WARNING"
+    # Beam's own options only, and only those set: the workers know neither imgindex's flags
+    # nor the negated forms of Beam's boolean defaults, and would warn about each.
+    own = {flag.lstrip("-") for flag in own_flags()}
+    beam_options = {k: v for k, v in options.get_all_options(drop_default=True).items() if k not in own}
+    encoded = JobServiceHandle.encode_pipeline_options(beam_options)
+    provision = fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    )
+    return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision), options=options)
+
+
+def _progress(options: PipelineOptions, p: Plan) -> contextlib.AbstractContextManager:
+    """The progress line on stderr (pipelines.progress) while the pipeline runs, or nothing."""
+    if not progress.wanted(p.options.progress):
+        return contextlib.nullcontext()
+    runner = options.view_as(StandardOptions).runner
+    mode = getattr(options.view_as(DirectOptions), "direct_running_mode", None) or "in_memory"
+    where = None
+    if runner not in (None, LOCAL_RUNNER):
+        where = f"the {runner} runner"
+    elif mode == "multi_processing":
+        workers = options.view_as(DirectOptions).direct_num_workers
+        where = f"{workers or 'one per CPU'} worker processes"
+    return progress.Display(shards=len(p.shards), embedders=[s.name for s in p.specs], where=where)
+
+
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
     """Runs the embedding pipeline; returns the run report (also written as run_report.json).
 
@@ -365,10 +417,11 @@ def run_with_options(
     p = planned if planned is not None else plan(options)
     if test_pipeline is None and options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = LOCAL_RUNNER
-    pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+    pipeline = test_pipeline if test_pipeline is not None else _pipeline(options)
     build(pipeline, p)
-    result = pipeline.run()
-    result.wait_until_finish()
+    with _progress(options, p):
+        result = pipeline.run()
+        result.wait_until_finish()
     verification, error = None, None
     if p.reuse.tables:
         try:

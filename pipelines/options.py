@@ -16,10 +16,11 @@ from collections.abc import Sequence
 # Beam's parser class: it knows `add_value_provider_argument`, which some option classes use.
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipelines.shards import DEFAULT_ID_KEYS
+from pipelines.shards import DEFAULT_ID_KEYS, DEFAULT_MAX_RECORD_BYTES
 from retrieval.errors import ConfigError
 
 FORMATS = ("auto", "tfrecord", "webdataset", "images")
+PROGRESS = ("auto", "on", "off")
 # Beam's DirectRunner first tries to download the Prism runner (a network call that fails
 # offline, and a worker pool), then falls back to this same FnApiRunner; going straight to
 # it keeps local runs offline and quiet.  It honours --direct_running_mode and
@@ -57,7 +58,9 @@ class EmbedOptions(PipelineOptions):
             "--format",
             default="auto",
             choices=FORMATS,
-            help="input format; auto detects it from each file's extension",
+            help="input format; auto detects it from each file's extension (case-insensitive): "
+            "*.tfrecord*, *.tfrec*, *.tar, *.tar.gz, *.tgz, and images by .jpg, .jpeg, .png, .webp, .gif, "
+            ".bmp, .tif, .tiff; dot-named and other files are skipped and counted in the run report",
         )
         parser.add_argument(
             "--image_key", default="image/encoded", help="TFRecord feature holding the encoded image"
@@ -81,13 +84,29 @@ class EmbedOptions(PipelineOptions):
             "--max_pixels",
             type=int,
             default=100_000_000,
-            help="images declaring more pixels are refused (decompression-bomb guard)",
+            help="images declaring more pixels are refused before any pixel is decoded "
+            "(decompression-bomb guard)",
+        )
+        parser.add_argument(
+            "--max_record_bytes",
+            type=int,
+            default=DEFAULT_MAX_RECORD_BYTES,
+            help="a record above this size (a TFRecord record, a tar member, an image file) is a "
+            "failure and is never read; 64 MiB fits real photos (a 100-megapixel camera JPEG is "
+            "20-50 MB) while bounding the memory one record can take",
         )
         parser.add_argument(
             "--decode_threads",
             type=int,
             default=2,
             help="threads decoding images while the model runs (0 = decode inline)",
+        )
+        parser.add_argument(
+            "--progress",
+            default="auto",
+            choices=PROGRESS,
+            help="a status line on stderr (records read, embedded, failed, rate, ETA); auto: when "
+            "stderr is a terminal",
         )
         parser.add_argument(
             "--num_output_shards",
@@ -132,6 +151,24 @@ class EmbedOptions(PipelineOptions):
             help=f"fraction of the reused vectors embedded again and compared (at least {MIN_VERIFY_ROWS} "
             "per embedder); the run fails when today's model gives another vector than the one reused",
         )
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default, "(default: X)", unless its help already speaks of its
+    default or it has none worth showing (None, False, a repeatable flag's empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or isinstance(action.default, list)
+        ):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _option_classes(options_class: type[PipelineOptions]) -> list[type[PipelineOptions]]:
@@ -179,6 +216,7 @@ def check_flags(argv: Sequence[str], options_class: type[PipelineOptions] | None
             cls._add_argparse_args(parser)
     _, unknown = parser.parse_known_args(argv)
     if not unknown:
+        _CHECKED.update(argv)
         return argv
     known = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
     problems, previous_was_unknown_flag = [], False
@@ -199,8 +237,13 @@ def check_flags(argv: Sequence[str], options_class: type[PipelineOptions] | None
     )
 
 
+# Every argument `check_flags` has accepted (flags and their values).
+_CHECKED: set[str] = set()
+
+
 class _OwnFlagsFilter(logging.Filter):
-    """Drops Beam's "Unparseable argument: --keep_runs=0" warnings for imgindex's own flags.
+    """Drops Beam's "Unparseable argument: --keep_runs=0" warnings for imgindex's own flags,
+    and "Unparseable argument: 0.1" for the value of `--max_failure_rate 0.1`.
 
     Beam collects options only from direct subclasses of PipelineOptions, so the flags of a
     deeper class (BuildOptions extends EmbedOptions) look unknown to it; `check_flags` has
@@ -210,13 +253,19 @@ class _OwnFlagsFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not message.startswith(self._PREFIX + "--"):
+        if not message.startswith(self._PREFIX):
             return True
-        name = re.split(r"[=.\s]", message[len(self._PREFIX) :], maxsplit=1)[0]
-        return name not in _own_flags()
+        argument = message[len(self._PREFIX) :].split(". Did you mean", 1)[0]
+        if argument in _CHECKED:
+            return False
+        if not argument.startswith("--"):
+            return True
+        name = re.split(r"[=.\s]", argument, maxsplit=1)[0]
+        return name not in own_flags()
 
 
-def _own_flags() -> set[str]:
+def own_flags() -> frozenset[str]:
+    """Every flag of EmbedOptions and its subclasses (BuildOptions), as `--name`."""
     flags, stack = set(), [EmbedOptions]
     while stack:
         cls = stack.pop()
@@ -225,7 +274,16 @@ def _own_flags() -> set[str]:
             cls._add_argparse_args(parser)
         flags.update(s for action in parser._actions for s in action.option_strings)
         stack.extend(cls.__subclasses__())
-    return flags
+    return frozenset(flags)
+
+
+class _WorkerStartFilter(logging.Filter):
+    """Drops the warning every local Beam worker process sends when it starts (forwarded by
+    the driver's job service): it is about staging a main session, which imgindex never does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No semi_persistent_directory found" not in record.getMessage()
 
 
 logging.getLogger("apache_beam.options.pipeline_options").addFilter(_OwnFlagsFilter())
+logging.getLogger("apache_beam.runners.portability.local_job_service").addFilter(_WorkerStartFilter())

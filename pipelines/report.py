@@ -3,7 +3,10 @@
 The tables are the source of truth (they are what the next stage reads); Beam metrics add
 the number of records read and the failure reasons.  For every embedder the report checks
    records read = embedded + failed before embedding + failed embedding with that embedder
-and inputs = records read + records that failed to be read.
+and inputs = records read + records that failed to be read.  Files the input globs matched
+but that are no inputs (dot-names, non-image files) and tar members that are no records
+(links, directories, dot-names) are not records: they are counted apart, `skipped_files` and
+`skipped_members`.
 """
 
 from __future__ import annotations
@@ -120,6 +123,12 @@ def make(
     reasons = collections.Counter()
     for (stage, emb, error_type), n in failures.items():
         reasons[f"{stage}/{error_type}" + (f" [{emb}]" if emb else "")] += n
+    member_prefix = f"{NAMESPACE}/skipped_members."
+    skipped_members = {
+        name[len(member_prefix) :]: n
+        for name, n in sorted(counters.items())
+        if name.startswith(member_prefix) and n
+    }
     seconds = time.time() - started
     reconciled = all(e["reconciled"] is not False for e in by_embedder.values())
     return {
@@ -131,6 +140,8 @@ def make(
             "globs": list(plan.options.input),
             "files": len(plan.shards),
             "formats": dict(collections.Counter(s.format for s in plan.shards)),
+            # The first few of each reason, to find them without listing the inputs again.
+            "skipped_examples": {reason: paths[:5] for reason, paths in sorted(plan.skipped.items())},
         },
         "runner": runner,
         "direct_running_mode": getattr(direct_options, "direct_running_mode", None),
@@ -143,6 +154,8 @@ def make(
             "decoded": counter("decoded"),
             "failed_before_embed": before_embed,
             "failed_total": sum(failures.values()),
+            "skipped_files": {reason: len(paths) for reason, paths in sorted(plan.skipped.items())},
+            "skipped_members": None if not counters else skipped_members,
         },
         "embedders": by_embedder,
         "reuse": {**plan.reuse.to_report(), "verification": verification},
@@ -163,6 +176,24 @@ def write(output: str, report: dict) -> str:
     return path
 
 
+_SKIP_WORDS = {"hidden": "dot-named", "non_image": "not images by extension"}
+
+
+def skipped_line(counts: dict) -> str | None:
+    """ "skipped 3 input files (2 dot-named, 1 not images by extension) and 2 tar members
+    (2 symlink)", or None when nothing was skipped."""
+    parts = []
+    files = counts.get("skipped_files") or {}
+    if files:
+        reasons = ", ".join(f"{n} {_SKIP_WORDS.get(reason, reason)}" for reason, n in files.items())
+        parts.append(f"{sum(files.values())} input files ({reasons})")
+    members = counts.get("skipped_members") or {}
+    if members:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in members.items())
+        parts.append(f"{sum(members.values())} tar members ({kinds})")
+    return f"skipped {' and '.join(parts)}: not records, not failures" if parts else None
+
+
 def summary(report: dict) -> str:
     c = report["counts"]
     lines = [
@@ -171,6 +202,9 @@ def summary(report: dict) -> str:
         f"  records {c['records']}: read {c['read']}, failed to read {c['failed_read']}, "
         f"failed to decode/preprocess {c['failed_before_embed']}",
     ]
+    skipped = skipped_line(c)
+    if skipped:
+        lines.append(f"  {skipped}")
     if c.get("duplicate_ids") or c.get("duplicate_content"):
         lines.append(
             f"  duplicates: {c.get('duplicate_ids')} ids (failed, first kept), "
