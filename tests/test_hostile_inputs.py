@@ -214,6 +214,20 @@ def test_gzip_crc_failure_makes_the_whole_shard_untrusted(tmp_path, fmt):
     assert not _read(tmp_path / name, fmt)["untrusted"]
 
 
+def test_a_member_altered_inside_a_tar_gz_is_never_embedded(tmp_path):
+    """The review's case: a .tar.gz whose stream fails its CRC had all its members embedded,
+    one with altered bytes.  Here the altered byte sits in an image member's data."""
+    raw = _tar(_samples(8))
+    (tmp_path / "x.tar.gz").write_bytes(fuzz.stored_gzip(raw))
+    assert not _read(tmp_path / "x.tar.gz", "webdataset")["untrusted"]  # the writer is right
+    damaged = bytearray(fuzz.stored_gzip(raw))
+    damaged[damaged.index(images.jpeg(seed=3)[200:216])] ^= 0x01
+    (tmp_path / "x.tar.gz").write_bytes(bytes(damaged))
+    got = _read(tmp_path / "x.tar.gz", "webdataset")
+    assert len(got["records"]) == 8  # tarfile alone sees nothing wrong ...
+    assert [u.reason.split(":")[0] for u in got["untrusted"]] == ["BadGzipFile"]  # ... the CRC does
+
+
 def test_truncated_gzip_keeps_what_came_before_the_cut(tmp_path):
     raw = _tar(_samples(40))
     compressed = gzip.compress(raw)
@@ -282,9 +296,23 @@ def test_stray_files_in_an_image_folder_are_skipped_and_counted(tmp_path, tiny_s
     assert report["inputs"]["skipped_examples"]["non_image"] == [f"{folder}/notes.txt"]
 
 
+def _high_water_rss(pid):
+    """The process's peak RSS so far (VmHWM, bytes), or 0 once it is gone.  Not the rusage of
+    wait4: Linux carries the peak RSS of the address space an exec replaces into the child's
+    ru_maxrss, which is then at least the peak of this (pytest) process."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _run_embed_on_a_terminal(argv, cwd):
     """Runs `imgindex embed` in a subprocess with stderr on a pseudo-terminal; returns
-    (exit status, stdout, stderr text, peak RSS in bytes of that process)."""
+    (exit status, stdout, stderr text, peak RSS in bytes of that process, polled)."""
     master, slave = pty.openpty()
     env = {**os.environ, "PYTHONPATH": ROOT, "COLUMNS": "200"}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the CLI's own quieting is what is tested
@@ -313,14 +341,22 @@ def _run_embed_on_a_terminal(argv, cwd):
             except OSError:  # the child closed the terminal
                 return
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    peak = [0]
+
+    def watch():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _high_water_rss(proc.pid))
+            time.sleep(0.1)
+
+    threads = [threading.Thread(target=pump, daemon=True), threading.Thread(target=watch, daemon=True)]
+    for thread in threads:
+        thread.start()
     stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    reader.join(timeout=10)
+    proc.wait()
+    for thread in threads:
+        thread.join(timeout=10)
     os.close(master)
-    return proc.returncode, stdout.decode(), b"".join(chunks).decode(errors="replace"), usage.ru_maxrss * 1024
+    return proc.returncode, stdout.decode(), b"".join(chunks).decode(errors="replace"), peak[0]
 
 
 # Peak RSS of `imgindex embed` with the tiny model on this corpus measured 0.77 GB.  Reading

@@ -310,6 +310,18 @@ def _tail(b: _Builder, frames: list, path: str) -> None:
     b.rest_rows[path] = True
 
 
+def stored_gzip(data: bytes) -> bytes:
+    """A gzip file of `data` in stored (uncompressed) deflate blocks: a byte flipped in them
+    inflates to altered data without any deflate error, so only the gzip CRC can tell."""
+    blocks = [data[i : i + 65535] for i in range(0, len(data), 65535)] or [b""]
+    body = b"".join(
+        bytes([i == len(blocks) - 1]) + struct.pack("<HH", len(block), len(block) ^ 0xFFFF) + block
+        for i, block in enumerate(blocks)
+    )
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    return header + body + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
+
+
 def _bad_crc(data: bytes) -> bytes:
     """A gzip file whose CRC-32 trailer no longer matches its (intact) data."""
     out = bytearray(data)
@@ -425,6 +437,13 @@ def _wds_shards(b: _Builder, root: str, scale: int) -> None:
     path = f"{d}/crc.tar.gz"
     data, samples = _tar_bytes(b, path, 10, hostile=False)
     _write(path, _bad_crc(gzip.compress(data)))
+    _corrupt(b, samples, path)
+    # A byte of one image altered inside the gzip stream: only the CRC can tell (the review's case).
+    path = f"{d}/altered.tar.gz"
+    data, samples = _tar_bytes(b, path, 8, hostile=False)
+    altered = bytearray(stored_gzip(data))
+    altered[len(altered) // 2] ^= 0x01
+    _write(path, bytes(altered))
     _corrupt(b, samples, path)
     path = f"{d}/truncated.tgz"
     data, samples = _tar_bytes(b, path, 16, hostile=False)
