@@ -16,7 +16,9 @@ read, so that every record of the input ends up in a table:
   be anywhere in what was read: the reader ends with `Untrusted`, and every record it yielded
   from that shard must become a failure (`pipelines.content.ReadHashDoFn` does that).  A
   gzip stream that merely ends early (truncated) is a framing break like any other: the
-  records before the cut inflate to exactly their original bytes and are kept.
+  records before the cut inflate to exactly their original bytes and are kept.  Bytes after
+  the last gzip member that are no gzip member do not discard what came before them (it was
+  checked).
 - Tar members that are not regular files (links, directories, devices) and dot-named
   members are not records: the reader yields a `Skipped` for each, which the run report
   counts.
@@ -420,7 +422,10 @@ class _Prefixed(io.RawIOBase):
 
 
 def _is_corrupt(exc: BaseException) -> bool:
-    """A gzip integrity failure (CRC, length, invalid data), not a truncation."""
+    """A gzip integrity failure (CRC, length, invalid data), not a truncation, and not bytes
+    after the last gzip member that are no gzip member (what came before them was checked)."""
+    if isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file"):
+        return False
     return isinstance(exc, (gzip.BadGzipFile, zlib.error)) or (
         isinstance(exc, tarfile.ReadError) and str(exc).startswith("zlib error")
     )

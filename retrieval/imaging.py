@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -54,6 +55,11 @@ class ImageDecodeError(ValueError):
 
 # See the module docstring: `decode` checks every image's declared size itself.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow warns (UserWarning) about what it meets in damaged files: truncated TIFF directories,
+# corrupt EXIF, invalid APNG chunks.  The image then decodes or fails with a reason of its
+# own; the warnings are noise on the user's terminal.  Ignored for good, once (never toggled:
+# a filter set once cannot make one decode's outcome depend on another's).
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 @dataclasses.dataclass

@@ -188,3 +188,34 @@ def test_images_above_pillows_own_limit_follow_max_pixels_only():
             imaging.decode(bomb)
     with pytest.raises(ImageDecodeError, match="decompression-bomb"):
         imaging.decode(bomb, max_pixels=89_999_999)
+
+
+def test_pillows_warnings_about_damaged_files_stay_off_the_terminal(tmp_path):
+    """A TIFF cut inside its directory makes Pillow warn ("Corrupt EXIF data", "Truncated File
+    Read") before it gives up: the refusal is the failure's reason, the warning is not printed.
+    In a subprocess: pytest resets warning filters around collection and each test."""
+    import os
+    import struct
+    import subprocess
+    import sys
+
+    data = images.encode(images.photo(), "TIFF")
+    (ifd,) = struct.unpack("<I", data[4:8])
+    (tmp_path / "cut.tif").write_bytes(data[: ifd + 20])
+    code = (
+        "import sys\n"
+        "from retrieval import imaging\n"
+        "try:\n"
+        "    imaging.decode(open(sys.argv[1], 'rb').read())\n"
+        "except imaging.ImageDecodeError as exc:\n"
+        "    print(exc)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "cut.tif")],
+        env={**os.environ, "PYTHONPATH": root},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() and done.stderr == ""
