@@ -164,7 +164,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 def beam_help(command: str) -> str:
     """Help of a pass-through subcommand, from its PipelineOptions class (imports Beam, not TF)."""
-    from pipelines.options import EmbedOptions, HelpFormatter
+    from pipelines.options import EmbedOptions
 
     if command == "build":
         from pipelines.build_options import BuildOptions as options_class

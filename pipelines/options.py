@@ -153,24 +153,6 @@ class EmbedOptions(PipelineOptions):
         )
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows each flag's default, "(default: X)", unless its help already speaks of its
-    default or it has none worth showing (None, False, a repeatable flag's empty list)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (
-            not action.option_strings
-            or "default" in text
-            or action.default is None
-            or action.default is False
-            or action.default == argparse.SUPPRESS
-            or isinstance(action.default, list)
-        ):
-            return text
-        return text + " (default: %(default)s)"
-
-
 def _option_classes(options_class: type[PipelineOptions]) -> list[type[PipelineOptions]]:
     """Every registered PipelineOptions class whose flags `options_class` accepts: all of Beam's
     (and any other library's) subclasses, found recursively as Beam's `get_all_options` does, but
