@@ -286,14 +286,20 @@ class Searcher:
                     self._retry_at = self._clock() + delay
                     status["failed_run"] = target
                     status["retry_at"] = utc_now(after_seconds=delay)
-                log.error("refresh failed, still serving run %s: %s", self._state.run_id, exc)
+                log.error(
+                    "refresh failed%s, still serving run %s: %s: %s",
+                    "" if target is None else f" to load {os.path.basename(target.rstrip(os.sep))}",
+                    self._state.run_id,
+                    type(exc).__name__,
+                    exc,
+                )
                 raise
             old = self._state
             self._state = state  # the swap: one reference assignment
             self._clear_failure()
             self._models.forget_unused()
             log.info(
-                "now serving run %s (was %s), loaded in %.1f s", state.run_id, old.run_id, state.load_seconds
+                "now serving run %s, was %s (loaded in %.1f s)", state.run_id, old.run_id, state.load_seconds
             )
             return True
 
