@@ -83,9 +83,11 @@ MAX_MESSAGE_CHARS = 2000
 
 class _JSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
+        # A lone surrogate (JSON lets a client send "\ud800", and error messages echo it) cannot
+        # be UTF-8: it is written as its JSON escape, which keeps the answer valid JSON.
         return json.dumps(
             _jsonable(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        ).encode("utf-8")
+        ).encode("utf-8", "backslashreplace")
 
 
 def _jsonable(value: Any) -> Any:
@@ -460,6 +462,37 @@ class _Listener(socket.socket):
         return conn, address
 
 
+# Files the process keeps open besides its connections (index files, pipes, the listener).
+_OTHER_FILES = 256
+
+
+def _fit_open_files(max_connections: int) -> int:
+    """Raise the soft open-file limit so that max_connections connections fit (up to the
+    hard limit); returns the connections that fit, with a warning when fewer."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + _OTHER_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        fitting = max(1, soft - _OTHER_FILES)
+        log.warning(
+            "the open-file limit (%d, hard %s) fits %d connections, not max_connections=%d: "
+            "serving at most %d; raise it (ulimit -n) or lower --max_connections",
+            soft,
+            hard,
+            fitting,
+            max_connections,
+            fitting,
+        )
+        return fitting
+    return max_connections
+
+
 def listen(host: str, port: int, max_connections: int, backlog: int = 128) -> socket.socket:
     """A bound, listening, non-blocking socket that caps open connections (see `_Listener`)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -532,6 +565,7 @@ def serve(
         log.info("%s is a run directory: it is served as is, LATEST is not followed", path)
         refresh_seconds = None
     app = create_app(searcher, refresh_seconds=refresh_seconds, limits=limits, expose_source=expose_source)
+    limits = dataclasses.replace(limits, max_connections=_fit_open_files(limits.max_connections))
     sock = listen(host, port, limits.max_connections)
     bound = sock.getsockname()
     log.info(

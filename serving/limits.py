@@ -22,7 +22,11 @@ class ServerLimits:
       between requests, is closed after it (hypercorn's keep_alive_timeout).
     body_timeout: seconds the whole request body may take after the headers (408 after it);
       also the longest pause in reading a connection (hypercorn's read_timeout).
-    max_connections: open connections at most; a new one beyond it is closed at once.
+    max_connections: open connections at most; a new one beyond it is closed at once.  A
+      connection counts until the server closes it: one its client closed while idle is
+      noticed at keep_alive_timeout (hypercorn), so the default leaves room for ~800 new
+      connections a second at the default keep_alive_timeout.  `serve` raises the process's
+      open-file limit to fit it where the hard limit allows.
     max_requests: requests answered at once (body read, waiting for or running the query)
       at most; one more gets 503.
     max_body_bytes: one request body at most (413).
@@ -33,7 +37,7 @@ class ServerLimits:
 
     keep_alive_timeout: float = 5.0
     body_timeout: float = 30.0
-    max_connections: int = 512
+    max_connections: int = 4096
     max_requests: int = 64
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_buffered_bytes: int = 64 * 1024 * 1024
