@@ -225,9 +225,9 @@ def create_app(
         return _JSONResponse(public_info(searcher.info(), expose_source=expose_source))
 
     async def openapi(request: Request) -> _JSONResponse:
-        from serving.openapi import openapi_document
+        from serving.openapi import openapi_document, query_examples
 
-        return _JSONResponse(openapi_document())
+        return _JSONResponse(openapi_document(query_examples(searcher.info(), searcher.first_ids())))
 
     async def http_error(request: Request, exc: Exception) -> _JSONResponse:
         assert isinstance(exc, HTTPException)  # registered for HTTPException only

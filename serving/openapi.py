@@ -256,7 +256,7 @@ def _document() -> dict[str, Any]:
                     "requestBody": {
                         "required": True,
                         "content": {
-                            "application/json": {"schema": _QUERY},
+                            "application/json": {"schema": _QUERY, "examples": {}},
                             "multipart/form-data": {"schema": _UPLOAD},
                         },
                     },
@@ -302,6 +302,27 @@ def _document() -> dict[str, Any]:
     }
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI description (a fresh copy)."""
-    return copy.deepcopy(_document())
+def openapi_document(examples: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI description (a fresh copy), with `examples` ({name: request body}, see
+    `query_examples`) as the search request's examples."""
+    document = copy.deepcopy(_document())
+    content = document["paths"]["/v1/search"]["post"]["requestBody"]["content"]["application/json"]
+    content["examples"] = {name: {"value": value} for name, value in (examples or {}).items()}
+    return document
+
+
+def query_examples(info: dict[str, Any], first_ids: dict[str, str | None]) -> dict[str, Any]:
+    """Example requests that the served run answers: per embedder a vector query (a vector of
+    its dimension) and an id query (its first id).  info: `Searcher.info()`; first_ids:
+    {embedder: an indexed id or None}."""
+    examples: dict[str, Any] = {}
+    for name, emb in sorted(info["embedders"].items()):
+        d = emb["d"]
+        examples[f"vector-{name}"] = {
+            "vector": [round(((i * 7919) % 13 - 6) / 6, 3) or 0.5 for i in range(d)],
+            "k": 5,
+            "embedder": name,
+        }
+        if emb.get("id_queries") and first_ids.get(name) is not None:
+            examples[f"id-{name}"] = {"id": first_ids[name], "k": 3, "embedder": name, "exclude_self": True}
+    return examples

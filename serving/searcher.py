@@ -216,6 +216,13 @@ class Searcher:
             "index_dir": emb.index_dir,
         }
 
+    def first_ids(self) -> dict[str, str | None]:
+        """{embedder: the id of its row 0, or None when it is empty} (for examples)."""
+        return {
+            name: (str(emb.index.ids[0]) if emb.index.n else None)
+            for name, emb in sorted(self._state.embedders.items())
+        }
+
     # ------------------------------------------------------------------ refresh
 
     @overload
