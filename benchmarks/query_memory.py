@@ -7,8 +7,8 @@ decode   For each format and mode, an image of MP megapixels (one colour, so tha
          megapixel.
 server   `imgindex serve` (defaults, builtin efficientnet-lite0 run) on 127.0.0.1: RSS after
          start, after a first image query (the model loaded), then the peak while CLIENTS
-         clients each send a PNG declaring just under the pixel limit (RGBA, the costliest
-         mode) at once, ROUNDS times, plus BODIES maximum-size bodies sent slowly meanwhile;
+         clients each send a PNG declaring just under the pixel limit (RGBA by default,
+         --mode I;16 for the costliest) at once, ROUNDS times, plus BODIES maximum-size bodies sent slowly meanwhile;
          then RSS afterwards.  Answers by status.
 
     python -m benchmarks.query_memory --part decode
@@ -174,24 +174,30 @@ def _post(url: str, payload: dict, timeout: float = 120) -> int:
         return -1
 
 
-def _slow_body(port: int, size: int, seconds: float) -> None:
-    """Sends a `size`-byte JSON body over `seconds` (the budget holds it meanwhile)."""
+def _slow_body(port: int, size: int, seconds: float, outcomes: collections.Counter) -> None:
+    """Sends a `size`-byte JSON body over `seconds` (the budget holds it meanwhile); counts the
+    answer's status in `outcomes` ("closed" when the server ended the connection first)."""
     body = b'{"image": "' + b"A" * (size - 14) + b'"}'
     head = (
         f"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
+    answer = b""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        s.sendall(head)
-        step = len(body) // 10
-        for i in range(10):
-            s.sendall(body[i * step : (i + 1) * step if i < 9 else len(body)])
-            time.sleep(seconds / 10)
+        try:
+            s.sendall(head)
+            step = len(body) // 10
+            for i in range(10):
+                s.sendall(body[i * step : (i + 1) * step if i < 9 else len(body)])
+                time.sleep(seconds / 10)
+        except OSError:  # refused early: the answer is still there to read
+            pass
         s.settimeout(60)
         try:
-            s.recv(1000)
+            answer = s.recv(1000)
         except OSError:
             pass
+    outcomes[answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/1.") else "closed"] += 1
 
 
 def part_server(args: argparse.Namespace) -> None:
@@ -225,7 +231,7 @@ def part_server(args: argparse.Namespace) -> None:
         assert _post(url, {"image": base64.b64encode(small).decode()}) == 200
         with_model = rss()
         pixels = args.pixels or DEFAULT_MAX_IMAGE_PIXELS - 1000
-        bomb = base64.b64encode(flat_image("PNG", "RGBA", pixels)).decode()
+        bomb = base64.b64encode(flat_image("PNG", args.mode, pixels)).decode()
         peak = [with_model]
         done = threading.Event()
 
@@ -246,8 +252,10 @@ def part_server(args: argparse.Namespace) -> None:
                     statuses[status] += 1
 
         threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        bodies: collections.Counter = collections.Counter()
         threads += [
-            threading.Thread(target=_slow_body, args=(port, args.body_bytes, 5.0)) for _ in range(args.bodies)
+            threading.Thread(target=_slow_body, args=(port, args.body_bytes, 5.0, bodies))
+            for _ in range(args.bodies)
         ]
         start = time.monotonic()
         for t in threads:
@@ -272,7 +280,9 @@ def part_server(args: argparse.Namespace) -> None:
                     "rss_model_loaded_mb": round(with_model),
                     "rss_peak_mb": round(peak[0]),
                     "rss_after_mb": round(rss()),
+                    "image_mode": args.mode,
                     "answers": dict(statuses),
+                    "slow_body_answers": dict(bodies),
                     "seconds": round(seconds, 1),
                 }
             )
@@ -293,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--bodies", type=int, default=4, help="slow maximum-size bodies meanwhile")
     parser.add_argument("--body_bytes", type=int, default=16 * 1024 * 1024)
+    parser.add_argument("--mode", default="RGBA", help="PNG mode of the query images (RGBA, I;16, RGB)")
     parser.add_argument("--pixels", type=int, help="pixels of each query image (default: just under the cap)")
     parser.add_argument("--serve_flags", nargs="*", default=[], help="extra flags for imgindex serve")
     parser.add_argument("--child-decode", dest="child_decode", help=argparse.SUPPRESS)
