@@ -74,8 +74,8 @@ def _swaps_under_load(root, publishes, clients, n, d):
         rss_after = server.rss_mb()
         # A run holds its vectors twice (ScaNN's copy, the stored rows): had old runs been
         # kept, RSS would have grown by ~publishes x that.  What does stay is the C
-        # allocators' (freed blocks kept in the query threads' arenas, returned over seconds):
-        # +63 to +126 MB measured after 10 swaps of this size, +45 to +72 MB at a third of it.
+        # allocator's (freed blocks kept in its arenas; `imgindex serve` caps them at 2):
+        # +77 to +117 MB measured after 10 swaps of this size (BENCHMARKS.md, "Hot swaps").
         per_run = 2 * run_bytes / 2**20
         grown = rss_after - rss_one_run
         assert grown < 60 + 3 * per_run < publishes * per_run, (rss_one_run, rss_after)
