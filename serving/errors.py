@@ -2,9 +2,15 @@
 
 Every one but UnknownIdError is a `QueryError` (HTTP 400 unless said otherwise); `code` is
 the stable machine-readable name `serving.http` reports.
+
+Messages that name a value the client sent (an id, an embedder name, a field) show it
+through `shorten`: at most ECHO_MAX_CHARS characters, so that a 1 MB id does not come back
+as a 1 MB answer.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from retrieval.errors import DimensionMismatchError, ImgIndexError, NonFiniteQueryError, QueryError
 
@@ -17,6 +23,19 @@ __all__ = [
     "UnknownEmbedderError",
     "UnknownIdError",
 ]
+
+
+# A value from the client is echoed in an error message with at most this many characters.
+ECHO_MAX_CHARS = 200
+
+
+def shorten(value: Any, limit: int = ECHO_MAX_CHARS) -> str:
+    """repr(value) cut to `limit` characters with an ellipsis and the full length, for error
+    messages that echo client input: shorten("x" * 10**6) -> "'xxx...x'... (1000002 chars)"."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} chars)"
 
 
 class UnknownEmbedderError(QueryError):
@@ -40,7 +59,7 @@ class UnknownIdError(ImgIndexError, KeyError):
 
     def __init__(self, item_id: str, embedder: str, run_id: str):
         self.item_id, self.embedder, self.run_id = item_id, embedder, run_id
-        super().__init__(f"id {item_id!r} is not in the index of embedder {embedder!r} (run {run_id})")
+        super().__init__(f"id {shorten(item_id)} is not in the index of embedder {embedder!r} (run {run_id})")
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return self.args[0]

@@ -1,11 +1,14 @@
-"""HTTP adapter for `serving.Searcher`: a Starlette (ASGI) app run by uvicorn.
+"""HTTP adapter for `serving.Searcher`: a Starlette (ASGI) app run by hypercorn.
 
-Why Starlette + uvicorn: a small, well-maintained ASGI stack with few dependencies (anyio,
-h11) that any ASGI server can also run; no gRPC toolchain or generated stubs, and FastAPI's
-validation layer is not needed for three endpoints whose few fields are checked here with
-error messages written for this API.
+Why Starlette: a small, well-maintained ASGI toolkit with few dependencies (anyio) that any
+ASGI server can run; no gRPC toolchain or generated stubs, and FastAPI's validation layer is
+not needed for a few endpoints whose fields are checked here with error messages written for
+this API.  Why hypercorn and not uvicorn: uvicorn has no read timeout (a connection that
+sends nothing, or half its headers, stays open for ever); hypercorn closes a connection whose
+request headers do not arrive within `keep_alive_timeout`, and was measured against uvicorn
+and granian (BENCHMARKS.md, "HTTP server: timeouts and limits").
 
-Endpoints (JSON in and out):
+Endpoints (JSON in and out; the OpenAPI description is served at /v1/openapi.json):
 
     POST /v1/search    {"vector": [...]} | {"image": "<base64>"} | {"id": "..."}
                        + "k" (1..1000, default 10), "embedder" (required when the run has
@@ -14,17 +17,23 @@ Endpoints (JSON in and out):
         -> {"embedder", "run_id", "k", "distance", "higher_is_better",
             "hits": [{"rank", "id", "score", "metadata": {...}}], "took_ms"}
     GET  /v1/healthz   {"status": "ok", "run_id": ...}
-    GET  /v1/index     Searcher.info(): run, embedders (n, d, distance, method, recall, ...)
+    GET  /v1/index     Searcher.info() with paths relative to the served root
+    GET  /v1/openapi.json
 
-Scores: similarities for cosine / dot_product indexes (highest first), squared distances
-for squared_l2 (lowest first); "higher_is_better" says which.  Ranks start at 1.
+Scores: similarities for cosine / dot_product indexes (highest first; cosine within
+[-1, 1]), squared distances for squared_l2 (lowest first); "higher_is_better" says which.
+Ranks start at 1.  A hit's metadata has no "source" (shard paths of the server) unless the
+app was made with expose_source=True (`imgindex serve --expose_source`).
 
-Errors are {"error": {"code": ..., "message": ...}}: 400 for a bad request (bad_json,
-unknown_field, query_kind, bad_k, bad_vector, dimension_mismatch, non_finite, zero_vector,
-bad_base64, bad_id, bad_embedder, embedder_required, unknown_embedder, bad_multipart), 404
-unknown_id (and unknown paths), 405, 413 body_too_large (by Content-Length, and counted
-while reading), 415 unsupported_media_type, 422 undecodable_image, 503 embedder_unavailable
-(the image model cannot be loaded or has other weights than the index), 500 internal.
+Errors are {"error": {"code": ..., "message": ...}}; the codes are listed in
+`serving.openapi.ERROR_CODES`.  Messages echo client input shortened (`serving.errors.shorten`).
+
+Limits (`ServerLimits`, flags of `imgindex serve`): the server closes a connection whose
+request headers do not arrive within keep_alive_timeout (a new connection, or one idle
+between requests) and refuses connections beyond max_connections; the app answers 408 when a
+body does not arrive within body_timeout, 503 "overloaded" beyond max_requests requests at
+once or max_buffered_bytes of bodies held at once, and lets max_image_queries image queries
+decode and embed at once (others wait up to image_wait_seconds, then 503 "overloaded").
 
 Queries run in Starlette's thread pool, so the event loop never waits for ScaNN or the
 model.  With refresh_seconds, a lifespan task checks LATEST that often and loads a newly
@@ -33,17 +42,23 @@ published run in a worker thread, then swaps it in; queries never wait for it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime
 import decimal
 import json
 import logging
 import math
+import os
+import socket
+import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -52,21 +67,27 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from retrieval.errors import ConfigError, HandleError, QueryError
-from serving.errors import BadImageError, UnknownIdError
-from serving.http_requests import ApiError, parse_request
+from serving.errors import BadImageError, UnknownIdError, shorten
+from serving.http_requests import ApiError, BodyLimits, ByteBudget, parse_request
+from serving.limits import DEFAULT_MAX_BODY_BYTES, ServerLimits
 from serving.results import SearchResult
 from serving.searcher import Searcher
 
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerLimits", "create_app", "public_info", "serve"]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # a 12 MB image, base64-encoded
+# An error message is cut to this many characters (each echoed value is already shortened).
+MAX_MESSAGE_CHARS = 2000
 
 
 class _JSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
+        # A lone surrogate (JSON lets a client send "\ud800", and error messages echo it) cannot
+        # be UTF-8: it is written as its JSON escape, which keeps the answer valid JSON.
         return json.dumps(
             _jsonable(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        ).encode("utf-8")
+        ).encode("utf-8", "backslashreplace")
 
 
 def _jsonable(value: Any) -> Any:
@@ -91,25 +112,100 @@ def _jsonable(value: Any) -> Any:
 
 
 def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> _JSONResponse:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
     return _JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def _client(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "-"
+
+
 def create_app(
-    searcher: Searcher, refresh_seconds: float | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    searcher: Searcher,
+    refresh_seconds: float | None = None,
+    max_body_bytes: int | None = None,
+    *,
+    limits: ServerLimits | None = None,
+    expose_source: bool = False,
 ) -> Starlette:
-    """The ASGI app serving `searcher`; with refresh_seconds, LATEST is re-checked that often."""
+    """The ASGI app serving `searcher`; with refresh_seconds, LATEST is re-checked that often.
+
+    limits: the app's part of `ServerLimits` (body size and time, requests, buffered bytes,
+    image queries); max_body_bytes overrides limits.max_body_bytes.  expose_source: keep the
+    "source" metadata of hits (shard paths on the server; off by default).
+    """
     if refresh_seconds is not None and not refresh_seconds > 0:
         raise ConfigError(f"refresh_seconds must be > 0 or None, got {refresh_seconds!r}")
-    if max_body_bytes < 1:
-        raise ConfigError(f"max_body_bytes must be >= 1, got {max_body_bytes!r}")
+    limits = limits or ServerLimits()
+    if max_body_bytes is not None:
+        limits = dataclasses.replace(
+            limits,
+            max_body_bytes=max_body_bytes,
+            max_buffered_bytes=max(limits.max_buffered_bytes, max_body_bytes),
+        )
+    limits.check()
+    budget = ByteBudget(limits.max_buffered_bytes)
+    active = [0]  # requests being read or answered (event loop only)
+    image_slots: list[anyio.Semaphore] = []  # made on first use, inside the event loop
+
+    def refuse(request: Request, exc: ApiError) -> _JSONResponse:
+        # 4xx: the client's doing (INFO); overloaded: load shed (WARNING); other 5xx: ERROR.
+        level = (
+            logging.INFO
+            if exc.status < 500
+            else logging.WARNING
+            if exc.code == "overloaded"
+            else logging.ERROR
+        )
+        log.log(
+            level,
+            "refused %s %s from %s: %d %s: %s",
+            request.method,
+            request.url.path,
+            _client(request),
+            exc.status,
+            exc.code,
+            shorten(exc.message, 300),
+        )
+        headers = dict(exc.headers)
+        if exc.close:
+            headers["Connection"] = "close"
+        return _error(exc.status, exc.code, exc.message, headers=headers)
 
     async def search(request: Request) -> _JSONResponse:
         started = time.perf_counter()
+        body = BodyLimits(limits.max_body_bytes, limits.body_timeout, budget)
+        counted = False
         try:
-            query = await parse_request(request, max_body_bytes)
-            result = await run_in_threadpool(_run_query, searcher, query)
+            query = await parse_request(request, body)
+            # Requests whose body is read count against max_requests; those still reading
+            # are bounded by max_connections, body_timeout and max_buffered_bytes, so that
+            # stalled uploads cannot take the slots of queries.
+            if active[0] >= limits.max_requests:
+                raise ApiError(
+                    503,
+                    "overloaded",
+                    f"the server is answering {active[0]} requests, its limit (max_requests); retry shortly",
+                    headers={"Retry-After": "1"},
+                )
+            active[0] += 1
+            counted = True
+            if query["kind"] == "image":
+                result = await _image_query(searcher, query, limits, image_slots)
+            else:
+                result = await run_in_threadpool(_run_query, searcher, query)
         except ApiError as exc:
-            return _error(exc.status, exc.code, exc.message)
+            return refuse(request, exc)
+        finally:
+            body.release()
+            if counted:
+                active[0] -= 1
+        hits = [hit.to_dict() for hit in result]
+        if not expose_source:
+            for hit in hits:
+                hit["metadata"] = {k: v for k, v in hit["metadata"].items() if k != "source"}
         return _JSONResponse(
             {
                 "embedder": result.embedder,
@@ -117,7 +213,7 @@ def create_app(
                 "k": query["k"],
                 "distance": result.distance,
                 "higher_is_better": result.higher_is_better,
-                "hits": [hit.to_dict() for hit in result],
+                "hits": hits,
                 "took_ms": round((time.perf_counter() - started) * 1000, 3),
             }
         )
@@ -126,7 +222,12 @@ def create_app(
         return _JSONResponse({"status": "ok", "run_id": searcher.run_id})
 
     async def index_info(request: Request) -> _JSONResponse:
-        return _JSONResponse(searcher.info())
+        return _JSONResponse(public_info(searcher.info(), expose_source=expose_source))
+
+    async def openapi(request: Request) -> _JSONResponse:
+        from serving.openapi import openapi_document, query_examples
+
+        return _JSONResponse(openapi_document(query_examples(searcher.info(), searcher.first_ids())))
 
     async def http_error(request: Request, exc: Exception) -> _JSONResponse:
         assert isinstance(exc, HTTPException)  # registered for HTTPException only
@@ -135,15 +236,29 @@ def create_app(
             exc.detail
             if exc.status_code not in (404, 405)
             else (
-                f"{request.method} {request.url.path} is not an endpoint; use POST /v1/search, "
-                "GET /v1/healthz or GET /v1/index"
+                f"{request.method} {shorten(request.url.path, 100)} is not an endpoint; use POST "
+                "/v1/search, GET /v1/healthz, GET /v1/index or GET /v1/openapi.json"
             )
+        )
+        log.info(
+            "refused %s %s from %s: %d %s",
+            request.method,
+            shorten(request.url.path, 100),
+            _client(request),
+            exc.status_code,
+            code,
         )
         # exc.headers carries what the status needs, e.g. Allow for 405.
         return _error(exc.status_code, code, str(message), headers=exc.headers)
 
     async def internal_error(request: Request, exc: Exception) -> _JSONResponse:
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error(
+            "internal error on %s %s from %s",
+            request.method,
+            request.url.path,
+            _client(request),
+            exc_info=exc,
+        )
         return _error(500, "internal", f"internal error: {type(exc).__name__}")
 
     @contextlib.asynccontextmanager
@@ -151,8 +266,6 @@ def create_app(
         if not refresh_seconds:
             yield
             return
-        import anyio
-
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_refresh_loop, searcher, refresh_seconds)
             try:
@@ -165,14 +278,39 @@ def create_app(
             Route("/v1/search", search, methods=["POST"]),
             Route("/v1/healthz", healthz, methods=["GET"]),
             Route("/v1/index", index_info, methods=["GET"]),
+            Route("/v1/openapi.json", openapi, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )
 
 
+async def _image_query(
+    searcher: Searcher, query: dict[str, Any], limits: ServerLimits, slots: list[anyio.Semaphore]
+) -> SearchResult:
+    """An image query once one of max_image_queries slots is free (waiting at most
+    image_wait_seconds): the decode and the model hold the memory, so they are bounded."""
+    if not slots:
+        slots.append(anyio.Semaphore(limits.max_image_queries))
+    slot = slots[0]
+    try:
+        with anyio.fail_after(limits.image_wait_seconds):
+            await slot.acquire()
+    except TimeoutError:
+        raise ApiError(
+            503,
+            "overloaded",
+            f"{limits.max_image_queries} image queries are being answered (max_image_queries) and "
+            f"this one waited {limits.image_wait_seconds:g} s for its turn; retry shortly",
+            headers={"Retry-After": "1"},
+        ) from None
+    try:
+        return await run_in_threadpool(_run_query, searcher, query)
+    finally:
+        slot.release()
+
+
 async def _refresh_loop(searcher: Searcher, seconds: float) -> None:
-    import anyio
     import anyio.to_thread
 
     while True:
@@ -182,6 +320,54 @@ async def _refresh_loop(searcher: Searcher, seconds: float) -> None:
             await anyio.to_thread.run_sync(searcher.refresh, abandon_on_cancel=True)
         except Exception:  # logged and recorded in info()["refresh"] by refresh()
             pass
+
+
+def public_info(info: dict[str, Any], expose_source: bool = False) -> dict[str, Any]:
+    """`Searcher.info()` as GET /v1/index shows it: no absolute server paths.  Paths are
+    relative to the served root (the output root, or the run directory when one is served):
+    run_dir "runs/<run_id>", index_dir "runs/<run_id>/index/<name>"; a handle that is a local
+    path keeps its last component; error messages lose the root's absolute path."""
+    base = info["root"] if info["root"] is not None else info["run_dir"]
+    base = os.path.abspath(base)
+
+    def relative(path: Any) -> Any:
+        if not isinstance(path, str):
+            return path
+        full = os.path.abspath(path)
+        if full == base or full.startswith(base + os.sep):
+            return os.path.relpath(full, base)
+        return os.path.basename(full.rstrip(os.sep)) or "."
+
+    def scrub(text: Any) -> Any:
+        if not isinstance(text, str):
+            return text
+        return text.replace(base + os.sep, "").replace(base, ".")
+
+    out = dict(info)
+    out["root"] = "." if info["root"] is not None else None
+    out["run_dir"] = relative(info["run_dir"])
+    embedders = {}
+    for name, emb in info["embedders"].items():
+        emb = dict(emb)
+        emb["index_dir"] = relative(emb.get("index_dir"))
+        handle = emb.get("handle")
+        if isinstance(handle, str) and _is_local_path(handle):
+            emb["handle"] = os.path.basename(handle.rstrip("/")) or handle
+        if not expose_source:
+            emb["metadata_columns"] = [c for c in emb.get("metadata_columns", []) if c != "source"]
+        embedders[name] = emb
+    out["embedders"] = embedders
+    refresh = dict(info["refresh"])
+    refresh["last_error"] = scrub(refresh.get("last_error"))
+    refresh["failed_run"] = relative(refresh.get("failed_run"))
+    out["refresh"] = refresh
+    return out
+
+
+def _is_local_path(handle: str) -> bool:
+    """A handle naming a file on the server (not builtin:..., https://..., gs://...)."""
+    scheme = handle.split(":", 1)[0] if ":" in handle else ""
+    return not scheme or len(scheme) == 1 or "/" in scheme  # "C:\\..." or "./a:b"
 
 
 # ------------------------------------------------------------------ running a query
@@ -208,7 +394,171 @@ def _run_query(searcher: Searcher, query: dict[str, Any]) -> SearchResult:
         raise ApiError(400, "bad_query", str(exc)) from None
 
 
-# ------------------------------------------------------------------ running the server
+# ------------------------------------------------------------------ the server
+
+
+class _OneLineFormatter(logging.Formatter):
+    """One line per event: a traceback is folded onto the line of its message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " | ")
+
+
+def configure_logging(level: str = "info") -> None:
+    """INFO (or `level`) and above to stderr, one line per event: time, level, logger,
+    message.  Replaces the root logger's handlers (`imgindex serve` owns its process)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
+    # hypercorn's own "Running on ..." duplicates the start line; its warnings and errors stay.
+    logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, root.level))
+
+
+class _Connection(socket.socket):
+    """An accepted connection that tells its listener when it is closed."""
+
+    listener: _Listener | None = None
+
+    def close(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.open -= 1
+        super().close()
+
+
+class _Listener(socket.socket):
+    """A listening socket that keeps at most `max_connections` accepted connections open:
+    one accepted beyond that is closed at once (the client sees the connection end before
+    any answer).  asyncio calls accept() on this object and close() on what it returns."""
+
+    def __init__(self, family: int, max_connections: int):
+        super().__init__(family, socket.SOCK_STREAM)
+        self.max_connections = max_connections
+        self.open = 0
+        self.refused = 0
+        self._refusing_since: float | None = None
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        while True:
+            fd, address = self._accept()  # type: ignore[attr-defined]  # BlockingIOError: none waiting
+            if self.open < self.max_connections:
+                break
+            os.close(fd)
+            self.refused += 1
+            if self._refusing_since is None:
+                self._refusing_since = time.monotonic()
+                log.warning(
+                    "%d connections are open (max_connections); closing new connections until one ends",
+                    self.open,
+                )
+        if self._refusing_since is not None:
+            log.info("accepting connections again (%d refused meanwhile)", self.refused)
+            self._refusing_since, self.refused = None, 0
+        conn = _Connection(self.family, self.type, self.proto, fileno=fd)
+        conn.listener = self
+        self.open += 1
+        return conn, address
+
+
+# glibc malloc arenas of the serving process (unless MALLOC_ARENA_MAX says otherwise).  With
+# glibc's default (8 per core) the query threads' arenas kept freed runs: RSS grew by ~6 runs'
+# size over 40 swaps under 8 query clients, ~2 with 2 arenas (BENCHMARKS.md, "Hot swaps").
+MALLOC_ARENAS = 2
+
+
+def _limit_malloc_arenas() -> None:
+    """Caps glibc's malloc arenas at MALLOC_ARENAS (mallopt M_ARENA_MAX) before the server
+    starts its threads; nothing on other C libraries or when MALLOC_ARENA_MAX is set."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_arena_max = -8
+    if not mallopt(m_arena_max, MALLOC_ARENAS):
+        log.warning("could not limit malloc arenas to %d", MALLOC_ARENAS)
+
+
+# Files the process keeps open besides its connections (index files, pipes, the listener).
+_OTHER_FILES = 256
+
+
+def _fit_open_files(max_connections: int) -> int:
+    """Raise the soft open-file limit so that max_connections connections fit (up to the
+    hard limit); returns the connections that fit, with a warning when fewer."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + _OTHER_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        fitting = max(1, soft - _OTHER_FILES)
+        log.warning(
+            "the open-file limit (%d, hard %s) fits %d connections, not max_connections=%d: "
+            "serving at most %d; raise it (ulimit -n) or lower --max_connections",
+            soft,
+            hard,
+            fitting,
+            max_connections,
+            fitting,
+        )
+        return fitting
+    return max_connections
+
+
+def listen(host: str, port: int, max_connections: int, backlog: int = 128) -> socket.socket:
+    """A bound, listening, non-blocking socket that caps open connections (see `_Listener`)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = _Listener(family, max_connections)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit it: without, a response written in two parts waits for
+        # the client's delayed ACK (~40 ms a request).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def run_server(
+    app: Any,
+    sock: socket.socket,
+    limits: ServerLimits,
+    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+) -> None:
+    """Serves `app` on the listening `sock` (see `listen`) with hypercorn until
+    shutdown_trigger returns (None: until SIGINT or SIGTERM)."""
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config, Sockets
+
+    class _Config(Config):
+        def create_sockets(self) -> Sockets:
+            return Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
+
+    config = _Config()
+    config.keep_alive_timeout = limits.keep_alive_timeout
+    config.read_timeout = max(1, math.ceil(limits.body_timeout))
+    config.graceful_timeout = 5.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, mode="asgi")
 
 
 def serve(
@@ -219,26 +569,42 @@ def serve(
     *,
     embedder: str | None = None,
     verify: bool = True,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    limits: ServerLimits | None = None,
+    expose_source: bool = False,
     log_level: str = "info",
-    uvicorn_options: dict[str, Any] | None = None,
     **open_options: Any,
 ) -> None:
-    """Open `path` (output root or run directory) and serve it with uvicorn until stopped.
+    """Open `path` (output root or run directory) and serve it over HTTP until SIGINT/SIGTERM.
 
     Binds 127.0.0.1 unless `host` says otherwise.  refresh_seconds: how often LATEST is
-    re-checked (None: never; ignored for a run directory).  open_options go to
-    Searcher.open (handles, model_cache_dir, allow_unpublished, max_image_pixels);
-    uvicorn_options to uvicorn.run (e.g. limit_concurrency, ssl_keyfile).
+    re-checked (None: never; ignored for a run directory).  limits: `ServerLimits` (defaults
+    when None).  expose_source: show hits' "source" metadata.  Logging is configured (INFO,
+    one line per event, stderr).  open_options go to Searcher.open (handles,
+    model_cache_dir, allow_unpublished, max_image_pixels).
     """
-    import uvicorn
-
+    configure_logging(log_level)
+    limits = (limits or ServerLimits()).check()
+    _limit_malloc_arenas()
     searcher = Searcher.open(path, embedder=embedder, verify=verify, **open_options)
     if refresh_seconds and not searcher.info()["refresh"]["follows_latest"]:
         log.info("%s is a run directory: it is served as is, LATEST is not followed", path)
         refresh_seconds = None
+    app = create_app(searcher, refresh_seconds=refresh_seconds, limits=limits, expose_source=expose_source)
+    limits = dataclasses.replace(limits, max_connections=_fit_open_files(limits.max_connections))
+    sock = listen(host, port, limits.max_connections)
+    bound = sock.getsockname()
     log.info(
-        "serving run %s (%s) on http://%s:%d", searcher.run_id, ", ".join(searcher.embedders), host, port
+        "serving run %s of %s (embedders: %s) on http://%s:%d; refresh every %s; limits: %s",
+        searcher.run_id,
+        os.path.abspath(path),
+        ", ".join(searcher.embedders),
+        host,
+        bound[1],
+        f"{refresh_seconds:g} s" if refresh_seconds else "never",
+        ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(limits).items()),
     )
-    app = create_app(searcher, refresh_seconds=refresh_seconds, max_body_bytes=max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **(uvicorn_options or {}))
+    try:
+        asyncio.run(run_server(app, sock, limits))
+    finally:
+        sock.close()
+        log.info("stopped serving run %s", searcher.run_id)

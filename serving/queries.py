@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from retrieval.errors import QueryError
-from serving.errors import EmbedderRequiredError, UnknownEmbedderError, UnknownIdError
+from serving.errors import EmbedderRequiredError, UnknownEmbedderError, UnknownIdError, shorten
 from serving.results import SearchHit, SearchResult
 from serving.run_state import EmbedderState, RunState
 
@@ -23,7 +23,7 @@ def pick_embedder(state: RunState, embedder: str | None) -> EmbedderState:
     emb = state.embedders.get(embedder) if isinstance(embedder, str) else None
     if emb is None:
         raise UnknownEmbedderError(
-            f"unknown embedder {embedder!r}; available: {', '.join(sorted(state.embedders))}"
+            f"unknown embedder {shorten(embedder)}; available: {', '.join(sorted(state.embedders))}"
         )
     return emb
 

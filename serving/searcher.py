@@ -54,10 +54,13 @@ from serving.run_state import EmbedderState, RunState, check_run_exists, load_ru
 
 log = logging.getLogger(__name__)
 
-# Images above this many pixels are refused by image queries (a decoded image takes 3 bytes
-# a pixel; the pipeline's 100 MP guard is meant for batch jobs, not for many concurrent
-# requests).
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# Image queries that would decode to more pixels than this are refused before decoding.
+# Decoding costs 4-5 MB a megapixel for RGB, greyscale, palette, BMP and TIFF images, 15 for
+# WebP, 19 for PNG with alpha and 25 for 16-bit PNG (BENCHMARKS.md, "Image queries: memory"):
+# 16 MP (a 5K screenshot fits) is at most ~400 MB per decode.  JPEGs are decoded at reduced
+# scale (1/2 to 1/8, `retrieval.imaging`), so a 48 MP phone photo decodes to 0.75 MP and
+# passes; their declared size is bounded by the pipeline's bomb guard (100 MP).
+DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
 # A run that LATEST names but that failed to load (e.g. a mirror sync copied LATEST before
 # the run) is retried by refresh() this long after the failure, twice as long after each
 # further failure of that run, at most REFRESH_RETRY_MAX_FACTOR times as long.
@@ -131,7 +134,8 @@ class Searcher:
           handle recorded at build time (e.g. a local copy of a SavedModel); the
           fingerprint must still match.
         model_cache_dir: cache for builtin models (default $IMGINDEX_CACHE_DIR).
-        max_image_pixels: image queries above this many pixels are refused.
+        max_image_pixels: image queries that would decode to more pixels are refused
+          (before decoding; JPEGs decode at reduced scale, so count their reduced size).
         refresh_retry_seconds: how long `refresh()` waits before trying again a run that
           failed to load (doubling with each further failure of it, up to 16x).
         clock: the monotonic clock (seconds) that times those retries and the model-failure
@@ -212,6 +216,13 @@ class Searcher:
             "index_dir": emb.index_dir,
         }
 
+    def first_ids(self) -> dict[str, str | None]:
+        """{embedder: the id of its row 0, or None when it is empty} (for examples)."""
+        return {
+            name: (str(emb.index.ids[0]) if emb.index.n else None)
+            for name, emb in sorted(self._state.embedders.items())
+        }
+
     # ------------------------------------------------------------------ refresh
 
     @overload
@@ -286,14 +297,20 @@ class Searcher:
                     self._retry_at = self._clock() + delay
                     status["failed_run"] = target
                     status["retry_at"] = utc_now(after_seconds=delay)
-                log.error("refresh failed, still serving run %s: %s", self._state.run_id, exc)
+                log.error(
+                    "refresh failed%s, still serving run %s: %s: %s",
+                    "" if target is None else f" to load {os.path.basename(target.rstrip(os.sep))}",
+                    self._state.run_id,
+                    type(exc).__name__,
+                    exc,
+                )
                 raise
             old = self._state
             self._state = state  # the swap: one reference assignment
             self._clear_failure()
             self._models.forget_unused()
             log.info(
-                "now serving run %s (was %s), loaded in %.1f s", state.run_id, old.run_id, state.load_seconds
+                "now serving run %s, was %s (loaded in %.1f s)", state.run_id, old.run_id, state.load_seconds
             )
             return True
 
@@ -357,8 +374,10 @@ class Searcher:
         from retrieval import embedders, imaging
 
         spec = self._models.spec_for(emb)
+        data = bytes(data)
         try:
-            decoded = imaging.decode(bytes(data), min_size=spec.input_size, max_pixels=self._max_image_pixels)
+            max_pixels = _checked_decode_size(data, spec.input_size, self._max_image_pixels)
+            decoded = imaging.decode(data, min_size=spec.input_size, max_pixels=max_pixels)
             pixels = imaging.resize(decoded.image, spec.input_size, spec.resize)
         except imaging.ImageDecodeError as exc:
             raise BadImageError(f"the query image cannot be used: {exc}") from exc
@@ -370,6 +389,34 @@ class Searcher:
                 f"{vector.shape}, but the index expects dimension {emb.input_dim}"
             )
         return to_result(state, emb, *emb.index.search_rows(vector, k=k))
+
+
+def _checked_decode_size(data: bytes, input_size: int, max_pixels: int) -> int:
+    """The `max_pixels` to decode `data` with, after refusing an image that would decode to
+    more than `max_pixels` pixels.  Reads the header only: JPEGs decode at the reduced scale
+    `retrieval.imaging.decode` asks Pillow for (`Image.draft`), so their declared size may be
+    larger (up to the pipeline's bomb guard); other formats decode whole."""
+    import io
+
+    from PIL import Image
+
+    from retrieval import imaging
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            declared = probe.size
+            if probe.format == "JPEG":  # as imaging.decode: Image.draft for JPEG only
+                probe.draft("RGB", (input_size, input_size))
+            width, height = probe.size
+    except Exception:  # not readable: imaging.decode refuses it with its reason
+        return max_pixels
+    if width * height > max_pixels:
+        scaled = f", decoded at {width}x{height}" if (width, height) != declared else ""
+        raise imaging.ImageDecodeError(
+            f"image of {declared[0]}x{declared[1]} pixels{scaled} is above the query limit of "
+            f"{max_pixels} decoded pixels (max_image_pixels)"
+        )
+    return max(max_pixels, imaging.DEFAULT_MAX_PIXELS) if (width, height) != declared else max_pixels
 
 
 def _check_retry_seconds(seconds: object) -> None:

@@ -2,6 +2,7 @@
 base64 JSON field and by a multipart upload."""
 
 import base64
+import time
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_search_by_image(served):
     status, body = call(url, "/v1/search", {"image": encoded, "k": 3, "embedder": "tiny"})
     assert status == 200 and body["hits"][0]["id"] == "img-005"
     assert body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-5)
-    assert body["hits"][0]["metadata"]["source"] == "file:///images/img-005.png"
+    assert set(body["hits"][0]["metadata"]) == {"sha256", "width", "height"}  # no "source" by default
 
 
 def test_search_by_multipart_upload(served):
@@ -39,3 +40,66 @@ def test_search_by_multipart_upload(served):
     status, body = call(url, "/v1/search", data=data, headers={"Content-Type": content_type})
     assert status == 200 and body["k"] == 4 and len(body["hits"]) == 4
     assert body["hits"][0]["id"] == "img-011"
+
+
+def _flat(fmt, mode, width, height):
+    import io
+
+    from PIL import Image
+
+    colour = (90, 140, 200, 128) if mode == "RGBA" else (90, 140, 200)
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), colour).save(buf, fmt, **({"compress_level": 9} if fmt == "PNG" else {}))
+    return buf.getvalue()
+
+
+def test_concurrent_large_image_queries_keep_memory_bounded(tmp_path, tiny_savedmodel):
+    """16 PNGs at once, each a few KB declaring 6 MP with alpha (~115 MB to decode): at most
+    max_image_queries (2) decode at once, so RSS grows by about two decodes, not sixteen."""
+    import threading
+
+    from tests.helpers.serve_process import serving
+
+    images = rf.colour_images(20, seed=3)
+    rf.write_run(
+        tmp_path, {"tiny": rf.image_embedder(tiny_savedmodel, images)}, run_id="20260101T000000Z-mem001"
+    )
+    bomb = base64.b64encode(_flat("PNG", "RGBA", 3000, 2000)).decode()
+    assert len(bomb) < 60_000
+    with serving(tmp_path, "--refresh_seconds=0") as server:
+        small = base64.b64encode(images["img-003"]).decode()
+        assert call(server.url, "/v1/search", {"image": small, "k": 1})[1]["hits"][0]["id"] == "img-003"
+        with_model = server.rss_mb()
+        peak, done = [with_model], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], server.rss_mb())
+                time.sleep(0.02)
+
+        answers = []
+
+        def query():
+            answers.append(call(server.url, "/v1/search", {"image": bomb, "k": 3}, timeout=120)[0])
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        clients = [threading.Thread(target=query) for _ in range(16)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        done.set()
+        sampler.join()
+        assert answers == [200] * 16
+        one_decode = 6 * 19  # MB: 19 MB a megapixel for PNG with alpha (BENCHMARKS.md)
+        assert peak[0] - with_model < 2 * one_decode + 150, (with_model, peak[0])
+        assert server.rss_mb() - with_model < one_decode + 100
+        # Above the pixel limit: refused before decoding; a JPEG counts at its reduced size.
+        big_png = base64.b64encode(_flat("PNG", "RGB", 5000, 4000)).decode()
+        status, body = call(server.url, "/v1/search", {"image": big_png})
+        assert (status, body["error"]["code"]) == (422, "undecodable_image")
+        assert "above the query limit of 16000000 decoded pixels" in body["error"]["message"]
+        big_jpeg = base64.b64encode(_flat("JPEG", "RGB", 5000, 4000)).decode()
+        assert call(server.url, "/v1/search", {"image": big_jpeg, "k": 2})[0] == 200
+        server.wait_for_line(r"refused POST /v1/search from [\d.:]+: 422 undecodable_image")

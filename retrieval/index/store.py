@@ -225,7 +225,7 @@ class Index:
         else:
             k, knobs = self._search_params(k, overrides or {})
         rows, scores = self._searcher.search(query, final_num_neighbors=k, **knobs)
-        return np.asarray(rows), np.asarray(scores, dtype=np.float32)
+        return np.asarray(rows), _clamped(np.asarray(scores, dtype=np.float32), self.distance)
 
     def _search_batch_prepared(
         self, queries: np.ndarray, k: int | None = None, overrides: Mapping[str, int] | None = None
@@ -234,7 +234,7 @@ class Index:
         if queries.shape[0] == 0:
             return [], np.empty((0, k), dtype=np.float32)
         rows, scores = self._searcher.search_batched_parallel(queries, final_num_neighbors=k, **knobs)
-        scores = np.asarray(scores, dtype=np.float32)
+        scores = _clamped(np.asarray(scores, dtype=np.float32), self.distance)
         # ScaNN pads missing neighbours with row 0 and a NaN score.
         found = ~np.isnan(scores)
         return [r[f] for r, f in zip(np.asarray(rows), found)], scores
@@ -371,3 +371,9 @@ def load_index(path: str | os.PathLike[str], verify: bool = True) -> Index:
     if PROJECTION_FILE in manifest.files:  # verified with the other listed files above
         projection = check_projection(np.load(path / PROJECTION_FILE), manifest.d, path)
     return Index(searcher, ids, manifest, directory=path, projection=projection)
+
+
+def _clamped(scores: np.ndarray, distance: str) -> np.ndarray:
+    """Cosine scores clipped to [-1, 1] (float32 rounding gives 1.0000001 for a vector with
+    itself); NaN (no hit) stays NaN.  Other distances are returned as they are."""
+    return np.clip(scores, -1.0, 1.0, out=scores) if distance == "cosine" else scores
