@@ -19,6 +19,7 @@ import pytest
 
 from pipelines import shards as S
 from pipelines.embed import run as embed_run
+from pipelines.read_webdataset import MAX_TAR_HEADER_BYTES
 from retrieval.errors import ConfigError
 from tests.helpers import fuzz, images
 from tests.helpers import shards as shard_writers
@@ -128,7 +129,7 @@ def test_tar_member_above_the_limit_is_a_failure_and_the_next_sample_is_read(tmp
 
 
 def test_oversized_pax_header_is_refused_not_read(tmp_path):
-    big_name = "k/" + "x" * (S.MAX_TAR_HEADER_BYTES + 10) + ".jpg"
+    big_name = "k/" + "x" * (MAX_TAR_HEADER_BYTES + 10) + ".jpg"
     members = _samples(1) + [(big_name, images.jpeg())]
     (tmp_path / "x.tar").write_bytes(_tar(members))
     got = _read(tmp_path / "x.tar", "webdataset")
