@@ -8,7 +8,7 @@ timeout and limit it offers (TIMEOUT seconds for reads and keep-alive):
   uvicorn    timeout_keep_alive, limit_concurrency (its only timeout is the keep-alive one)
   hypercorn  keep_alive_timeout (idle connections, from the connection's start), read_timeout
   granian    http1 header_read_timeout, backpressure (embedded server, one worker)
-  imgindex   what `imgindex serve` runs (`serving.http.serve`, defaults but TIMEOUT)
+  imgindex   what `imgindex serve` runs (`serving.http_server.serve`, defaults but TIMEOUT)
 
 Attacks, each on CONNECTIONS connections at once (bounded; loopback only):
 
@@ -58,13 +58,14 @@ def child_serve(server: str, root: str, port: int, timeout: float, limit: int) -
     import asyncio
 
     from serving import Searcher
-    from serving.http import ServerLimits, create_app
+    from serving.http import create_app
+    from serving.limits import ServerLimits
 
     if server == "imgindex":
-        from serving import http
+        from serving import http_server
 
-        limits = http.ServerLimits(keep_alive_timeout=timeout, body_timeout=timeout, max_connections=limit)
-        http.serve(root, port=port, refresh_seconds=None, limits=limits, log_level="warning")
+        limits = ServerLimits(keep_alive_timeout=timeout, body_timeout=timeout, max_connections=limit)
+        http_server.serve(root, port=port, refresh_seconds=None, limits=limits, log_level="warning")
         return
     if server == "granian-mp":
         return _granian_mp(root, port, timeout, limit)
@@ -136,7 +137,8 @@ def _granian_mp(root: str, port: int, timeout: float, limit: int) -> None:
 
 def granian_app():  # the factory granian's worker process calls (granian-mp)
     from serving import Searcher
-    from serving.http import ServerLimits, create_app
+    from serving.http import create_app
+    from serving.limits import ServerLimits
 
     timeout = float(os.environ["IMGINDEX_BENCH_TIMEOUT"])
     return create_app(

@@ -260,9 +260,10 @@ def _serve_defaults():  # -> serving.limits.ServerLimits (no HTTP stack imported
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from serving import http
+    from serving import http_server
+    from serving.limits import ServerLimits
 
-    limits = http.ServerLimits(
+    limits = ServerLimits(
         keep_alive_timeout=args.keep_alive_timeout,
         body_timeout=args.body_timeout,
         max_connections=args.max_connections,
@@ -272,7 +273,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_image_queries=args.max_image_queries,
         image_wait_seconds=args.image_wait_seconds,
     )
-    http.serve(
+    http_server.serve(
         args.path,
         host=args.host,
         port=args.port,

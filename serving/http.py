@@ -1,12 +1,10 @@
-"""HTTP adapter for `serving.Searcher`: a Starlette (ASGI) app run by hypercorn.
+"""HTTP adapter for `serving.Searcher`: a Starlette (ASGI) app, run by hypercorn
+(`serving.http_server`).
 
 Why Starlette: a small, well-maintained ASGI toolkit with few dependencies (anyio) that any
 ASGI server can run; no gRPC toolchain or generated stubs, and FastAPI's validation layer is
 not needed for a few endpoints whose fields are checked here with error messages written for
-this API.  Why hypercorn and not uvicorn: uvicorn has no read timeout (a connection that
-sends nothing, or half its headers, stays open for ever); hypercorn closes a connection whose
-request headers do not arrive within `keep_alive_timeout`, and was measured against uvicorn
-and granian (BENCHMARKS.md, "HTTP server: timeouts and limits").
+this API.  Why hypercorn: see `serving.http_server`.
 
 Endpoints (JSON in and out; the OpenAPI description is served at /v1/openapi.json):
 
@@ -25,15 +23,16 @@ Scores: similarities for cosine / dot_product indexes (highest first; cosine wit
 Ranks start at 1.  A hit's metadata has no "source" (shard paths of the server) unless the
 app was made with expose_source=True (`imgindex serve --expose_source`).
 
-Errors are {"error": {"code": ..., "message": ...}}; the codes are listed in
-`serving.openapi.ERROR_CODES`.  Messages echo client input shortened (`serving.errors.shorten`).
+Errors are {"error": {"code": ..., "message": ...}} (`serving.http_json`); the codes are listed
+in `serving.openapi.ERROR_CODES`.  Messages echo client input shortened (`serving.errors.shorten`).
 
-Limits (`ServerLimits`, flags of `imgindex serve`): the server closes a connection whose
-request headers do not arrive within keep_alive_timeout (a new connection, or one idle
-between requests) and refuses connections beyond max_connections; the app answers 408 when a
-body does not arrive within body_timeout, 503 "overloaded" beyond max_requests requests at
-once or max_buffered_bytes of bodies held at once, and lets max_image_queries image queries
-decode and embed at once (others wait up to image_wait_seconds, then 503 "overloaded").
+Limits (`ServerLimits`, flags of `imgindex serve`): the server (`serving.http_server`) closes
+a connection whose request headers do not arrive within keep_alive_timeout (a new connection,
+or one idle between requests) and refuses connections beyond max_connections; the app answers
+408 when a body does not arrive within body_timeout, 503 "overloaded" beyond max_requests
+requests at once or max_buffered_bytes of bodies held at once, and lets max_image_queries
+image queries decode and embed at once (others wait up to image_wait_seconds, then 503
+"overloaded").
 
 Queries run in Starlette's thread pool, so the event loop never waits for ScaNN or the
 model.  With refresh_seconds, a lifespan task checks LATEST that often and loads a newly
@@ -42,20 +41,12 @@ published run in a worker thread, then swaps it in; queries never wait for it.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import contextlib
 import dataclasses
-import datetime
-import decimal
-import json
 import logging
-import math
 import os
-import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import anyio
@@ -63,58 +54,19 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from retrieval.errors import ConfigError, HandleError, QueryError
 from serving.errors import BadImageError, UnknownIdError, shorten
+from serving.http_json import SafeJSONResponse, error_response
 from serving.http_requests import ApiError, BodyLimits, ByteBudget, parse_request
-from serving.limits import DEFAULT_MAX_BODY_BYTES, ServerLimits
+from serving.limits import ServerLimits
 from serving.results import SearchResult
 from serving.searcher import Searcher
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerLimits", "create_app", "public_info", "serve"]
+__all__ = ["create_app", "public_info"]
 
 log = logging.getLogger(__name__)
-
-# An error message is cut to this many characters (each echoed value is already shortened).
-MAX_MESSAGE_CHARS = 2000
-
-
-class _JSONResponse(JSONResponse):
-    def render(self, content: Any) -> bytes:
-        # A lone surrogate (JSON lets a client send "\ud800", and error messages echo it) cannot
-        # be UTF-8: it is written as its JSON escape, which keeps the answer valid JSON.
-        return json.dumps(
-            _jsonable(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        ).encode("utf-8", "backslashreplace")
-
-
-def _jsonable(value: Any) -> Any:
-    """Metadata values as JSON: NaN/inf -> null, bytes -> base64, dates -> ISO 8601."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, decimal.Decimal):
-        return _jsonable(float(value))
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # NumPy scalar
-        return _jsonable(value.item())
-    return value
-
-
-def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> _JSONResponse:
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[:MAX_MESSAGE_CHARS] + "..."
-    return _JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def _client(request: Request) -> str:
@@ -150,7 +102,7 @@ def create_app(
     active = [0]  # requests being read or answered (event loop only)
     image_slots: list[anyio.Semaphore] = []  # made on first use, inside the event loop
 
-    def refuse(request: Request, exc: ApiError) -> _JSONResponse:
+    def refuse(request: Request, exc: ApiError) -> SafeJSONResponse:
         # 4xx: the client's doing (INFO); overloaded: load shed (WARNING); other 5xx: ERROR.
         level = (
             logging.INFO
@@ -172,9 +124,9 @@ def create_app(
         headers = dict(exc.headers)
         if exc.close:
             headers["Connection"] = "close"
-        return _error(exc.status, exc.code, exc.message, headers=headers)
+        return error_response(exc.status, exc.code, exc.message, headers=headers)
 
-    async def search(request: Request) -> _JSONResponse:
+    async def search(request: Request) -> SafeJSONResponse:
         started = time.perf_counter()
         body = BodyLimits(limits.max_body_bytes, limits.body_timeout, budget)
         counted = False
@@ -206,7 +158,7 @@ def create_app(
         if not expose_source:
             for hit in hits:
                 hit["metadata"] = {k: v for k, v in hit["metadata"].items() if k != "source"}
-        return _JSONResponse(
+        return SafeJSONResponse(
             {
                 "embedder": result.embedder,
                 "run_id": result.run_id,
@@ -218,18 +170,18 @@ def create_app(
             }
         )
 
-    async def healthz(request: Request) -> _JSONResponse:
-        return _JSONResponse({"status": "ok", "run_id": searcher.run_id})
+    async def healthz(request: Request) -> SafeJSONResponse:
+        return SafeJSONResponse({"status": "ok", "run_id": searcher.run_id})
 
-    async def index_info(request: Request) -> _JSONResponse:
-        return _JSONResponse(public_info(searcher.info(), expose_source=expose_source))
+    async def index_info(request: Request) -> SafeJSONResponse:
+        return SafeJSONResponse(public_info(searcher.info(), expose_source=expose_source))
 
-    async def openapi(request: Request) -> _JSONResponse:
+    async def openapi(request: Request) -> SafeJSONResponse:
         from serving.openapi import openapi_document, query_examples
 
-        return _JSONResponse(openapi_document(query_examples(searcher.info(), searcher.first_ids())))
+        return SafeJSONResponse(openapi_document(query_examples(searcher.info(), searcher.first_ids())))
 
-    async def http_error(request: Request, exc: Exception) -> _JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> SafeJSONResponse:
         assert isinstance(exc, HTTPException)  # registered for HTTPException only
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = (
@@ -249,9 +201,9 @@ def create_app(
             code,
         )
         # exc.headers carries what the status needs, e.g. Allow for 405.
-        return _error(exc.status_code, code, str(message), headers=exc.headers)
+        return error_response(exc.status_code, code, str(message), headers=exc.headers)
 
-    async def internal_error(request: Request, exc: Exception) -> _JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> SafeJSONResponse:
         log.error(
             "internal error on %s %s from %s",
             request.method,
@@ -259,7 +211,7 @@ def create_app(
             _client(request),
             exc_info=exc,
         )
-        return _error(500, "internal", f"internal error: {type(exc).__name__}")
+        return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -392,219 +344,3 @@ def _run_query(searcher: Searcher, query: dict[str, Any]) -> SearchResult:
         raise ApiError(503, "embedder_unavailable", str(exc)) from None
     except ConfigError as exc:
         raise ApiError(400, "bad_query", str(exc)) from None
-
-
-# ------------------------------------------------------------------ the server
-
-
-class _OneLineFormatter(logging.Formatter):
-    """One line per event: a traceback is folded onto the line of its message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", " | ")
-
-
-def configure_logging(level: str = "info") -> None:
-    """INFO (or `level`) and above to stderr, one line per event: time, level, logger,
-    message.  Replaces the root logger's handlers (`imgindex serve` owns its process)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers = [handler]
-    root.setLevel(level.upper())
-    # hypercorn's own "Running on ..." duplicates the start line; its warnings and errors stay.
-    logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, root.level))
-
-
-class _Connection(socket.socket):
-    """An accepted connection that tells its listener when it is closed."""
-
-    listener: _Listener | None = None
-
-    def close(self) -> None:
-        listener, self.listener = self.listener, None
-        if listener is not None:
-            listener.open -= 1
-        super().close()
-
-
-class _Listener(socket.socket):
-    """A listening socket that keeps at most `max_connections` accepted connections open:
-    one accepted beyond that is closed at once (the client sees the connection end before
-    any answer).  asyncio calls accept() on this object and close() on what it returns."""
-
-    def __init__(self, family: int, max_connections: int):
-        super().__init__(family, socket.SOCK_STREAM)
-        self.max_connections = max_connections
-        self.open = 0
-        self.refused = 0
-        self._refusing_since: float | None = None
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        while True:
-            fd, address = self._accept()  # type: ignore[attr-defined]  # BlockingIOError: none waiting
-            if self.open < self.max_connections:
-                break
-            os.close(fd)
-            self.refused += 1
-            if self._refusing_since is None:
-                self._refusing_since = time.monotonic()
-                log.warning(
-                    "%d connections are open (max_connections); closing new connections until one ends",
-                    self.open,
-                )
-        if self._refusing_since is not None:
-            log.info("accepting connections again (%d refused meanwhile)", self.refused)
-            self._refusing_since, self.refused = None, 0
-        conn = _Connection(self.family, self.type, self.proto, fileno=fd)
-        conn.listener = self
-        self.open += 1
-        return conn, address
-
-
-# glibc malloc arenas of the serving process (unless MALLOC_ARENA_MAX says otherwise).  With
-# glibc's default (8 per core) the query threads' arenas kept freed runs: RSS grew by ~6 runs'
-# size over 40 swaps under 8 query clients, ~2 with 2 arenas (BENCHMARKS.md, "Hot swaps").
-MALLOC_ARENAS = 2
-
-
-def _limit_malloc_arenas() -> None:
-    """Caps glibc's malloc arenas at MALLOC_ARENAS (mallopt M_ARENA_MAX) before the server
-    starts its threads; nothing on other C libraries or when MALLOC_ARENA_MAX is set."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_arena_max = -8
-    if not mallopt(m_arena_max, MALLOC_ARENAS):
-        log.warning("could not limit malloc arenas to %d", MALLOC_ARENAS)
-
-
-# Files the process keeps open besides its connections (index files, pipes, the listener).
-_OTHER_FILES = 256
-
-
-def _fit_open_files(max_connections: int) -> int:
-    """Raise the soft open-file limit so that max_connections connections fit (up to the
-    hard limit); returns the connections that fit, with a warning when fewer."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max_connections + _OTHER_FILES
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        fitting = max(1, soft - _OTHER_FILES)
-        log.warning(
-            "the open-file limit (%d, hard %s) fits %d connections, not max_connections=%d: "
-            "serving at most %d; raise it (ulimit -n) or lower --max_connections",
-            soft,
-            hard,
-            fitting,
-            max_connections,
-            fitting,
-        )
-        return fitting
-    return max_connections
-
-
-def listen(host: str, port: int, max_connections: int, backlog: int = 128) -> socket.socket:
-    """A bound, listening, non-blocking socket that caps open connections (see `_Listener`)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, address = infos[0]
-    sock = _Listener(family, max_connections)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit it: without, a response written in two parts waits for
-        # the client's delayed ACK (~40 ms a request).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-async def run_server(
-    app: Any,
-    sock: socket.socket,
-    limits: ServerLimits,
-    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
-) -> None:
-    """Serves `app` on the listening `sock` (see `listen`) with hypercorn until
-    shutdown_trigger returns (None: until SIGINT or SIGTERM)."""
-    from hypercorn.asyncio import serve as hypercorn_serve
-    from hypercorn.config import Config, Sockets
-
-    class _Config(Config):
-        def create_sockets(self) -> Sockets:
-            return Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
-
-    config = _Config()
-    config.keep_alive_timeout = limits.keep_alive_timeout
-    config.read_timeout = max(1, math.ceil(limits.body_timeout))
-    config.graceful_timeout = 5.0
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.include_server_header = False
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, mode="asgi")
-
-
-def serve(
-    path: str,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    refresh_seconds: float | None = 60,
-    *,
-    embedder: str | None = None,
-    verify: bool = True,
-    limits: ServerLimits | None = None,
-    expose_source: bool = False,
-    log_level: str = "info",
-    **open_options: Any,
-) -> None:
-    """Open `path` (output root or run directory) and serve it over HTTP until SIGINT/SIGTERM.
-
-    Binds 127.0.0.1 unless `host` says otherwise.  refresh_seconds: how often LATEST is
-    re-checked (None: never; ignored for a run directory).  limits: `ServerLimits` (defaults
-    when None).  expose_source: show hits' "source" metadata.  Logging is configured (INFO,
-    one line per event, stderr).  open_options go to Searcher.open (handles,
-    model_cache_dir, allow_unpublished, max_image_pixels).
-    """
-    configure_logging(log_level)
-    limits = (limits or ServerLimits()).check()
-    _limit_malloc_arenas()
-    searcher = Searcher.open(path, embedder=embedder, verify=verify, **open_options)
-    if refresh_seconds and not searcher.info()["refresh"]["follows_latest"]:
-        log.info("%s is a run directory: it is served as is, LATEST is not followed", path)
-        refresh_seconds = None
-    app = create_app(searcher, refresh_seconds=refresh_seconds, limits=limits, expose_source=expose_source)
-    limits = dataclasses.replace(limits, max_connections=_fit_open_files(limits.max_connections))
-    sock = listen(host, port, limits.max_connections)
-    bound = sock.getsockname()
-    log.info(
-        "serving run %s of %s (embedders: %s) on http://%s:%d; refresh every %s; limits: %s",
-        searcher.run_id,
-        os.path.abspath(path),
-        ", ".join(searcher.embedders),
-        host,
-        bound[1],
-        f"{refresh_seconds:g} s" if refresh_seconds else "never",
-        ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(limits).items()),
-    )
-    try:
-        asyncio.run(run_server(app, sock, limits))
-    finally:
-        sock.close()
-        log.info("stopped serving run %s", searcher.run_id)

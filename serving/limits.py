@@ -1,4 +1,4 @@
-"""`ServerLimits`: the timeouts and bounds of the HTTP server (`serving.http`, `imgindex
+"""`ServerLimits`: the timeouts and bounds of the HTTP server (`serving.http_server`, `imgindex
 serve`), in a module of its own so that the CLI can show their defaults without importing
 the HTTP stack.  What they cost and why these defaults: README, Serving; BENCHMARKS.md,
 "HTTP server: timeouts and limits" and "Image queries: memory"."""

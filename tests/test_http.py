@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from serving import Searcher
-from serving.http import create_app, serve
+from serving.http import create_app
+from serving.http_server import serve
 from tests.helpers import runs_fixture as rf
 from tests.helpers.http import call, multipart, running
 
@@ -216,9 +217,9 @@ def test_serve_binds_loopback_by_default():
 def test_metadata_values_become_valid_json():
     import datetime
 
-    from serving.http import _JSONResponse
+    from serving.http_json import SafeJSONResponse
 
-    body = _JSONResponse(
+    body = SafeJSONResponse(
         {
             "hits": [
                 {

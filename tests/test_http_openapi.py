@@ -13,7 +13,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from serving import Searcher
-from serving.http import ServerLimits, create_app
+from serving.http import create_app
+from serving.limits import ServerLimits
 from serving.openapi import openapi_document
 from tests.helpers import runs_fixture as rf
 from tests.helpers.http import call, running

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from serving.http import _OneLineFormatter
+from serving.http_server import _OneLineFormatter
 from serving.limits import ServerLimits
 from tests.helpers import runs_fixture as rf
 from tests.helpers.http import call

@@ -16,9 +16,10 @@ import uuid
 
 @contextlib.contextmanager
 def running(app, limits=None):
-    """Runs `app` in a background thread with `serving.http.run_server` on a free loopback
-    port (`limits`: a ServerLimits, default ServerLimits()); yields the base URL."""
-    from serving.http import ServerLimits, listen, run_server
+    """Runs `app` in a background thread with `serving.http_server.run_server` on a free
+    loopback port (`limits`: a ServerLimits, default ServerLimits()); yields the base URL."""
+    from serving.http_server import listen, run_server
+    from serving.limits import ServerLimits
 
     limits = limits or ServerLimits()
     sock = listen("127.0.0.1", 0, limits.max_connections)
