@@ -39,7 +39,7 @@ def child_build(root: str, n: int, d: int) -> None:
     """Builds and publishes the benchmark run (called in a fresh process)."""
     import pyarrow as pa
 
-    from retrieval import index, runs
+    from retrieval import index, run_status, runs
 
     x = clustered(n, d)
     ids = [f"v{i}" for i in range(n)]
@@ -65,7 +65,7 @@ def child_build(root: str, n: int, d: int) -> None:
             embedders={"synthetic": runs.embedder_entry(run_directory, "synthetic", built, spec)},
         ),
     )
-    runs.publish(root, run_id)
+    run_status.publish(root, run_id)
     print(f"build {seconds:.2f} recall {m.recall['value']} method {built.method} search {m.search_defaults}")
 
 

@@ -8,7 +8,7 @@
 A run that fails, is interrupted or is refused by a gate never touches LATEST, so the
 previous good run stays published.  A run that passes its gates is recorded as
 "publishing", made read-only, named by LATEST, then recorded as "published"
-(`retrieval.runs.publish`; a kill in between is told apart by LATEST).  Every run gets a
+(`retrieval.run_status.publish`; a kill in between is told apart by LATEST).  Every run gets a
 new directory: rerunning the same command is safe.
 """
 
@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import build_options, embed
 from pipelines.options import EmbedOptions, check_flags
 from retrieval import index as index_lib
-from retrieval import killpoints, projection, retention, runs, sharded, tables
+from retrieval import killpoints, projection, retention, run_status, runs, sharded, tables
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
@@ -238,7 +238,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         raise
     timings["total_seconds"] = round(time.time() - started, 2)
     if manifest.status == runs.PUBLISHING:
-        manifest.publisher = runs.publisher_record()
+        manifest.publisher = run_status.publisher_record()
     runs.write_run_manifest(run_directory, manifest)
     if manifest.status != runs.PUBLISHING:
         raise GateError(
@@ -247,7 +247,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             + f" (run kept at {run_directory}; LATEST unchanged)"
         )
     try:
-        manifest = runs.publish(root, run_id)  # read-only, LATEST, then status "published"
+        manifest = run_status.publish(root, run_id)  # read-only, LATEST, then status "published"
     except BaseException as exc:
         _record_failed_publish(root, run_directory, manifest, exc)
         raise

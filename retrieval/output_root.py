@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from retrieval import runs
+from retrieval import run_status, runs
 from retrieval.errors import ConfigError, IndexFormatError
 
 PUBLISHED = "published"
@@ -36,7 +36,7 @@ class RunInfo:
     status: what the run is: "published", "rejected" or "failed" (from run_manifest.json),
     "publishing" (a publish in progress), "incomplete" (no run_manifest.json) or "damaged"
     (a run_manifest.json that cannot be read; `reason` says why).  A manifest that says
-    "publishing" gives the run's true status (`retrieval.runs.effective_status`): published
+    "publishing" gives the run's true status (`retrieval.run_status.effective_status`): published
     when LATEST names it, failed when its publish was killed (`reason` says why);
     `recorded_status` is the manifest's own.  created_at: the manifest's, or the directory's
     mtime (`created_from` "mtime") for incomplete and damaged runs and manifests without a
@@ -67,7 +67,7 @@ def list_runs(root: str | os.PathLike[str], now: datetime.datetime | None = None
     """Every run directory under `<root>/runs/`, oldest first (by run id, which starts with
     its UTC start time).  Dot-directories (deletions in progress) and files are ignored.
     `now` (default: the current time) decides whether an old "publishing" manifest's
-    publish was killed (`retrieval.runs.publisher_alive`)."""
+    publish was killed (`retrieval.run_status.publisher_alive`)."""
     root_path = check_root(root)
     try:
         latest = _latest_id(root_path)
@@ -141,7 +141,7 @@ def _describe(path: Path, latest: str | None, now: datetime.datetime | None) -> 
         return dataclasses.replace(
             info, status=DAMAGED, reason=f"its manifest has an unknown status {m.status!r}"
         )
-    status, why = runs.effective_status(str(path), m, now)
+    status, why = run_status.effective_status(str(path), m, now)
     created = _parse_time(m.created_at)
     return dataclasses.replace(
         info,

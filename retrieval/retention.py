@@ -14,7 +14,7 @@
   "publishing", LATEST does not name it, its publisher is gone) is a failed run; a publish
   in progress is kept.
 - Statuses: a kept run whose manifest says "publishing" gets its true status written
-  (`retrieval.runs.repair_status`): "published" when LATEST names it, "failed" when its
+  (`retrieval.run_status.repair_status`): "published" when LATEST names it, "failed" when its
   publish was killed.
 - Scratch: `runs/.trash-*` directories (left by an interrupted deletion) are removed at
   once; temporary LATEST files (`<root>/.LATEST.*.tmp`) once older than the grace period.
@@ -46,7 +46,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrieval import killpoints, output_root, runs
+from retrieval import killpoints, output_root, run_status, runs
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.output_root import INCOMPLETE, PUBLISHED, RunInfo
 
@@ -230,7 +230,7 @@ def _repair(info: RunInfo, now: datetime.datetime, report: RetentionReport) -> N
     if info.recorded_status != runs.PUBLISHING:
         return
     try:
-        written = runs.repair_status(info.path, now)
+        written = run_status.repair_status(info.path, now)
     except (IndexFormatError, OSError) as exc:
         report.errors.append(f"could not record the status of run {info.run_id}: {exc}")
         log.warning("retention: could not record the status of run %s: %s", info.run_id, exc)

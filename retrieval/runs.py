@@ -20,19 +20,12 @@ A run's status, as its run_manifest.json records it:
     rejected       a gate refused it; LATEST was left alone
     failed         something raised, or the build was interrupted; LATEST was left alone
     publishing     the gates passed, the run's files were made read-only, and LATEST is
-                   being pointed at it (`publish`): written before LATEST
+                   being pointed at it (`run_status.publish`): written before LATEST
     published      LATEST was pointed at it (it may have moved on since): written after
                    LATEST
 
-A kill between the writes of "publishing" and "published" leaves a run whose recorded
-status is "publishing"; what it really is (`effective_status`) follows from LATEST: a
-"publishing" run that LATEST names is published (the kill came after LATEST was written),
-one that LATEST does not name is a failed run (killed before LATEST was written) unless
-its publisher is still at work (`publisher_alive`).  The next `publish` and retention write
-the true status into such a manifest (`repair_status`).
-
-A published run is immutable: `publish` takes the write bits off every file of the run
-before LATEST names it (its directories stay writable by their owner, for retention).
+The publish, and the true status of a run whose publish was interrupted (a recorded
+"publishing" that LATEST decides), are `retrieval.run_status`'s.
 """
 
 from __future__ import annotations
@@ -43,22 +36,18 @@ import datetime
 import json
 import os
 import secrets
-import socket
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from retrieval import killpoints
 from retrieval.errors import IndexFormatError
 from retrieval.index import METADATA_FILE  # noqa: F401  (pipelines name the run's metadata table by it)
 from retrieval.manifest import (
     MANIFEST_NAME,
     ManifestMessages,
     ManifestSchema,
-    make_read_only,
     sha256_file,
     utc_now,
     write_json_atomic,
-    write_text_atomic,
 )
 from retrieval.searchable import SearchableIndex
 from retrieval.version import __version__
@@ -76,13 +65,6 @@ PUBLISHED = "published"
 PUBLISHING = "publishing"
 FAILED = "failed"
 STATUSES = (PUBLISHED, PUBLISHING, "rejected", FAILED)
-# A publish writes LATEST (one small synced file) between its two manifest writes: a
-# "publishing" manifest older than this whose run LATEST does not name was killed, whoever
-# wrote it.
-PUBLISH_TIMEOUT_SECONDS = 600.0
-KILLED_WHILE_PUBLISHING = (
-    "killed while publishing: its run_manifest.json says 'publishing' and LATEST does not name it"
-)
 INDEX_DIR = "index"
 EMBEDDINGS_DIR = "embeddings"
 FAILURES_DIR = "failures"
@@ -211,7 +193,8 @@ class RunManifest:
     # What the retention deleted after the publish (retrieval.retention.RetentionReport).
     retention: dict | None = None
     # While the status is "publishing": who publishes, {"host", "pid", "since"}
-    # (`publisher_record`), so that readers tell a publish in progress from a killed one.
+    # (`run_status.publisher_record`), so that readers tell a publish in progress from a
+    # killed one.
     publisher: dict | None = None
     kind: str = RUN_KIND
     format_version: int = RUN_FORMAT_VERSION
@@ -295,123 +278,6 @@ def read_latest(root: str) -> str | None:
     if not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise IndexFormatError(f"{path} holds {name!r}, not a run directory relative to {root}")
     return str(Path(root) / name)
-
-
-def publisher_record() -> dict[str, Any]:
-    """The `publisher` of a "publishing" manifest written by this process."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
-
-
-def publisher_alive(publisher: Any, now: datetime.datetime | None = None) -> bool:
-    """Whether the process a "publishing" manifest names may still be publishing: False when
-    it ran on this host and is gone, or began more than PUBLISH_TIMEOUT_SECONDS before `now`
-    (default: the current time), or the record is missing or malformed."""
-    if not isinstance(publisher, dict):
-        return False
-    try:
-        since = datetime.datetime.fromisoformat(str(publisher.get("since")))
-    except ValueError:
-        return False
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=datetime.timezone.utc)
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    if (now - since).total_seconds() > PUBLISH_TIMEOUT_SECONDS:
-        return False
-    pid = publisher.get("pid")
-    if publisher.get("host") != socket.gethostname():
-        return True  # another machine's process: only the timeout tells
-    return isinstance(pid, int) and not isinstance(pid, bool) and _process_alive(pid)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    try:  # a killed process its parent has not reaped yet is a zombie: gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _named_by_latest(run_directory: str, run_id: str) -> bool:
-    """Whether the LATEST of the output root holding `run_directory` (<root>/runs/<id>) names it."""
-    directory = Path(run_directory)
-    if directory.parent.name != RUNS_DIR:
-        return False
-    try:
-        latest = read_latest(str(directory.parent.parent))
-    except (IndexFormatError, OSError):
-        return False
-    return latest is not None and Path(latest).name == run_id and Path(latest).parent.name == RUNS_DIR
-
-
-def effective_status(
-    run_directory: str, manifest: RunManifest, now: datetime.datetime | None = None
-) -> tuple[str, str | None]:
-    """(the run's true status, why it differs from the recorded one or None): the recorded
-    status, except for a "publishing" run, which is "published" when LATEST names it,
-    "publishing" while its publisher may be at work (`publisher_alive`), else "failed"."""
-    if manifest.status != PUBLISHING:
-        return manifest.status, None
-    if _named_by_latest(run_directory, manifest.run_id):
-        return PUBLISHED, (
-            "LATEST names it; its publish was interrupted after LATEST was written "
-            "(the next build records it as published)"
-        )
-    if publisher_alive(manifest.publisher, now):
-        return PUBLISHING, "a publish in progress: LATEST is being pointed at it"
-    return FAILED, KILLED_WHILE_PUBLISHING
-
-
-def repair_status(run_directory: str, now: datetime.datetime | None = None) -> str | None:
-    """Writes a "publishing" run's true status (`effective_status`) into its manifest, once
-    it is known: "published" when LATEST names it, "failed" (with the error) when its publish
-    was killed.  Returns the status written, or None when nothing changed."""
-    manifest = read_run_manifest(run_directory)
-    status, _ = effective_status(run_directory, manifest, now)
-    if manifest.status != PUBLISHING or status == PUBLISHING:
-        return None
-    manifest.status, manifest.publisher = status, None
-    if status == FAILED:
-        manifest.error = KILLED_WHILE_PUBLISHING
-    write_run_manifest(run_directory, manifest)
-    return status
-
-
-def publish(root: str, run_id: str) -> RunManifest:
-    """Points LATEST at a run whose manifest says "publishing" (a build that passed its
-    gates) or "published" (going back to an earlier run), and returns its manifest as
-    written: the run's files are made read-only, the run LATEST named until now gets its
-    true status if its own publish was interrupted (`repair_status`), LATEST is replaced
-    (temporary file, then rename), and a "publishing" manifest is rewritten as "published".
-    """
-    directory = run_dir(root, run_id)
-    manifest = read_run_manifest(directory)
-    if manifest.status not in (PUBLISHED, PUBLISHING):
-        raise IndexFormatError(
-            f"run {run_id} is not publishable (its manifest status is {manifest.status!r}, "
-            f"not {PUBLISHING!r} or {PUBLISHED!r})"
-        )
-    make_read_only(directory)
-    try:  # a damaged LATEST or previous run is retention's to report, not a reason not to publish
-        previous = read_latest(root)
-        if previous is not None and os.path.isfile(os.path.join(previous, RUN_MANIFEST)):
-            repair_status(previous)
-    except (IndexFormatError, OSError):
-        pass
-    killpoints.reached("publishing")
-    write_text_atomic(Path(root) / LATEST, f"{RUNS_DIR}/{run_id}\n")
-    killpoints.reached("latest-written")
-    if manifest.status == PUBLISHING:
-        manifest.status, manifest.publisher = PUBLISHED, None
-        write_run_manifest(directory, manifest)
-    return manifest
 
 
 def resolve_run(path: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval import runs
+from retrieval import run_status, runs
 from retrieval.errors import IndexFormatError
 from retrieval.manifest import utc_now
 from retrieval.searchable import SearchableIndex
@@ -57,7 +57,7 @@ def load_run(run_dir: str, only: str | None, verify: bool, allow_unpublished: bo
     """Load the run at `run_dir` (every embedder, or `only` that one)."""
     start = time.perf_counter()
     manifest = runs.read_run_manifest(run_dir)
-    status, _ = runs.effective_status(run_dir, manifest)  # "publishing" and named by LATEST: published
+    status, _ = run_status.effective_status(run_dir, manifest)  # "publishing" and named by LATEST: published
     if status != runs.PUBLISHED and not allow_unpublished:
         raise IndexFormatError(
             f"run {manifest.run_id} ({run_dir}) has status {status!r}, not 'published'"
@@ -118,7 +118,7 @@ def check_run_exists(root: str, run_dir: str) -> None:
             f"{root}/{runs.LATEST} names run {os.path.basename(run_dir.rstrip('/'))} "
             f"({run_dir}), which does not exist: it was deleted, or is not copied yet (a sync "
             f"that copies {runs.LATEST} before the run); restore or finish copying the run "
-            f"directory, or point {runs.LATEST} at an existing run (`retrieval.runs.publish`)"
+            f"directory, or point {runs.LATEST} at an existing run (`retrieval.run_status.publish`)"
         )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from imgindex import cli
 from pipelines import build, build_options
-from retrieval import index, runs
+from retrieval import index, run_status, runs
 from retrieval.errors import ConfigError, IndexFormatError
 from tests.helpers import images
 
@@ -112,7 +112,7 @@ def test_failed_run_is_recorded_and_latest_unchanged(tmp_path, tiny_savedmodel):
     manifest = runs.read_run_manifest(f"{root}/runs/{failed}")
     assert manifest.status == "failed" and "needs more than 7 vectors" in manifest.error
     with pytest.raises(Exception, match="not publishable"):
-        runs.publish(root, failed)
+        run_status.publish(root, failed)
 
 
 @pytest.mark.slow
@@ -220,6 +220,6 @@ def test_publish_replaces_latest_atomically(tmp_path):
                 run_id=run_id, status="published", inputs={}, counts={}, embedders={}, gates={}, timings={}
             ),
         )
-        runs.publish(str(root), run_id)
+        run_status.publish(str(root), run_id)
         assert runs.read_latest(str(root)) == runs.run_dir(str(root), run_id)
     assert sorted(os.listdir(root)) == [runs.LATEST, runs.RUNS_DIR]  # no temporary file left

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval import index, runs
+from retrieval import index, run_status, runs
 from retrieval.errors import IndexFormatError
 from retrieval.manifest import WRITE_BITS, make_temp_dir, make_temp_file, write_text_atomic
 from tests.helpers import runs_fixture as rf
@@ -72,7 +72,7 @@ def test_files_written_through_a_temporary_file_follow_the_umask(tmp_path, umask
         assert _mode(path) == 0o666 & ~umask and _mode(make_temp_dir(tmp_path, ".d.")) == 0o777 & ~umask
 
         _set_status(run_dir, runs.PUBLISHING)
-        runs.publish(str(root), os.path.basename(run_dir))
+        run_status.publish(str(root), os.path.basename(run_dir))
     finally:
         os.umask(old)
     assert _mode(root / runs.LATEST) == 0o666 & ~umask
@@ -124,7 +124,7 @@ def test_a_run_published_by_one_account_is_served_by_another(shared_dir):
         root = shared_dir / "root"
         root.mkdir()
         run_dir = _write_run(root, status=runs.PUBLISHING)
-        runs.publish(str(root), os.path.basename(run_dir))
+        run_status.publish(str(root), os.path.basename(run_dir))
     finally:
         os.umask(old)
     # As root: every module a Searcher needs is imported (opening the run once), not checked.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval import retention, runs
+from retrieval import retention, run_status, runs
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.manifest import write_text_atomic
 from tests.helpers.run_dirs import (
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("keep_runs", [0, 2, 3, 10])
 def test_latest_and_the_run_before_it_are_never_deleted(tmp_path, keep_runs):
     published = [make_run(tmp_path, h) for h in range(5)]
-    runs.publish(str(tmp_path), published[-1])
+    run_status.publish(str(tmp_path), published[-1])
     report = retention.apply_retention(
         tmp_path, keep_runs=keep_runs, keep_failed_hours=0, now=T0 + 1000 * HOUR
     )
@@ -54,7 +54,7 @@ def test_latest_and_the_run_before_it_are_never_deleted(tmp_path, keep_runs):
 
 def test_keeps_the_newest_n_published_runs_counting_latest(tmp_path):
     published = [make_run(tmp_path, h) for h in range(6)]
-    runs.publish(str(tmp_path), published[-1])
+    run_status.publish(str(tmp_path), published[-1])
     report = retention.apply_retention(tmp_path, keep_runs=3, keep_failed_hours=24, now=T0)
     assert run_ids(tmp_path) == published[3:]
     assert [(e.run_id, e.status) for e in report.deleted] == [(r, "published") for r in published[:3]]
@@ -80,7 +80,7 @@ def test_the_run_before_latest_is_the_newest_published_one_older_than_latest(tmp
 def test_published_runs_newer_than_latest_are_kept_and_count_towards_keep_runs(tmp_path):
     published = [make_run(tmp_path, h) for h in range(6)]
     # An operator pointed LATEST back, or a concurrent build is about to publish the newest.
-    runs.publish(str(tmp_path), published[2])
+    run_status.publish(str(tmp_path), published[2])
     report = retention.apply_retention(tmp_path, keep_runs=3, keep_failed_hours=24, now=T0)
     assert run_ids(tmp_path) == published[1:]
     assert all("newer than LATEST" in e.reason for e in report.kept if e.run_id in published[3:])
@@ -207,7 +207,7 @@ def test_an_unreadable_latest_stops_retention_before_it_deletes_anything(tmp_pat
 
 def test_a_latest_that_changes_during_retention_stops_the_deletions(tmp_path, monkeypatch):
     published = [make_run(tmp_path, h) for h in range(4)]
-    runs.publish(str(tmp_path), published[-1])
+    run_status.publish(str(tmp_path), published[-1])
     monkeypatch.setattr(retention, "_latest_now", lambda root: "runs/something-newer")
     report = retention.apply_retention(tmp_path, keep_runs=2, keep_failed_hours=0, now=T0)
     assert report.deleted == [] and run_ids(tmp_path) == published
@@ -314,7 +314,7 @@ def _publishing(root, hours, pid=None, since=None):
         child = subprocess.Popen([sys.executable, "-c", "pass"])
         child.wait()
         pid = child.pid
-    manifest.publisher = {**runs.publisher_record(), "pid": pid, **({"since": since} if since else {})}
+    manifest.publisher = {**run_status.publisher_record(), "pid": pid, **({"since": since} if since else {})}
     runs.write_run_manifest(directory, manifest)
     return run_id
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from imgindex import cli
-from retrieval import output_root, runs
+from retrieval import output_root, run_status, runs
 from retrieval.errors import ConfigError, IndexFormatError
 from tests.helpers.run_dirs import HOUR, T0, entry, make_damaged, make_incomplete, make_run
 
@@ -205,7 +205,7 @@ def _publishing(root, hours, **publisher):
     run_id = make_run(root, hours, "publishing")
     directory = runs.run_dir(str(root), run_id)
     manifest = runs.read_run_manifest(directory)
-    record = {**runs.publisher_record(), "pid": _dead_pid(), **publisher}
+    record = {**run_status.publisher_record(), "pid": _dead_pid(), **publisher}
     manifest.publisher = record
     runs.write_run_manifest(directory, manifest)
     return run_id
@@ -213,7 +213,7 @@ def _publishing(root, hours, **publisher):
 
 def test_a_publishing_run_is_what_latest_and_its_publisher_say(tmp_path):
     named = _publishing(tmp_path, 0)
-    runs.publish(str(tmp_path), named)  # repairs nothing yet: it is the run being published
+    run_status.publish(str(tmp_path), named)  # repairs nothing yet: it is the run being published
     # What a kill after LATEST was written leaves: LATEST names it, its manifest says publishing.
     directory = runs.run_dir(str(tmp_path), named)
     manifest = runs.read_run_manifest(directory)
@@ -250,7 +250,7 @@ def test_runs_command_shows_a_killed_publish_as_failed(tmp_path, capsys):
 
 def test_publish_records_the_true_status_of_the_run_it_replaces(tmp_path):
     first = _publishing(tmp_path, 0)
-    runs.publish(str(tmp_path), first)
+    run_status.publish(str(tmp_path), first)
     assert runs.read_run_manifest(runs.run_dir(str(tmp_path), first)).status == "published"
     # Interrupted after LATEST: the next publish records it as published before moving on.
     directory = runs.run_dir(str(tmp_path), first)
@@ -258,7 +258,7 @@ def test_publish_records_the_true_status_of_the_run_it_replaces(tmp_path):
     manifest.status = "publishing"
     runs.write_run_manifest(directory, manifest)
     second = _publishing(tmp_path, 1)
-    written = runs.publish(str(tmp_path), second)
+    written = run_status.publish(str(tmp_path), second)
     assert written.status == "published" and written.publisher is None
     for run_id in (first, second):
         m = runs.read_run_manifest(runs.run_dir(str(tmp_path), run_id))
@@ -267,5 +267,5 @@ def test_publish_records_the_true_status_of_the_run_it_replaces(tmp_path):
     for status in ("failed", "rejected"):
         refused = make_run(tmp_path, 2, status)
         with pytest.raises(IndexFormatError, match=f"not publishable .*'{status}'"):
-            runs.publish(str(tmp_path), refused)
+            run_status.publish(str(tmp_path), refused)
     assert runs.read_latest(str(tmp_path)) == runs.run_dir(str(tmp_path), second)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval import runs
+from retrieval import run_status, runs
 from retrieval.errors import ConfigError, IndexFormatError
 from serving import Searcher
 from tests.helpers import runs_fixture as rf
@@ -130,7 +130,7 @@ def test_refresh_while_four_threads_query(tmp_path):
         thread.start()
     try:
         time.sleep(0.3)
-        runs.publish(str(root), run2)
+        run_status.publish(str(root), run2)
         assert searcher.refresh() is True
         swapped_at = time.monotonic()
         assert searcher.info()["run_id"] == run2
@@ -147,12 +147,12 @@ def test_refresh_while_four_threads_query(tmp_path):
     assert searcher.refresh() is False
 
     # Rolling LATEST back is followed too, here in a background thread.
-    runs.publish(str(root), run1)
+    run_status.publish(str(root), run1)
     assert searcher.refresh(background=True).result(timeout=30) is True
     assert searcher.run_id == run1
 
     # A broken new run leaves the old one served, and is reported.
-    runs.publish(str(root), run2)
+    run_status.publish(str(root), run2)
     index_file = Path(runs.run_dir(str(root), run2)) / "index" / "v" / "ids.parquet"
     index_file.write_bytes(index_file.read_bytes()[:-3] + b"xyz")
     with pytest.raises(IndexFormatError, match="ids.parquet is corrupted"):

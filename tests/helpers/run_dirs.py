@@ -6,7 +6,7 @@ import datetime
 import os
 from pathlib import Path
 
-from retrieval import output_root, runs
+from retrieval import output_root, run_status, runs
 
 T0 = datetime.datetime(2026, 11, 22, 12, tzinfo=datetime.timezone.utc)
 HOUR = datetime.timedelta(hours=1)
@@ -51,7 +51,7 @@ def make_run(root, hours, status="published", publish=False, error=None, embedde
     )
     runs.write_run_manifest(directory, manifest)
     if publish:
-        runs.publish(str(root), run_id)
+        run_status.publish(str(root), run_id)
     return run_id
 
 

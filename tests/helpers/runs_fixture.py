@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from retrieval import runs
+from retrieval import run_status, runs
 from retrieval.index import IndexConfig, build_index
 
 PREPROCESSING = "float32 RGB in [0, 1], shape [batch, height, width, 3] (TF Hub image convention)"
@@ -102,7 +102,7 @@ def write_run(root, embedders: dict[str, EmbedderData], run_id=None, status="pub
     )
     runs.write_run_manifest(directory, manifest)
     if publish and status == "published":
-        runs.publish(str(root), run_id)
+        run_status.publish(str(root), run_id)
     return directory
 
 
