@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import build_options, embed
 from pipelines.options import EmbedOptions, check_flags
+from pipelines.plan import plan
 from retrieval import index as index_lib
 from retrieval import killpoints, projection, retention, run_status, runs, sharded, tables
 from retrieval.errors import ConfigError, ImgIndexError
@@ -209,7 +210,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         embed_options.reuse_from = "latest"
     started = time.time()
     # Flags, handles and previous tables are checked before the run directory exists.
-    planned = embed.plan(options, root=root, salt=run_id)
+    planned = plan(options, root=root, salt=run_id)
     os.makedirs(run_directory)
     timings: dict[str, float] = {}
     manifest = runs.RunManifest(

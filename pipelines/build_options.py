@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipelines.embed import DEFAULT_EMBEDDER
 from pipelines.options import EmbedOptions
+from pipelines.plan import DEFAULT_EMBEDDER
 from retrieval import embedders, retention
 from retrieval.errors import ConfigError
 from retrieval.exact import DISTANCES

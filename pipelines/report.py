@@ -27,8 +27,8 @@ from pipelines.content import CHANGED, DUPLICATE_ID
 from pipelines.decode import NAMESPACE
 from retrieval.version import __version__
 
-if TYPE_CHECKING:  # pipelines.embed imports this module
-    from pipelines.embed import Plan
+if TYPE_CHECKING:  # for annotations only
+    from pipelines.plan import Plan
 
 REPORT_NAME = "run_report.json"
 
