@@ -21,7 +21,7 @@ from pipelines import shards as S
 from pipelines.embed import run as embed_run
 from pipelines.read_webdataset import MAX_TAR_HEADER_BYTES
 from retrieval.errors import ConfigError
-from tests.helpers import fuzz, images
+from tests.helpers import fuzz, fuzz_records, images
 from tests.helpers import shards as shard_writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,9 +220,9 @@ def test_a_member_altered_inside_a_tar_gz_is_never_embedded(tmp_path):
     """The review's case: a .tar.gz whose stream fails its CRC had all its members embedded,
     one with altered bytes.  Here the altered byte sits in an image member's data."""
     raw = _tar(_samples(8))
-    (tmp_path / "x.tar.gz").write_bytes(fuzz.stored_gzip(raw))
+    (tmp_path / "x.tar.gz").write_bytes(fuzz_records.stored_gzip(raw))
     assert not _read(tmp_path / "x.tar.gz", "webdataset")["untrusted"]  # the writer is right
-    damaged = bytearray(fuzz.stored_gzip(raw))
+    damaged = bytearray(fuzz_records.stored_gzip(raw))
     damaged[damaged.index(images.jpeg(seed=3)[200:216])] ^= 0x01
     (tmp_path / "x.tar.gz").write_bytes(bytes(damaged))
     got = _read(tmp_path / "x.tar.gz", "webdataset")
@@ -378,7 +378,7 @@ def _check_fuzz_run(tmp_path, tiny_savedmodel, scale):
     argv = [f"--input={g}" for g in corpus.globs] + [
         f"--output={out}",
         f"--embedder=tiny={tiny_savedmodel},size=32",
-        f"--max_record_bytes={fuzz.MAX_RECORD_BYTES}",
+        f"--max_record_bytes={fuzz_records.MAX_RECORD_BYTES}",
         "--max_pixels=4000000",
         "--decode_threads=4",
         "--batch_size=16",
