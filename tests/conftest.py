@@ -56,6 +56,17 @@ def vec_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vector_run(tmp_path_factory):
+    """The output root of a published run of one vector embedder, "vec" (200 x 8; the CLI
+    tests query it).  Read-only."""
+    from tests.helpers import runs_fixture as rf
+
+    root = tmp_path_factory.mktemp("query") / "root"
+    rf.write_run(root, {"vec": rf.vector_embedder("vec", 200, 8)})
+    return root
+
+
+@pytest.fixture(scope="session")
 def sharded_build(tmp_path_factory, tiny_savedmodel):
     """A published `imgindex build` (a BuildResult) of 40 small JPEGs img000.jpg ... with the
     tiny embedder ("tiny", 32 px), its index built as two brute-force shards and tuned on 20
