@@ -87,6 +87,32 @@ def sharded_build(tmp_path_factory, tiny_savedmodel):
     )
 
 
+# --- builtin EfficientNet-Lite (tests/test_builtin_*.py) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def builtin_cache_dir(tmp_path_factory):
+    """A model cache of the builtin models' exports, shared by the tests that export them."""
+    return str(tmp_path_factory.mktemp("imgindex-cache"))
+
+
+@pytest.fixture(scope="session")
+def lite0(builtin_cache_dir):
+    """builtin:efficientnet-lite0 exported into `builtin_cache_dir` (a BuiltinModel).
+    Read-only: copy it before changing it."""
+    from retrieval.builtin import materialize
+
+    return materialize("builtin:efficientnet-lite0", cache_dir=builtin_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def lite0_hub(lite0):
+    """`lite0` loaded with tensorflow_hub.load."""
+    import tensorflow_hub as hub
+
+    return hub.load(lite0.path)
+
+
 # --- index test data (tests/test_index_*.py, tests/test_recall_tuning.py) ------------------
 
 

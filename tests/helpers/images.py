@@ -100,3 +100,17 @@ def write_folder(folder, n, bad=0, seed=0) -> str:
         with open(os.path.join(folder, f"bad{i}.jpg"), "wb") as f:
             f.write(random_bytes(seed=i))
     return str(folder)
+
+
+def sample_photos(size: int) -> np.ndarray:
+    """skimage's coffee and chelsea photos as a [2, size, size, 3] batch in [0, 1], each resized
+    as a whole (no crop) with tf.image.resize bilinear (no antialiasing)."""
+    import tensorflow as tf
+    from skimage import data
+
+    return np.stack(
+        [
+            tf.image.resize(photo.astype(np.float32) / 255.0, (size, size), method="bilinear").numpy()
+            for photo in (data.coffee(), data.chelsea())
+        ]
+    )
