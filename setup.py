@@ -62,5 +62,5 @@ setup(
             "granian==2.8.9",
         ],
     },
-    entry_points={"console_scripts": ["imgindex=imgindex.cli:main"]},
+    entry_points={"console_scripts": ["imgindex=imgindex.cli:console_main"]},
 )

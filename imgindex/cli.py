@@ -4,6 +4,8 @@ so `imgindex --help` and `imgindex <cmd> --help` never import TensorFlow."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 
@@ -287,5 +289,29 @@ def _stdout_to_devnull() -> None:
         pass
 
 
+def console_main() -> None:
+    """The installed `imgindex` script: main(), then an exit that skips native teardown.
+
+    Once a command has finished, its outputs are written and published; what is left is the
+    interpreter's teardown, where a native thread that outlived its Python object can abort
+    the process ("terminate called without an active exception"; pyarrow's reader threads
+    are a known cause, apache/arrow#34314) and turn a good nightly run into exit status 134.
+    So: collect garbage while the native libraries are still whole (it joins such threads
+    and closes forgotten files), run the
+    Python exit handlers (logging, multiprocessing, temporary directories), flush, and leave
+    with os._exit, which skips the C++ static destructors."""
+    code = main()
+    try:
+        gc.collect()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing left to say
+                pass
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
