@@ -41,7 +41,18 @@ setup(
     ],
     extras_require={
         # schemathesis: the property-based client of the HTTP API's OpenAPI description.
-        "test": ["pytest>=8", "pandas>=2", "scikit-image>=0.22", "schemathesis>=4.0"],
+        # moto[server]: the S3-compatible server on 127.0.0.1 the object-storage tests start.
+        "test": [
+            "pytest>=8",
+            "pandas>=2",
+            "scikit-image>=0.22",
+            "schemathesis>=4.0",
+            "moto[server]>=5.1",
+            "apache-beam[aws]>=2.77,<2.78",
+        ],
+        # Object storage: Beam's S3 filesystem (boto3); gs:// needs apache-beam[gcp].
+        "s3": ["apache-beam[aws]>=2.77,<2.78"],
+        "gcs": ["apache-beam[gcp]>=2.77,<2.78"],
         # The demo photographs (`imgindex demo`, `make run`) are scikit-image's bundled samples.
         "demo": ["scikit-image>=0.22"],
         # `make lint`; pinned so that a new release cannot fail CI by itself.

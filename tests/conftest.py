@@ -168,3 +168,22 @@ def damaged(saved_small, tmp_path):
     path = tmp_path / "index"
     shutil.copytree(saved_small, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the session (tests.helpers.s3); skips, saying why,
+    when moto is not installed or the server cannot start."""
+    from tests.helpers import s3
+
+    try:
+        import boto3  # noqa: F401
+        import moto  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the S3 tests need the test extra (moto[server], apache-beam[aws]): {exc}")
+    try:
+        server = s3.start()
+    except RuntimeError as exc:
+        pytest.skip(f"moto's S3 server could not start on 127.0.0.1: {exc}")
+    yield server
+    server.stop()

@@ -1,0 +1,212 @@
+"""Object storage (gs://, s3://, any scheme Beam's FileSystems knows) for run roots, tables
+and the files a run publishes.  Local paths keep their own code (atomic rename, fsync,
+read-only modes: retrieval.runs); this module is for the paths that have a scheme.
+
+Beam's FileSystems takes its client settings (endpoint, credentials, region, project) from
+pipeline options, and only those handed to it: `configure()` does that once per process,
+before anything is listed, checked, read or written.  Apache Beam is imported here, lazily, so
+that serving a local root never imports it.
+
+What the stores guarantee, and what this module relies on: a single-object put is atomic on
+GCS and S3 (a reader sees the old object or the new one, never a part), and since 2020 both
+give read-after-write consistency for puts, overwrites, deletes and listings.  Nothing here
+needs rename, which object stores do not have."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from retrieval.errors import ConfigError, ImgIndexError
+
+if TYPE_CHECKING:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+_CHUNK = 8 << 20
+
+
+class StorageError(ImgIndexError):
+    """An object store refused or failed an operation: credentials, bucket, network."""
+
+
+def is_remote(path: str) -> bool:
+    """True for a path with a scheme (gs://, s3://, ...); file:// is not supported."""
+    return "://" in str(path)
+
+
+def join(base: str, *parts: str) -> str:
+    out = str(base).rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def options_from_flags(flags: Sequence[str]) -> PipelineOptions:
+    """Beam pipeline options from command-line flags (never from sys.argv)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return PipelineOptions(flags=list(flags))
+
+
+def configure(options: PipelineOptions | None) -> None:
+    """Hand `options` (endpoint, credentials, region, project flags) to Beam's FileSystems,
+    which otherwise builds its S3 or GCS client without them."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if options is not None:
+        FileSystems.set_options(options)
+
+
+@contextlib.contextmanager
+def _errors(path: str, action: str) -> Iterator[None]:
+    """One clear line for a store's failure (no traceback): which path, which action, the
+    store's own reason, and where the settings come from."""
+    try:
+        yield
+    except (ImgIndexError, FileNotFoundError):
+        raise
+    except Exception as exc:  # boto3, google-cloud and Beam wrap failures in many types
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise StorageError(
+            f"{path}: cannot {action}: {reason[:400]}. Check the bucket name and the store's "
+            "settings (for S3: --s3_endpoint_url, --s3_access_key_id, --s3_secret_access_key, "
+            "--s3_region_name, or the AWS_* environment; for GCS: --project and "
+            "application-default credentials)"
+        ) from None
+
+
+def _fs() -> Any:
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    path: str
+    size: int
+
+
+def exists(path: str) -> bool:
+    with _errors(path, "check whether it exists"):
+        return bool(_fs().exists(path))
+
+
+def list_prefix(prefix: str) -> list[ObjectInfo]:
+    """Every object whose path starts with `prefix` + "/" (recursive), sorted by path."""
+    pattern = join(prefix, "**")
+    with _errors(prefix, "list"):
+        try:
+            matched = _fs().match([pattern])[0].metadata_list
+        except Exception as exc:
+            if (
+                "No files found" in str(exc)
+                or type(exc).__name__ == "BeamIOError"
+                and "matched 0" in str(exc)
+            ):
+                return []
+            raise
+    return sorted((ObjectInfo(m.path, int(m.size_in_bytes)) for m in matched), key=lambda o: o.path)
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole object; FileNotFoundError when it does not exist."""
+    if not exists(path):
+        raise FileNotFoundError(path)
+    with _errors(path, "read"):
+        from apache_beam.io.filesystem import CompressionTypes
+
+        with _fs().open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            return bytes(f.read())
+
+
+def put_bytes(path: str, data: bytes) -> None:
+    """One single-object put: readers see the old object or the whole new one."""
+    with _errors(path, "write"):
+        from apache_beam.io.filesystem import CompressionTypes
+
+        with _fs().create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(data)
+
+
+def upload(local: str, path: str) -> str:
+    """Copy local file `local` to object `path`; returns its SHA-256 (hex)."""
+    digest = hashlib.sha256()
+    with _errors(path, "upload to"):
+        from apache_beam.io.filesystem import CompressionTypes
+
+        with (
+            open(local, "rb") as src,
+            _fs().create(path, compression_type=CompressionTypes.UNCOMPRESSED) as dst,
+        ):
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+    return digest.hexdigest()
+
+
+def download(path: str, local: str) -> str:
+    """Copy object `path` to local file `local` (written beside it, then renamed); returns
+    its SHA-256 (hex).  FileNotFoundError when the object does not exist."""
+    if not exists(path):
+        raise FileNotFoundError(path)
+    digest = hashlib.sha256()
+    directory = os.path.dirname(os.path.abspath(local))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".download-")
+    try:
+        with _errors(path, "download"):
+            from apache_beam.io.filesystem import CompressionTypes
+
+            with (
+                os.fdopen(fd, "wb") as dst,
+                _fs().open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src,
+            ):
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+        os.replace(tmp, local)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return digest.hexdigest()
+
+
+def delete_prefix(prefix: str) -> int:
+    """Delete every object under `prefix` + "/"; returns how many."""
+    objects = list_prefix(prefix)
+    if objects:
+        with _errors(prefix, "delete"):
+            _fs().delete([o.path for o in objects])
+    return len(objects)
+
+
+def upload_tree(local_dir: str, prefix: str) -> dict[str, str]:
+    """Upload every file under `local_dir` to `prefix`/<relative path>; returns
+    {relative path: SHA-256}."""
+    if not os.path.isdir(local_dir):
+        raise ConfigError(f"{local_dir} is not a directory")
+    out = {}
+    for dirpath, _dirs, files in os.walk(local_dir):
+        for name in sorted(files):
+            local = os.path.join(dirpath, name)
+            rel = os.path.relpath(local, local_dir).replace(os.sep, "/")
+            out[rel] = upload(local, join(prefix, rel))
+    return out
+
+
+def scratch_dir(prefix: str = "imgindex-") -> str:
+    """A local working directory for files on their way to or from a store; the caller removes
+    it (remove_scratch)."""
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+def remove_scratch(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
