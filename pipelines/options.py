@@ -234,16 +234,26 @@ class _OwnFlagsFilter(logging.Filter):
     _PREFIX = "Unparseable argument: "
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # The portable runner's job server reparses the options and lists them all at once:
+        # "Discarding unparseable args: [...]" and "Discarding invalid overrides: {...}".
+        if record.msg == "Discarding unparseable args: %s" and isinstance(record.args, tuple):
+            return not all(self._ours(str(a)) for a in record.args[0])
+        if record.msg == "Discarding invalid overrides: %s" and isinstance(record.args, dict):
+            # (LogRecord unpacks a lone mapping argument into record.args itself.)
+            return not all(f"--{key}" in own_flags() for key in record.args)
         message = record.getMessage()
         if not message.startswith(self._PREFIX):
             return True
         argument = message[len(self._PREFIX) :].split(". Did you mean", 1)[0]
+        return not self._ours(argument)
+
+    @staticmethod
+    def _ours(argument: str) -> bool:
         if argument in _CHECKED:
-            return False
-        if not argument.startswith("--"):
             return True
-        name = re.split(r"[=.\s]", argument, maxsplit=1)[0]
-        return name not in own_flags()
+        if not argument.startswith("--"):
+            return False
+        return re.split(r"[=.\s]", argument, maxsplit=1)[0] in own_flags()
 
 
 def own_flags() -> frozenset[str]:

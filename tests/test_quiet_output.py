@@ -51,6 +51,21 @@ def test_beam_logs_nothing_about_imgindex_flags_or_their_values(caplog):
     assert not [r.getMessage() for r in caplog.records if "Unparseable" in r.getMessage()]
 
 
+def test_portable_job_servers_lists_of_imgindex_flags_are_dropped_others_kept():
+    """The portable runner's job server reparses the options and warns about all of build's
+    flags at once; a list with a flag nobody knows still shows."""
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+
+    def shown(message, arg):
+        record = logging.LogRecord(beam_log.name, logging.WARNING, __file__, 0, message, (arg,), None)
+        return all(f.filter(record) for f in beam_log.filters)
+
+    assert not shown("Discarding unparseable args: %s", ["--index_shards=2", "--keep_runs=3"])
+    assert shown("Discarding unparseable args: %s", ["--index_shards=2", "--made_up=1"])
+    assert not shown("Discarding invalid overrides: %s", {"index_shards": 2, "min_recall": 0.9})
+    assert shown("Discarding invalid overrides: %s", {"index_shards": 2, "made_up": 1})
+
+
 def test_progress_line_reading_then_embedding():
     display = progress.Display(shards=4, embedders=["a", "b"])
     progress.reset()
