@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from retrieval.builtin import fingerprint, materialize
+from retrieval.errors import HandleError
 from tests.helpers.images import sample_photos
 
 # The package re-exports the function materialize(), which shadows the submodule's name.
@@ -25,6 +26,14 @@ def test_cache_dir_defaults(monkeypatch, tmp_path):
     assert materialize_module.cache_root(str(tmp_path / "explicit")) == str(tmp_path / "explicit")
     monkeypatch.delenv("IMGINDEX_CACHE_DIR")
     assert materialize_module.cache_root() == os.path.expanduser("~/.cache/imgindex")
+
+
+def test_an_object_store_cache_dir_is_refused_with_the_fix(monkeypatch, tmp_path):
+    with pytest.raises(HandleError, match=r"--model_cache_dir 'gs://b/cache'.*local or mounted"):
+        materialize_module.cache_root("gs://b/cache")
+    monkeypatch.setenv("IMGINDEX_CACHE_DIR", "s3://b/cache")
+    with pytest.raises(HandleError, match=r"\$IMGINDEX_CACHE_DIR 's3://b/cache'"):
+        materialize_module.cache_root()
 
 
 @pytest.mark.slow

@@ -152,6 +152,15 @@ def cpu_has_bf16() -> bool:
 
 def cache_root(cache_dir: str | None = None) -> str:
     root = cache_dir or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "imgindex")
+    if "://" in root:
+        # TensorFlow loads the export from a local directory and the cache is written with
+        # renames; an object-store path here would become a relative local path.
+        source = "--model_cache_dir" if cache_dir else f"${CACHE_ENV}"
+        raise HandleError(
+            f"{source} {root!r}: the builtin model cache must be a local or mounted directory, "
+            "not an object-store path; give each worker a local one (the default) or a shared "
+            "mount (docs/runners.md)"
+        )
     return os.path.abspath(os.path.expanduser(root))
 
 
