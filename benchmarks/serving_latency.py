@@ -50,7 +50,7 @@ def child_build(root: str, n: int, d: int) -> None:
     run_directory = runs.run_dir(root, run_id)
     path = runs.index_dir(run_directory, "synthetic")
     meta = pa.table({"id": ids, "source": [f"synthetic#{i}" for i in range(n)]})
-    built.save(path, tables={runs.METADATA_FILE: meta})
+    built.save(path, tables={index.METADATA_FILE: meta})
     m = built.manifest
     spec = {"name": "synthetic", "handle": "synthetic", "fingerprint": "synthetic", "dim": d}
     runs.write_run_manifest(

@@ -112,7 +112,7 @@ def build_indexes(
                 vectors_path=os.path.join(scratch, "vectors.npy"),
                 columns_path=os.path.join(scratch, "columns.parquet"),
             )
-            extra = {runs.METADATA_FILE: data.columns}
+            extra = {index_lib.METADATA_FILE: data.columns}
             vectors = data.vectors
             queries = tables.load_tuning_queries(tuning[name], data.spec) if name in tuning else None
             if opts.pca_dim:

@@ -158,7 +158,7 @@ class BuildShard(beam.DoFn):
             answers = self._answer(probes, built, data)
             del data.vectors
             # A retried bundle replaces its own earlier, unpublished attempt.
-            built.save(directory, overwrite=True, tables={runs.METADATA_FILE: data.columns})
+            built.save(directory, overwrite=True, tables={index_lib.METADATA_FILE: data.columns})
         finally:
             Path(vectors_path).unlink(missing_ok=True)
         answers["manifest_sha256"] = mf.sha256_file(os.path.join(directory, "manifest.json"))

@@ -40,7 +40,6 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from retrieval.errors import IndexFormatError
-from retrieval.index import METADATA_FILE  # noqa: F401  (pipelines name the run's metadata table by it)
 from retrieval.manifest import (
     MANIFEST_NAME,
     ManifestMessages,

@@ -47,7 +47,7 @@ def test_build_publishes_a_complete_run(two_embedder_build):
     assert (entry.n, entry.d, entry.method) == (30, 8, "brute_force")
     assert entry.spec["fingerprint"].startswith("sha256-tree:")
     loaded = index.load_index(os.path.join(result.run_dir, entry.index))
-    metadata = pq.read_table(os.path.join(result.run_dir, entry.index, runs.METADATA_FILE))
+    metadata = pq.read_table(os.path.join(result.run_dir, entry.index, index.METADATA_FILE))
     assert metadata.column("id").to_pylist() == list(loaded.ids)
     assert {"source", "sha256", "width", "height", "cls"} <= set(metadata.column_names)
     assert "embedding" not in metadata.column_names

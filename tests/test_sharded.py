@@ -13,7 +13,7 @@ from pipelines import build, build_shards
 from retrieval import exact, metrics, runs, sharded, tables
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError, DimensionMismatchError, IndexFormatError
-from retrieval.index import build_index
+from retrieval.index import METADATA_FILE, build_index
 from retrieval.searchable import SearchableIndex
 from serving import Searcher
 from tests.helpers.runs_fixture import clustered
@@ -133,7 +133,7 @@ def test_both_layouts_offer_readers_one_interface(tmp_path):
     many = sharded.open_index(runs.index_dir(run_dir, "vec"))
     data = tables.read_embeddings(os.path.join(run_dir, runs.EMBEDDINGS_DIR, "vec"), with_columns=True)
     build_index(data.vectors, data.ids, distance="cosine", k=10).save(
-        tmp_path / "one", tables={runs.METADATA_FILE: data.columns}
+        tmp_path / "one", tables={METADATA_FILE: data.columns}
     )
     one = sharded.open_index(tmp_path / "one")
     for index in (one, many):

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval import run_status, runs
-from retrieval.index import IndexConfig, build_index
+from retrieval.index import METADATA_FILE, IndexConfig, build_index
 
 PREPROCESSING = "float32 RGB in [0, 1], shape [batch, height, width, 3] (TF Hub image convention)"
 
@@ -88,7 +88,7 @@ def write_run(root, embedders: dict[str, EmbedderData], run_id=None, status="pub
             tables = {}
         else:
             metadata = data.metadata if data.metadata is not None else default_metadata(data.ids)
-            tables = {runs.METADATA_FILE: metadata}
+            tables = {METADATA_FILE: metadata}
         index.save(runs.index_dir(directory, name), tables=tables)
         entries[name] = runs.embedder_entry(directory, name, index, data.spec)
     manifest = runs.RunManifest(
