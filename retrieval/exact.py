@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from retrieval.errors import ConfigError
+
+if TYPE_CHECKING:  # numpy.typing costs an import at run time
+    import numpy.typing as npt
 
 DISTANCES = ("dot_product", "cosine", "squared_l2")
 

@@ -12,10 +12,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import numpy.typing as npt
+
+if TYPE_CHECKING:  # numpy.typing costs an import at run time
+    import numpy.typing as npt
 
 # Rows per chunk when streaming a matrix: 65,536 x 256 float32 = 64 MiB.
 CHUNK_ROWS = 65_536

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,8 @@ KILLED_WHILE_PUBLISHING = (
 
 def publisher_record() -> dict[str, Any]:
     """The `publisher` of a "publishing" manifest written by this process."""
+    import socket  # only when publishing: `import serving` stays light
+
     return {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
 
 
@@ -68,6 +69,8 @@ def publisher_alive(publisher: Any, now: datetime.datetime | None = None) -> boo
     if (now - since).total_seconds() > PUBLISH_TIMEOUT_SECONDS:
         return False
     pid = publisher.get("pid")
+    import socket
+
     if publisher.get("host") != socket.gethostname():
         return True  # another machine's process: only the timeout tells
     return isinstance(pid, int) and not isinstance(pid, bool) and _process_alive(pid)
