@@ -5,6 +5,10 @@
     runs/<run_id>/run_manifest.json      <- written last in the run, with its status
     LATEST                               <- names the run, written last and atomically
 
+The root may be on an object store (s3://, gs://): Beam writes the tables there, each index
+is built in local scratch and uploaded with its checksums checked (pipelines.remote_stage),
+then the run manifest and LATEST are single-object puts, in that order.
+
 A run that fails, is interrupted or is refused by a gate never touches LATEST, so the
 previous good run stays published.  A run that passes its gates is recorded as
 "publishing", made read-only, named by LATEST, then recorded as "published"
@@ -28,11 +32,12 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import build_options, embed
+from pipelines import build_options, embed, remote_stage
+from pipelines import report as report_lib
 from pipelines.options import EmbedOptions, check_flags
 from pipelines.plan import plan
 from retrieval import index as index_lib
-from retrieval import killpoints, projection, retention, run_status, runs, sharded, tables
+from retrieval import killpoints, projection, retention, run_status, runs, sharded, storage, tables
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
@@ -60,7 +65,8 @@ def _sharded(run_directory: str, name: str, opts: build_options.BuildOptions) ->
     if opts.index_shards > 1:
         return True
     if opts.index_shards == 0 and opts.max_shard_vectors:
-        n = tables.count_rows(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}")
+        table = f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}"
+        n = report_lib.count_rows(table) if storage.is_remote(table) else tables.count_rows(table)
         return sharded.shards_for(n, opts.max_shard_vectors) > 1
     return False
 
@@ -71,17 +77,40 @@ def build_indexes(
     """One index per embedder from its tables; returns the run manifest's `embedders` entry.
 
     A sharded index (--index_shards, --max_shard_vectors) is built by a Beam pipeline on the
-    runner `options` names (pipelines.build_shards); a single index in this process.
+    runner `options` names (pipelines.build_shards); a single index in this process.  On an
+    object-store run (`retrieval.storage`) each is built in local scratch and uploaded
+    (pipelines.remote_stage); the scratch is removed in the end.
     """
+    remote = storage.is_remote(run_directory)
+    scratch = storage.scratch_dir("imgindex-build-") if remote else None
+    try:
+        return _build_indexes(run_directory, report, opts, options, scratch)
+    finally:
+        if scratch is not None:
+            storage.remove_scratch(scratch)
+
+
+def _build_indexes(
+    run_directory: str,
+    report: dict,
+    opts: build_options.BuildOptions,
+    options: PipelineOptions | None,
+    scratch: str | None,
+) -> dict:
     out = {}
     tuning = build_options.tuning_queries_of(opts)
+    if scratch is not None:  # remote --tuning_queries: read from a local copy
+        tuning = {name: remote_stage.localize(path, scratch, name) for name, path in tuning.items()}
+    # Where the index is built: the run itself, or a local mirror of its layout.
+    local_run = run_directory if scratch is None else scratch
     for name in report["embedders"]:
         if _sharded(run_directory, name, opts):
             from pipelines import build_shards
 
             queries = None
             if name in tuning:
-                spec = tables.embedder_spec(f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}")
+                table = f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}"
+                spec = remote_stage.table_spec(table) if scratch is not None else tables.embedder_spec(table)
                 queries = tables.load_tuning_queries(tuning[name], spec)
             built = build_shards.build_sharded(
                 options if options is not None else opts,
@@ -95,22 +124,31 @@ def build_indexes(
                 tuning_queries=queries,
             )
             out[name] = runs.embedder_entry(
-                run_directory, name, built, built.manifest.embedder, shards=built.num_shards
+                run_directory,
+                name,
+                built,
+                built.manifest.embedder,
+                manifest_sha256=built.manifest_sha256,
+                shards=built.num_shards,
             )
             continue
-        index_dir = runs.index_dir(run_directory, name)
+        if scratch is not None:
+            remote_stage.download_table(
+                f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}", f"{local_run}/{runs.EMBEDDINGS_DIR}/{name}"
+            )
+        index_dir = runs.index_dir(local_run, name)
         work_dir = os.path.dirname(index_dir)
         os.makedirs(work_dir, exist_ok=True)
         # The matrix and the metadata columns go to local files, not the heap: the index build
         # streams the matrix, ScaNN's searcher then holds the only in-memory copy, and the
         # metadata file is linked into the index (BENCHMARKS.md, build memory).
-        scratch = tempfile.mkdtemp(dir=work_dir, prefix=f".read-{name}-")
+        reading = tempfile.mkdtemp(dir=work_dir, prefix=f".read-{name}-")
         try:
             data = tables.read_embeddings(
-                f"{run_directory}/{runs.EMBEDDINGS_DIR}/{name}",
+                f"{local_run}/{runs.EMBEDDINGS_DIR}/{name}",
                 with_columns=True,
-                vectors_path=os.path.join(scratch, "vectors.npy"),
-                columns_path=os.path.join(scratch, "columns.parquet"),
+                vectors_path=os.path.join(reading, "vectors.npy"),
+                columns_path=os.path.join(reading, "columns.parquet"),
             )
             extra = {index_lib.METADATA_FILE: data.columns}
             vectors = data.vectors
@@ -136,9 +174,17 @@ def build_indexes(
             del data.vectors, vectors
             built.save(index_dir, tables=extra)
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(reading, ignore_errors=True)
+        uploaded = None
+        if scratch is not None:
+            uploaded = remote_stage.upload_index(index_dir, runs.index_dir(run_directory, name))
         out[name] = runs.embedder_entry(
-            run_directory, name, built, data.spec.to_dict(), pca_dim=opts.pca_dim or None
+            local_run,
+            name,
+            built,
+            data.spec.to_dict(),
+            manifest_sha256=uploaded,
+            pca_dim=opts.pca_dim or None,
         )
     return out
 
@@ -147,7 +193,7 @@ def _previous_index(report: dict, name: str) -> str | None:
     """The index the run whose table embedder `name` reused built from that table (local
     runs only), whose training today's index may reuse (`retrieval.index.training`)."""
     table = ((report.get("reuse") or {}).get("embedders") or {}).get(name, {}).get("table")
-    if not table or "://" in table:
+    if not table or storage.is_remote(table):  # a remote index is not read back to train from
         return None
     embeddings, previous_name = os.path.split(table.rstrip("/"))
     run_directory, folder = os.path.split(embeddings)
@@ -198,11 +244,18 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     argv = sys.argv[1:] if argv is None else list(argv)
     options = build_options.BuildOptions(flags=check_flags(argv, build_options.BuildOptions))
     opts = options.view_as(build_options.BuildOptions)
+    # The store's endpoint, credentials and region reach Beam's FileSystems before anything
+    # is listed or checked (retrieval.storage).
+    storage.configure(options)
     build_options.check(opts)
     root = opts.output.rstrip("/")
+    remote = storage.is_remote(root)
     run_id = opts.run_id or runs.new_run_id()
     run_directory = runs.run_dir(root, run_id)
-    if os.path.exists(run_directory):
+    if remote:  # bucket, endpoint and credentials: one clear line before any work
+        storage.check_writable(root)
+        remote_stage.check_free(run_directory)
+    elif os.path.exists(run_directory):
         raise ConfigError(f"run directory {run_directory} exists already; choose another --run_id")
     embed_options = options.view_as(EmbedOptions)
     embed_options.output = run_directory
@@ -211,7 +264,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     started = time.time()
     # Flags, handles and previous tables are checked before the run directory exists.
     planned = plan(options, root=root, salt=run_id)
-    os.makedirs(run_directory)
+    if not remote:  # an object store has no directories
+        os.makedirs(run_directory)
     timings: dict[str, float] = {}
     manifest = runs.RunManifest(
         run_id=run_id,

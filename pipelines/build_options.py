@@ -12,7 +12,7 @@ import os
 
 from pipelines.options import EmbedOptions
 from pipelines.plan import DEFAULT_EMBEDDER
-from retrieval import embedders, retention
+from retrieval import embedders, retention, storage
 from retrieval.errors import ConfigError
 from retrieval.exact import DISTANCES
 
@@ -75,7 +75,8 @@ class BuildOptions(EmbedOptions):
             "search knobs instead of sampled database rows (use them when queries are "
             "unlike the indexed images, e.g. past queries): [EMBEDDER=]PATH, PATH a local "
             ".npy file (q, dim) or Parquet embedding table(s) written by `imgindex embed` "
-            "with the same embedder; repeat per embedder; without EMBEDDER= it applies "
+            "with the same embedder (local, or on any Beam filesystem: s3://, gs://); "
+            "repeat per embedder; without EMBEDDER= it applies "
             "to the run's only embedder",
         )
         parser.add_argument(
@@ -103,12 +104,8 @@ def check(opts: BuildOptions) -> None:
     """ConfigError unless the flags make a run that can be published."""
     if not opts.output:
         raise ConfigError("--output is required: the output root that holds runs/ and LATEST")
-    if "://" in opts.output:
-        raise ConfigError(
-            f"--output {opts.output!r}: `imgindex build` publishes to a local or mounted "
-            "path (index building and the atomic LATEST rename are local); `imgindex embed` "
-            "writes to any Beam filesystem"
-        )
+    if "://" in opts.output and not opts.output.split("://", 1)[1].strip("/"):
+        raise ConfigError(f"--output {opts.output!r} names no bucket; e.g. s3://bucket/root")
     if not 0 < opts.min_recall <= 1:
         raise ConfigError(f"--min_recall must be in (0, 1], got {opts.min_recall}")
     if not 0 <= opts.max_failure_rate <= 1:
@@ -157,7 +154,13 @@ def tuning_queries_of(opts: BuildOptions) -> dict[str, str]:
             )
         if name in out:
             raise ConfigError(f"--tuning_queries given twice for embedder {name!r}")
-        if "://" in path or not os.path.exists(path):
+        if storage.is_remote(path):
+            if not storage.exists_any(path):
+                raise ConfigError(
+                    f"--tuning_queries {value!r}: {path!r} is neither an object nor a prefix with "
+                    "objects (a .npy file or Parquet embedding tables)"
+                )
+        elif not os.path.exists(path):
             raise ConfigError(
                 f"--tuning_queries {value!r}: {path!r} is not an existing local file or "
                 "directory (a .npy file or Parquet embedding tables)"

@@ -15,12 +15,15 @@
 No process holds more than one shard's matrix: partitioning holds one row group, a build
 worker one shard.  The partitions are a file-based shuffle, so the runner's own shuffle
 (in memory on the local runners) never carries vectors; they cost one extra write and
-read of the tables.  The output must be a path every worker can write (local for the
-local runners; a shared mount for a distributed runner).
+read of the tables.  The output is a local path (a shared mount for a distributed runner) or
+an object store: then the partitions and probe answers are objects, and each worker builds its
+shard in its own local scratch and uploads it, checked against the shard's manifest
+(pipelines.remote_stage); the driver uploads the sharded manifest last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,12 +37,15 @@ import apache_beam as beam
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 
+from pipelines import remote_stage, shard_recall
+from pipelines import report as report_lib
 from pipelines.options import LOCAL_RUNNER
 from retrieval import index as index_lib
 from retrieval import manifest as mf
-from retrieval import metrics, runs, sharded, tables
+from retrieval import runs, sharded, storage, tables
 from retrieval import schema as S
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.exact import exact_search_by_chunks, normalize_rows
@@ -71,7 +77,17 @@ class PartitionFile(beam.DoFn):
 
     def process(self, element):
         number, path = element
-        parquet = pq.ParquetFile(path)
+        remote = storage.is_remote(self.index_dir)
+        # On an object store the partitions are written to local scratch, then uploaded.
+        scratch = storage.scratch_dir("imgindex-partition-") if remote else None
+        with contextlib.ExitStack() as stack:
+            if scratch is not None:
+                stack.callback(storage.remove_scratch, scratch)
+            source = stack.enter_context(FileSystems.open(path)) if storage.is_remote(path) else path
+            yield from self._partition(number, source, scratch)
+
+    def _partition(self, number, source, scratch):
+        parquet = pq.ParquetFile(source)
         writers, tmp_paths, counts = {}, {}, np.zeros(self.num_shards, np.int64)
         try:
             for group in range(parquet.num_row_groups):
@@ -80,7 +96,7 @@ class PartitionFile(beam.DoFn):
                 shards = sharded.shard_of(ids, self.num_shards)
                 for shard in np.unique(shards):
                     if shard not in writers:
-                        directory = _partition_dir(self.index_dir, int(shard))
+                        directory = _partition_dir(scratch or self.index_dir, int(shard))
                         os.makedirs(directory, exist_ok=True)
                         tmp_paths[shard] = os.path.join(
                             directory, f".part-{number:05d}.parquet.tmp-{os.getpid()}"
@@ -95,10 +111,13 @@ class PartitionFile(beam.DoFn):
                         yield beam.pvalue.TaggedOutput("probe", (key, item_id, vector))
             for shard, writer in writers.items():
                 writer.close()
-                os.replace(
-                    tmp_paths[shard],
-                    os.path.join(os.path.dirname(tmp_paths[shard]), f"part-{number:05d}.parquet"),
-                )
+                name = f"part-{number:05d}.parquet"
+                if scratch is not None:  # one object per file: a retry replaces it whole
+                    storage.upload(
+                        tmp_paths[shard], storage.join(_partition_dir(self.index_dir, shard), name)
+                    )
+                    continue
+                os.replace(tmp_paths[shard], os.path.join(os.path.dirname(tmp_paths[shard]), name))
         except BaseException:
             for shard, writer in writers.items():
                 writer.close()
@@ -136,14 +155,30 @@ class BuildShard(beam.DoFn):
                 f"shard {shard} has {rows} rows, above --max_shard_vectors "
                 f"{self.max_shard_vectors}; use more --index_shards"
             )
-        directory = os.path.join(self.index_dir, sharded.shard_name(shard, self.num_shards))
-        work_dir = os.path.join(self.index_dir, PARTITIONS)
+        remote = storage.is_remote(self.index_dir)
+        # On an object store: the shard is built in this worker's local scratch, then uploaded.
+        local_dir = storage.scratch_dir("imgindex-shard-") if remote else self.index_dir
+        try:
+            yield from self._build(shard, probes, local_dir)
+        finally:
+            if remote:
+                storage.remove_scratch(local_dir)
+
+    def _build(self, shard, probes, local_dir):
+        remote = local_dir != self.index_dir
+        name = sharded.shard_name(shard, self.num_shards)
+        directory = os.path.join(local_dir, name)
+        work_dir = os.path.join(local_dir, PARTITIONS)
+        partition = _partition_dir(self.index_dir, shard)
+        if remote:
+            partition = os.path.dirname(
+                remote_stage.download_table(partition, _partition_dir(local_dir, shard))[0]
+            )
+        os.makedirs(work_dir, exist_ok=True)
         # The shard's matrix goes to a local file that the build streams (retrieval.scann_assets).
         vectors_path = os.path.join(work_dir, f"vectors-shard-{shard:05d}-{uuid.uuid4().hex}.npy")
         try:
-            data = tables.read_embeddings(
-                _partition_dir(self.index_dir, shard), with_columns=True, vectors_path=vectors_path
-            )
+            data = tables.read_embeddings(partition, with_columns=True, vectors_path=vectors_path)
             tuning = np.stack([vector for _, _, vector in probes]) if self.held_out and probes else None
             built = index_lib.build_index(
                 data.vectors,
@@ -162,6 +197,8 @@ class BuildShard(beam.DoFn):
         finally:
             Path(vectors_path).unlink(missing_ok=True)
         answers["manifest_sha256"] = mf.sha256_file(os.path.join(directory, "manifest.json"))
+        if remote:  # file by file, checked against the shard's manifest, manifest.json last
+            remote_stage.upload_index(directory, storage.join(self.index_dir, name))
         answers.update(
             shard=shard,
             n=built.n,
@@ -172,9 +209,13 @@ class BuildShard(beam.DoFn):
             search_defaults=built.search_defaults,
             build_seconds=built.manifest.build_seconds,
         )
-        mf.write_json_atomic(
-            os.path.join(self.index_dir, PARTITIONS, f"probe-shard-{shard:05d}.json"), answers
-        )
+        probe_file = f"probe-shard-{shard:05d}.json"
+        if remote:
+            storage.put_bytes(
+                storage.join(self.index_dir, PARTITIONS, probe_file), json.dumps(answers).encode()
+            )
+        else:
+            mf.write_json_atomic(os.path.join(self.index_dir, PARTITIONS, probe_file), answers)
         yield shard
 
     def _answer(self, probes, built, data):
@@ -221,22 +262,24 @@ def build_sharded(
     """
     start = time.perf_counter()
     source = f"{run_directory}/{runs.EMBEDDINGS_DIR}/{embedder}"
-    dataset = ds.dataset(source, format="parquet")
-    files = sorted(dataset.files)
+    remote = storage.is_remote(run_directory)
+    files = (
+        remote_stage.parquet_files(source) if remote else sorted(ds.dataset(source, format="parquet").files)
+    )
     if not files:
         raise ConfigError(f"no embedding tables under {source}")
-    n = dataset.count_rows()  # from the Parquet footers
+    n = report_lib.count_rows(source) if remote else tables.count_rows(files)  # from the footers
     held_out = tuning_queries is not None
     if held_out:  # checked before any work: dimension, finite values, non-zero for cosine
-        tuning_queries = index_lib.prepare_tuning_queries(
-            tuning_queries, tables.embedder_spec(files).dim, distance
-        )
+        dim = remote_stage.table_spec(source).dim if remote else tables.embedder_spec(files).dim
+        tuning_queries = index_lib.prepare_tuning_queries(tuning_queries, dim, distance)
     if num_shards is None:
         num_shards = sharded.shards_for(n, max_shard_vectors)
     index_dir = runs.index_dir(run_directory, embedder)
-    if os.path.exists(index_dir):
+    if storage.has_objects(index_dir) if remote else os.path.exists(index_dir):
         raise ConfigError(f"{index_dir} exists already; sharded builds write a new index directory")
-    os.makedirs(index_dir)
+    if not remote:
+        os.makedirs(index_dir)
     probe_threshold = 0 if held_out else min(2**64 - 1, int(2**64 * min(1.0, 2 * num_queries / max(n, 1))))
     if options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = LOCAL_RUNNER
@@ -268,12 +311,17 @@ def build_sharded(
 
 
 def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
-    partitions = os.path.join(index_dir, PARTITIONS)
+    remote = storage.is_remote(index_dir)
+    partitions = storage.join(index_dir, PARTITIONS) if remote else os.path.join(index_dir, PARTITIONS)
     answers = []
     for shard in range(num_shards):
-        with open(os.path.join(partitions, f"probe-shard-{shard:05d}.json")) as f:
+        probe_file = f"probe-shard-{shard:05d}.json"
+        if remote:
+            answers.append(json.loads(storage.read_bytes(storage.join(partitions, probe_file))))
+            continue
+        with open(os.path.join(partitions, probe_file)) as f:
             answers.append(json.load(f))
-    recall = _merged_recall(answers, k, distance != "squared_l2", target_recall)
+    recall = shard_recall.merged_recall(answers, k, distance != "squared_l2", target_recall)
     manifest = sharded.ShardedManifest(
         distance=distance,
         n=sum(a["n"] for a in answers),
@@ -297,6 +345,17 @@ def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
     )
     if manifest.n != n:
         raise ShardSizeError(f"the shards hold {manifest.n} rows but the embedding tables {n}")
+    if remote:  # the shards are uploaded (by their workers); the manifest goes last
+        storage.delete_prefix(partitions)
+        scratch = storage.scratch_dir("imgindex-sharded-")
+        try:
+            sharded.write_manifest(scratch, manifest)
+            sha = storage.upload(
+                os.path.join(scratch, mf.MANIFEST_NAME), storage.join(index_dir, mf.MANIFEST_NAME)
+            )
+        finally:
+            storage.remove_scratch(scratch)
+        return ShardedBuild(manifest, index_dir, sha)
     shutil.rmtree(partitions)
     sharded.write_manifest(index_dir, manifest)
     return ShardedBuild(manifest, index_dir)
@@ -308,62 +367,11 @@ class ShardedBuild:
 
     manifest: sharded.ShardedManifest
     directory: str
+    # SHA-256 of manifest.json as uploaded to an object store (None: read it from `directory`)
+    manifest_sha256: str | None = None
 
     num_shards = property(lambda self: self.manifest.num_shards)
     method = property(lambda self: sharded.describe_method(s["method"] for s in self.manifest.shards))
 
     def open(self, verify: bool = True) -> sharded.ShardedIndex:
         return sharded.open_index(self.directory, verify=verify)
-
-
-def _merged_recall(
-    answers: list[dict], k: int, higher_is_better: bool, target_recall: float
-) -> index_lib.RecallRecord:
-    """Recall@k of the merged shard answers against the merged exact answers: leave-self-out
-    when each probe is a database row (its own id is dropped from both lists), plain when the
-    probes are held-out queries (id None); with the recall each shard measured itself."""
-    per_shard = tuple(a["recall"]["value"] for a in answers)
-    unmeasured = index_lib.RecallRecord(
-        k=k, value=None, n_queries=0, target=target_recall, per_shard=per_shard
-    )
-    queries = len(answers[0]["exact"])
-    if queries == 0:
-        return unmeasured
-    approx_lists, exact_lists = [], []
-    for query in range(queries):
-        merged = {}
-        for kind in ("exact", "approx"):
-            ids, _ = sharded.merge_top_k(
-                [a[kind][query][0] for a in answers],
-                [a[kind][query][1] for a in answers],
-                k + 1,
-                higher_is_better,
-            )
-            merged[kind] = ids
-        self_id = answers[0]["probe_ids"][query]
-        exact_lists.append([i for i in merged["exact"] if i != self_id][:k])
-        approx_lists.append([i for i in merged["approx"] if i != self_id][:k])
-    k_eff = min(k, min(len(e) for e in exact_lists))
-    if k_eff < 1:
-        return unmeasured
-    if answers[0]["probe_ids"][0] is None:
-        method = (
-            f"held-out over the merged shards: {queries} query vectors given to the build are "
-            f"queried in every shard, exactly and with each shard's index; the per-shard lists are "
-            f"merged and recall@k = mean |approx & exact| / k"
-        )
-    else:
-        method = (
-            f"leave-self-out over the merged shards: {queries} rows chosen by a hash of the id are "
-            f"queried for k+1 neighbours in every shard, exactly and with each shard's index; the "
-            f"per-shard lists are merged, the query's own id dropped, and recall@k = mean "
-            f"|approx & exact| / k"
-        )
-    return index_lib.RecallRecord(
-        k=k_eff,
-        value=metrics.recall_at_k(approx_lists, exact_lists, k_eff),
-        n_queries=queries,
-        target=target_recall,
-        method=method,
-        per_shard=per_shard,
-    )

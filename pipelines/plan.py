@@ -14,7 +14,7 @@ from pipelines import reuse
 from pipelines.decode import ResizePlan
 from pipelines.options import EmbedOptions
 from pipelines.shards import ReaderConfig, expand_inputs, parse_metadata_columns
-from retrieval import embedders, imaging
+from retrieval import embedders, imaging, storage
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
 
@@ -40,6 +40,9 @@ def plan(options: PipelineOptions, *, root: str | None = None, salt: str = "") -
     ConfigError/HandleError.  root: the output root whose LATEST `--reuse_from latest` means
     (imgindex build); salt: makes the verification sample differ from run to run."""
     opts = options.view_as(EmbedOptions)
+    # The store's endpoint, credentials and region reach Beam's FileSystems before any input
+    # is listed or the output checked (without them its S3 client cannot be made at all).
+    storage.configure(options)
     if not opts.output:
         raise ConfigError("--output is required: the directory the tables and run report go to")
     for name, value, low in (
@@ -57,7 +60,9 @@ def plan(options: PipelineOptions, *, root: str | None = None, salt: str = "") -
     if len(set(names)) != len(names):
         raise ConfigError(f"embedder names must be unique, got {names}; use NAME=HANDLE")
     metadata = parse_metadata_columns(opts.metadata)
-    _check_output_is_free(opts.output)
+    _check_output_is_free(opts.output.rstrip("/"))
+    if root is None and storage.is_remote(opts.output):  # imgindex build checked its root already
+        storage.check_writable(opts.output.rstrip("/"))
     inputs = expand_inputs(opts.input, opts.format)
     specs = [complete(spec, opts.model_cache_dir) for spec in specs]
     # What else decides the pixels each embedder sees (part of the spec, so of reuse).
@@ -87,7 +92,7 @@ def _check_output_is_free(output: str) -> None:
     existing = [
         p
         for p in (f"{output}/run_report.json", f"{output}/embeddings", f"{output}/failures")
-        if FileSystems.exists(p)
+        if (storage.exists_any(p) if storage.is_remote(p) else FileSystems.exists(p))
     ]
     if existing:
         raise ConfigError(

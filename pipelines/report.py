@@ -25,6 +25,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from pipelines.content import CHANGED, DUPLICATE_ID
 from pipelines.decode import NAMESPACE
+from retrieval import storage
 from retrieval.version import __version__
 
 if TYPE_CHECKING:  # for annotations only
@@ -167,8 +168,12 @@ def make(
 
 
 def write(output: str, report: dict) -> str:
-    """Writes run_report.json (temporary name, then rename)."""
+    """Writes run_report.json (temporary name, then rename; on an object store, which has
+    no rename, one single-object put, which is atomic there)."""
     path = f"{output}/{REPORT_NAME}"
+    if storage.is_remote(output):
+        storage.put_bytes(path, json.dumps(report, indent=2, sort_keys=True).encode())
+        return path
     tmp = f"{output}/.{REPORT_NAME}.tmp-{os.getpid()}"
     with FileSystems.create(tmp) as f:
         f.write(json.dumps(report, indent=2, sort_keys=True).encode())

@@ -34,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.fetch import CHECKS_SCHEMA, ReuseError
 
 __all__ = ["ReuseError", "ReusePlan", "PreviousTable", "plan_reuse", "check_verification"]
-from retrieval import runs
+from retrieval import runs, storage
 from retrieval import schema as S
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
@@ -110,13 +110,14 @@ def plan_reuse(
                 "--reuse_from latest needs an output root with LATEST (imgindex build); "
                 "for imgindex embed pass a run directory or embedding tables, or none"
             )
-        source = runs.read_latest(root) if "://" not in root else None
+        source = runs.read_latest(root)  # a local or an object-store root (retrieval.runs)
         if source is None:
             status = {s.name: f"off: nothing is published under {root} yet" for s in specs}
             return ReusePlan(None, {}, status, verify_fraction, salt)
     else:
         source = value.rstrip("/")
-        if not FileSystems.exists(source):
+        # On an object store a directory is a prefix: it exists when objects lie under it.
+        if not (storage.exists_any(source) if storage.is_remote(source) else FileSystems.exists(source)):
             raise ConfigError(
                 f"--reuse_from {value!r} does not exist; give a run directory, embedding tables, "
                 "latest or none"

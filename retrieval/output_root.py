@@ -3,7 +3,8 @@
 `list_runs` describes every run directory under `<root>/runs/` (see `retrieval.runs` for
 the layout): its status, creation time, counts and each embedder's rows;
 `latest_run_id` names the run LATEST points at.  Deleting the runs an output root no
-longer needs is `retrieval.retention`'s.  Local paths only.
+longer needs is `retrieval.retention`'s.  A root on an object store (s3://, gs://) is
+listed by `retrieval.remote_root`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from retrieval import run_status, runs
+from retrieval import run_status, runs, storage
 from retrieval.errors import ConfigError, IndexFormatError
 
 PUBLISHED = "published"
@@ -67,7 +68,12 @@ def list_runs(root: str | os.PathLike[str], now: datetime.datetime | None = None
     """Every run directory under `<root>/runs/`, oldest first (by run id, which starts with
     its UTC start time).  Dot-directories (deletions in progress) and files are ignored.
     `now` (default: the current time) decides whether an old "publishing" manifest's
-    publish was killed (`retrieval.run_status.publisher_alive`)."""
+    publish was killed (`retrieval.run_status.publisher_alive`).  A root on an object store
+    is listed by `retrieval.remote_root`."""
+    if storage.is_remote(str(root)):
+        from retrieval import remote_root
+
+        return remote_root.list_runs(str(root), now)
     root_path = check_root(root)
     try:
         latest = _latest_id(root_path)
@@ -87,6 +93,10 @@ def list_runs(root: str | os.PathLike[str], now: datetime.datetime | None = None
 def latest_run_id(root: str | os.PathLike[str]) -> str | None:
     """The run id LATEST names, or None when there is no LATEST or it names a directory
     outside `runs/`; IndexFormatError when LATEST is unreadable."""
+    if storage.is_remote(str(root)):
+        from retrieval import remote_root
+
+        return remote_root.latest_run_id(str(root))
     return _latest_id(check_root(root))
 
 
@@ -142,26 +152,26 @@ def _describe(path: Path, latest: str | None, now: datetime.datetime | None) -> 
             info, status=DAMAGED, reason=f"its manifest has an unknown status {m.status!r}"
         )
     status, why = run_status.effective_status(str(path), m, now)
-    created = _parse_time(m.created_at)
+    created = parse_time(m.created_at)
     return dataclasses.replace(
         info,
         status=status,
         recorded_status=m.status,
         created_at=created or mtime,
         created_from="manifest" if created else "mtime",
-        records=_count(m.counts.get("records")),
-        failed_total=_count(m.counts.get("failed_total")),
+        records=count_of(m.counts.get("records")),
+        failed_total=count_of(m.counts.get("failed_total")),
         embedders=tuple(EmbedderRows(str(name), e.n) for name, e in m.embedders.items()),
         error=m.error if isinstance(m.error, str) else None,
         reason=why,
     )
 
 
-def _count(value: object) -> int | None:
+def count_of(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _parse_time(text: object) -> datetime.datetime | None:
+def parse_time(text: object) -> datetime.datetime | None:
     try:
         return as_utc(datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")))
     except ValueError:

@@ -29,7 +29,8 @@ The runs are those `retrieval.output_root.list_runs` lists.  A deletion renames
 `runs/<run_id>` to `runs/.trash-<run_id>-<random>` (one atomic rename: the run is listed
 whole or not at all), then removes that directory.  A kill -9 at any point leaves LATEST and
 every kept run intact; the next `apply_retention` removes the leftover.  LATEST itself is
-never modified.  Local paths only.
+never modified.  A root on an object store follows the same rules, deleting by prefix
+(`retrieval.remote_root`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retrieval import killpoints, output_root, run_status, runs
+from retrieval import killpoints, output_root, run_status, runs, storage
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.output_root import INCOMPLETE, PUBLISHED, RunInfo
 
@@ -116,6 +117,12 @@ def apply_retention(
     `errors`, not raised: the next call retries it.
     """
     check_retention(keep_runs, keep_failed_hours)
+    if storage.is_remote(str(root)):  # same rules; deleted by prefix (retrieval.remote_root)
+        from retrieval import remote_root
+
+        return remote_root.apply_retention(
+            str(root), keep_runs=keep_runs, keep_failed_hours=keep_failed_hours, now=now
+        )
     root_path = output_root.check_root(root)
     output_root.latest_run_id(root_path)  # an unreadable LATEST: refuse before deleting anything
     now = output_root.as_utc(now) if now is not None else datetime.datetime.now(datetime.timezone.utc)

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from retrieval import killpoints
+from retrieval import killpoints, storage
 from retrieval.errors import IndexFormatError
 from retrieval.manifest import make_read_only, utc_now, write_text_atomic
 from retrieval.runs import (
@@ -94,6 +94,16 @@ def _process_alive(pid: int) -> bool:
 
 def _named_by_latest(run_directory: str, run_id: str) -> bool:
     """Whether the LATEST of the output root holding `run_directory` (<root>/runs/<id>) names it."""
+    if storage.is_remote(run_directory):
+        parent, _, name = run_directory.rstrip("/").rpartition("/")
+        root, _, runs_dir = parent.rpartition("/")
+        if runs_dir != RUNS_DIR or name != run_id:
+            return False
+        try:
+            latest = read_latest(root)
+        except (IndexFormatError, OSError, storage.StorageError):
+            return False
+        return latest is not None and latest.rstrip("/") == run_directory.rstrip("/")
     directory = Path(run_directory)
     if directory.parent.name != RUNS_DIR:
         return False
@@ -143,8 +153,15 @@ def publish(root: str, run_id: str) -> RunManifest:
     written: the run's files are made read-only, the run LATEST named until now gets its
     true status if its own publish was interrupted (`repair_status`), LATEST is replaced
     (temporary file, then rename), and a "publishing" manifest is rewritten as "published".
+
+    On an object store (`retrieval.storage`) there are no modes and no rename: every file of
+    the run is already written, the run manifest last; LATEST is one single-object put
+    (atomic on S3 and GCS, and read-after-write consistent), so a reader that sees it sees
+    the complete run.
     """
     directory = run_dir(root, run_id)
+    if storage.is_remote(root):
+        return _publish_remote(root, run_id, directory)
     manifest = read_run_manifest(directory)
     if manifest.status not in (PUBLISHED, PUBLISHING):
         raise IndexFormatError(
@@ -160,6 +177,29 @@ def publish(root: str, run_id: str) -> RunManifest:
         pass
     killpoints.reached("publishing")
     write_text_atomic(Path(root) / LATEST, f"{RUNS_DIR}/{run_id}\n")
+    killpoints.reached("latest-written")
+    if manifest.status == PUBLISHING:
+        manifest.status, manifest.publisher = PUBLISHED, None
+        write_run_manifest(directory, manifest)
+    return manifest
+
+
+def _publish_remote(root: str, run_id: str, directory: str) -> RunManifest:
+    """`publish` on an object store: the same order, with LATEST one single-object put."""
+    manifest = read_run_manifest(directory)
+    if manifest.status not in (PUBLISHED, PUBLISHING):
+        raise IndexFormatError(
+            f"run {run_id} is not publishable (its manifest status is {manifest.status!r}, "
+            f"not {PUBLISHING!r} or {PUBLISHED!r})"
+        )
+    try:  # as locally: a damaged previous run is retention's to report
+        previous = read_latest(root)
+        if previous is not None and storage.exists(storage.join(previous, RUN_MANIFEST)):
+            repair_status(previous)
+    except (IndexFormatError, OSError, storage.StorageError):
+        pass
+    killpoints.reached("publishing")
+    storage.put_bytes(storage.join(root, LATEST), f"{RUNS_DIR}/{run_id}\n".encode())
     killpoints.reached("latest-written")
     if manifest.status == PUBLISHING:
         manifest.status, manifest.publisher = PUBLISHED, None

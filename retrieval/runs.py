@@ -1,11 +1,12 @@
 """The published-run contract shared by `imgindex build` (writer) and `serving` (reader).
 
-Layout under an output root (local path or any Beam filesystem URI for the writer; the
-serving side reads local paths):
+Layout under an output root (a local path, or an object store such as s3:// or gs:// whose
+files are written with `retrieval.storage`):
 
     <root>/LATEST                          one line: the run directory relative to root,
                                            e.g. "runs/20261122T120000Z-1a2b3c"; written last,
-                                           atomically (temporary file + rename)
+                                           atomically (temporary file + rename; on an
+                                           object store one single-object put)
     <root>/runs/<run_id>/
         embeddings/<embedder>/part-*.parquet   embedding tables (retrieval.schema)
         failures/part-*.parquet                failures table
@@ -39,11 +40,13 @@ import secrets
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from retrieval import storage
 from retrieval.errors import IndexFormatError
 from retrieval.manifest import (
     MANIFEST_NAME,
     ManifestMessages,
     ManifestSchema,
+    _numpy_scalar,
     sha256_file,
     utc_now,
     write_json_atomic,
@@ -245,7 +248,13 @@ RUN_SCHEMA = ManifestSchema.of(
 
 def write_run_manifest(directory: str, manifest: RunManifest) -> None:
     """Writes run_manifest.json atomically; read-only when the status is publishing or
-    published (a published run's files are read-only)."""
+    published (a published run's files are read-only).  On an object store: one
+    single-object put (atomic there; objects have no modes)."""
+    if storage.is_remote(directory):
+        data = manifest.to_dict()
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=_numpy_scalar) + "\n"
+        storage.put_bytes(storage.join(directory, RUN_MANIFEST), text.encode())
+        return
     write_json_atomic(
         Path(directory) / RUN_MANIFEST,
         manifest.to_dict(),
@@ -254,6 +263,15 @@ def write_run_manifest(directory: str, manifest: RunManifest) -> None:
 
 
 def read_run_manifest(directory: str) -> RunManifest:
+    if storage.is_remote(directory):
+        remote = storage.join(directory, RUN_MANIFEST)
+        try:
+            data = json.loads(storage.read_bytes(remote))
+        except FileNotFoundError as exc:
+            raise IndexFormatError(f"{directory} is not a finished imgindex run (no {RUN_MANIFEST})") from exc
+        except ValueError as exc:
+            raise IndexFormatError(f"{remote} is unreadable: {exc}") from exc
+        return RunManifest.from_dict(data, remote)
     path = Path(directory) / RUN_MANIFEST
     try:
         with open(path) as f:
@@ -266,22 +284,27 @@ def read_run_manifest(directory: str) -> RunManifest:
 
 
 def read_latest(root: str) -> str | None:
-    """The run directory LATEST names (absolute), or None when nothing is published yet."""
-    path = Path(root) / LATEST
+    """The run directory LATEST names (absolute, or a URI under a remote root), or None when
+    nothing is published yet."""
+    remote = storage.is_remote(root)
+    path = storage.join(root, LATEST) if remote else Path(root) / LATEST
     try:
-        name = path.read_text().strip()
+        name = (storage.read_bytes(str(path)).decode() if remote else Path(path).read_text()).strip()
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as exc:
         raise IndexFormatError(f"{path} is not text (it should hold runs/<run_id>): {exc}") from exc
-    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+    if not name or os.path.isabs(name) or ".." in PurePosixPath(name).parts or "://" in name:
         raise IndexFormatError(f"{path} holds {name!r}, not a run directory relative to {root}")
-    return str(Path(root) / name)
+    return storage.join(root, name) if remote else str(Path(root) / name)
 
 
 def resolve_run(path: str) -> str:
     """An output root (follows LATEST) or a run directory -> the run directory."""
-    if (Path(path) / RUN_MANIFEST).is_file():
+    if storage.is_remote(path):
+        if storage.exists(storage.join(path, RUN_MANIFEST)):
+            return path.rstrip("/")
+    elif (Path(path) / RUN_MANIFEST).is_file():
         return str(path)
     latest = read_latest(path)
     if latest is None:
@@ -297,17 +320,22 @@ def embedder_entry(
     name: str,
     index: Index | ShardedIndex,
     spec: dict[str, Any] | None,
+    manifest_sha256: str | None = None,
     **extra: int | None,
 ) -> EmbedderEntry:
     """The run manifest's record of one embedder's saved index (`index`: a saved
     retrieval.index.Index or ShardedIndex), tying the run to that index's manifest by its
-    sha256.  extra: `shards` and `pca_dim`, recorded as given (None included)."""
+    sha256 (`manifest_sha256`: as uploaded to a remote run; default: read from the index
+    directory under the local `run_directory`).  extra: `shards` and `pca_dim`, recorded as
+    given (None included)."""
     m = index.manifest
+    if manifest_sha256 is None:
+        manifest_sha256 = sha256_file(os.path.join(index_dir(run_directory, name), MANIFEST_NAME))
     return EmbedderEntry(
         spec=spec,
         table=f"{EMBEDDINGS_DIR}/{name}",
         index=f"{INDEX_DIR}/{name}",
-        index_manifest_sha256=sha256_file(os.path.join(index_dir(run_directory, name), MANIFEST_NAME)),
+        index_manifest_sha256=manifest_sha256,
         n=m.n,
         d=m.d,
         distance=m.distance,

@@ -210,3 +210,77 @@ def scratch_dir(prefix: str = "imgindex-") -> str:
 
 def remove_scratch(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# --- used by the build's remote run root (pipelines.remote_stage, retrieval.remote_root) ---
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    """An object with its last-modified time (seconds since the epoch; None when the store
+    does not say): what retention measures the age of an unfinished remote run by."""
+
+    path: str
+    size: int
+    modified: float | None
+
+
+def list_with_times(prefix: str) -> list[ObjectStat]:
+    """`list_prefix`, with each object's last-modified time."""
+    pattern = join(prefix, "**")
+    with _errors(prefix, "list"):
+        try:
+            matched = _fs().match([pattern])[0].metadata_list
+        except Exception as exc:
+            if "No files found" in str(exc) or "matched 0" in str(exc):
+                return []
+            raise
+    out = [
+        ObjectStat(m.path, int(m.size_in_bytes), getattr(m, "last_updated_in_seconds", None) or None)
+        for m in matched
+    ]
+    return sorted(out, key=lambda o: o.path)
+
+
+def has_objects(prefix: str) -> bool:
+    """Whether any object lies under `prefix` + "/" (a "directory" of an object store)."""
+    return bool(list_prefix(prefix))
+
+
+def exists_any(path: str) -> bool:
+    """Whether `path` is an object or a non-empty prefix (a file or a directory)."""
+    return exists(path) or has_objects(path)
+
+
+def delete(paths: Sequence[str]) -> None:
+    """Delete these objects (one call; missing ones are an error of the store's choosing)."""
+    if paths:
+        with _errors(paths[0], "delete"):
+            _fs().delete(list(paths))
+
+
+def check_writable(prefix: str) -> None:
+    """StorageError, in one line, unless objects can be listed, written and deleted under
+    `prefix` (bucket, endpoint and credentials checked before any work): a small probe
+    object is put and deleted."""
+    import secrets
+
+    if prefix.startswith("s3://"):
+        _probe_s3(prefix)
+    list_prefix(prefix)
+    probe = join(prefix, f".imgindex-write-check-{secrets.token_hex(4)}")
+    put_bytes(probe, b"imgindex write check\n")
+    delete([probe])
+
+
+def _probe_s3(prefix: str) -> None:
+    """One listing request with Beam's own S3 client settings but without Beam's retries:
+    Beam retries an error without an HTTP status (no credentials, endpoint unreachable)
+    seven times with exponential backoff, about ten minutes before it fails."""
+    from apache_beam.io.aws.clients.s3 import boto3_client
+
+    bucket, _, key = prefix[len("s3://") :].partition("/")
+    with _errors(prefix, "list"):
+        options = _fs().get_filesystem(prefix)._options
+        client = boto3_client.Client(options=options).client
+        client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)

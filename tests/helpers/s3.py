@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ class S3Server:
             self.proc.wait()
 
 
+def _drain(stream) -> None:
+    for _ in stream:
+        pass
+
+
 def start(timeout: float = 60.0) -> S3Server:
     """Start moto's server; raises RuntimeError with its output when it does not come up."""
     port = _free_port()
@@ -107,6 +113,9 @@ def start(timeout: float = 60.0) -> S3Server:
         if proc.poll() is not None:
             raise RuntimeError(f"moto_server exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
         with contextlib.suppress(OSError), urllib.request.urlopen(endpoint + "/moto-api/", timeout=2):
+            # moto logs every request to its stdout: read it, or a full pipe (64 KiB) blocks
+            # the server's logging, and with it every request, for good.
+            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
             return S3Server(endpoint=endpoint, proc=proc)
         if time.monotonic() > deadline:
             proc.kill()
