@@ -250,7 +250,43 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_IMAGE_PIXELS,
         help="image queries declaring more pixels are refused (422) before decoding",
     )
+    _add_store_options(p)
     p.set_defaults(func=_run_serve)
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    """The options of a root on object storage (s3://, gs://): Beam's filesystem flags."""
+    from serving.run_source import STORE_FLAGS
+
+    group = p.add_argument_group(
+        "object-store root (s3://..., gs://...; README, Serving from object storage)"
+    )
+    group.add_argument(
+        "--cache_dir",
+        help="where its runs are copied and verified before they are served "
+        "(default: $IMGINDEX_CACHE_DIR, else ~/.cache/imgindex; runs/<scheme>/<bucket>/<path> in it)",
+    )
+    group.add_argument(
+        "--store_timeout_seconds",
+        type=float,
+        default=30.0,
+        help="reading LATEST taking longer is an error (Beam retries an unreachable store for minutes)",
+    )
+    for flag, text in STORE_FLAGS:
+        group.add_argument(f"--{flag}", help=text)
+
+
+def _store_options(args: argparse.Namespace) -> dict:
+    """Searcher.open's options for an object-store root."""
+    from serving.run_source import STORE_FLAGS
+
+    return {
+        "storage_flags": [
+            f"--{flag}={getattr(args, flag)}" for flag, _ in STORE_FLAGS if getattr(args, flag) is not None
+        ],
+        "cache_dir": args.cache_dir,
+        "store_timeout_seconds": args.store_timeout_seconds,
+    }
 
 
 def _serve_defaults():  # -> serving.limits.ServerLimits (no HTTP stack imported)
@@ -281,6 +317,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         limits=limits,
         expose_source=args.expose_source,
         max_image_pixels=args.max_image_pixels,
+        **(_store_options(args) if "://" in args.path else {}),
     )
     return 0
 

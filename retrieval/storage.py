@@ -115,6 +115,37 @@ def list_prefix(prefix: str) -> list[ObjectInfo]:
     return sorted((ObjectInfo(m.path, int(m.size_in_bytes)) for m in matched), key=lambda o: o.path)
 
 
+def check_bucket(path: str) -> None:
+    """StorageError unless the bucket of `path` (s3:// or gs://; other schemes are not
+    checked) exists and the configured credentials reach it.  Beam's own calls cannot say
+    so: its S3 listing of a missing bucket is empty and a HEAD of an object in it a plain
+    404, and it retries an unreachable endpoint for about ten minutes; this asks the bucket
+    once, through the client Beam builds from the same options."""
+    scheme, _, rest = path.partition("://")
+    bucket = rest.split("/", 1)[0]
+    with _errors(f"{scheme}://{bucket}", "use the bucket"):
+        options = _fs()._pipeline_options
+        if scheme == "s3":
+            from apache_beam.io.aws.clients.s3 import boto3_client
+
+            try:
+                boto3_client.Client(options=options).client.head_bucket(Bucket=bucket)
+            except Exception as exc:  # botocore's ClientError: a HEAD answer has a code, no text
+                code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
+                if code in ("404", "NoSuchBucket"):
+                    raise LookupError(f"the bucket {bucket} does not exist (404)") from None
+                if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                    raise PermissionError(
+                        f"access denied (403): wrong credentials, or no right to {bucket}"
+                    ) from None
+                raise
+        elif scheme == "gs":
+            from apache_beam.io.gcp import gcsio
+
+            if gcsio.GcsIO(pipeline_options=options).get_bucket(bucket) is None:
+                raise LookupError(f"the bucket {bucket} does not exist")
+
+
 def read_bytes(path: str) -> bytes:
     """The whole object; FileNotFoundError when it does not exist."""
     if not exists(path):

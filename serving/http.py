@@ -280,6 +280,8 @@ def public_info(info: dict[str, Any], expose_source: bool = False) -> dict[str, 
     run_dir "runs/<run_id>", index_dir "runs/<run_id>/index/<name>"; a handle that is a local
     path keeps its last component; error messages lose the root's absolute path."""
     base = info["root"] if info["root"] is not None else info["run_dir"]
+    if "://" in base:  # an object-store root: its runs are served from <cache>/.../runs/<run_id>
+        base = os.path.dirname(os.path.dirname(info["run_dir"]))
     base = os.path.abspath(base)
 
     def relative(path: Any) -> Any:

@@ -220,7 +220,8 @@ def serve(
     re-checked (None: never; ignored for a run directory).  limits: `ServerLimits` (defaults
     when None).  expose_source: show hits' "source" metadata.  Logging is configured (INFO,
     one line per event, stderr).  open_options go to Searcher.open (handles,
-    model_cache_dir, allow_unpublished, max_image_pixels).
+    model_cache_dir, allow_unpublished, max_image_pixels, and for an object-store root
+    storage_flags and cache_dir).
     """
     configure_logging(log_level)
     limits = (limits or ServerLimits()).check()
@@ -236,7 +237,7 @@ def serve(
     log.info(
         "serving run %s of %s (embedders: %s) on http://%s:%d; refresh every %s; limits: %s",
         searcher.run_id,
-        os.path.abspath(path),
+        path if "://" in path else os.path.abspath(path),
         ", ".join(searcher.embedders),
         host,
         bound[1],

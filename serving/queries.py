@@ -1,5 +1,6 @@
 """What is left of query handling in serving once the index has checked the query
-(`retrieval.queries`): which embedder answers, the row of an id, and the result."""
+(`retrieval.queries`): which embedder answers, the row of an id, the result, and the
+decoded size an image query may have."""
 
 from __future__ import annotations
 
@@ -59,3 +60,31 @@ def to_result(state: RunState, emb: EmbedderState, rows: np.ndarray, scores: np.
         for rank, (item_id, score, md) in enumerate(zip(ids, score_list, metadata), 1)
     ]
     return SearchResult(hits, embedder=emb.name, run_id=state.run_id, distance=emb.index.distance)
+
+
+def checked_decode_size(data: bytes, input_size: int, max_pixels: int) -> int:
+    """The `max_pixels` to decode `data` with, after refusing an image that would decode to
+    more than `max_pixels` pixels.  Reads the header only: JPEGs decode at the reduced scale
+    `retrieval.imaging.decode` asks Pillow for (`Image.draft`), so their declared size may be
+    larger (up to the pipeline's bomb guard); other formats decode whole."""
+    import io
+
+    from PIL import Image
+
+    from retrieval import imaging
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            declared = probe.size
+            if probe.format == "JPEG":  # as imaging.decode: Image.draft for JPEG only
+                probe.draft("RGB", (input_size, input_size))
+            width, height = probe.size
+    except Exception:  # not readable: imaging.decode refuses it with its reason
+        return max_pixels
+    if width * height > max_pixels:
+        scaled = f", decoded at {width}x{height}" if (width, height) != declared else ""
+        raise imaging.ImageDecodeError(
+            f"image of {declared[0]}x{declared[1]} pixels{scaled} is above the query limit of "
+            f"{max_pixels} decoded pixels (max_image_pixels)"
+        )
+    return max(max_pixels, imaging.DEFAULT_MAX_PIXELS) if (width, height) != declared else max_pixels

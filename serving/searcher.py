@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal, overload
 
@@ -48,9 +48,10 @@ from retrieval.manifest import utc_now
 from retrieval.queries import check_k
 from serving.errors import BadImageError
 from serving.models import ModelCache
-from serving.queries import pick_embedder, row_of, to_result
+from serving.queries import checked_decode_size, pick_embedder, row_of, to_result
 from serving.results import SearchResult
-from serving.run_state import EmbedderState, RunState, check_run_exists, load_run, same_dir
+from serving.run_source import LocalRoot, RunSource, resolve
+from serving.run_state import EmbedderState, RunState, load_run, same_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,12 @@ class Searcher:
         max_image_pixels: int,
         refresh_retry_seconds: float = DEFAULT_REFRESH_RETRY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        source: RunSource | None = None,
     ):
         _check_retry_seconds(refresh_retry_seconds)
         self._state = state
         self._root = root
+        self._source = source if source is not None or root is None else LocalRoot(root)
         self._only = embedder
         self._verify = verify
         self._allow_unpublished = allow_unpublished
@@ -123,9 +126,16 @@ class Searcher:
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         refresh_retry_seconds: float = DEFAULT_REFRESH_RETRY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        storage_flags: Sequence[str] | None = None,
+        cache_dir: str | None = None,
+        store_timeout_seconds: float | None = None,
     ) -> Searcher:
         """Load the run at `path`: an output root (follows LATEST; `refresh()` can follow it
-        later) or a run directory (fixed).
+        later) or a run directory (fixed).  An output root on object storage ("s3://...",
+        "gs://...") is followed the same way, each run copied to `cache_dir` and verified
+        first (`serving.run_source.RemoteRoot`; storage_flags: Beam's filesystem options,
+        e.g. ["--s3_endpoint_url=...", "--s3_access_key_id=..."]; store_timeout_seconds:
+        how long reading its LATEST may take, default 30).
 
         embedder: load only this embedder's index (default: all of the run's).
         verify: check every index file's SHA-256 (reads every byte once); False checks sizes.
@@ -142,17 +152,17 @@ class Searcher:
           TTL (`serving.models`); a test can pass a fake one.
 
         Raises IndexFormatError (missing, unpublished, inconsistent or corrupted run, or
-        LATEST naming a run that does not exist) or UnknownEmbedderError.
+        LATEST naming a run that does not exist), UnknownEmbedderError, or StorageError
+        (an object store unreachable, refusing the credentials, or without the bucket).
         """
         _check_retry_seconds(refresh_retry_seconds)
         path = os.fspath(path)
-        run_dir = runs.resolve_run(path)
-        check_run_exists(path, run_dir)
-        root = None if same_dir(run_dir, path) else path
+        run_dir, source = resolve(path, cache_dir, storage_flags, allow_unpublished, store_timeout_seconds)
         state = load_run(run_dir, embedder, verify, allow_unpublished)
+        if source is not None:
+            source.served(run_dir, None)
         return cls(
             state,
-            root=root,
             embedder=embedder,
             verify=verify,
             allow_unpublished=allow_unpublished,
@@ -161,6 +171,8 @@ class Searcher:
             max_image_pixels=max_image_pixels,
             refresh_retry_seconds=refresh_retry_seconds,
             clock=clock,
+            source=source,
+            root=None if source is None else source.root,
         )
 
     # ------------------------------------------------------------------ description
@@ -266,13 +278,13 @@ class Searcher:
 
     def _refresh(self, force: bool) -> bool:
         with self._refresh_lock:
-            if self._root is None:
+            if self._source is None:
                 return False
             status = self._refresh_status
             status["last_checked_at"] = utc_now()
             target = None
             try:
-                target = runs.read_latest(self._root)
+                target = self._source.latest()
                 if target is None:
                     raise IndexFormatError(
                         f"{self._root}/{runs.LATEST} has disappeared; still serving run {self._state.run_id}"
@@ -285,7 +297,7 @@ class Searcher:
                     self._failed_attempts = 0  # LATEST moved: try its run at once
                 elif failed is not None and not force and self._clock() < self._retry_at:
                     return False
-                check_run_exists(self._root, target)
+                self._source.prepare(target)
                 state = load_run(target, self._only, self._verify, self._allow_unpublished)
             except Exception as exc:
                 status["last_error"] = f"{type(exc).__name__}: {exc}"
@@ -309,10 +321,18 @@ class Searcher:
             self._state = state  # the swap: one reference assignment
             self._clear_failure()
             self._models.forget_unused()
+            self._served(state.run_dir, old.run_dir)
             log.info(
                 "now serving run %s, was %s (loaded in %.1f s)", state.run_id, old.run_id, state.load_seconds
             )
             return True
+
+    def _served(self, run_dir: str, previous: str) -> None:
+        try:
+            if self._source is not None:
+                self._source.served(run_dir, previous)
+        except Exception as exc:  # pruning a cache must not undo a swap
+            log.warning("could not prune the cache of %s: %s: %s", self._root, type(exc).__name__, exc)
 
     def _clear_failure(self) -> None:
         self._refresh_status.update(last_error=None, failed_run=None, retry_at=None)
@@ -376,7 +396,7 @@ class Searcher:
         spec = self._models.spec_for(emb)
         data = bytes(data)
         try:
-            max_pixels = _checked_decode_size(data, spec.input_size, self._max_image_pixels)
+            max_pixels = checked_decode_size(data, spec.input_size, self._max_image_pixels)
             decoded = imaging.decode(data, min_size=spec.input_size, max_pixels=max_pixels)
             pixels = imaging.resize(decoded.image, spec.input_size, spec.resize)
         except imaging.ImageDecodeError as exc:
@@ -389,34 +409,6 @@ class Searcher:
                 f"{vector.shape}, but the index expects dimension {emb.input_dim}"
             )
         return to_result(state, emb, *emb.index.search_rows(vector, k=k))
-
-
-def _checked_decode_size(data: bytes, input_size: int, max_pixels: int) -> int:
-    """The `max_pixels` to decode `data` with, after refusing an image that would decode to
-    more than `max_pixels` pixels.  Reads the header only: JPEGs decode at the reduced scale
-    `retrieval.imaging.decode` asks Pillow for (`Image.draft`), so their declared size may be
-    larger (up to the pipeline's bomb guard); other formats decode whole."""
-    import io
-
-    from PIL import Image
-
-    from retrieval import imaging
-
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            declared = probe.size
-            if probe.format == "JPEG":  # as imaging.decode: Image.draft for JPEG only
-                probe.draft("RGB", (input_size, input_size))
-            width, height = probe.size
-    except Exception:  # not readable: imaging.decode refuses it with its reason
-        return max_pixels
-    if width * height > max_pixels:
-        scaled = f", decoded at {width}x{height}" if (width, height) != declared else ""
-        raise imaging.ImageDecodeError(
-            f"image of {declared[0]}x{declared[1]} pixels{scaled} is above the query limit of "
-            f"{max_pixels} decoded pixels (max_image_pixels)"
-        )
-    return max(max_pixels, imaging.DEFAULT_MAX_PIXELS) if (width, height) != declared else max_pixels
 
 
 def _check_retry_seconds(seconds: object) -> None:

@@ -13,7 +13,7 @@ import os
 import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -92,17 +92,15 @@ class S3Server:
             self.proc.wait()
 
 
-def _drain(stream) -> None:
-    for _ in stream:
-        pass
-
-
 def start(timeout: float = 60.0) -> S3Server:
     """Start moto's server; raises RuntimeError with its output when it does not come up."""
     port = _free_port()
+    # Its output goes to a file: moto logs a line per request, and a pipe nobody reads fills
+    # up (64 KiB) and blocks the server mid-request, which hangs the tests.
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
@@ -111,11 +109,9 @@ def start(timeout: float = 60.0) -> S3Server:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"moto_server exited with {proc.returncode}: {log.read()[-2000:]}")
         with contextlib.suppress(OSError), urllib.request.urlopen(endpoint + "/moto-api/", timeout=2):
-            # moto logs every request to its stdout: read it, or a full pipe (64 KiB) blocks
-            # the server's logging, and with it every request, for good.
-            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
             return S3Server(endpoint=endpoint, proc=proc)
         if time.monotonic() > deadline:
             proc.kill()
