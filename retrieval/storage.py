@@ -296,22 +296,8 @@ def check_writable(prefix: str) -> None:
     object is put and deleted."""
     import secrets
 
-    if prefix.startswith("s3://"):
-        _probe_s3(prefix)
+    check_bucket(prefix)
     list_prefix(prefix)
     probe = join(prefix, f".imgindex-write-check-{secrets.token_hex(4)}")
     put_bytes(probe, b"imgindex write check\n")
     delete([probe])
-
-
-def _probe_s3(prefix: str) -> None:
-    """One listing request with Beam's own S3 client settings but without Beam's retries:
-    Beam retries an error without an HTTP status (no credentials, endpoint unreachable)
-    seven times with exponential backoff, about ten minutes before it fails."""
-    from apache_beam.io.aws.clients.s3 import boto3_client
-
-    bucket, _, key = prefix[len("s3://") :].partition("/")
-    with _errors(prefix, "list"):
-        options = _fs().get_filesystem(prefix)._options
-        client = boto3_client.Client(options=options).client
-        client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)

@@ -288,7 +288,7 @@ def test_missing_bucket_is_one_clear_line(s3_server, tiny_savedmodel, capsys, tm
     argv = ["build", *_build_argv(s3_server, tiny_savedmodel, inputs, "s3://no-such-bucket-imgindex/root")]
     code, err = _cli_error(argv, capsys)
     assert code == 2
-    assert err.startswith("imgindex build: error: s3://no-such-bucket-imgindex/root") and err.count("\n") == 1
+    assert err.startswith("imgindex build: error: s3://no-such-bucket-imgindex") and err.count("\n") == 1
     assert "Traceback" not in err and "--s3_endpoint_url" in err
 
 
@@ -310,27 +310,10 @@ def auth_server():
     key it was not given is refused, as AWS refuses a wrong one."""
     from tests.helpers import s3
 
-    port = s3._free_port()
-    env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true", "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    server = s3.S3Server(endpoint=f"http://127.0.0.1:{port}", proc=proc)
-    import urllib.request
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(server.endpoint + "/moto-api/", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                pytest.skip("moto's S3 server with authentication did not start on 127.0.0.1")
-            time.sleep(0.1)
+    try:
+        server = s3.start(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    except RuntimeError as exc:
+        pytest.skip(f"moto's S3 server with authentication did not start on 127.0.0.1: {exc}")
     yield server
     server.stop()
 
@@ -342,9 +325,7 @@ def test_wrong_credentials_are_one_clear_line(auth_server, s3_server, tiny_saved
         code, err = _cli_error(argv, capsys)
     finally:
         storage.configure(storage.options_from_flags(s3_server.beam_flags()))
-    assert (
-        code == 2 and err.startswith("imgindex build: error: s3://some-bucket/root") and err.count("\n") == 1
-    )
+    assert code == 2 and err.startswith("imgindex build: error: s3://some-bucket") and err.count("\n") == 1
     assert "Traceback" not in err
     assert "InvalidAccessKeyId" in err or "Access Key" in err or "403" in err, err
 

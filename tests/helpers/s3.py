@@ -92,8 +92,9 @@ class S3Server:
             self.proc.wait()
 
 
-def start(timeout: float = 60.0) -> S3Server:
-    """Start moto's server; raises RuntimeError with its output when it does not come up."""
+def start(timeout: float = 60.0, env: dict[str, str] | None = None) -> S3Server:
+    """Start moto's server (`env`: extra settings, e.g. INITIAL_NO_AUTH_ACTION_COUNT=0 to
+    check credentials); raises RuntimeError with its output when it does not come up."""
     port = _free_port()
     # Its output goes to a file: moto logs a line per request, and a pipe nobody reads fills
     # up (64 KiB) and blocks the server mid-request, which hangs the tests.
@@ -103,7 +104,7 @@ def start(timeout: float = 60.0) -> S3Server:
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
+        env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true", **(env or {})},
     )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
