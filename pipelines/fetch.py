@@ -25,7 +25,11 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.content import VERIFY, FetchRequest
 from pipelines.decode import NAMESPACE, RowInfo
 from retrieval import schema as S
+from retrieval import storage
 from retrieval.errors import ImgIndexError
+
+# Objects are opened per record on every worker: one boto3 client per process, not per open.
+storage.share_s3_clients()
 
 
 def rows_tag(embedder: str) -> str:

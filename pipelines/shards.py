@@ -45,7 +45,11 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from retrieval import schema as S
+from retrieval import storage
 from retrieval.errors import ConfigError
+
+# Objects are opened per record on every worker: one boto3 client per process, not per open.
+storage.share_s3_clients()
 
 TFRECORD_MARKERS = (".tfrecord", ".tfrec")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")

@@ -67,3 +67,21 @@ def test_missing_bucket_and_wrong_credentials_are_one_clear_error(s3_server):
             storage.put_bytes("s3://creds-test/LATEST", b"x")
     finally:
         storage.configure(storage.options_from_flags(s3_server.beam_flags()))
+
+
+def test_beams_s3_wrappers_share_one_boto3_client_per_settings(bucket, s3_server):
+    """Beam builds a client per operation; after configure() the boto3 client inside is one
+    per process and settings, while each wrapper keeps its own download state."""
+    from apache_beam.io.aws.clients.s3 import boto3_client
+
+    options = storage.options_from_flags(s3_server.beam_flags())
+    first, second = boto3_client.Client(options), boto3_client.Client(options)
+    assert first is not second and first.client is second.client
+    assert first._download_stream is None and second._download_stream is None
+    other = storage.options_from_flags([*s3_server.beam_flags(), "--s3_region_name=eu-west-1"])
+    assert boto3_client.Client(other).client is not first.client
+    for i in range(20):  # many operations through the shared client, each with its answer
+        storage.put_bytes(storage.join(bucket, f"many/{i}"), str(i).encode())
+    assert [storage.read_bytes(storage.join(bucket, f"many/{i}")) for i in range(20)] == [
+        str(i).encode() for i in range(20)
+    ]
