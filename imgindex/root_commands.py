@@ -53,6 +53,7 @@ def add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10, help="hits per query")
     p.add_argument("--embedder", help="which index, when the run has several (default: the only one)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_store_options(p)
     p.set_defaults(func=_run_query)
 
 
@@ -98,8 +99,11 @@ def _run_query(args: argparse.Namespace) -> int:
     # Read the query before opening (and checksumming) the index: a typo fails at once.
     image = _read_image(args.image) if args.image else None
     vector = _query_vector(args.vector) if args.vector is not None else None
-    _check_path(args.path, "an output root or a run directory")
-    searcher = Searcher.open(args.path, embedder=args.embedder)
+    if "://" in args.path:
+        searcher = Searcher.open(args.path, embedder=args.embedder, **_store_options(args))
+    else:
+        _check_path(args.path, "an output root or a run directory")
+        searcher = Searcher.open(args.path, embedder=args.embedder)
     if image is not None:
         results = [searcher.search_image(image, k=args.k, embedder=args.embedder)]
     elif args.id is not None:
@@ -134,11 +138,16 @@ def add_runs(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("root", help="output root (holds LATEST and runs/)")
     p.add_argument("--json", action="store_true", help="print a JSON list, oldest first, instead of a table")
+    _add_store_options(p, copies=False)
     p.set_defaults(func=_run_runs)
 
 
 def _run_runs(args: argparse.Namespace) -> int:
-    from retrieval import output_root
+    from retrieval import output_root, storage
+
+    if storage.is_remote(args.root):
+        storage.configure(storage.options_from_flags(_store_options(args)["storage_flags"]))
+        storage.check_bucket(args.root)
 
     found = output_root.list_runs(args.root)
     if args.json:
@@ -254,13 +263,18 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_serve)
 
 
-def _add_store_options(p: argparse.ArgumentParser) -> None:
-    """The options of a root on object storage (s3://, gs://): Beam's filesystem flags."""
+def _add_store_options(p: argparse.ArgumentParser, copies: bool = True) -> None:
+    """The options of a root on object storage (s3://, gs://): Beam's filesystem flags, and
+    with `copies` where its runs are copied for serving."""
     from serving.run_source import STORE_FLAGS
 
     group = p.add_argument_group(
         "object-store root (s3://..., gs://...; README, Serving from object storage)"
     )
+    for flag, text in STORE_FLAGS:
+        group.add_argument(f"--{flag}", help=text)
+    if not copies:
+        return
     group.add_argument(
         "--cache_dir",
         help="where its runs are copied and verified before they are served "
@@ -272,8 +286,6 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="reading LATEST taking longer is an error (Beam retries an unreachable store for minutes)",
     )
-    for flag, text in STORE_FLAGS:
-        group.add_argument(f"--{flag}", help=text)
 
 
 def _store_options(args: argparse.Namespace) -> dict:
@@ -284,8 +296,8 @@ def _store_options(args: argparse.Namespace) -> dict:
         "storage_flags": [
             f"--{flag}={getattr(args, flag)}" for flag, _ in STORE_FLAGS if getattr(args, flag) is not None
         ],
-        "cache_dir": args.cache_dir,
-        "store_timeout_seconds": args.store_timeout_seconds,
+        "cache_dir": getattr(args, "cache_dir", None),
+        "store_timeout_seconds": getattr(args, "store_timeout_seconds", 30.0),
     }
 
 
@@ -339,6 +351,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from retrieval import manifest as index_manifest
     from retrieval import runs, sharded
 
+    if "://" in args.path:
+        raise ConfigError(
+            f"{args.path}: `imgindex inspect` reads local paths; for a root on object storage "
+            "use `imgindex runs ROOT` (with the store flags), or inspect the copy that "
+            "`imgindex query`/`serve` keep under --cache_dir"
+        )
     _check_path(args.path, "an output root, a run directory or an index directory")
     if sharded.manifest_kind(args.path) == sharded.KIND:
         data = json.loads(open(os.path.join(args.path, index_manifest.MANIFEST_NAME)).read())

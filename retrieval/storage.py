@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -48,8 +49,25 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def import_beam_quietly() -> None:
+    """Import Beam's filesystems without the lines its import logs about BigQuery clients
+    (a root-logger WARNING "apitools not found", an INFO): imgindex never uses them, and a
+    command's error stays one line."""
+    loggers = [logging.getLogger(), logging.getLogger("apache_beam")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import apache_beam.io.filesystems  # noqa: F401
+        import apache_beam.options.pipeline_options  # noqa: F401
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def options_from_flags(flags: Sequence[str]) -> PipelineOptions:
     """Beam pipeline options from command-line flags (never from sys.argv)."""
+    import_beam_quietly()
     from apache_beam.options.pipeline_options import PipelineOptions
 
     return PipelineOptions(flags=list(flags))

@@ -95,10 +95,8 @@ class RemoteRoot:
         allow_unpublished: bool = False,
         store_timeout_seconds: float | None = None,
     ):
-        from retrieval.run_cache import DEFAULT_STORE_TIMEOUT_SECONDS, RunCache
-
-        _import_beam_quietly()
         from retrieval import storage
+        from retrieval.run_cache import DEFAULT_STORE_TIMEOUT_SECONDS, RunCache
 
         # Beam's S3 and GCS clients take their settings only from options set here; without
         # them its S3 client cannot even be made (ValueError: 'Must provide one of client or
@@ -156,19 +154,3 @@ class RemoteRoot:
         removed = self.cache.prune(keep)
         if removed:
             log.info("pruned cached runs of %s: %s", self.root, ", ".join(removed))
-
-
-def _import_beam_quietly() -> None:
-    """Import Beam's filesystems without the lines its import logs about BigQuery clients
-    (a root-logger WARNING "apitools not found", an INFO): serving never uses them, and the
-    server's log is one line per event of its own."""
-    loggers = [logging.getLogger(), logging.getLogger("apache_beam")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        import apache_beam.io.filesystems  # noqa: F401
-        import apache_beam.options.pipeline_options  # noqa: F401
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)

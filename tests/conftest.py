@@ -187,3 +187,17 @@ def s3_server():
         pytest.skip(f"moto's S3 server could not start on 127.0.0.1: {exc}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server(s3_server):
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0: any key
+    its IAM did not issue is refused, as AWS refuses a wrong one; `s3_server` accepts any)."""
+    from tests.helpers import s3
+
+    try:
+        server = s3.start(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    except RuntimeError as exc:
+        pytest.skip(f"moto's S3 server with authentication could not start on 127.0.0.1: {exc}")
+    yield server
+    server.stop()

@@ -304,23 +304,9 @@ def test_unreachable_endpoint_is_one_clear_line(s3_server, tiny_savedmodel, caps
     assert "Traceback" not in err
 
 
-@pytest.fixture(scope="module")
-def auth_server():
-    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): any
-    key it was not given is refused, as AWS refuses a wrong one."""
-    from tests.helpers import s3
-
-    try:
-        server = s3.start(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    except RuntimeError as exc:
-        pytest.skip(f"moto's S3 server with authentication did not start on 127.0.0.1: {exc}")
-    yield server
-    server.stop()
-
-
-def test_wrong_credentials_are_one_clear_line(auth_server, s3_server, tiny_savedmodel, capsys, tmp_path):
+def test_wrong_credentials_are_one_clear_line(s3_auth_server, s3_server, tiny_savedmodel, capsys, tmp_path):
     inputs = images.write_folder(tmp_path / "in", 2)
-    argv = ["build", *_build_argv(auth_server, tiny_savedmodel, inputs, "s3://some-bucket/root")]
+    argv = ["build", *_build_argv(s3_auth_server, tiny_savedmodel, inputs, "s3://some-bucket/root")]
     try:
         code, err = _cli_error(argv, capsys)
     finally:

@@ -14,31 +14,10 @@ from retrieval.errors import ImgIndexError, IndexFormatError
 from retrieval.storage import StorageError
 from serving import Searcher
 from tests.helpers import runs_fixture as rf
+from tests.helpers.s3 import point_latest, upload_run
 
 RUN2 = "20260102T000000Z-bbbbbb"
 RUN3 = "20260103T000000Z-cccccc"
-
-
-def upload_run(run_dir, root, *, skip=(), latest=True):
-    """Publish local run `run_dir` under object-store root `root`: every file but those in
-    `skip` (paths relative to the run), the run manifest after them, then LATEST."""
-    run_id = os.path.basename(str(run_dir).rstrip("/"))
-    remote = storage.join(root, runs.RUNS_DIR, run_id)
-    files = []
-    for dirpath, _dirs, names in os.walk(run_dir):
-        for name in names:
-            rel = os.path.relpath(os.path.join(dirpath, name), run_dir).replace(os.sep, "/")
-            if rel not in skip and rel != runs.RUN_MANIFEST:
-                files.append(rel)
-    for rel in sorted(files) + ([runs.RUN_MANIFEST] if runs.RUN_MANIFEST not in skip else []):
-        storage.upload(os.path.join(run_dir, rel), storage.join(remote, rel))
-    if latest:
-        point_latest(root, run_id)
-    return run_id
-
-
-def point_latest(root, run_id):
-    storage.put_bytes(storage.join(root, runs.LATEST), f"runs/{run_id}\n".encode())
 
 
 @pytest.fixture

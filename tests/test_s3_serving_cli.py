@@ -2,22 +2,18 @@
 a hot swap when LATEST moves, a broken run refused while the old one keeps serving, and one
 clear line (exit 2) when the store cannot be used at start."""
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from retrieval import storage
 from tests.helpers import runs_fixture as rf
-from tests.helpers import s3
 from tests.helpers.http import call
+from tests.helpers.s3 import point_latest, upload_run
 from tests.helpers.serve_process import serving
-from tests.test_s3_serving import point_latest, upload_run
 
 RUN1 = "20260201T000000Z-aaaaaa"
 RUN2 = "20260202T000000Z-bbbbbb"
@@ -27,30 +23,6 @@ RUN2 = "20260202T000000Z-bbbbbb"
 def bucket(s3_server):
     storage.configure(storage.options_from_flags(s3_server.beam_flags()))
     return s3_server.make_bucket("serve-cli-test")
-
-
-@pytest.fixture(scope="module")
-def auth_s3_server(s3_server):
-    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0: every
-    request needs keys moto's IAM issued; the shared one accepts any)."""
-    port = s3._free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-    )
-    server = s3.S3Server(endpoint=f"http://127.0.0.1:{port}", proc=proc)
-    deadline = time.monotonic() + 60
-    while True:
-        with contextlib.suppress(OSError), urllib.request.urlopen(server.endpoint + "/moto-api/", timeout=2):
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            pytest.skip(f"moto's S3 server with authentication did not start on {server.endpoint}")
-        time.sleep(0.1)
-    yield server
-    server.stop()
 
 
 def serve_once(*args):
@@ -126,10 +98,10 @@ def test_serve_refuses_a_store_it_cannot_use_with_one_line(bucket, s3_server, tm
     assert "s3://serve-cli-test/out has no LATEST: no run is published there yet" in lines[0]
 
 
-def test_serve_refuses_wrong_credentials_with_one_line(auth_s3_server, tmp_path):
+def test_serve_refuses_wrong_credentials_with_one_line(s3_auth_server, tmp_path):
     code, lines = serve_once(
         "s3://imgs/out",
-        f"--s3_endpoint_url={auth_s3_server.endpoint}",
+        f"--s3_endpoint_url={s3_auth_server.endpoint}",
         "--s3_access_key_id=AKIAWRONGWRONGWRONG1",
         "--s3_secret_access_key=wrong",
         "--s3_region_name=us-east-1",
@@ -153,3 +125,30 @@ def test_serve_help_lists_the_store_options():
         "--project",
     ):
         assert flag in out
+
+
+def _cli(*argv):
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgindex.cli", *argv], capture_output=True, text=True, timeout=180
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_runs_and_query_take_the_store_flags_inspect_says_what_to_use(bucket, s3_server, tmp_path):
+    local = tmp_path / "local"
+    rf.write_run(local, {"v": rf.vector_embedder("v", 100, 8, seed=1)}, run_id=RUN1)
+    root = storage.join(bucket, "root")
+    upload_run(local / "runs" / RUN1, root)
+    flags = s3_server.beam_flags()
+    code, out, err = _cli("runs", root, *flags)
+    assert code == 0, err
+    assert out.splitlines()[1].startswith(f"* {RUN1}") and "published" in out and "v=100" in out
+    code, out, err = _cli(
+        "query", root, "--id", "v-00001", "--k", "3", *flags, f"--cache_dir={tmp_path / 'c'}"
+    )
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:2] == ["1", "1.0000"] and "v-00001" in out.splitlines()[1]
+    code, out, err = _cli("runs", "s3://no-such-bucket-imgindex/root", *flags)
+    assert code == 2 and err.count("\n") == 1 and "no-such-bucket-imgindex" in err and "Traceback" not in err
+    code, out, err = _cli("inspect", root)
+    assert code == 2 and "imgindex runs ROOT" in err and err.count("\n") == 1

@@ -118,3 +118,30 @@ def start(timeout: float = 60.0, env: dict[str, str] | None = None) -> S3Server:
             proc.kill()
             raise RuntimeError(f"moto_server did not answer on {endpoint} within {timeout:.0f} s")
         time.sleep(0.1)
+
+
+def upload_run(run_dir, root: str, *, skip=(), latest: bool = True) -> str:
+    """Publish local run `run_dir` under object-store root `root` (storage configured): every
+    file but those in `skip` (paths relative to the run), the run manifest after them, then
+    LATEST."""
+    from retrieval import runs, storage
+
+    run_id = os.path.basename(str(run_dir).rstrip("/"))
+    remote = storage.join(root, runs.RUNS_DIR, run_id)
+    files = []
+    for dirpath, _dirs, names in os.walk(run_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), run_dir).replace(os.sep, "/")
+            if rel not in skip and rel != runs.RUN_MANIFEST:
+                files.append(rel)
+    for rel in sorted(files) + ([runs.RUN_MANIFEST] if runs.RUN_MANIFEST not in skip else []):
+        storage.upload(os.path.join(run_dir, rel), storage.join(remote, rel))
+    if latest:
+        point_latest(root, run_id)
+    return run_id
+
+
+def point_latest(root: str, run_id: str) -> None:
+    from retrieval import runs, storage
+
+    storage.put_bytes(storage.join(root, runs.LATEST), f"runs/{run_id}\n".encode())
