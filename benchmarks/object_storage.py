@@ -66,13 +66,13 @@ def child_read(prefix: str, flags: list[str]) -> None:
 
     storage.configure(storage.options_from_flags(flags))
     objects = storage.list_prefix(prefix)
-    start, size = time.perf_counter(), 0
+    start, cpu, size = time.perf_counter(), time.process_time(), 0
     for obj in objects:
         data = storage.read_bytes(obj.path)
         size += len(data)
         hashlib.sha256(data).hexdigest()
     seconds = time.perf_counter() - start
-    print(f"files {len(objects)} seconds {seconds:.3f} bytes {size}")
+    print(f"files {len(objects)} seconds {seconds:.3f} bytes {size} cpu {time.process_time() - cpu:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", choices=["open", "read"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--read_only", action="store_true", help="only the GET + sha256 rate")
     args, rest = parser.parse_known_args(argv)
     if args.child == "open":
         return child_open(args.root, args.cache_dir, rest)
@@ -105,6 +106,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             client.upload_file(os.path.join(folder, name), BUCKET, f"in/{name}")
             input_bytes += os.path.getsize(os.path.join(folder, name))
+        if args.read_only:
+            _, _, out = run_child(MODULE, ["--child", "read", "--root", f"{bucket}/in", *flags])
+            read = dict(zip(out.split()[::2], map(float, out.split()[1::2])))
+            print(
+                f"# GET + sha256 through Beam's FileSystems, one core: "
+                f"{read['files'] / read['seconds']:.0f} objects/s; the reader's own CPU "
+                f"{read['cpu'] / read['files'] * 1000:.1f} ms per object"
+            )
+            return
         walls: dict[str, list[float]] = {m: [] for m in ("build local", "build s3")}
         rss: dict[str, list[float]] = {m: [] for m in walls}
         opens: dict[str, list[float]] = {m: [] for m in ("open local", "open s3 cold", "open s3 warm")}
@@ -172,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# rounds: { {m: [round(w, 1) for w in v] for m, v in {**walls, **opens}.items()} }")
     print(
         f"# GET + sha256 through Beam's FileSystems, one core: {read['files'] / read['seconds']:.0f} objects/s, "
-        f"{read['bytes'] / read['seconds'] / mb:.0f} MB/s"
+        f"{read['bytes'] / read['seconds'] / mb:.0f} MB/s; the reader's own CPU "
+        f"{read['cpu'] / read['files'] * 1000:.1f} ms per object (the rest is moto on the same cores)"
     )
 
 

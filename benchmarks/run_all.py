@@ -12,6 +12,7 @@ BENCHMARKS = [
     "benchmarks.sharded_build",
     "benchmarks.incremental",
     "benchmarks.reuse_tolerance",
+    "benchmarks.object_storage",
 ]
 
 
