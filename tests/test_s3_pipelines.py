@@ -325,3 +325,40 @@ def test_missing_tuning_queries_on_the_store_fail_before_work(store, s3_server, 
     with pytest.raises(build.ConfigError, match="--tuning_queries"):
         build.run(argv)
     assert s3_server.keys(BUCKET, "never/") == []
+
+
+@pytest.mark.slow
+def test_searcher_serves_the_builds_of_an_s3_root_and_swaps_to_the_next_night(
+    store, s3_server, tiny_savedmodel, tmp_path
+):
+    """End to end on the store: `imgindex build` publishes, `Searcher.open` serves that root
+    from its verified copy, and the next night's incremental build is swapped in."""
+    from serving import Searcher
+
+    bucket, inputs, folder = store
+    root = f"{bucket}/e2e"
+    first = build.run(_build_argv(s3_server, tiny_savedmodel, f"{inputs}/*.jpg", root, "--run_id=n1"))
+    local = build.run(
+        [
+            f"--input={folder}/*.jpg",
+            f"--output={tmp_path / 'local'}",
+            f"--embedder=tiny={tiny_savedmodel},size=32",
+        ]
+    )
+    storage.configure(storage.options_from_flags(s3_server.beam_flags()))
+    searcher = Searcher.open(root, storage_flags=s3_server.beam_flags(), cache_dir=str(tmp_path / "cache"))
+    reference = Searcher.open(local.run_dir)
+    assert searcher.info()["run_id"] == first.manifest.run_id == "n1"
+    for item_id in sorted(_vectors_by_id(local.run_dir))[:3]:
+        got, want = searcher.search_id(item_id, k=5), reference.search_id(item_id, k=5)
+        assert [h.id for h in got] == [h.id for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+    extra = images.write_folder(tmp_path / "more", 2, seed=200)
+    for name in os.listdir(extra):
+        s3_server.client().upload_file(os.path.join(extra, name), BUCKET, f"e2e-more/new-{name}")
+    argv = _build_argv(s3_server, tiny_savedmodel, f"{inputs}/*.jpg", root, "--run_id=n2")
+    second = build.run([*argv, f"--input={bucket}/e2e-more/*.jpg"])
+    assert second.manifest.counts["embedders"]["tiny"]["reused"] == 8
+    storage.configure(storage.options_from_flags(s3_server.beam_flags()))
+    assert searcher.refresh() is True
+    assert searcher.info()["run_id"] == "n2" and searcher.info()["embedders"]["tiny"]["n"] == 10
