@@ -16,12 +16,10 @@ import os
 import posixpath
 
 from retrieval import schema as S
-from retrieval import storage
+from retrieval import sharded, storage
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.manifest import MANIFEST_NAME, sha256_file
-
-SHARDED_KIND = "imgindex.sharded_index"
 
 
 def parquet_files(prefix: str) -> list[str]:
@@ -78,7 +76,7 @@ def expected_hashes(local_dir: str) -> dict[str, str]:
     records its hash)."""
     with open(os.path.join(local_dir, MANIFEST_NAME), encoding="utf-8") as f:
         top = json.load(f)
-    if top.get("kind") != SHARDED_KIND:
+    if top.get("kind") != sharded.KIND:
         return {rel: entry["sha256"] for rel, entry in top["files"].items()}
     out = {}
     for shard in top["shards"]:
