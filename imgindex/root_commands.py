@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 
+from imgindex import store_options
 from retrieval.errors import ConfigError, ImgIndexError
 
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
@@ -53,7 +54,7 @@ def add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10, help="hits per query")
     p.add_argument("--embedder", help="which index, when the run has several (default: the only one)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_store_options(p)
+    store_options.add(p)
     p.set_defaults(func=_run_query)
 
 
@@ -100,7 +101,7 @@ def _run_query(args: argparse.Namespace) -> int:
     image = _read_image(args.image) if args.image else None
     vector = _query_vector(args.vector) if args.vector is not None else None
     if "://" in args.path:
-        searcher = Searcher.open(args.path, embedder=args.embedder, **_store_options(args))
+        searcher = Searcher.open(args.path, embedder=args.embedder, **store_options.of(args))
     else:
         _check_path(args.path, "an output root or a run directory")
         searcher = Searcher.open(args.path, embedder=args.embedder)
@@ -138,7 +139,7 @@ def add_runs(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("root", help="output root (holds LATEST and runs/)")
     p.add_argument("--json", action="store_true", help="print a JSON list, oldest first, instead of a table")
-    _add_store_options(p, copies=False)
+    store_options.add(p, copies=False)
     p.set_defaults(func=_run_runs)
 
 
@@ -146,7 +147,7 @@ def _run_runs(args: argparse.Namespace) -> int:
     from retrieval import output_root, storage
 
     if storage.is_remote(args.root):
-        storage.configure(storage.options_from_flags(_store_options(args)["storage_flags"]))
+        storage.configure(storage.options_from_flags(store_options.of(args)["storage_flags"]))
         storage.check_bucket(args.root)
 
     found = output_root.list_runs(args.root)
@@ -186,7 +187,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "GET /v1/openapi.json. Follows LATEST and swaps in newer runs without dropping "
         "queries. Logs to stderr (INFO, one line per event). The limits below bound what "
         "slow, stalled or hostile clients can hold (README, Serving).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     from serving.searcher import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -259,46 +260,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_IMAGE_PIXELS,
         help="image queries declaring more pixels are refused (422) before decoding",
     )
-    _add_store_options(p)
+    store_options.add(p)
     p.set_defaults(func=_run_serve)
-
-
-def _add_store_options(p: argparse.ArgumentParser, copies: bool = True) -> None:
-    """The options of a root on object storage (s3://, gs://): Beam's filesystem flags, and
-    with `copies` where its runs are copied for serving."""
-    from serving.run_source import STORE_FLAGS
-
-    group = p.add_argument_group(
-        "object-store root (s3://..., gs://...; README, Serving from object storage)"
-    )
-    for flag, text in STORE_FLAGS:
-        group.add_argument(f"--{flag}", help=text)
-    if not copies:
-        return
-    group.add_argument(
-        "--cache_dir",
-        help="where its runs are copied and verified before they are served "
-        "(default: $IMGINDEX_CACHE_DIR, else ~/.cache/imgindex; runs/<scheme>/<bucket>/<path> in it)",
-    )
-    group.add_argument(
-        "--store_timeout_seconds",
-        type=float,
-        default=30.0,
-        help="reading LATEST taking longer is an error (Beam retries an unreachable store for minutes)",
-    )
-
-
-def _store_options(args: argparse.Namespace) -> dict:
-    """Searcher.open's options for an object-store root."""
-    from serving.run_source import STORE_FLAGS
-
-    return {
-        "storage_flags": [
-            f"--{flag}={getattr(args, flag)}" for flag, _ in STORE_FLAGS if getattr(args, flag) is not None
-        ],
-        "cache_dir": getattr(args, "cache_dir", None),
-        "store_timeout_seconds": getattr(args, "store_timeout_seconds", 30.0),
-    }
 
 
 def _serve_defaults():  # -> serving.limits.ServerLimits (no HTTP stack imported)
@@ -329,7 +292,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         limits=limits,
         expose_source=args.expose_source,
         max_image_pixels=args.max_image_pixels,
-        **(_store_options(args) if "://" in args.path else {}),
+        **(store_options.of(args) if "://" in args.path else {}),
     )
     return 0
 
