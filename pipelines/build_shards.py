@@ -43,9 +43,9 @@ from apache_beam.options.pipeline_options import StandardOptions
 from pipelines import remote_stage, shard_recall
 from pipelines import report as report_lib
 from pipelines.options import LOCAL_RUNNER
+from retrieval import atomic_files, runs, sharded, storage, tables
 from retrieval import index as index_lib
 from retrieval import manifest as mf
-from retrieval import runs, sharded, storage, tables
 from retrieval import schema as S
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.exact import exact_search_by_chunks, normalize_rows
@@ -196,7 +196,7 @@ class BuildShard(beam.DoFn):
             built.save(directory, overwrite=True, tables={index_lib.METADATA_FILE: data.columns})
         finally:
             Path(vectors_path).unlink(missing_ok=True)
-        answers["manifest_sha256"] = mf.sha256_file(os.path.join(directory, "manifest.json"))
+        answers["manifest_sha256"] = atomic_files.sha256_file(os.path.join(directory, "manifest.json"))
         if remote:  # file by file, checked against the shard's manifest, manifest.json last
             remote_stage.upload_index(directory, storage.join(self.index_dir, name))
         answers.update(
@@ -215,7 +215,7 @@ class BuildShard(beam.DoFn):
                 storage.join(self.index_dir, PARTITIONS, probe_file), json.dumps(answers).encode()
             )
         else:
-            mf.write_json_atomic(os.path.join(self.index_dir, PARTITIONS, probe_file), answers)
+            atomic_files.write_json_atomic(os.path.join(self.index_dir, PARTITIONS, probe_file), answers)
         yield shard
 
     def _answer(self, probes, built, data):

@@ -17,9 +17,10 @@ import posixpath
 
 from retrieval import schema as S
 from retrieval import sharded, storage
+from retrieval.atomic_files import sha256_file
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError, IndexFormatError
-from retrieval.manifest import MANIFEST_NAME, sha256_file
+from retrieval.manifest import MANIFEST_NAME
 
 
 def parquet_files(prefix: str) -> list[str]:

@@ -12,7 +12,7 @@ Stages (where `imgindex build` calls it):
   embedding          the model is about to embed its first batch (pipelines.inference)
   index              an index is built, not saved: .read-* and .imgindex-build-* scratch
   replace <file>     a temporary file holds <file>'s new contents, not renamed yet
-                     (retrieval.manifest.write_text_atomic; e.g. "replace run_manifest.json",
+                     (retrieval.atomic_files.write_text_atomic; e.g. "replace run_manifest.json",
                      "replace LATEST")
   publishing         the run manifest says "publishing", LATEST is not written yet
   latest-written     LATEST names the run, its manifest still says "publishing"

@@ -41,8 +41,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
+from retrieval import atomic_files, runs, sharded, storage
 from retrieval import manifest as mf
-from retrieval import runs, sharded, storage
 from retrieval.errors import ConfigError, IndexFormatError
 
 # The variable and default that the builtin models' cache uses too (retrieval.builtin).
@@ -174,7 +174,7 @@ class RunCache:
                 copy.run(allow_unpublished)
                 os.makedirs(os.path.dirname(final), exist_ok=True)
                 os.rename(copy.staging, final)
-            mf.write_text_atomic(Path(self.local_root, runs.LATEST), f"{runs.RUNS_DIR}/{run_id}\n")
+            atomic_files.write_text_atomic(Path(self.local_root, runs.LATEST), f"{runs.RUNS_DIR}/{run_id}\n")
         return CachedRun(
             run_id=run_id,
             run_dir=final,
@@ -251,14 +251,14 @@ class _Copy:
             self._index(_relative(entry.index, f"embedders.{name}.index"), entry.index_manifest_sha256)
         if self.missing:
             self._incomplete()
-        mf.make_read_only(self.staging)
+        atomic_files.make_read_only(self.staging)
         marker = {
             "source": self.remote,
             "run_id": self.run_id,
             "verified_at": mf.utc_now(),
             "files": self.files,
         }
-        mf.write_json_atomic(Path(self.staging, MARKER), marker, read_only=True)
+        atomic_files.write_json_atomic(Path(self.staging, MARKER), marker, read_only=True)
 
     def _index(self, rel: str, manifest_sha256: str) -> None:
         """An index directory (either layout) whose manifest.json has SHA-256 `manifest_sha256`."""
@@ -303,7 +303,7 @@ class _Copy:
         retry downloads only what was missing)."""
         local = os.path.join(self.staging, *rel.split("/"))
         if sha256 is not None and os.path.isfile(local):
-            if (size is None or os.path.getsize(local) == size) and mf.sha256_file(local) == sha256:
+            if (size is None or os.path.getsize(local) == size) and atomic_files.sha256_file(local) == sha256:
                 self.reused_files += 1
                 self.files[rel] = {"sha256": sha256, "bytes": os.path.getsize(local)}
                 return True

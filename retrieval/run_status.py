@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from retrieval import killpoints, storage
+from retrieval.atomic_files import make_read_only, write_text_atomic
 from retrieval.errors import IndexFormatError
-from retrieval.manifest import make_read_only, utc_now, write_text_atomic
+from retrieval.manifest import utc_now
 from retrieval.runs import (
     FAILED,
     LATEST,

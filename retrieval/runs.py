@@ -41,16 +41,9 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from retrieval import storage
+from retrieval.atomic_files import json_text, sha256_file, write_json_atomic
 from retrieval.errors import IndexFormatError
-from retrieval.manifest import (
-    MANIFEST_NAME,
-    ManifestMessages,
-    ManifestSchema,
-    _numpy_scalar,
-    sha256_file,
-    utc_now,
-    write_json_atomic,
-)
+from retrieval.manifest import MANIFEST_NAME, ManifestMessages, ManifestSchema, utc_now
 from retrieval.searchable import SearchableIndex
 from retrieval.version import __version__
 
@@ -251,9 +244,7 @@ def write_run_manifest(directory: str, manifest: RunManifest) -> None:
     published (a published run's files are read-only).  On an object store: one
     single-object put (atomic there; objects have no modes)."""
     if storage.is_remote(directory):
-        data = manifest.to_dict()
-        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=_numpy_scalar) + "\n"
-        storage.put_bytes(storage.join(directory, RUN_MANIFEST), text.encode())
+        storage.put_bytes(storage.join(directory, RUN_MANIFEST), json_text(manifest.to_dict()).encode())
         return
     write_json_atomic(
         Path(directory) / RUN_MANIFEST,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from retrieval import atomic_files
 from retrieval import manifest as mf
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.queries import check_k, prepare_queries, prepare_query
@@ -170,7 +171,7 @@ SHARDED_SCHEMA = mf.ManifestSchema.of(
 
 
 def write_manifest(directory: str | Path, manifest: ShardedManifest) -> None:
-    mf.write_json_atomic(Path(directory) / mf.MANIFEST_NAME, manifest.to_dict())
+    atomic_files.write_json_atomic(Path(directory) / mf.MANIFEST_NAME, manifest.to_dict())
 
 
 def manifest_kind(directory: str | Path) -> str | None:
@@ -382,7 +383,7 @@ def open_index(path: str | os.PathLike[str], verify: bool = True) -> Index | Sha
             )
         directory = path / expected_dir
         try:
-            actual = mf.sha256_file(directory / mf.MANIFEST_NAME)
+            actual = atomic_files.sha256_file(directory / mf.MANIFEST_NAME)
         except FileNotFoundError as e:
             raise IndexFormatError(
                 f"{path}: shard {number} of {manifest.num_shards} ({directory}) is missing "

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval.atomic_files import sha256_file
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.index import build_index, load_index
-from retrieval.manifest import read_manifest, sha256_file
+from retrieval.manifest import read_manifest
 from tests.helpers.index_data import D
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

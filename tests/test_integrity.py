@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from retrieval import index, run_status, runs
+from retrieval.atomic_files import WRITE_BITS, make_temp_dir, make_temp_file, write_text_atomic
 from retrieval.errors import IndexFormatError
-from retrieval.manifest import WRITE_BITS, make_temp_dir, make_temp_file, write_text_atomic
 from tests.helpers import runs_fixture as rf
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from retrieval import retention, run_status, runs
+from retrieval.atomic_files import write_text_atomic
 from retrieval.errors import ConfigError, IndexFormatError
-from retrieval.manifest import write_text_atomic
 from tests.helpers.run_dirs import (
     HOUR,
     T0,

@@ -32,6 +32,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrieval import atomic_files
 from retrieval import manifest as mf
 from retrieval.errors import HandleError
 from retrieval.version import __version__
@@ -221,7 +222,9 @@ def _build(spec: BuiltinSpec, fp: str, final_dir: str) -> None:
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
     # Mode 0777 less the umask (mkdtemp's is 0700): the cache may be shared.
-    tmp_dir = str(mf.make_temp_dir(parent, prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp"))
+    tmp_dir = str(
+        atomic_files.make_temp_dir(parent, prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp")
+    )
     try:
         _export(spec, fp, tmp_dir)
         _publish(tmp_dir, final_dir)
@@ -234,7 +237,9 @@ def _rebuild(spec: BuiltinSpec, fp: str, final_dir: str) -> None:
     damaged one is renamed aside, the new one renamed into place, the old one removed.  A
     process that repaired the entry meanwhile wins: its copy is kept."""
     parent = os.path.dirname(final_dir)
-    tmp_dir = str(mf.make_temp_dir(parent, prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp"))
+    tmp_dir = str(
+        atomic_files.make_temp_dir(parent, prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp")
+    )
     damaged = os.path.join(parent, f".{os.path.basename(final_dir)}.damaged-{secrets.token_hex(4)}")
     try:
         _export(spec, fp, tmp_dir)
@@ -294,7 +299,7 @@ def _problem(model_dir: str, fp: str, full: bool = False) -> str | None:
         if not isinstance(entry, dict) or entry.get("bytes") != size:
             return f"{rel} has {size} bytes, the export wrote {entry.get('bytes') if isinstance(entry, dict) else '?'}"
         try:
-            digest = mf.sha256_file(os.path.join(model_dir, rel))
+            digest = atomic_files.sha256_file(os.path.join(model_dir, rel))
         except OSError as exc:
             return f"{rel} is unreadable ({exc})"
         if digest != entry.get("sha256"):

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from retrieval import atomic_files, scann_assets
 from retrieval import manifest as mf
-from retrieval import scann_assets
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.projection import PROJECTION_FILE
 
@@ -63,7 +63,7 @@ def publish(staging: Path, path: Path) -> None:
     if not path.exists():
         os.rename(staging, path)
         return
-    backup = mf.make_temp_dir(path.parent, prefix=f".{path.name}.old-")
+    backup = atomic_files.make_temp_dir(path.parent, prefix=f".{path.name}.old-")
     os.rename(path, backup / "index")
     try:
         os.rename(staging, path)

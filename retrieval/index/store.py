@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from retrieval import atomic_files, scann_assets
 from retrieval import manifest as mf
-from retrieval import scann_assets
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.index.config import SEARCH_KNOBS, check_positive_int
 from retrieval.index.files import (
@@ -283,7 +283,7 @@ class Index:
         tables = tables or {}
         check_save_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = mf.make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
+        staging = atomic_files.make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
         try:
             manifest = self._write_contents(staging, tables)
             publish(staging, path)

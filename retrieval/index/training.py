@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from retrieval import atomic_files, scann_assets
 from retrieval import manifest as mf
-from retrieval import scann_assets
 from retrieval.errors import ImgIndexError
 from retrieval.index.config import SEARCH_KNOBS, IndexConfig
 from retrieval.index.files import SCANN_DIR
@@ -95,7 +95,7 @@ def previous_training(
     try:
         for name in _TRAINED_FILES:
             expected = manifest.files[f"{SCANN_DIR}/{name}"]["sha256"]
-            if mf.sha256_file(scann_dir / name) != expected:
+            if atomic_files.sha256_file(scann_dir / name) != expected:
                 return None, f"not reused: the previous index's {name} does not match its manifest"
         trained = scann_assets.read_config(scann_dir / scann_assets.CONFIG_FILE)
     except (OSError, KeyError, ValueError) as exc:
