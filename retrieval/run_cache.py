@@ -52,8 +52,8 @@ STAGING_DIR = ".staging"
 LOCK_FILE = ".lock"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # How long reading LATEST (or listing the root) may take.  Beam retries a failed call to
-# an unreachable endpoint 7 times with backoff from 5 s (about 10 minutes, measured 473 s
-# against a closed port) before it reports why; a server must not hang that long at start.
+# an unreachable endpoint 7 times with exponential backoff from 5 s (apache_beam.utils.retry:
+# several minutes) before it reports why; a server must not hang that long at start.
 DEFAULT_STORE_TIMEOUT_SECONDS = 30.0
 _T = TypeVar("_T")
 

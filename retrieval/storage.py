@@ -204,7 +204,7 @@ def check_bucket(path: str) -> None:
     """StorageError unless the bucket of `path` (s3:// or gs://; other schemes are not
     checked) exists and the configured credentials reach it.  Beam's own calls cannot say
     so: its S3 listing of a missing bucket is empty and a HEAD of an object in it a plain
-    404, and it retries an unreachable endpoint for about ten minutes; this asks the bucket
+    404, and it retries an unreachable endpoint for minutes (7 times, backoff from 5 s); this asks the bucket
     once, through the client Beam builds from the same options."""
     scheme, _, rest = path.partition("://")
     bucket = rest.split("/", 1)[0]
