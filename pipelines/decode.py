@@ -45,20 +45,20 @@ class RowInfo:
 
 class Decoded(NamedTuple):
     info: RowInfo  # of the record decoded (its id, source, size)
-    pixels: dict  # embedder name -> uint8 [size, size, 3]
+    pixels: dict  # embedder name -> uint8 [size, size, 3] ([2, size, size, 3] for two views)
     request: Any = None  # the pipelines.content.EmbedRequest it answers
 
 
 class ResizePlan(NamedTuple):
     """Which (size, mode) arrays to make, and which embedder uses which."""
 
-    targets: tuple  # ((size, mode), ...) distinct
-    by_embedder: dict  # name -> (size, mode)
+    targets: tuple  # ((size, imaging.Preprocessing), ...) distinct
+    by_embedder: dict  # name -> (size, imaging.Preprocessing)
     min_size: int  # draft JPEGs down to no less than this on both sides
 
     @classmethod
     def of(cls, specs: list[EmbedderSpec]) -> ResizePlan:
-        by_embedder = {s.name: (s.input_size, s.resize) for s in specs}
+        by_embedder = {s.name: (s.input_size, s.resizing()) for s in specs}
         return cls(tuple(sorted(set(by_embedder.values()))), by_embedder, max(s.input_size for s in specs))
 
 

@@ -50,7 +50,8 @@ class EmbedOptions(PipelineOptions):
             "--embedder",
             action="append",
             default=None,
-            help="NAME=HANDLE[,size=N][,resize=pad|crop|stretch][,normalisation=l2|none]; "
+            help="NAME=HANDLE[,size=N][,resize=pad|crop|stretch|fit][,pad=grey|black|white|mean|edge]"
+            "[,filter=bilinear|bicubic|lanczos][,normalisation=l2|none]; "
             "repeat for several embedders in one run "
             "(default: lite=builtin:efficientnet-lite0)",
         )

@@ -67,7 +67,10 @@ def plan(options: PipelineOptions, *, root: str | None = None, salt: str = "") -
     specs = [complete(spec, opts.model_cache_dir) for spec in specs]
     # What else decides the pixels each embedder sees (part of the spec, so of reuse).
     decode_size = ResizePlan.of(specs).min_size
-    specs = [dataclasses.replace(s, decode_size=decode_size, pixels=imaging.PIXELS) for s in specs]
+    specs = [
+        dataclasses.replace(s, decode_size=decode_size, pixels=imaging.pixels_rule(s.resizing()))
+        for s in specs
+    ]
     reuse_plan = reuse.plan_reuse(
         opts.reuse_from, specs, root=root, verify_fraction=opts.verify_reuse_fraction, salt=salt
     )

@@ -38,6 +38,7 @@ from retrieval import runs, storage
 from retrieval import schema as S
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
+from retrieval.tables import describe_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,16 @@ def plan_reuse(
             status[spec.name] = "reused"
             continue
         own = [d for d in damaged if posixpath.basename(d) == spec.name]
+        other_prep = [t for t in tables.values() if t.spec.fingerprint == spec.fingerprint]
         if own:
             status[spec.name] = (
                 f"embedded in full: the previous table {own[0]} is damaged ({damaged[own[0]]})"
+            )
+        elif other_prep:
+            status[spec.name] = (
+                f"embedded in full: the previous table {other_prep[0].directory} has the same "
+                "weights but other preprocessing, whose vectors must not be mixed with these "
+                f"({describe_preprocessing(other_prep[0].spec)}; now {describe_preprocessing(spec)})"
             )
         else:
             status[spec.name] = (

@@ -18,13 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from retrieval import builtin
+from retrieval import builtin, imaging
 from retrieval.errors import ConfigError, HandleError
 from retrieval.exact import unit_rows
-from retrieval.imaging import RESIZE_MODES
 
 NORMALISATIONS = ("l2", "none")
-DEFAULT_RESIZE = "pad"
+# The preprocessing new specs get (BENCHMARKS.md, "Preprocessing"); specs recorded before
+# pad colours and filters existed mean LEGACY_PAD and LEGACY_FILTER (see `from_dict`).
+DEFAULT_RESIZE = "crop"
+DEFAULT_PAD = "grey"
+DEFAULT_FILTER = "bilinear"
+LEGACY_PAD = "grey"
+LEGACY_FILTER = "bilinear"
 DEFAULT_NORMALISATION = "l2"
 DEFAULT_INPUT_SIZE = 224
 PREPROCESSING = "float32 RGB in [0, 1], shape [batch, height, width, 3] (TF Hub image convention)"
@@ -52,6 +57,8 @@ class EmbedderSpec:
     dim: int = 0
     input_size: int = DEFAULT_INPUT_SIZE
     resize: str = DEFAULT_RESIZE
+    pad: str = DEFAULT_PAD
+    filter: str = DEFAULT_FILTER
     normalisation: str = DEFAULT_NORMALISATION
     preprocessing: str = PREPROCESSING
     # JPEGs are decoded at reduced scale down to no less than this many pixels a side (the
@@ -65,10 +72,10 @@ class EmbedderSpec:
                 f"embedder name {self.name!r} is not valid: use 1-64 letters, digits, '_', '-' "
                 "or '.', starting with a letter or digit (it names output folders)"
             )
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(
-                f"embedder {self.name!r}: resize {self.resize!r} is not one of {list(RESIZE_MODES)}"
-            )
+        try:
+            self.resizing()
+        except ConfigError as exc:
+            raise ConfigError(f"embedder {self.name!r}: {exc}") from None
         if self.normalisation not in NORMALISATIONS:
             raise ConfigError(
                 f"embedder {self.name!r}: normalisation {self.normalisation!r} is not one of "
@@ -87,11 +94,30 @@ class EmbedderSpec:
             self.dim,
             self.input_size,
             self.resize,
+            self.pad,
+            self.filter,
             self.normalisation,
             self.preprocessing,
             self.decode_size,
             self.pixels,
         )
+
+    def resizing(self) -> imaging.Preprocessing:
+        """How a decoded image becomes this embedder's input (`retrieval.imaging.resize`)."""
+        return imaging.Preprocessing(self.resize, self.pad, self.filter)
+
+    def check_pixels(self) -> None:
+        """Raises ConfigError unless this code makes the pixels the spec records (`pixels`),
+        so that images embedded now can sit beside the vectors it describes."""
+        expected = imaging.pixels_rule(self.resizing())
+        if self.pixels and self.pixels != expected:
+            raise ConfigError(
+                f"embedder {self.name!r} records pixels made by the rules {self.pixels!r}; this "
+                f"imgindex makes {expected!r} for resize={self.resize}, pad={self.pad}, "
+                f"filter={self.filter}. Vectors made under other rules must not be mixed: "
+                "re-embed the images with this version (imgindex build), or query with vectors "
+                "made the way the index's were"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,14 +128,18 @@ class EmbedderSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbedderSpec:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        if "resize" in fields and "pad" not in fields:  # recorded before pad and filter existed
+            fields.update(pad=LEGACY_PAD, filter=LEGACY_FILTER)
+        return cls(**fields)
 
 
 def parse_embedder_arg(text: str) -> EmbedderSpec:
     """Parses `NAME=HANDLE[,key=value...]` as given to `--embedder`.
 
-    Options after the handle: `size=<pixels>`, `resize=pad|crop|stretch`,
-    `normalisation=l2|none`.  A bare handle is accepted and named after itself.
+    Options after the handle: `size=<pixels>`, `resize=pad|crop|stretch|fit|pad+crop|...`,
+    `pad=grey|black|white|mean|edge`, `filter=bilinear|bicubic|lanczos`,
+    `normalisation=l2|none` (see `retrieval.imaging.resize`).  A bare handle is accepted and named after itself.
     """
     head, *options = text.split(",")
     if "=" in head and not head.startswith(_REMOTE_PREFIXES):
@@ -120,7 +150,13 @@ def parse_embedder_arg(text: str) -> EmbedderSpec:
     if not handle:
         raise ConfigError(f"--embedder {text!r}: the handle is empty; use NAME=HANDLE")
     kwargs: dict[str, Any] = {}
-    allowed = {"size": "input_size", "resize": "resize", "normalisation": "normalisation"}
+    allowed = {
+        "size": "input_size",
+        "resize": "resize",
+        "pad": "pad",
+        "filter": "filter",
+        "normalisation": "normalisation",
+    }
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or key not in allowed:
@@ -281,7 +317,15 @@ def complete_spec(spec: EmbedderSpec, cache_dir: str | None = None) -> tuple[Emb
 
 def embed_batch(model: EmbeddingModel, spec: EmbedderSpec, images: np.ndarray) -> np.ndarray:
     """Embeds a uint8 batch [b, s, s, 3] with a loaded model; applies the spec's normalisation
-    (l2: `retrieval.exact.unit_rows`, all-zero rows stay zero)."""
+    (l2: `retrieval.exact.unit_rows`, all-zero rows stay zero).  A batch of two-view images
+    [b, v, s, s, 3] (`resize=pad+crop`) gives each image the mean of its views' vectors,
+    each view normalised first, so both views weigh the same."""
     batch = np.asarray(images, dtype=np.float32) * np.float32(1.0 / 255.0)
-    vectors = np.asarray(model(batch), dtype=np.float32)
-    return unit_rows(vectors) if spec.normalisation == "l2" else vectors
+    l2 = spec.normalisation == "l2"
+    if batch.ndim == 5:
+        b, v = batch.shape[:2]
+        vectors = np.asarray(model(batch.reshape(b * v, *batch.shape[2:])), dtype=np.float32)
+        vectors = (unit_rows(vectors) if l2 else vectors).reshape(b, v, -1).mean(axis=1)
+    else:
+        vectors = np.asarray(model(batch), dtype=np.float32)
+    return unit_rows(vectors) if l2 else vectors

@@ -41,10 +41,10 @@ DEFAULT_MAX_PIXELS = 100_000_000
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 PAD_VALUE = 127  # mid-grey: ~0 after the usual [0,1] -> [-1,1] input scaling
-# The rules above and below, as recorded in an embedder's spec (`EmbedderSpec.pixels`):
-# change it whenever a change here changes the pixels an embedder sees, so that vectors
-# made under the old rules are never reused or mixed with new ones.
-PIXELS = "pillow-rgb/1: EXIF upright, alpha on white, JPEG draft, bilinear, pad 127"
+# The decode rules above and below, as recorded in an embedder's spec (`EmbedderSpec.pixels`,
+# through `pixels_rule`): change it whenever a change here changes the pixels an embedder sees,
+# so that vectors made under the old rules are never reused or mixed with new ones.
+PIXELS = "pillow-rgb/1: EXIF upright, alpha on white, JPEG draft"
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -171,29 +171,95 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-RESIZE_MODES = ("pad", "crop", "stretch")
+SINGLE_VIEWS = ("pad", "crop", "stretch", "fit")
+# Two views of each image, embedded apart and averaged (`retrieval.embedders.embed_batch`):
+# twice the model's work.
+RESIZE_MODES = (*SINGLE_VIEWS, "pad+crop", "fit+crop", "stretch+crop")
+PAD_COLOURS = ("grey", "black", "white", "mean", "edge")
+FILTERS = ("bilinear", "bicubic", "lanczos")
+_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_PAD_RGB = {"grey": (PAD_VALUE,) * 3, "black": (0, 0, 0), "white": (255, 255, 255)}
+# `fit` stretches an image towards square by at most this factor, then pads what is left.
+FIT_MAX_STRETCH = 4 / 3
 
 
-def resize(image: Image.Image, size: int, mode: str = "pad") -> np.ndarray:
-    """Resizes RGB to (size, size, 3) uint8.
+@dataclasses.dataclass(frozen=True, order=True)
+class Preprocessing:
+    """How a decoded image becomes the model's square input (see `resize`)."""
 
-    pad:     longer side to `size`, centred on a mid-grey square (keeps the whole image).
-    crop:    shorter side to `size`, centre crop.
-    stretch: both sides to `size`, aspect ratio not kept.
+    resize: str = "pad"
+    pad: str = "grey"
+    filter: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        for value, allowed, name in (
+            (self.resize, RESIZE_MODES, "resize"),
+            (self.pad, PAD_COLOURS, "pad"),
+            (self.filter, FILTERS, "filter"),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{name} {value!r} is not one of {list(allowed)}")
+
+    def views(self) -> tuple[Preprocessing, ...]:
+        """The single views this preprocessing embeds (two for "pad+crop" and the like)."""
+        return tuple(dataclasses.replace(self, resize=mode) for mode in self.resize.split("+"))
+
+
+def pixels_rule(prep: Preprocessing) -> str:
+    """The rules that made an embedder's pixels, as its spec records them.  A grey pad reads
+    "pad 127", as every spec did before pad colours and filters existed."""
+    pad = str(PAD_VALUE) if prep.pad == "grey" else prep.pad
+    return f"{PIXELS}, {prep.filter}, pad {pad}"
+
+
+def resize(image: Image.Image, size: int, prep: Preprocessing | str = "pad") -> np.ndarray:
+    """Resizes RGB to (size, size, 3) uint8 following `prep` (a bare string is a resize mode
+    with a grey pad and bilinear filter: the rules before pad colours and filters existed);
+    a two-view mode ("pad+crop") gives (2, size, size, 3), the views in its order.
+
+    pad:     longer side to `size`, centred on a square filled with the pad colour (keeps the
+             whole image and its shape).  grey/black/white: that colour; mean: the image's mean
+             colour; edge: the border pixels repeated outwards.
+    crop:    shorter side to `size`, centre crop (loses the ends of the longer side).
+    stretch: both sides to `size` (keeps the whole image, not its shape).
+    fit:     stretched towards square by at most FIT_MAX_STRETCH (4:3 becomes square), then
+             padded like `pad` (keeps the whole image; panoramas keep some of their shape).
+    pad+crop, fit+crop, stretch+crop: both views; the embedder averages their vectors.
     """
+    if isinstance(prep, str):
+        prep = Preprocessing(resize=prep)
+    if "+" in prep.resize:
+        return np.stack([_resize_view(image, size, view) for view in prep.views()])
+    return _resize_view(image, size, prep)
+
+
+def _resize_view(image: Image.Image, size: int, prep: Preprocessing) -> np.ndarray:
+    resample = _FILTERS[prep.filter]
     width, height = image.size
-    if mode == "stretch":
-        out = image.resize((size, size), Image.Resampling.BILINEAR)
-    elif mode == "pad":
-        scale = size / max(width, height)
-        w, h = max(1, round(width * scale)), max(1, round(height * scale))
-        out = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
-        out.paste(image.resize((w, h), Image.Resampling.BILINEAR), ((size - w) // 2, (size - h) // 2))
-    elif mode == "crop":
+    if prep.resize == "stretch":
+        return np.asarray(image.resize((size, size), resample), dtype=np.uint8)
+    if prep.resize == "crop":
         scale = size / min(width, height)
         w, h = max(size, round(width * scale)), max(size, round(height * scale))
         left, top = (w - size) // 2, (h - size) // 2
-        out = image.resize((w, h), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
-    else:
-        raise ConfigError(f"resize mode {mode!r} is not one of {list(RESIZE_MODES)}")
-    return np.asarray(out, dtype=np.uint8)
+        cropped = image.resize((w, h), resample).crop((left, top, left + size, top + size))
+        return np.asarray(cropped, dtype=np.uint8)
+    if prep.resize == "fit":
+        aspect = width / height
+        target = max(aspect / FIT_MAX_STRETCH, 1.0) if aspect >= 1 else min(aspect * FIT_MAX_STRETCH, 1.0)
+        width, height = (round(height * target), height) if aspect >= 1 else (width, round(width / target))
+    scale = size / max(width, height)
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = np.asarray(image.resize((w, h), resample), dtype=np.uint8)
+    left, top = (size - w) // 2, (size - h) // 2
+    if prep.pad == "edge":
+        return np.pad(resized, ((top, size - h - top), (left, size - w - left), (0, 0)), mode="edge")
+    colour = resized.reshape(-1, 3).mean(axis=0).round() if prep.pad == "mean" else _PAD_RGB[prep.pad]
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[...] = np.asarray(colour, np.uint8)
+    canvas[top : top + h, left : left + w] = resized
+    return canvas

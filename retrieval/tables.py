@@ -135,7 +135,8 @@ def load_tuning_queries(path: str, spec: EmbedderSpec) -> np.ndarray:
     """Query vectors from a .npy file or from embedding tables made with the same embedder.
 
     Raises ConfigError (worded for `--tuning_queries`) when the path is missing or unreadable,
-    or the tables were made by an embedder with another fingerprint than `spec`'s.
+    or the tables were made by an embedder with another fingerprint or preprocessing than
+    `spec`'s.
     """
     if not os.path.exists(path):
         raise ConfigError(
@@ -153,7 +154,21 @@ def load_tuning_queries(path: str, spec: EmbedderSpec) -> np.ndarray:
             f"({queries.spec.fingerprint}), the index by {spec.name!r} ({spec.fingerprint}); "
             "embed the queries with the same embedder"
         )
+    if queries.spec.reuse_identity() != spec.reuse_identity():
+        raise ConfigError(
+            f"--tuning_queries {path!r} was embedded with other preprocessing than the index "
+            f"({describe_preprocessing(queries.spec)} vs {describe_preprocessing(spec)}); embed "
+            "the queries with the same embedder settings"
+        )
     return queries.vectors
+
+
+def describe_preprocessing(spec: EmbedderSpec) -> str:
+    """The preprocessing part of a spec's identity, for error messages."""
+    return (
+        f"size={spec.input_size}, resize={spec.resize}, pad={spec.pad}, filter={spec.filter}, "
+        f"normalisation={spec.normalisation}, decode_size={spec.decode_size}, pixels={spec.pixels!r}"
+    )
 
 
 def _dataset_and_spec(source: str | list[str]) -> tuple[ds.Dataset, EmbedderSpec]:
@@ -168,6 +183,13 @@ def _dataset_and_spec(source: str | list[str]) -> tuple[ds.Dataset, EmbedderSpec
                 f"{other} was made by embedder {other_spec.name!r} ({other_spec.fingerprint}, "
                 f"dim {other_spec.dim}) but {dataset.files[0]} by {spec.name!r} "
                 f"({spec.fingerprint}, dim {spec.dim}); build one index per embedder"
+            )
+        if other_spec.reuse_identity() != spec.reuse_identity():
+            raise ConfigError(
+                f"{other} and {dataset.files[0]} hold vectors of the same weights made with "
+                f"different preprocessing ({describe_preprocessing(other_spec)} vs "
+                f"{describe_preprocessing(spec)}); vectors of different preprocessing must not "
+                "share an index: re-embed the images with one setting (imgindex build)"
             )
     return dataset, spec
 

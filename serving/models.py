@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from retrieval.errors import HandleError, QueryError
+from retrieval.errors import ConfigError, HandleError, QueryError
 from serving.run_state import EmbedderState
 
 if TYPE_CHECKING:
@@ -59,7 +59,8 @@ class ModelCache:
         return self._key(emb) in self._models
 
     def spec_for(self, emb: EmbedderState) -> EmbedderSpec:
-        """The spec image queries of `emb` embed with; QueryError when it records no model."""
+        """The spec image queries of `emb` embed with; QueryError when it records no model, or
+        pixels this code does not make (an index from another imgindex's preprocessing)."""
         from retrieval.embedders import EmbedderSpec
 
         spec = dict(emb.spec or {})
@@ -71,7 +72,14 @@ class ModelCache:
                 "fingerprint), so image queries are unavailable; query by vector",
                 code="image_queries_unavailable",
             )
-        return EmbedderSpec.from_dict(spec)
+        try:
+            checked = EmbedderSpec.from_dict(spec)
+            checked.check_pixels()
+        except ConfigError as exc:
+            raise QueryError(
+                f"image queries are unavailable: {exc}", code="image_queries_unavailable"
+            ) from None
+        return checked
 
     def _key(self, emb: EmbedderState) -> ModelKey:
         """(handle, fingerprint) under which the model of `emb` is cached (as in `model`);

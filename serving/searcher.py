@@ -398,7 +398,7 @@ class Searcher:
         try:
             max_pixels = checked_decode_size(data, spec.input_size, self._max_image_pixels)
             decoded = imaging.decode(data, min_size=spec.input_size, max_pixels=max_pixels)
-            pixels = imaging.resize(decoded.image, spec.input_size, spec.resize)
+            pixels = imaging.resize(decoded.image, spec.input_size, spec.resizing())
         except imaging.ImageDecodeError as exc:
             raise BadImageError(f"the query image cannot be used: {exc}") from exc
         model = self._models.model(spec)

@@ -81,7 +81,11 @@ def test_tables_match_the_schema_and_read_with_pandas(dataset, two_embedder_run)
     _, good, _, labels = dataset
     out, _ = two_embedder_run
     data = tables.read_embeddings(f"{out}/embeddings/lite")
-    assert data.spec.name == "lite" and data.spec.dim == 1280 and data.spec.resize == "pad"
+    assert (
+        data.spec.name == "lite"
+        and data.spec.dim == 1280
+        and (data.spec.resize, data.spec.pad, data.spec.filter) == ("crop", "grey", "bilinear")
+    )
     np.testing.assert_allclose(np.linalg.norm(data.vectors, axis=1), 1.0, rtol=1e-5)
     frame = _table(f"{out}/embeddings/lite").to_pandas().set_index("id")
     assert list(frame.columns)[:5] == [S.SHA256, S.SOURCE, S.WIDTH, S.HEIGHT, S.EMBEDDING]
@@ -251,3 +255,30 @@ def test_row_infos_survive_beams_coder_and_dead_letters_become_failures():
         for i in "ab"
     ]
     assert embed.failures_batch(failures).schema.equals(S.FAILURES_SCHEMA, check_metadata=True)
+
+
+@pytest.mark.slow
+def test_two_view_embedding_is_the_normalised_mean_of_its_normalised_views(tmp_path, tiny_savedmodel):
+    from retrieval import embedders, imaging
+    from tests.helpers import images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shapes = [(90, 30), (30, 80), (64, 48), (50, 50)]  # panorama, portrait, 4:3, square
+    for i, (width, height) in enumerate(shapes):
+        (folder / f"p{i}.jpg").write_bytes(images.jpeg(width, height, seed=i))
+    out = str(tmp_path / "out")
+    option = f"--embedder=t={tiny_savedmodel},size=32,resize=pad+crop,pad=black,filter=bicubic"
+    assert embed.run([f"--input={folder}/*.jpg", f"--output={out}", option])["status"] == "ok"
+    data = tables.read_embeddings(f"{out}/embeddings/t")
+    assert (data.spec.resize, data.spec.pad, data.spec.filter) == ("pad+crop", "black", "bicubic")
+    model, _ = embedders.complete_spec(embedders.parse_embedder_arg(f"t={tiny_savedmodel},size=32"))
+    for item_id, vector in zip(data.ids, data.vectors):
+        image = imaging.decode((folder / item_id).read_bytes(), min_size=32).image
+        views = [
+            imaging.resize(image, 32, imaging.Preprocessing(m, "black", "bicubic")) for m in ("pad", "crop")
+        ]
+        assert item_id == "p3.jpg" or not np.array_equal(*views)  # off square, two other views
+        raw = np.asarray(model(np.stack(views).astype(np.float32) / 255), dtype=np.float64)
+        mean = (raw / np.linalg.norm(raw, axis=1, keepdims=True)).mean(axis=0)
+        np.testing.assert_allclose(vector, mean / np.linalg.norm(mean), atol=1e-5)

@@ -26,6 +26,8 @@ def test_parse_name_handle_and_options():
     "arg, words",
     [
         ("m=/x,resize=squash", ["resize", "pad", "crop"]),
+        ("m=/x,pad=blue", ["pad", "grey", "black", "mean"]),
+        ("m=/x,filter=nearest", ["filter", "bilinear", "lanczos"]),
         ("m=/x,colour=1", ["option", "size=..."]),
         ("bad name=/x", ["name"]),
         ("m=", ["handle is empty"]),

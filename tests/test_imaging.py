@@ -74,10 +74,63 @@ def test_draft_reduces_large_jpeg_but_keeps_min_size_and_original_dims():
     assert min(decoded.image.size) >= 100 and decoded.image.size[0] < 640
 
 
-@pytest.mark.parametrize("mode", ["pad", "crop", "stretch"])
-def test_resize_modes_give_square_uint8(mode):
-    out = imaging.resize(images.photo(64, 32), 40, mode)
+@pytest.mark.parametrize("mode", imaging.SINGLE_VIEWS)
+@pytest.mark.parametrize("pad", imaging.PAD_COLOURS)
+@pytest.mark.parametrize("size", [(64, 32), (32, 64), (300, 7), (1, 1)])
+def test_resize_modes_give_square_uint8(mode, pad, size):
+    out = imaging.resize(images.photo(*size), 40, imaging.Preprocessing(mode, pad, "lanczos"))
     assert out.shape == (40, 40, 3) and out.dtype == np.uint8
+
+
+def test_two_view_modes_give_both_views_in_order():
+    photo = images.photo(64, 32)
+    out = imaging.resize(photo, 40, imaging.Preprocessing("pad+crop", "black"))
+    assert out.shape == (2, 40, 40, 3)
+    assert (out[0] == imaging.resize(photo, 40, imaging.Preprocessing("pad", "black"))).all()
+    assert (out[1] == imaging.resize(photo, 40, "crop")).all()
+
+
+@pytest.mark.parametrize("filter_", imaging.FILTERS)
+def test_a_square_image_gets_the_same_pixels_from_every_single_view_mode(filter_):
+    """Why the CIFAR-10 comparison (32x32 photos) only varies the filter."""
+    square = images.photo(32, 32)
+    made = [
+        imaging.resize(square, 224, imaging.Preprocessing(m, "black", filter_)) for m in imaging.SINGLE_VIEWS
+    ]
+    assert all((m == made[0]).all() for m in made)
+
+
+@pytest.mark.parametrize(
+    "pad, expected",
+    [("grey", (127, 127, 127)), ("black", (0, 0, 0)), ("white", (255, 255, 255)), ("mean", (10, 20, 30))],
+)
+def test_pad_colours(pad, expected):
+    wide = Image.new("RGB", (100, 50), (10, 20, 30))
+    padded = imaging.resize(wide, 20, imaging.Preprocessing("pad", pad))
+    assert tuple(padded[0, 10]) == expected and tuple(padded[10, 10]) == (10, 20, 30)
+
+
+def test_edge_pad_repeats_the_border_rows():
+    wide = np.zeros((50, 100, 3), np.uint8)
+    wide[:25], wide[25:] = (200, 0, 0), (0, 0, 200)  # red above, blue below
+    padded = imaging.resize(Image.fromarray(wide), 20, imaging.Preprocessing("pad", "edge", "bilinear"))
+    assert (padded[:5, 10] == (200, 0, 0)).all() and (padded[-5:, 10] == (0, 0, 200)).all()
+
+
+def test_fit_makes_four_by_three_square_and_pads_what_is_left_of_a_panorama():
+    four_three = Image.new("RGB", (80, 60), (255, 0, 0))
+    assert (imaging.resize(four_three, 20, imaging.Preprocessing("fit", "black")) == (255, 0, 0)).all()
+    panorama = Image.new("RGB", (160, 40), (255, 0, 0))  # 4:1 -> 3:1 after the stretch
+    fitted = imaging.resize(panorama, 30, imaging.Preprocessing("fit", "black"))
+    assert tuple(fitted[15, 15]) == (255, 0, 0) and tuple(fitted[0, 15]) == (0, 0, 0)
+    assert (fitted[:, 15, 0] == 255).sum() == 10  # 30 / 3 rows of image
+
+
+def test_the_pixels_rule_of_grey_bilinear_is_the_one_recorded_before_pad_and_filter():
+    old = "pillow-rgb/1: EXIF upright, alpha on white, JPEG draft, bilinear, pad 127"
+    for mode in ("pad", "crop", "stretch"):
+        assert imaging.pixels_rule(imaging.Preprocessing(mode, "grey", "bilinear")) == old
+    assert imaging.pixels_rule(imaging.Preprocessing("crop", "black", "lanczos")) != old
 
 
 def test_pad_keeps_whole_image_and_crop_fills_the_square():
@@ -91,6 +144,10 @@ def test_pad_keeps_whole_image_and_crop_fills_the_square():
 def test_unknown_resize_mode_lists_allowed():
     with pytest.raises(ValueError, match="pad"):
         imaging.resize(images.photo(), 10, "zoom")
+    with pytest.raises(ValueError, match="pad.*black.*mean"):
+        imaging.Preprocessing("pad", "blue")
+    with pytest.raises(ValueError, match="bilinear.*lanczos"):
+        imaging.Preprocessing("pad", "grey", "nearest")
 
 
 @pytest.mark.parametrize("fmt", ["EPS", "ICO", "PPM", "PCX", "SGI", "DDS"])

@@ -3,6 +3,7 @@
 Real Beam (FnApiRunner), real Parquet, real ScaNN, the tiny real SavedModel of conftest.py.
 """
 
+import glob
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ import pytest
 from pipelines import build
 from pipelines.fetch import ReuseError
 from retrieval import runs, tables
+from retrieval import schema as S
 from retrieval.errors import ConfigError, HandleError
 from serving import Searcher, UnknownIdError
 from tests.helpers import images
@@ -150,7 +152,46 @@ def test_changing_one_embedders_preprocessing_re_embeds_only_that_embedder(tmp_p
     assert (counts["b"]["reused"], counts["b"]["embedded"]) == (0, 12)
     with open(os.path.join(second.run_dir, "run_report.json")) as f:
         status = json.load(f)["reuse"]["embedders"]
-    assert status["a"]["status"] == "reused" and "no previous table has the same" in status["b"]["status"]
+    assert status["a"]["status"] == "reused"
+    assert "same weights but other preprocessing" in status["b"]["status"]
+    assert "resize=crop" in status["b"]["status"] and "resize=stretch" in status["b"]["status"]
+
+
+def _as_written_before_pad_and_filter(run_dir):
+    """Rewrites a run's tables as imgindex wrote them before pad colours and filters existed:
+    no `pad`/`filter` in the embedder spec, and the pixels rule of that time."""
+    for path in glob.glob(os.path.join(run_dir, runs.EMBEDDINGS_DIR, "*", "*.parquet")):
+        table = pq.read_table(path)
+        spec = json.loads(table.schema.metadata[S.EMBEDDER_KEY])
+        assert spec.pop("pad") == "grey" and spec.pop("filter") == "bilinear"
+        spec["pixels"] = "pillow-rgb/1: EXIF upright, alpha on white, JPEG draft, bilinear, pad 127"
+        metadata = {**table.schema.metadata, S.EMBEDDER_KEY: json.dumps(spec, sort_keys=True).encode()}
+        pq.write_table(table.replace_schema_metadata(metadata), path)
+
+
+def test_tables_from_before_the_preprocessing_change_are_never_mixed_with_new_vectors(
+    tmp_path, tiny_savedmodel
+):
+    """Yesterday's tables (the old default: grey pad, bilinear) are reused only by an embedder
+    asking for exactly that preprocessing; the new default re-embeds and says why."""
+    inputs = _day(tmp_path / "in", {f"img{i}": _photo(i) for i in range(12)}, {})[:1]
+    root = str(tmp_path / "root")
+
+    def argv(options):
+        return [*inputs, f"--output={root}", f"--embedder=a={tiny_savedmodel},size=32{options}"]
+
+    first = build.run(argv(",resize=pad,pad=grey,filter=bilinear"))
+    _as_written_before_pad_and_filter(first.run_dir)
+    same_rules = build.run(argv(",resize=pad,pad=grey,filter=bilinear"))
+    counts = same_rules.manifest.counts["embedders"]["a"]
+    assert (counts["reused"], counts["embedded"]) == (12, 0)
+    _as_written_before_pad_and_filter(same_rules.run_dir)
+    new_default = build.run(argv(""))
+    counts = new_default.manifest.counts["embedders"]["a"]
+    assert (counts["reused"], counts["embedded"]) == (0, 12)
+    with open(os.path.join(new_default.run_dir, "run_report.json")) as f:
+        status = json.load(f)["reuse"]["embedders"]["a"]["status"]
+    assert "same weights but other preprocessing" in status and "pad 127" in status
 
 
 def test_duplicate_ids_fail_before_the_model_and_name_both_sources(tmp_path, tiny_savedmodel):

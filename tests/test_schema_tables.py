@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -60,6 +61,22 @@ def test_tables_from_different_embedders_are_refused(tmp_path):
     write(tmp_path / "b.parquet", 3, spec=other)
     with pytest.raises(ConfigError, match="one index per embedder"):
         tables.read_embeddings(str(tmp_path))
+
+
+@pytest.mark.parametrize("change", [{"resize": "crop"}, {"pad": "black"}, {"filter": "lanczos"}])
+def test_tables_of_the_same_weights_with_other_preprocessing_are_refused(tmp_path, change):
+    write(tmp_path / "a.parquet", 3)
+    write(tmp_path / "b.parquet", 3, spec=dataclasses.replace(SPEC, **change), prefix="other")
+    with pytest.raises(ConfigError, match="different preprocessing") as err:
+        tables.read_embeddings(str(tmp_path))
+    assert f"{next(iter(change))}={next(iter(change.values()))}" in str(err.value)
+
+
+def test_a_spec_recorded_before_pad_and_filter_existed_means_grey_and_bilinear():
+    old = {k: v for k, v in SPEC.to_dict().items() if k not in ("pad", "filter")}
+    legacy = EmbedderSpec.from_dict({**old, "resize": "crop"})
+    assert (legacy.resize, legacy.pad, legacy.filter) == ("crop", "grey", "bilinear")
+    assert EmbedderSpec.from_dict(SPEC.to_dict()) == SPEC
 
 
 def test_foreign_parquet_is_refused_with_reason(tmp_path):

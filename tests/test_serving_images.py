@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from retrieval.errors import HandleError
+from retrieval.errors import HandleError, QueryError
 from serving import BadImageError, Searcher
 from tests.helpers import runs_fixture as rf
 
@@ -127,6 +127,39 @@ def test_image_query_refuses_other_weights(image_run, tmp_path, tiny_savedmodel)
     for _ in range(2):  # the second refusal comes from the remembered failure
         with pytest.raises(HandleError, match="built with other weights"):
             searcher.search_image(images["img-001"])
+    assert searcher.search_id("img-001", k=1)[0].id == "img-001"  # vectors still served
+
+
+OLD_PIXELS = "pillow-rgb/1: EXIF upright, alpha on white, JPEG draft, bilinear, pad 127"
+
+
+def test_an_index_from_before_pad_and_filter_is_queried_with_its_own_preprocessing(tmp_path, tiny_savedmodel):
+    images = rf.colour_images(6, size=(60, 20))  # wide: a pad and a crop see other pixels
+    old = rf.image_embedder(tiny_savedmodel, images, options=",resize=pad,pad=grey,filter=bilinear")
+    new = rf.image_embedder(tiny_savedmodel, images)
+    assert float(old.vectors[2] @ new.vectors[2]) < 0.999  # the default is not what the index holds
+    spec = {k: v for k, v in old.spec.items() if k not in ("pad", "filter")}  # as recorded then
+    rf.write_run(tmp_path, {"tiny": dataclasses.replace(old, spec={**spec, "pixels": OLD_PIXELS})})
+    hit = Searcher.open(tmp_path).search_image(images["img-002"], k=1)[0]
+    assert hit.id == "img-002" and hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_image_queries_of_a_two_view_index_embed_both_views(tmp_path, tiny_savedmodel):
+    images = rf.colour_images(6, size=(60, 20))
+    data = rf.image_embedder(tiny_savedmodel, images, options=",resize=pad+crop")
+    rf.write_run(tmp_path, {"tiny": data})
+    hit = Searcher.open(tmp_path).search_image(images["img-004"], k=1)[0]
+    assert hit.id == "img-004" and hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_image_queries_are_refused_for_pixels_this_version_does_not_make(image_run, tmp_path):
+    _, images, data = image_run
+    future = "pillow-rgb/2: some rule this version does not know, bilinear, pad 127"
+    rf.write_run(tmp_path, {"tiny": dataclasses.replace(data, spec={**data.spec, "pixels": future})})
+    searcher = Searcher.open(tmp_path)
+    with pytest.raises(QueryError, match="image queries are unavailable.*must not be mixed") as err:
+        searcher.search_image(images["img-001"])
+    assert err.value.code == "image_queries_unavailable" and future in str(err.value)
     assert searcher.search_id("img-001", k=1)[0].id == "img-001"  # vectors still served
 
 

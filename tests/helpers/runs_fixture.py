@@ -124,15 +124,19 @@ def colour_images(n, seed=0, size=(40, 30)):
     return out
 
 
-def image_embedder(savedmodel, images, name="tiny", size=32):
+def image_embedder(savedmodel, images, name="tiny", size=32, options=""):
     """EmbedderData with real embeddings of `images` ({id: bytes}) by a SavedModel handle,
-    made the way the pipeline does (decode, resize, embed_batch); imports TensorFlow."""
+    made the way the pipeline does (decode, resize, embed_batch); `options` are more
+    `--embedder` options (",resize=pad").  Imports TensorFlow."""
     from retrieval import embedders, imaging
 
-    model, spec = embedders.complete_spec(embedders.parse_embedder_arg(f"{name}={savedmodel},size={size}"))
+    model, spec = embedders.complete_spec(
+        embedders.parse_embedder_arg(f"{name}={savedmodel},size={size}{options}")
+    )
+    spec = dataclasses.replace(spec, decode_size=size, pixels=imaging.pixels_rule(spec.resizing()))
     ids = list(images)
     decoded = [imaging.decode(images[i], min_size=spec.input_size) for i in ids]
-    pixels = np.stack([imaging.resize(d.image, spec.input_size, spec.resize) for d in decoded])
+    pixels = np.stack([imaging.resize(d.image, spec.input_size, spec.resizing()) for d in decoded])
     vectors = embedders.embed_batch(model, spec, pixels)
     metadata = pa.table(
         {
