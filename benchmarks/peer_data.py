@@ -118,7 +118,7 @@ def embed_paths(paths: list[str]) -> np.ndarray:
         for path in paths[i : i + BATCH]:
             with open(path, "rb") as f:
                 image = imaging.decode(f.read(), min_size=spec.input_size)
-            pixels.append(imaging.resize(image.image, spec.input_size, spec.resize))
+            pixels.append(imaging.resize(image.image, spec.input_size, spec.resizing()))
         out[i : i + BATCH] = embedders.embed_batch(model, spec, np.stack(pixels))
         if i % (BATCH * 50) == 0:
             _log(f"  embedded {i + len(pixels)}/{len(paths)} ({time.perf_counter() - start:.0f} s)")

@@ -82,7 +82,7 @@ def child_bare(folder: str, batch: int, model_handle: str) -> None:
             imaging.resize(
                 imaging.decode(open(p, "rb").read(), min_size=spec.input_size).image,
                 spec.input_size,
-                spec.resize,
+                spec.resizing(),
             )
             for p in files
         ]
@@ -105,7 +105,7 @@ def child_loop(folder: str, batch: int, model_handle: str) -> None:
     for path in _files(folder):
         with open(path, "rb") as f:
             image = imaging.decode(f.read())  # full-size decode: no draft
-        pending.append(imaging.resize(image.image, spec.input_size, spec.resize))
+        pending.append(imaging.resize(image.image, spec.input_size, spec.resizing()))
         if len(pending) == batch:
             out.append(embedders.embed_batch(model, spec, np.stack(pending)))
             pending = []

@@ -158,7 +158,7 @@ def child_image(images: int) -> None:
     for raw in data[:3] + data:
         t0 = time.perf_counter()
         pixels = imaging.resize(
-            imaging.decode(raw, min_size=spec.input_size).image, spec.input_size, spec.resize
+            imaging.decode(raw, min_size=spec.input_size).image, spec.input_size, spec.resizing()
         )
         t1 = time.perf_counter()
         vector = embedders.embed_batch(model, spec, pixels[None])[0]
