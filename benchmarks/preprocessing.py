@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import numpy as np
@@ -86,21 +87,26 @@ def embed_variant(task, variant: str, model, spec, batch: int = 32) -> np.ndarra
     return vectors
 
 
-def decode_resize_rate(task, variant: str, size: int, rounds: int = 5) -> float:
-    """Images per second on one core: decode (draft) + resize of every image of `task`."""
+def decode_resize_rates(task, variants: list[str], size: int, rounds: int = 5) -> dict[str, float]:
+    """Images per second on one core, decode (draft) + resize of every image of `task`, per
+    variant: the median of `rounds` rounds, the variants' rounds interleaved."""
     datas = []
     for file in task.files:
         with open(file, "rb") as f:
             datas.append(f.read())
-    preps = [imaging.Preprocessing(**VARIANTS[v]) for v in variant.split("+")]
 
-    def work() -> None:
+    def work(preps: list) -> None:
         for data in datas:
             image = imaging.decode(data, min_size=size).image
             for prep in preps:
                 imaging.resize(image, size, prep)
 
-    return median_rate(work, len(datas), rounds=rounds, calls=1)
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            preps = [imaging.Preprocessing(**VARIANTS[v]) for v in variant.split("+")]
+            rates[variant].append(median_rate(lambda p=preps: work(p), len(datas), rounds=1, calls=1))
+    return {v: statistics.median(r) for v, r in rates.items()}
 
 
 def average_precisions(vectors: np.ndarray, task) -> np.ndarray:
@@ -155,11 +161,12 @@ def main(argv=None) -> None:
     if args.throughput:
         for name in args.sets.split(","):
             task = quality_data.load(name, cifar_per_class=args.cifar_per_class)
-            base = decode_resize_rate(task, args.baseline, 224)
+            variants = [args.baseline] + [v for v in args.variants.split(",") if v != args.baseline]
+            rates = decode_resize_rates(task, variants, 224)
             print(f"\n{name}: decode + resize to 224, images/s on one core (median of 5 rounds)")
-            for variant in args.variants.split(","):
-                rate = decode_resize_rate(task, variant, 224)
-                print(f"  {variant:32s} {rate:7.0f}  x{rate / base:.2f} of {args.baseline}")
+            for variant in variants:
+                rate = rates[variant]
+                print(f"  {variant:32s} {rate:7.0f}  x{rate / rates[args.baseline]:.2f} of {args.baseline}")
         return
     model, spec = embedders.complete_spec(embedders.parse_embedder_arg(args.handle))
     variants = args.variants.split(",")
