@@ -38,7 +38,6 @@ from retrieval import runs, storage
 from retrieval import schema as S
 from retrieval.embedders import EmbedderSpec
 from retrieval.errors import ConfigError
-from retrieval.tables import describe_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def plan_reuse(
             status[spec.name] = (
                 f"embedded in full: the previous table {other_prep[0].directory} has the same "
                 "weights but other preprocessing, whose vectors must not be mixed with these "
-                f"({describe_preprocessing(other_prep[0].spec)}; now {describe_preprocessing(spec)})"
+                f"({other_prep[0].spec.preprocessing_summary()}; now {spec.preprocessing_summary()})"
             )
         else:
             status[spec.name] = (

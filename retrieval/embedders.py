@@ -106,6 +106,13 @@ class EmbedderSpec:
         """How a decoded image becomes this embedder's input (`retrieval.imaging.resize`)."""
         return imaging.Preprocessing(self.resize, self.pad, self.filter)
 
+    def preprocessing_summary(self) -> str:
+        """Every preprocessing part of `reuse_identity()`, for messages."""
+        return (
+            f"size={self.input_size}, resize={self.resize}, pad={self.pad}, filter={self.filter}, "
+            f"normalisation={self.normalisation}, decode_size={self.decode_size}, pixels={self.pixels!r}"
+        )
+
     def check_pixels(self) -> None:
         """Raises ConfigError unless this code makes the pixels the spec records (`pixels`),
         so that images embedded now can sit beside the vectors it describes."""
@@ -139,7 +146,8 @@ def parse_embedder_arg(text: str) -> EmbedderSpec:
 
     Options after the handle: `size=<pixels>`, `resize=pad|crop|stretch|fit|pad+crop|...`,
     `pad=grey|black|white|mean|edge`, `filter=bilinear|bicubic|lanczos`,
-    `normalisation=l2|none` (see `retrieval.imaging.resize`).  A bare handle is accepted and named after itself.
+    `normalisation=l2|none` (see `retrieval.imaging.resize`).  A bare handle is accepted and
+    named after itself.
     """
     head, *options = text.split(",")
     if "=" in head and not head.startswith(_REMOTE_PREFIXES):

@@ -154,21 +154,18 @@ def load_tuning_queries(path: str, spec: EmbedderSpec) -> np.ndarray:
             f"({queries.spec.fingerprint}), the index by {spec.name!r} ({spec.fingerprint}); "
             "embed the queries with the same embedder"
         )
-    if queries.spec.reuse_identity() != spec.reuse_identity():
+    # The decode size may differ (queries embedded in a run of other embedders): it moves
+    # pixels a little, and tuning queries only choose knobs; they never enter the index.
+    if (
+        dataclasses.replace(queries.spec, decode_size=0).preprocessing_summary()
+        != dataclasses.replace(spec, decode_size=0).preprocessing_summary()
+    ):
         raise ConfigError(
             f"--tuning_queries {path!r} was embedded with other preprocessing than the index "
-            f"({describe_preprocessing(queries.spec)} vs {describe_preprocessing(spec)}); embed "
+            f"({queries.spec.preprocessing_summary()} vs {spec.preprocessing_summary()}); embed "
             "the queries with the same embedder settings"
         )
     return queries.vectors
-
-
-def describe_preprocessing(spec: EmbedderSpec) -> str:
-    """The preprocessing part of a spec's identity, for error messages."""
-    return (
-        f"size={spec.input_size}, resize={spec.resize}, pad={spec.pad}, filter={spec.filter}, "
-        f"normalisation={spec.normalisation}, decode_size={spec.decode_size}, pixels={spec.pixels!r}"
-    )
 
 
 def _dataset_and_spec(source: str | list[str]) -> tuple[ds.Dataset, EmbedderSpec]:
@@ -187,8 +184,8 @@ def _dataset_and_spec(source: str | list[str]) -> tuple[ds.Dataset, EmbedderSpec
         if other_spec.reuse_identity() != spec.reuse_identity():
             raise ConfigError(
                 f"{other} and {dataset.files[0]} hold vectors of the same weights made with "
-                f"different preprocessing ({describe_preprocessing(other_spec)} vs "
-                f"{describe_preprocessing(spec)}); vectors of different preprocessing must not "
+                f"different preprocessing ({other_spec.preprocessing_summary()} vs "
+                f"{spec.preprocessing_summary()}); vectors of different preprocessing must not "
                 "share an index: re-embed the images with one setting (imgindex build)"
             )
     return dataset, spec

@@ -63,7 +63,7 @@ def test_tables_from_different_embedders_are_refused(tmp_path):
         tables.read_embeddings(str(tmp_path))
 
 
-@pytest.mark.parametrize("change", [{"resize": "crop"}, {"pad": "black"}, {"filter": "lanczos"}])
+@pytest.mark.parametrize("change", [{"resize": "pad"}, {"pad": "black"}, {"filter": "lanczos"}])
 def test_tables_of_the_same_weights_with_other_preprocessing_are_refused(tmp_path, change):
     write(tmp_path / "a.parquet", 3)
     write(tmp_path / "b.parquet", 3, spec=dataclasses.replace(SPEC, **change), prefix="other")
@@ -125,3 +125,17 @@ def test_failure_messages_are_cut_and_failures_pickle():
     failure = S.Failure.of("s", "read", "x" * 5000, id="i")
     assert len(failure.message) == S.MAX_FAILURE_MESSAGE == 2000
     assert pickle.loads(pickle.dumps(failure)) == failure
+
+
+def test_tuning_queries_must_share_the_index_preprocessing_but_not_its_decode_size(tmp_path):
+    for name in ("same", "other", "foreign"):
+        (tmp_path / name).mkdir()
+    write(tmp_path / "same" / "q.parquet", 4, spec=dataclasses.replace(SPEC, decode_size=260))
+    assert tables.load_tuning_queries(str(tmp_path / "same"), SPEC).shape == (4, SPEC.dim)
+    write(tmp_path / "other" / "q.parquet", 4, spec=dataclasses.replace(SPEC, resize="pad"))
+    with pytest.raises(ConfigError, match="other preprocessing.*resize=pad.*resize=crop"):
+        tables.load_tuning_queries(str(tmp_path / "other"), SPEC)
+    foreign = dataclasses.replace(SPEC, fingerprint="sha256:other")
+    write(tmp_path / "foreign" / "q.parquet", 4, spec=foreign)
+    with pytest.raises(ConfigError, match="embed the queries with the same embedder"):
+        tables.load_tuning_queries(str(tmp_path / "foreign"), SPEC)
