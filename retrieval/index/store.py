@@ -16,7 +16,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +29,7 @@ from retrieval.index.files import (
     DATASET_FILE,
     IDS_FILE,
     SCANN_DIR,
+    ExtraFile,
     StoredVectors,
     check_projection,
     check_save_target,
@@ -36,6 +37,7 @@ from retrieval.index.files import (
     publish,
     read_ids,
     read_metadata,
+    write_extra_files,
     write_ids,
 )
 from retrieval.projection import PROJECTION_FILE
@@ -44,10 +46,6 @@ from retrieval.scann_import import ScannSearcher
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-# What `Index.save` writes beside the index's own files: a table, an array (.npy), or the
-# path of a Parquet file to hard-link or copy.
-ExtraFile: TypeAlias = "pa.Table | np.ndarray | os.PathLike[str]"
 
 
 class Index:
@@ -296,29 +294,7 @@ class Index:
             self._projection = check_projection(np.asarray(tables[PROJECTION_FILE]), self.d, path)
 
     def _write_contents(self, directory: Path, tables: Mapping[str, ExtraFile]) -> mf.IndexManifest:
-        import pyarrow.parquet as pq
-
-        for name, value in tables.items():
-            if name in (SCANN_DIR, IDS_FILE, mf.MANIFEST_NAME) or "/" in name:
-                raise ConfigError(
-                    f"extra file {name!r} must be a plain file name other than the index's own files"
-                )
-            if isinstance(value, np.ndarray):
-                np.save(directory / name, value, allow_pickle=False)
-            elif isinstance(value, os.PathLike):
-                rows = pq.read_metadata(value).num_rows
-                if rows != self.n:
-                    raise ConfigError(
-                        f"extra table {name!r} ({value}) must have one row per vector "
-                        f"({self.n}), got {rows} rows"
-                    )
-                scann_assets.link_or_copy(Path(value), directory / name)
-            elif value.num_rows != self.n:
-                raise ConfigError(
-                    f"extra table {name!r} must have one row per vector ({self.n}), got {value.num_rows} rows"
-                )
-            else:
-                pq.write_table(value, directory / name)
+        write_extra_files(directory, tables, self.n)
         scann_dir = directory / SCANN_DIR
         scann_dir.mkdir()
         # The default (relative_path=False) records absolute asset paths in
