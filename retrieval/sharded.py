@@ -67,8 +67,10 @@ class ShardedManifest:
     shards: [{"dir": "shard-00000-of-00002", "n": rows, "manifest_sha256": hex}, ...] in
       shard order.
     recall: recall@k of the merged search against exact search over all rows (see
-      pipelines.build_shards), with "per_shard" values as the shards measured them.
-    search_defaults: {"k": ...}; the search knobs of each shard are in its own manifest.
+      pipelines.build_shards), with "per_shard" values as the shards measured them, and
+      "per_k": the merged recall at every k of the ladder (`retrieval.index.recall`).
+    search_defaults: {"k": ..., "max_k": ...} (max_k: the most a search may ask; absent in
+      indexes built before it); the search knobs of each shard, per k, are in its own manifest.
     """
 
     distance: str
@@ -201,6 +203,11 @@ class ShardedIndex:
     def search_defaults(self) -> dict[str, Any]:
         return dict(self.manifest.search_defaults)
 
+    @property
+    def max_k(self) -> int | None:
+        """The most neighbours a search may ask, or None (built before it was recorded)."""
+        return self.manifest.search_defaults.get("max_k")
+
     def __repr__(self) -> str:
         return f"ShardedIndex(n={self.n}, d={self.d}, distance={self.distance!r}, shards={self.num_shards})"
 
@@ -248,7 +255,7 @@ class ShardedIndex:
 
     def search_rows(self, query: npt.ArrayLike, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`search`, answering with global row numbers (row i is ids[i]) instead of ids."""
-        k = check_k(self.manifest.search_defaults["k"] if k is None else k)
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k, self.max_k, self._label)
         query = prepare_query(query, dim=self.d, distance=self.distance, label=self._label)
         return self._search_prepared(query, k)
 
@@ -256,7 +263,7 @@ class ShardedIndex:
         self, queries: npt.ArrayLike, k: int | None = None
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """`search_batch`, answering with q arrays of global row numbers instead of id lists."""
-        k = check_k(self.manifest.search_defaults["k"] if k is None else k)
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k, self.max_k, self._label)
         queries = prepare_queries(queries, dim=self.d, distance=self.distance, label=self._label)
         parts = [shard._search_batch_prepared(queries, k) for shard in self.shards]
         q = len(queries)
@@ -275,11 +282,13 @@ class ShardedIndex:
         return out_rows, out_scores
 
     def neighbours_of_row(self, row: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest neighbours (global rows, scores) of the indexed vector at global `row`."""
+        """Nearest neighbours (global rows, scores) of the indexed vector at global `row`; k
+        may be max_k + 1 (see `retrieval.index.Index.neighbours_of_row`)."""
         vectors = self.stored_vectors()
         if vectors is None:
             raise ConfigError(f"{self._label} stores no vectors, so it cannot search by row")
-        k = check_k(self.manifest.search_defaults["k"] if k is None else k)
+        limit = None if self.max_k is None else self.max_k + 1
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k, limit, self._label)
         return self._search_prepared(np.array(vectors[row], dtype=np.float32), k)  # stored rows are ready
 
     def _search_prepared(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -371,6 +380,11 @@ def open_index(path: str | os.PathLike[str], verify: bool = True) -> Index | Sha
             )
         shards.append(shard)
         directories.append(directory)
+    max_k = manifest.search_defaults.get("max_k")
+    if max_k is not None and (isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1):
+        raise IndexFormatError(
+            f"{source}: search_defaults.max_k is {max_k!r}, not an integer >= 1. Rebuild the index."
+        )
     if sum(s.n for s in shards) != manifest.n:
         raise IndexFormatError(
             f"{path}: the shards hold {sum(s.n for s in shards)} rows, the manifest says "
