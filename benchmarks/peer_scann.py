@@ -95,7 +95,7 @@ class Imgindex(_ScannBase):
         self.index.save(os.path.join(directory, "index"))
 
     def points(self):
-        tuned = {k: v for k, v in self.index.search_defaults.items() if k != "k"}
+        tuned = {k: v for k, v in self.index.search_defaults.items() if k not in ("k", "max_k")}
         return super().points() + [{**tuned, "api": "Index.search/search_batch"}]
 
     def single(self, q, p):

@@ -196,7 +196,7 @@ def table(label: str, results: list[dict], rounds: int) -> str:
         lines.append("")
         cfg = mine["config"]
         api = [p for p in mine["points"] if "api" in p["params"]]
-        defaults = {k: v for k, v in cfg["search_defaults"].items() if k != "k"}
+        defaults = {k: v for k, v in cfg["search_defaults"].items() if k not in ("k", "max_k")}
         if cfg["index_config"]["method"] == "brute_force":
             line = "imgindex default: exact brute force (n * d below retrieval.index.BRUTE_FORCE_MAX_ELEMENTS), no search knobs"
         else:

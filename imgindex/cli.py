@@ -65,6 +65,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distance", default="cosine", choices=DISTANCES, help="similarity the index ranks by")
     p.add_argument("--k", type=int, default=10, help="neighbours the recall is measured at")
     p.add_argument(
+        "--serve_max_k",
+        type=int,
+        default=None,
+        help="the most neighbours a search may ask (--k to 1000; default max(--k, 100)): the "
+        "knobs are tuned and the recall measured at --k, 100 and this k",
+    )
+    p.add_argument(
         "--target_recall",
         type=float,
         default=0.95,
@@ -103,6 +110,7 @@ def _run_index(args: argparse.Namespace) -> int:
         distance=args.distance,
         embedder=data.spec.to_dict(),
         k=args.k,
+        serve_max_k=args.serve_max_k,
         target_recall=args.target_recall,
         tuning_queries=queries,
     )
@@ -111,7 +119,8 @@ def _run_index(args: argparse.Namespace) -> int:
     recall = (
         "not measured (fewer than 2 vectors)"
         if m.recall["value"] is None
-        else (f"recall@{m.recall['k']}={m.recall['value']:.4f} (target {m.recall['target']})")
+        else ", ".join(f"recall@{e['k']}={e['value']:.4f}" for e in m.recall["per_k"])
+        + f" (target {m.recall['target']})"
     )
     print(
         f"index: {args.output}  n={m.n} d={m.d} distance={m.distance} "

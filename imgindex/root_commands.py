@@ -329,6 +329,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
                 f"shards={data['num_shards']} recall@{data['recall'].get('k')}={data['recall'].get('value')} "
                 f"(merged; per shard {data['recall'].get('per_shard')})"
             )
+            _print_recall_per_k(data["recall"], "  merged ")
             for shard in data["shards"]:
                 print(
                     f"  {shard['dir']}: n={shard['n']} {shard.get('method')} search {shard.get('search_defaults')}"
@@ -342,6 +343,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
                 f"method={m.index_config.get('method')} recall@{m.recall.get('k')}={m.recall.get('value')} "
                 f"search {m.search_defaults} embedder {(m.embedder or {}).get('handle')} files {len(m.files)}"
             )
+            _print_recall_per_k(m.recall, "  ")
     else:
         run_dir = runs.resolve_run(args.path)
         m = runs.read_run_manifest(run_dir)
@@ -361,9 +363,24 @@ def _run_inspect(args: argparse.Namespace) -> int:
                     f"d={e.d} {e.method} recall@{e.recall['k']}={e.recall['value']} "
                     f"search {e.search_defaults} build {e.build_seconds}s"
                 )
+                _print_recall_per_k(e.recall, "    ")
             print(f"  timings: {m.timings}")
             if m.error:
                 print(f"  error: {m.error}")
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     return 0
+
+
+def _print_recall_per_k(recall: dict, indent: str) -> None:
+    """A line per k of the index's ladder: its recall and the knobs searches for it use (none
+    for an index built before recall was measured per k)."""
+    for entry in recall.get("per_k") or []:
+        knobs = ", ".join(
+            f"{name}={entry[name]}"
+            for name in ("leaves_to_search", "pre_reorder_num_neighbors")
+            if entry.get(name) is not None
+        )
+        print(
+            f"{indent}recall@{entry['k']}={entry['value']} ({entry['n_queries']} queries{'; ' + knobs if knobs else ''})"
+        )

@@ -120,6 +120,7 @@ def _build_indexes(
                 max_shard_vectors=opts.max_shard_vectors or None,
                 distance=opts.distance,
                 k=opts.recall_k,
+                serve_max_k=opts.serve_max_k,
                 target_recall=opts.min_recall,
                 tuning_queries=queries,
             )
@@ -164,6 +165,7 @@ def _build_indexes(
                 distance=opts.distance,
                 embedder=data.spec.to_dict(),
                 k=opts.recall_k,
+                serve_max_k=opts.serve_max_k,
                 target_recall=opts.min_recall,
                 copy=False,
                 work_dir=work_dir,
@@ -216,11 +218,7 @@ def gates(report: dict, embedders: dict, opts: build_options.BuildOptions) -> di
             f"--max_failure_rate {opts.max_failure_rate}; see the failures table"
         )
     for name, e in embedders.items():
-        recall = e.recall["value"]
-        if recall is not None and recall < opts.min_recall:
-            reasons.append(
-                f"{name}: recall@{e.recall['k']} {recall:.4f} is below --min_recall {opts.min_recall}"
-            )
+        reasons.extend(_recall_reasons(name, e.recall, opts))
     if report["status"] != "ok":
         reasons.append(f"embedding counts do not reconcile (run report status {report['status']!r})")
     return {
@@ -230,6 +228,30 @@ def gates(report: dict, embedders: dict, opts: build_options.BuildOptions) -> di
         "passed": not reasons,
         "reasons": reasons,
     }
+
+
+def _recall_reasons(name: str, recall: dict, opts: build_options.BuildOptions) -> list[str]:
+    """The gate's refusals of one index: each k of its ladder (up to --serve_max_k) whose recall
+    is below --min_recall, with the fixes."""
+    entries = recall.get("per_k") or [recall]  # a record without per_k: its one k
+    measured = [e for e in entries if e.get("value") is not None]
+    reasons = []
+    for entry in measured:
+        if entry["value"] >= opts.min_recall:
+            continue
+        reached = [e["k"] for e in measured if e["k"] < entry["k"] and e["value"] >= opts.min_recall]
+        knobs = ", ".join(f"{knob}={entry[knob]}" for knob in index_lib.SEARCH_KNOBS if entry.get(knob))
+        fixes = [f"lower --serve_max_k to {max(reached)}"] if reached and "per_k" in recall else []
+        fixes += [
+            "raise the search knobs" + (f" (measured with {knobs})" if knobs else ""),
+            "lower --min_recall",
+        ]
+        reasons.append(
+            f"{name}: recall@{entry['k']} {entry['value']:.4f} is below --min_recall {opts.min_recall}"
+            + (f" (every k up to --serve_max_k {opts.serve_max_k} is gated)" if "per_k" in recall else "")
+            + f"; {', '.join(fixes[:-1])} or {fixes[-1]}"
+        )
+    return reasons
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,9 +394,10 @@ def summary(result: BuildResult) -> str:
         deleted = (
             "" if counts.get("deleted") is None else f", {counts['deleted']} deleted since the previous run"
         )
+        # Every k the build measured (the one k of a record without per_k).
+        recall = " ".join(f"recall@{r['k']}={r['value']}" for r in e.recall.get("per_k") or [e.recall])
         lines.append(
             f"  {name}: n={e.n} (reused {counts.get('reused')}, embedded {counts.get('embedded')}{deleted}) "
-            f"d={e.d} {e.method} recall@{e.recall['k']}={e.recall['value']} "
-            f"search {e.search_defaults} -> {e.index}"
+            f"d={e.d} {e.method} {recall} search {e.search_defaults} -> {e.index}"
         )
     return "\n".join(lines)

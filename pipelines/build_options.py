@@ -15,6 +15,7 @@ from pipelines.plan import DEFAULT_EMBEDDER
 from retrieval import embedders, retention, storage
 from retrieval.errors import ConfigError
 from retrieval.exact import DISTANCES
+from retrieval.index.config import DEFAULT_SERVE_MAX_K, check_serve_max_k
 
 DEFAULT_KEEP_RUNS = 3
 DEFAULT_KEEP_FAILED_HOURS = 48.0
@@ -44,6 +45,13 @@ class BuildOptions(EmbedOptions):
         )
         parser.add_argument(
             "--recall_k", type=int, default=10, help="k of the recall gate and the index's default k"
+        )
+        parser.add_argument(
+            "--serve_max_k",
+            type=int,
+            default=DEFAULT_SERVE_MAX_K,
+            help="the most neighbours a query may ask of the index (--recall_k to 1000): its "
+            "search knobs are tuned, and the recall gated, at --recall_k, 100 and this k",
         )
         parser.add_argument(
             "--pca_dim",
@@ -127,6 +135,7 @@ def check(opts: BuildOptions) -> None:
         )
     if opts.recall_k < 1:
         raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
+    check_serve_max_k(opts.recall_k, opts.serve_max_k, ("--recall_k", "--serve_max_k"))
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id or opts.run_id.startswith(".")):
         raise ConfigError(f"--run_id {opts.run_id!r} must be a plain directory name")
     retention.check_retention(opts.keep_runs, opts.keep_failed_hours)

@@ -6,11 +6,14 @@
       stable hash sample become recall probes, unless held-out tuning queries are given:
       then those are the probes, and they also tune every shard's search knobs.
     Build (one element per shard, spread over workers by a Reshuffle): read only that
-      shard's partition, build and tune its ScaNN index (retrieval.index.build_index), save it
-      as <index dir>/shard-i-of-N, and answer the probe queries both exactly and with the
-      index over the shard's rows; the answers go to .partitions/probe-shard-i.json.
+      shard's partition, build and tune its ScaNN index at every k of the ladder
+      (retrieval.index.build_index), save it as <index dir>/shard-i-of-N, and answer the probe
+      queries over the shard's rows exactly (for the largest ladder k) and with the index at
+      each ladder k (with the knobs it uses for that k); the answers go to
+      .partitions/probe-shard-i.json.
     Driver: merge the shards' probe answers into the global exact and approximate top k
-      (recall of the merged search), write the sharded manifest last, drop the partitions.
+      (recall of the merged search at every ladder k), write the sharded manifest last, drop
+      the partitions.
 
 No process holds more than one shard's matrix: partitioning holds one row group, a build
 worker one shard.  The partitions are a file-based shuffle, so the runner's own shuffle
@@ -140,9 +143,12 @@ class BuildShard(beam.DoFn):
         target_recall: float,
         max_shard_vectors: int | None,
         held_out: bool = False,
+        serve_max_k: int | None = None,
     ):
         self.index_dir, self.num_shards, self.distance = index_dir, num_shards, distance
         self.k, self.target_recall, self.max_shard_vectors = k, target_recall, max_shard_vectors
+        self.serve_max_k = max(k, index_lib.DEFAULT_SERVE_MAX_K) if serve_max_k is None else serve_max_k
+        self.ladder = index_lib.k_ladder(k, self.serve_max_k)
         # The probes are held-out query vectors (id None) that also tune each shard's knobs.
         self.held_out = held_out
 
@@ -186,6 +192,7 @@ class BuildShard(beam.DoFn):
                 distance=self.distance,
                 embedder=data.spec.to_dict(),
                 k=self.k,
+                serve_max_k=self.serve_max_k,
                 target_recall=self.target_recall,
                 work_dir=work_dir,
                 tuning_queries=tuning,
@@ -219,23 +226,27 @@ class BuildShard(beam.DoFn):
         yield shard
 
     def _answer(self, probes, built, data):
-        """Top k+1 of each probe among this shard's rows: exactly, and with the built index."""
+        """Each probe's top k+1 among this shard's rows: exactly for the largest ladder k, and
+        with the built index at every ladder k ({str(k): answers}), searched as a query for k."""
         if not probes:
-            return {"probe_ids": [], "exact": [], "approx": []}
+            return {"probe_ids": [], "exact": [], "approx": {str(k): [] for k in self.ladder}}
         queries = np.stack([vector for _, _, vector in probes]).astype(np.float32)
         scann_distance = "dot_product" if self.distance == "cosine" else self.distance
         cosine = self.distance == "cosine"
         if cosine:
             queries = normalize_rows(queries, what="probe")
         rows, scores = exact_search_by_chunks(
-            queries, data.vectors, self.k + 1, scann_distance, normalize_database=cosine
+            queries, data.vectors, self.ladder[-1] + 1, scann_distance, normalize_database=cosine
         )
         ids = built.ids  # row -> id, the array the index's own searches use
-        approx_ids, approx_scores = built.search_batch(queries, k=self.k + 1)
+        approx = {}
+        for k in self.ladder:
+            found, found_scores = built.probe_batch(queries, k, extra=1)
+            approx[str(k)] = [[a, [float(x) for x in s[: len(a)]]] for a, s in zip(found, found_scores)]
         return {
             "probe_ids": [item_id for _, item_id, _ in probes],
             "exact": [[ids[r].tolist(), s.tolist()] for r, s in zip(rows, scores)],
-            "approx": [[a, [float(x) for x in s[: len(a)]]] for a, s in zip(approx_ids, approx_scores)],
+            "approx": approx,
         }
 
 
@@ -251,6 +262,7 @@ def build_sharded(
     target_recall: float,
     num_queries: int = index_lib.MAX_RECALL_QUERIES,
     tuning_queries: np.ndarray | None = None,
+    serve_max_k: int | None = None,
 ) -> ShardedBuild:
     """Builds <run>/index/<embedder>/ as a sharded index on the runner `options` name.
 
@@ -259,6 +271,8 @@ def build_sharded(
 
     tuning_queries: held-out query vectors that tune every shard and measure the merged
     recall instead of database rows sampled by id (see retrieval.index.build_index).
+    serve_max_k: the most neighbours a search may ask (default max(k, 100)); every shard is
+    tuned, and the merged recall measured, at each k of `retrieval.index.k_ladder`.
     """
     start = time.perf_counter()
     source = f"{run_directory}/{runs.EMBEDDINGS_DIR}/{embedder}"
@@ -283,7 +297,9 @@ def build_sharded(
     probe_threshold = 0 if held_out else min(2**64 - 1, int(2**64 * min(1.0, 2 * num_queries / max(n, 1))))
     if options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = LOCAL_RUNNER
-    builder = BuildShard(index_dir, num_shards, distance, k, target_recall, max_shard_vectors, held_out)
+    builder = BuildShard(
+        index_dir, num_shards, distance, k, target_recall, max_shard_vectors, held_out, serve_max_k
+    )
     with beam.Pipeline(options=options) as p:
         parts = (
             p
@@ -307,10 +323,10 @@ def build_sharded(
             | "Build"
             >> beam.ParDo(builder, probes=beam.pvalue.AsSingleton(probes), counts=beam.pvalue.AsList(counts))
         )
-    return _finish(index_dir, num_shards, distance, k, target_recall, n, start)
+    return _finish(index_dir, num_shards, distance, builder.ladder, target_recall, n, start)
 
 
-def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
+def _finish(index_dir, num_shards, distance, ladder, target_recall, n, start):
     remote = storage.is_remote(index_dir)
     partitions = storage.join(index_dir, PARTITIONS) if remote else os.path.join(index_dir, PARTITIONS)
     answers = []
@@ -321,7 +337,7 @@ def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
             continue
         with open(os.path.join(partitions, probe_file)) as f:
             answers.append(json.load(f))
-    recall = shard_recall.merged_recall(answers, k, distance != "squared_l2", target_recall)
+    recall = shard_recall.merged_recall(answers, ladder, distance != "squared_l2", target_recall)
     manifest = sharded.ShardedManifest(
         distance=distance,
         n=sum(a["n"] for a in answers),
@@ -339,7 +355,7 @@ def _finish(index_dir, num_shards, distance, k, target_recall, n, start):
             for a in answers
         ],
         recall=recall.to_dict(),
-        search_defaults={"k": k},
+        search_defaults={"k": ladder[0], "max_k": ladder[-1]},
         build_seconds=round(time.perf_counter() - start, 3),
         embedder=answers[0]["embedder"],
     )

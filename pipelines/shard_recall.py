@@ -1,43 +1,45 @@
 """The recall of a sharded index's merged search (`pipelines.build_shards`): each shard's
-answers to the probe queries, exact and approximate, merged into the global top k."""
+answers to the probe queries, exact and approximate, merged into the global top k at every k
+of the index's ladder."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from retrieval import index as index_lib
 from retrieval import metrics, sharded
 
 
 def merged_recall(
-    answers: list[dict], k: int, higher_is_better: bool, target_recall: float
+    answers: list[dict], ladder: Sequence[int], higher_is_better: bool, target_recall: float
 ) -> index_lib.RecallRecord:
-    """Recall@k of the merged shard answers against the merged exact answers: leave-self-out
+    """Recall@k of the merged shard answers against the merged exact answers at each k of
+    `ladder` (`retrieval.index.k_ladder`; the record's k and value are its first): leave-self-out
     when each probe is a database row (its own id is dropped from both lists), plain when the
-    probes are held-out queries (id None); with the recall each shard measured itself."""
+    probes are held-out queries (id None); with the recall@k each shard measured itself
+    (`per_shard`; each shard's manifest has its own recall per k)."""
     per_shard = tuple(a["recall"]["value"] for a in answers)
     unmeasured = index_lib.RecallRecord(
-        k=k, value=None, n_queries=0, target=target_recall, per_shard=per_shard
+        k=ladder[0], value=None, n_queries=0, target=target_recall, per_shard=per_shard, per_k=()
     )
     queries = len(answers[0]["exact"])
     if queries == 0:
         return unmeasured
-    approx_lists, exact_lists = [], []
-    for query in range(queries):
-        merged = {}
-        for kind in ("exact", "approx"):
-            ids, _ = sharded.merge_top_k(
-                [a[kind][query][0] for a in answers],
-                [a[kind][query][1] for a in answers],
-                k + 1,
-                higher_is_better,
-            )
-            merged[kind] = ids
-        self_id = answers[0]["probe_ids"][query]
-        exact_lists.append([i for i in merged["exact"] if i != self_id][:k])
-        approx_lists.append([i for i in merged["approx"] if i != self_id][:k])
-    k_eff = min(k, min(len(e) for e in exact_lists))
-    if k_eff < 1:
+    self_ids = answers[0]["probe_ids"]
+    exact = _merged([a["exact"] for a in answers], ladder[-1], self_ids, higher_is_better)
+    # A tiny index has fewer neighbours than the ladder asks: each k is measured at most there.
+    most = min(len(e) for e in exact)
+    per_k: list[index_lib.RecallAtK] = []
+    for asked in ladder:
+        k = min(asked, most)
+        if k < 1 or (per_k and per_k[-1].k == k):
+            continue
+        approx = _merged([a["approx"][str(asked)] for a in answers], k, self_ids, higher_is_better)
+        truth = [e[:k] for e in exact]
+        per_k.append(index_lib.RecallAtK(k, metrics.recall_at_k(approx, truth, k), queries))
+    if not per_k:
         return unmeasured
-    if answers[0]["probe_ids"][0] is None:
+    if self_ids[0] is None:
         method = (
             f"held-out over the merged shards: {queries} query vectors given to the build are "
             f"queried in every shard, exactly and with each shard's index; the per-shard lists are "
@@ -51,10 +53,25 @@ def merged_recall(
             f"|approx & exact| / k"
         )
     return index_lib.RecallRecord(
-        k=k_eff,
-        value=metrics.recall_at_k(approx_lists, exact_lists, k_eff),
+        k=per_k[0].k,
+        value=per_k[0].value,
         n_queries=queries,
         target=target_recall,
         method=method,
         per_shard=per_shard,
+        per_k=tuple(per_k),
     )
+
+
+def _merged(lists: list[list], k: int, self_ids: list, higher_is_better: bool) -> list[list[str]]:
+    """Each probe's top k over the shards' (ids, scores) lists, its own id dropped."""
+    out = []
+    for query, self_id in enumerate(self_ids):
+        ids, _ = sharded.merge_top_k(
+            [shard[query][0] for shard in lists],
+            [shard[query][1] for shard in lists],
+            k + 1,
+            higher_is_better,
+        )
+        out.append([i for i in ids if i != self_id][:k])
+    return out

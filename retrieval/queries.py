@@ -24,12 +24,24 @@ from retrieval.exact import unit_rows
 
 # Below this, float64 query values lose precision (or become 0) as float32.
 _FLOAT32_TINY = 1e-30
+# The most neighbours any query may ask (HTTP's limit too); an index built with
+# --serve_max_k serves at most that many.
+MAX_K = 1000
 
 
-def check_k(k: object) -> int:
-    """k as an int, or QueryError (code bad_k) unless it is an integer >= 1."""
+def check_k(k: object, max_k: int | None = None, label: str = "the index") -> int:
+    """k as an int, or QueryError (code bad_k) unless it is an integer >= 1 and at most
+    `max_k`: the largest k whose recall the index's build measured (None: no limit, an index
+    built before the build measured recall per k)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise QueryError(f"k must be an integer >= 1, got {k!r}", code="bad_k")
+    if max_k is not None and k > max_k:
+        raise QueryError(
+            f"k={int(k)} is above the most {label} serves, {max_k} (its build measured recall up "
+            f"to k={max_k}); ask for k <= {max_k}, or rebuild it with a larger --serve_max_k "
+            f"(at most {MAX_K})",
+            code="bad_k",
+        )
     return int(k)
 
 

@@ -55,11 +55,17 @@ class SearchableIndex(Protocol):
 
     @property
     def recall(self) -> dict[str, Any]:
-        """The recall record measured at build time (k, value, n_queries, target, ...)."""
+        """The recall record measured at build time (k, value, n_queries, target, per_k, ...)."""
 
     @property
     def search_defaults(self) -> dict[str, Any]:
         """Search knobs used when a query does not set them (k, and the tree-AH knobs)."""
+
+    @property
+    def max_k(self) -> int | None:
+        """The most neighbours a query may ask (the build's --serve_max_k, up to which recall was
+        measured; more is a QueryError with code bad_k), or None for an index built before it
+        was recorded (no limit of its own)."""
 
     @property
     def embedder(self) -> dict[str, Any] | None:

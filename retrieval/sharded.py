@@ -7,9 +7,9 @@
                                 their row counts and the SHA-256 of each shard's manifest.json,
                                 the hash, the merged recall
 
-Row i of shard s is id `ids[i]` of that shard; a row belongs to shard `shard_of(id, N)`,
-which depends only on the id and N (not on the input order, file layout or runner), so a
-rebuild puts every id in the same shard.  A query searches every shard for its top k and
+Row i of shard s is id `ids[i]` of that shard; a row belongs to shard `shard_of(id, N)`
+(`retrieval.shard_hash`), which depends only on the id and N (not on the input order, file
+layout or runner), so a rebuild puts every id in the same shard.  A query searches every shard for its top k and
 merges them: the result is the exact top k of the union of what the shards returned.
 
 `open_index` loads either layout; a missing, replaced or corrupted shard is an
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,6 +33,7 @@ from retrieval import atomic_files
 from retrieval import manifest as mf
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.queries import check_k, prepare_queries, prepare_query
+from retrieval.shard_hash import HASH, shard_name, shard_of, shards_for
 from retrieval.version import __version__
 
 if TYPE_CHECKING:
@@ -45,50 +44,20 @@ if TYPE_CHECKING:
 
 KIND = "imgindex.sharded_index"
 FORMAT_VERSION = 1
-HASH = "blake2b(id as UTF-8, digest_size=8, person=b'imgindex-shard') as little-endian uint64 mod num_shards"
-_PERSON = b"imgindex-shard"
-# Shard sizes from a hash are binomial around n/N; `shards_for` keeps this many standard
-# deviations of headroom so that no shard exceeds the budget in practice (and the build
-# checks it anyway).
-_SIGMAS = 6.0
-
-
-def shard_of(ids: Sequence[str], num_shards: int) -> np.ndarray:
-    """The shard of each id (an int64 array); stable across runs, machines and Python versions."""
-    _check_num_shards(num_shards)
-    keys = np.fromiter(
-        (
-            int.from_bytes(
-                hashlib.blake2b(i.encode("utf-8"), digest_size=8, person=_PERSON).digest(), "little"
-            )
-            for i in ids
-        ),
-        dtype=np.uint64,
-        count=len(ids),
-    )
-    return (keys % np.uint64(num_shards)).astype(np.int64)
-
-
-def shard_name(shard: int, num_shards: int) -> str:
-    return f"shard-{shard:05d}-of-{num_shards:05d}"
-
-
-def shards_for(n: int, max_shard_vectors: int) -> int:
-    """The fewest shards whose hash-partitioned sizes stay within max_shard_vectors
-    (mean n/N plus six standard deviations)."""
-    if max_shard_vectors < 1:
-        raise ConfigError(f"max_shard_vectors must be >= 1, got {max_shard_vectors}")
-    shards = max(1, math.ceil(n / max_shard_vectors))
-    while True:
-        mean = n / shards
-        if mean + _SIGMAS * math.sqrt(mean * (1 - 1 / shards)) <= max_shard_vectors or mean < 1:
-            return shards
-        shards += 1
-
-
-def _check_num_shards(num_shards: object) -> None:
-    if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
-        raise ConfigError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+__all__ = [  # the hash's names are re-exported: callers know them as sharded.*
+    "HASH",
+    "KIND",
+    "ShardedIndex",
+    "ShardedManifest",
+    "describe_method",
+    "manifest_kind",
+    "merge_top_k",
+    "open_index",
+    "shard_name",
+    "shard_of",
+    "shards_for",
+    "write_manifest",
+]
 
 
 @dataclasses.dataclass
@@ -98,8 +67,10 @@ class ShardedManifest:
     shards: [{"dir": "shard-00000-of-00002", "n": rows, "manifest_sha256": hex}, ...] in
       shard order.
     recall: recall@k of the merged search against exact search over all rows (see
-      pipelines.build_shards), with "per_shard" values as the shards measured them.
-    search_defaults: {"k": ...}; the search knobs of each shard are in its own manifest.
+      pipelines.build_shards), with "per_shard" values as the shards measured them, and
+      "per_k": the merged recall at every k of the ladder (`retrieval.index.recall`).
+    search_defaults: {"k": ..., "max_k": ...} (max_k: the most a search may ask; absent in
+      indexes built before it); the search knobs of each shard, per k, are in its own manifest.
     """
 
     distance: str
@@ -232,6 +203,11 @@ class ShardedIndex:
     def search_defaults(self) -> dict[str, Any]:
         return dict(self.manifest.search_defaults)
 
+    @property
+    def max_k(self) -> int | None:
+        """The most neighbours a search may ask, or None (built before it was recorded)."""
+        return self.manifest.search_defaults.get("max_k")
+
     def __repr__(self) -> str:
         return f"ShardedIndex(n={self.n}, d={self.d}, distance={self.distance!r}, shards={self.num_shards})"
 
@@ -279,7 +255,7 @@ class ShardedIndex:
 
     def search_rows(self, query: npt.ArrayLike, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`search`, answering with global row numbers (row i is ids[i]) instead of ids."""
-        k = check_k(self.manifest.search_defaults["k"] if k is None else k)
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k, self.max_k, self._label)
         query = prepare_query(query, dim=self.d, distance=self.distance, label=self._label)
         return self._search_prepared(query, k)
 
@@ -287,7 +263,7 @@ class ShardedIndex:
         self, queries: npt.ArrayLike, k: int | None = None
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """`search_batch`, answering with q arrays of global row numbers instead of id lists."""
-        k = check_k(self.manifest.search_defaults["k"] if k is None else k)
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k, self.max_k, self._label)
         queries = prepare_queries(queries, dim=self.d, distance=self.distance, label=self._label)
         parts = [shard._search_batch_prepared(queries, k) for shard in self.shards]
         q = len(queries)
@@ -306,11 +282,13 @@ class ShardedIndex:
         return out_rows, out_scores
 
     def neighbours_of_row(self, row: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest neighbours (global rows, scores) of the indexed vector at global `row`."""
+        """Nearest neighbours (global rows, scores) of the indexed vector at global `row`; k
+        may be max_k + 1 (see `retrieval.index.Index.neighbours_of_row`)."""
         vectors = self.stored_vectors()
         if vectors is None:
             raise ConfigError(f"{self._label} stores no vectors, so it cannot search by row")
-        k = check_k(self.manifest.search_defaults["k"] if k is None else k)
+        limit = None if self.max_k is None else self.max_k + 1
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k, limit, self._label)
         return self._search_prepared(np.array(vectors[row], dtype=np.float32), k)  # stored rows are ready
 
     def _search_prepared(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -402,6 +380,11 @@ def open_index(path: str | os.PathLike[str], verify: bool = True) -> Index | Sha
             )
         shards.append(shard)
         directories.append(directory)
+    max_k = manifest.search_defaults.get("max_k")
+    if max_k is not None and (isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1):
+        raise IndexFormatError(
+            f"{source}: search_defaults.max_k is {max_k!r}, not an integer >= 1. Rebuild the index."
+        )
     if sum(s.n for s in shards) != manifest.n:
         raise IndexFormatError(
             f"{path}: the shards hold {sum(s.n for s in shards)} rows, the manifest says "

@@ -59,7 +59,7 @@ from starlette.routing import Route
 from retrieval.errors import ConfigError, HandleError, QueryError
 from serving.errors import BadImageError, UnknownIdError, shorten
 from serving.http_json import SafeJSONResponse, error_response
-from serving.http_requests import ApiError, BodyLimits, ByteBudget, parse_request
+from serving.http_requests import MAX_K, ApiError, BodyLimits, ByteBudget, parse_request
 from serving.limits import ServerLimits
 from serving.results import SearchResult
 from serving.searcher import Searcher
@@ -304,6 +304,9 @@ def public_info(info: dict[str, Any], expose_source: bool = False) -> dict[str, 
     for name, emb in info["embedders"].items():
         emb = dict(emb)
         emb["index_dir"] = relative(emb.get("index_dir"))
+        # The most this API lets a query ask of the index: its own max_k, or for an index
+        # built before it had one, the API's limit.
+        emb["max_k"] = min(emb.get("max_k") or MAX_K, MAX_K)
         handle = emb.get("handle")
         if isinstance(handle, str) and _is_local_path(handle):
             emb["handle"] = os.path.basename(handle.rstrip("/")) or handle

@@ -25,10 +25,11 @@ import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
+from retrieval import queries
 from serving.errors import shorten
 
 DEFAULT_K = 10
-MAX_K = 1000
+MAX_K = queries.MAX_K  # an index may serve fewer (its max_k, from the build's --serve_max_k)
 QUERY_KINDS = ("vector", "image", "id")
 JSON_FIELDS = frozenset(QUERY_KINDS + ("k", "embedder", "exclude_self"))
 FORM_FIELDS = frozenset(("image", "k", "embedder"))

@@ -92,7 +92,13 @@ def _errors(*statuses: int) -> dict[str, Any]:
     }
 
 
-_K = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10, "description": "hits to return"}
+_K = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": MAX_K,
+    "default": 10,
+    "description": "hits to return, at most the embedder's max_k (GET /v1/index)",
+}
 _EMBEDDER = {
     "type": "string",
     "description": "which index answers; required when the run serves several embedders",
@@ -140,7 +146,11 @@ _UPLOAD = {
             "contentMediaType": "application/octet-stream",
             "description": "the image file",
         },
-        "k": {"type": "string", "pattern": "^[0-9]{1,4}$", "description": f"hits to return, 1 to {MAX_K}"},
+        "k": {
+            "type": "string",
+            "pattern": "^[0-9]{1,4}$",
+            "description": f"hits to return, 1 to the embedder's max_k (at most {MAX_K})",
+        },
         "embedder": _EMBEDDER,
     },
 }
@@ -192,8 +202,18 @@ _EMBEDDER_INFO = {
         "distance": {"type": "string", "enum": ["cosine", "dot_product", "squared_l2"]},
         "higher_is_better": {"type": "boolean"},
         "method": {"type": "string"},
-        "recall": {"type": "object"},
+        "recall": {
+            "type": "object",
+            "description": "recall against exact search measured at build time: k, value, ..., "
+            "and per_k, [{k, value, n_queries}] at every k the build measured",
+        },
         "search_defaults": {"type": "object"},
+        "max_k": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_K,
+            "description": "the most hits a query may ask",
+        },
         "fingerprint": _NULLABLE_STRING,
         "handle": {"description": "a builtin or remote handle, or the last part of a local path"},
         "input_size": {"type": ["integer", "null"]},

@@ -1,8 +1,11 @@
 """What is left of query handling in serving once the index has checked the query
-(`retrieval.queries`): which embedder answers, the row of an id, the result, and the
-decoded size an image query may have."""
+(`retrieval.queries`): which embedder answers, the row of an id, the result, the decoded
+size an image query may have, and the recall per k that `info()` shows."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -88,3 +91,12 @@ def checked_decode_size(data: bytes, input_size: int, max_pixels: int) -> int:
             f"{max_pixels} decoded pixels (max_image_pixels)"
         )
     return max(max_pixels, imaging.DEFAULT_MAX_PIXELS) if (width, height) != declared else max_pixels
+
+
+def recall_per_k(recall: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An index's recall at each k its build measured ({k, value, n_queries}, ascending k): its
+    recall.per_k, or for an index built before per-k recall its one measured k."""
+    entries = recall.get("per_k")
+    if entries is None:
+        entries = [recall] if recall.get("value") is not None else []
+    return [{key: entry.get(key) for key in ("k", "value", "n_queries")} for entry in entries]

@@ -48,7 +48,7 @@ from retrieval.manifest import utc_now
 from retrieval.queries import check_k
 from serving.errors import BadImageError
 from serving.models import ModelCache
-from serving.queries import checked_decode_size, pick_embedder, row_of, to_result
+from serving.queries import checked_decode_size, pick_embedder, recall_per_k, row_of, to_result
 from serving.results import SearchResult
 from serving.run_source import LocalRoot, RunSource, resolve
 from serving.run_state import EmbedderState, RunState, load_run, same_dir
@@ -206,6 +206,7 @@ class Searcher:
         recall = {
             key: index.recall.get(key) for key in ("k", "value", "n_queries", "target", "reached_target")
         }
+        recall["per_k"] = recall_per_k(index.recall)
         spec = dict(emb.spec) if emb.spec else {}
         handle = self._models.handle(emb)
         return {
@@ -218,6 +219,7 @@ class Searcher:
             "method": emb.index.method,
             "recall": recall,
             "search_defaults": index.search_defaults,
+            "max_k": index.max_k,
             "fingerprint": spec.get("fingerprint"),
             "handle": handle,
             "input_size": spec.get("input_size"),
@@ -364,7 +366,7 @@ class Searcher:
         (score 1 for cosine) unless exclude_self.  Raises UnknownIdError."""
         state = self._state
         emb = pick_embedder(state, embedder)
-        k = check_k(k)
+        k = check_k(k, emb.index.max_k, f"the index of embedder {emb.name!r}")
         row = row_of(state, emb, item_id)
         result = to_result(state, emb, *emb.index.neighbours_of_row(row, k + 1 if exclude_self else k))
         if exclude_self:
@@ -390,7 +392,7 @@ class Searcher:
         cannot be loaded or has other weights than the index was built with."""
         state = self._state
         emb = pick_embedder(state, embedder)
-        k = check_k(k)  # before the model runs
+        k = check_k(k, emb.index.max_k, f"the index of embedder {emb.name!r}")  # before the model runs
         from retrieval import embedders, imaging
 
         spec = self._models.spec_for(emb)

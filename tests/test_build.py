@@ -95,7 +95,9 @@ def test_recall_gate():
     }
     opts = build_options.BuildOptions(flags=["--min_recall=0.95"]).view_as(build_options.BuildOptions)
     gate = build.gates(report, embedders, opts)
-    assert not gate["passed"] and gate["reasons"] == ["a: recall@10 0.9100 is below --min_recall 0.95"]
+    assert not gate["passed"] and gate["reasons"] == [
+        "a: recall@10 0.9100 is below --min_recall 0.95; raise the search knobs or lower --min_recall"
+    ]
     opts = build_options.BuildOptions(flags=["--min_recall=0.9"]).view_as(build_options.BuildOptions)
     assert build.gates(report, embedders, opts)["passed"]
 
@@ -150,6 +152,9 @@ def test_tuning_queries_measure_a_sharded_builds_recall(sharded_build):
     recall = sharded_build.manifest.embedders["tiny"].recall
     assert recall["method"].startswith("held-out over the merged shards: 20 query vectors")
     assert recall["value"] == 1.0  # brute-force shards
+    # Every k of the ladder up to --serve_max_k (100), measured at most at the 40 rows there are.
+    assert [(e["k"], e["value"]) for e in recall["per_k"]] == [(10, 1.0), (40, 1.0)]
+    assert sharded_build.manifest.embedders["tiny"].search_defaults == {"k": 10, "max_k": 100}
 
 
 @pytest.mark.parametrize(

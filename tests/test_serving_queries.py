@@ -162,8 +162,13 @@ def test_query_errors_say_what_was_wrong(searcher):
         searcher.search_vector(np.zeros(32), embedder="a")
     with pytest.raises(QueryError, match="numbers"):
         searcher.search_vector(["x"] * 32, embedder="a")
-    # k above n is clamped to n.
-    assert len(searcher.search_vector(np.ones(16), k=5000, embedder="b")) == 1500
+    # k up to the index's max_k is served (clamped to n), more is refused.
+    assert len(searcher.search_vector(np.ones(16), k=1000, embedder="b")) == 1000
+    with pytest.raises(
+        QueryError, match="k=5000 is above the most the index of embedder 'b' serves, 1000"
+    ) as err:
+        searcher.search_vector(np.ones(16), k=5000, embedder="b")
+    assert err.value.code == "bad_k"
 
 
 def test_cosine_queries_of_any_magnitude_have_a_direction(searcher, vec_run):

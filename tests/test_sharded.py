@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import build, build_shards
+from pipelines import build, build_shards, shard_recall
 from retrieval import exact, metrics, runs, sharded, tables
 from retrieval.embedders import EmbedderSpec
-from retrieval.errors import ConfigError, DimensionMismatchError, IndexFormatError
+from retrieval.errors import ConfigError, DimensionMismatchError, IndexFormatError, QueryError
 from retrieval.index import METADATA_FILE, build_index
 from retrieval.searchable import SearchableIndex
 from serving import Searcher
@@ -122,6 +122,11 @@ def test_sharded_build_partitions_by_id_and_merged_search_is_exact_for_brute_for
     assert (single_rows >= loaded.offsets[1]).any()  # hits outside shard 0 carry its offset
     m = built.manifest
     assert m.recall["value"] == 1.0 and m.recall["n_queries"] > 500 and m.recall["reached_target"]
+    assert [(e["k"], e["value"]) for e in m.recall["per_k"]] == [(10, 1.0), (100, 1.0)]
+    assert m.search_defaults == {"k": 10, "max_k": 100} and loaded.max_k == 100
+    with pytest.raises(QueryError, match="k=101 is above the most the index of embedder 'vec' serves, 100"):
+        loaded.search(queries[0], k=101)
+    assert len(loaded.neighbours_of_row(0, k=101)[0]) == 101  # an id query without itself
     assert [s["n"] for s in m.shards] == [shard.n for shard in loaded.shards]
     assert not os.path.exists(os.path.join(index_dir, build_shards.PARTITIONS))
 
@@ -169,6 +174,16 @@ def test_sharded_tree_ah_index_agrees_with_exact_search_like_a_single_index(tmp_
     # The recall recorded by the build (merged, leave-self-out) is in line with the measured one.
     assert built.manifest.recall["value"] >= 0.95
     assert abs(built.manifest.recall["value"] - sharded_recall) < 0.04
+    # At every k of the ladder: each shard tuned per k, the merged recall measured per k.
+    merged = {e["k"]: e["value"] for e in built.manifest.recall["per_k"]}
+    assert sorted(merged) == [10, 100] and min(merged.values()) >= 0.95
+    for shard in built.open().shards:
+        assert [e["k"] for e in shard.manifest.recall["per_k"]] == [10, 100] and shard.max_k == 100
+    truth_100, _ = exact.exact_search(queries, x, 100, "cosine")
+    at_100 = metrics.recall_at_k(
+        built.open().search_batch(queries, k=100)[0], [[ids[r] for r in row] for row in truth_100], 100
+    )
+    assert at_100 >= 0.94 and abs(merged[100] - at_100) < 0.04
 
 
 @pytest.mark.slow
@@ -311,3 +326,36 @@ def test_sharded_build_refuses_bad_tuning_queries_before_work(tmp_path):
             tuning_queries=np.ones((5, 8), np.float32),
         )
     assert not os.path.exists(runs.index_dir(run_dir, "vec"))
+
+
+def test_merged_recall_is_measured_at_every_k_of_the_ladder():
+    # Two shards, two leave-self-out probes ("a0" and "b0"); each shard answers exactly with 4
+    # neighbours (the largest k, 3, plus the query itself) and with its index at k=1 and k=3.
+    def answer(ids, scores):
+        return [ids, scores]
+
+    exact_a = [
+        answer(["a0", "a1", "a2", "a3"], [1.0, 0.9, 0.7, 0.5]),
+        answer(["a1", "a2", "a3", "a4"], [0.8, 0.6, 0.4, 0.2]),
+    ]
+    exact_b = [
+        answer(["b1", "b2", "b3", "b4"], [0.85, 0.65, 0.45, 0.25]),
+        answer(["b0", "b1", "b2", "b3"], [1.0, 0.9, 0.7, 0.5]),
+    ]
+    shard_a = {
+        "probe_ids": ["a0", "b0"],
+        "exact": exact_a,
+        "approx": {"1": [answer(["a0", "a2"], [1.0, 0.7]), answer(["a1"], [0.8])], "3": exact_a},
+        "recall": {"value": 0.5},
+    }
+    shard_b = {
+        "probe_ids": ["a0", "b0"],
+        "exact": exact_b,
+        "approx": {"1": [answer(["b1"], [0.85]), answer(["b0", "b2"], [1.0, 0.7])], "3": exact_b},
+        "recall": {"value": 1.0},
+    }
+    record = shard_recall.merged_recall([shard_a, shard_b], (1, 3), True, 0.9)
+    # k=1: a0's best other is a1 (0.9), found only at k=3; b0's is b1, missed at k=1.
+    assert [(e.k, e.value, e.n_queries) for e in record.per_k] == [(1, 0.0, 2), (3, 1.0, 2)]
+    assert (record.k, record.value, record.per_shard) == (1, 0.0, (0.5, 1.0))
+    assert [e.k for e in record.missed] == [1] and not record.reached_target

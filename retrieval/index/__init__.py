@@ -2,7 +2,8 @@
 
     config.py   IndexConfig, choose_config and the build's constants
     build.py    build_index and its input checks
-    recall.py   recall measurement, search-knob tuning, the RecallRecord
+    recall.py   recall measurement, search-knob tuning at every k of the ladder
+    records.py  RecallRecord, RecallAtK (the manifest's recall), SearchLadder (knobs per k)
     store.py    Index (search, save) and load_index
     files.py    the index directory's layout and file I/O
 
@@ -13,6 +14,7 @@ Importing it imports neither ScaNN nor pyarrow nor TensorFlow.
 from retrieval.index.build import build_index, prepare_tuning_queries
 from retrieval.index.config import (
     BRUTE_FORCE_MAX_ELEMENTS,
+    DEFAULT_SERVE_MAX_K,
     MAX_RECALL_QUERIES,
     METHODS,
     RANDOM_INIT_MIN_ROWS,
@@ -20,14 +22,16 @@ from retrieval.index.config import (
     TUNING_MARGIN_SE,
     IndexConfig,
     choose_config,
+    k_ladder,
 )
 from retrieval.index.files import DATASET_FILE, IDS_FILE, METADATA_FILE, SCANN_DIR, read_metadata
-from retrieval.index.recall import RecallRecord
+from retrieval.index.records import RecallAtK, RecallRecord
 from retrieval.index.store import Index, load_index
 
 __all__ = [
     "BRUTE_FORCE_MAX_ELEMENTS",
     "DATASET_FILE",
+    "DEFAULT_SERVE_MAX_K",
     "IDS_FILE",
     "MAX_RECALL_QUERIES",
     "METADATA_FILE",
@@ -38,9 +42,11 @@ __all__ = [
     "TUNING_MARGIN_SE",
     "Index",
     "IndexConfig",
+    "RecallAtK",
     "RecallRecord",
     "build_index",
     "choose_config",
+    "k_ladder",
     "load_index",
     "prepare_tuning_queries",
     "read_metadata",

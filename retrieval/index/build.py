@@ -22,12 +22,14 @@ from retrieval import scann_assets
 from retrieval.errors import ConfigError
 from retrieval.exact import check_distance, check_finite, normalize_rows
 from retrieval.index.config import (
+    DEFAULT_SERVE_MAX_K,
     MAX_RECALL_QUERIES,
     SCANN_DISTANCE,
     TRAINING_SEED,
     IndexConfig,
     check_positive_int,
     choose_config,
+    k_ladder,
     validate_config,
 )
 from retrieval.index.recall import RecallProbe, choose_search_defaults
@@ -56,6 +58,7 @@ def build_index(
     work_dir: str | os.PathLike[str] | None = None,
     tuning_queries: npt.ArrayLike | None = None,
     trained_from: str | os.PathLike[str] | None = None,
+    serve_max_k: int | None = None,
 ) -> Index:
     """Build a ScaNN index over `vectors` and measure its recall@k against exact search.
 
@@ -74,7 +77,11 @@ def build_index(
       embedder: embedder spec recorded in the manifest (opaque here).
       num_queries: database rows sampled (with `seed`) to measure recall; at most n.
       k: default number of neighbours for searches, and the recall cut-off.
-      target_recall: recall@k that tree-AH tuning aims for.
+      target_recall: the recall that tree-AH tuning aims for at every k of the ladder.
+      serve_max_k: the largest k the index serves (k..1000; default max(k, 100)); searches
+        for more are refused (QueryError, code bad_k).  The knobs are tuned and the recall
+        measured at each k of the ladder k, 100, serve_max_k (`config.k_ladder`), and a
+        search for k uses the knobs of the smallest ladder k >= it.
       copy: brute force only: False lets cosine normalise a float32 C-contiguous
         `vectors` in place instead of copying it (tree-AH never modifies `vectors`).
       tuning_queries: optional (q, d) held-out query vectors (e.g. embeddings of past
@@ -87,8 +94,9 @@ def build_index(
         build may reuse instead of training (`retrieval.index.training`: the same distance
         and dimension, a similar row count, not too many builds since it was trained):
         today's rows are only encoded with its partitioner and codebooks, and its search
-        defaults are measured instead of tuning.  Ignored with an explicit `config`.  When
-        they miss `target_recall`, the index is built again with training and tuning.  The
+        defaults are measured instead of tuning (at each ladder k it tuned; a k it did not is
+        tuned).  Ignored with an explicit `config`.  When they miss `target_recall` at any k,
+        the index is built again with training and tuning.  The
         manifest's `training` says which happened and why.
       work_dir: where tree-AH writes its assets (a temporary directory inside it,
         removed with the Index; default: the system's temporary directory).  On the
@@ -96,17 +104,19 @@ def build_index(
         instead of copying them.  Needs somewhat more disk than the float32 matrix
         (its rows, plus their codes).
 
-    Recall is measured on tuning_queries when given (see above), otherwise
-    leave-self-out: min(num_queries, n) database rows, sampled
+    Recall is measured at each k of the ladder (below), on tuning_queries when given (see
+    above), otherwise leave-self-out: min(num_queries, n) database rows, sampled
     with `seed`, are queried for k+1 neighbours both in the index and by exact
     search (`retrieval.exact`); each query's own row is dropped from both lists,
     which are then cut to k, and recall@k = mean |approx & exact| / k.  So every
     query is in-distribution and has a non-trivial answer.  For tree-AH with
     config.tune, candidate (leaves_to_search, pre_reorder_num_neighbors) pairs are
     tried from cheapest up, and the first reaching `target_recall` (else the best
-    found) becomes the index's search defaults; manifest.recall records the value
-    measured with those defaults, the trials, and whether the target was reached
-    (`retrieval.index.recall.RecallRecord`).
+    found) becomes the index's search knobs at that k; manifest.recall records the value
+    measured with those knobs at k, the trials, the recall and knobs at every ladder k
+    (`per_k`), and whether the target was reached at all of them
+    (`retrieval.index.recall.RecallRecord`).  Tiny indexes measure each ladder k at most
+    at n - 1 (leave-self-out) or n.
 
     ScaNN training is reproducible only with config.deterministic_training (the
     default below RANDOM_INIT_MIN_ROWS rows); `seed` controls which rows are used as
@@ -115,6 +125,7 @@ def build_index(
     start = time.perf_counter()
     check_distance(distance)
     check_positive_int(k, "k")
+    ladder = k_ladder(k, max(k, DEFAULT_SERVE_MAX_K) if serve_max_k is None else serve_max_k)
     if not 0 < target_recall <= 1:
         raise ConfigError(f"target_recall must be in (0, 1], got {target_recall}.")
     if isinstance(num_queries, bool) or not isinstance(num_queries, (int, np.integer)) or num_queries < 0:
@@ -135,9 +146,10 @@ def build_index(
             previous, note = previous_training(trained_from, distance=distance, d=d, n=n)
 
     def make_probe(x: np.ndarray) -> RecallProbe | None:
+        # Exact neighbours for the largest ladder k; the smaller ks take their first k.
         if held_out is not None:
-            return RecallProbe.held_out(x, held_out, scann_distance, k)
-        return RecallProbe.sample(x, scann_distance, k, num_queries, seed)
+            return RecallProbe.held_out(x, held_out, scann_distance, ladder[-1])
+        return RecallProbe.sample(x, scann_distance, ladder[-1], num_queries, seed)
 
     # With a previous training: try it first, and train after all if it misses the target.
     for attempt in [previous, None] if previous is not None else [None]:
@@ -165,9 +177,9 @@ def build_index(
             except BaseException:
                 assets.remove()
                 raise
-        first_guess = None if attempt is None else attempt.search_defaults
+        first_guess = None if attempt is None else attempt.knobs_by_k(k)
         search_defaults, recall = choose_search_defaults(
-            searcher, used, probe, k, target_recall, first_guess=first_guess
+            searcher, used, probe, ladder, target_recall, first_guess=first_guess
         )
         if attempt is None or recall.reached_target:
             break

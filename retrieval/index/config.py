@@ -15,6 +15,7 @@ import numpy as np
 
 from retrieval.errors import ConfigError
 from retrieval.exact import check_distance
+from retrieval.queries import MAX_K
 
 METHODS = ("brute_force", "tree_ah")
 SEARCH_KNOBS = ("leaves_to_search", "pre_reorder_num_neighbors")
@@ -60,6 +61,11 @@ REORDER_MULTIPLES = (2, 5, 10, 20, 50, 100)
 TUNING_MARGIN_SE = 3.0
 MAX_RECALL_QUERIES = 1000
 TRAINING_SEED = 0
+# The largest k an index serves unless told otherwise (--serve_max_k): the page sizes users ask
+# for (10 to 100), while k=1000 would tune and measure with 10x deeper reorders at every build.
+DEFAULT_SERVE_MAX_K = 100
+# The k between recall_k and serve_max_k that the build also tunes and measures at.
+LADDER_MIDDLE_K = 100
 
 # cosine is served as dot product over L2-normalised vectors.
 SCANN_DISTANCE = {
@@ -195,6 +201,30 @@ def validate_config(config: object, n: int, d: int, k: int) -> None:
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise ConfigError(
             f"anisotropic_quantization_threshold must be a positive number or None, got {threshold}."
+        )
+
+
+def k_ladder(k: int, serve_max_k: int) -> tuple[int, ...]:
+    """The k values an index is tuned and measured at, ascending: k (the recall cut-off and
+    default k), LADDER_MIDDLE_K and serve_max_k, those from k to serve_max_k.  A query for k is
+    searched with the knobs of the smallest ladder value >= k (`retrieval.index.store`)."""
+    check_serve_max_k(k, serve_max_k)
+    return tuple(sorted(value for value in {k, LADDER_MIDDLE_K, serve_max_k} if k <= value <= serve_max_k))
+
+
+def check_serve_max_k(k: int, serve_max_k: object, flags: tuple[str, str] = ("k", "serve_max_k")) -> None:
+    """ConfigError unless k <= serve_max_k <= MAX_K (named as `flags` say, e.g. the build's
+    ("--recall_k", "--serve_max_k"))."""
+    k_name, name = flags
+    if k > MAX_K:
+        raise ConfigError(f"{k_name} {k} is above {MAX_K}, the most neighbours a query may ask")
+    if isinstance(serve_max_k, bool) or not isinstance(serve_max_k, (int, np.integer)):
+        raise ConfigError(f"{name} must be an integer from {k_name} ({k}) to {MAX_K}, got {serve_max_k!r}")
+    if not k <= serve_max_k <= MAX_K:
+        raise ConfigError(
+            f"{name} {serve_max_k} is outside {k}..{MAX_K}: an index serves k from 1 to {name}, "
+            f"which must be at least {k_name} ({k}) and at most {MAX_K} (the most a query may ask); "
+            f"set {name} within {k}..{MAX_K}" + (f" or lower {k_name}" if serve_max_k < k else "")
         )
 
 

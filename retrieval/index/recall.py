@@ -1,16 +1,17 @@
 """Recall measured at build time, and the search knobs tuned with it.
 
 A `RecallProbe` holds queries with their exact neighbours; `choose_search_defaults` measures
-a freshly built searcher with it (tuning the tree-AH knobs on one half of the queries and
-reporting on the other) and returns the `RecallRecord` that manifests keep as their
-`recall` dict.
+a freshly built searcher with it at every k of the index's ladder (`config.k_ladder`: the
+recall cut-off, 100, serve_max_k), tuning the tree-AH knobs per k on one half of the queries
+and reporting on the other, and returns the `RecallRecord` that manifests keep as their
+`recall` dict: one `RecallAtK` (knobs and recall) per ladder k, which searches then use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -22,8 +23,19 @@ from retrieval.index.config import (
     TUNING_MARGIN_SE,
     IndexConfig,
 )
+from retrieval.index.records import RecallAtK, RecallRecord, TuningTrial
 from retrieval.metrics import recall_per_query
 from retrieval.scann_import import ScannSearcher
+
+__all__ = [
+    "RecallAtK",
+    "RecallProbe",
+    "RecallRecord",
+    "TuningTrial",
+    "choose_search_defaults",
+    "geometric_ladder",
+    "tuning_candidates",
+]
 
 RECALL_METHOD = (
     "leave-self-out: {q} database rows sampled with seed {seed} are queried for k+1 "
@@ -37,64 +49,6 @@ HELD_OUT_METHOD = (
     "|approx & exact| / k. When search knobs are tuned, alternate queries tune them and the "
     "others measure this value"
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class TuningTrial:
-    """One (leaves_to_search, pre_reorder_num_neighbors) candidate evaluated while tuning."""
-
-    leaves_to_search: int
-    pre_reorder_num_neighbors: int
-    cost: int  # estimated, in AH-scored points (see `tuning_candidates`)
-    recall: float
-    standard_error: float
-
-
-@dataclasses.dataclass(frozen=True)
-class RecallRecord:
-    """The recall measured at build time, as manifests keep it (`to_dict`).
-
-    k: the recall cut-off (None when nothing was measured: fewer than 2 rows, no queries).
-    value: mean recall@k of the measuring queries, or None.
-    n_queries: how many queries measured `value`.
-    target: the recall@k the build aimed for; `reached_target` compares `value` with it.
-    method: how the queries were chosen and recall computed (None when not measured).
-    tuning: every candidate tried while tuning the search knobs, in order (tuned tree-AH only),
-      and n_tuning_queries the queries they were measured on.
-    per_shard: a sharded index's shard recall values, in shard order (sharded indexes only).
-    """
-
-    k: int | None
-    value: float | None
-    n_queries: int
-    target: float
-    method: str | None = None
-    tuning: tuple[TuningTrial, ...] | None = None
-    n_tuning_queries: int | None = None
-    per_shard: tuple[float | None, ...] | None = None
-
-    @property
-    def reached_target(self) -> bool:
-        return self.value is not None and self.value >= self.target
-
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest's `recall` dict: k, value, n_queries, target, reached_target, and method,
-        tuning with n_tuning_queries, per_shard where they apply."""
-        out: dict[str, Any] = {
-            "k": self.k,
-            "value": self.value,
-            "n_queries": self.n_queries,
-            "target": self.target,
-        }
-        if self.tuning is not None:
-            out["tuning"] = [dataclasses.asdict(trial) for trial in self.tuning]
-            out["n_tuning_queries"] = self.n_tuning_queries
-        if self.per_shard is not None:
-            out["per_shard"] = list(self.per_shard)
-        out["reached_target"] = self.reached_target
-        if self.method is not None:
-            out["method"] = self.method
-        return out
 
 
 @dataclasses.dataclass
@@ -134,6 +88,16 @@ class RecallProbe:
         exact, _ = exact_search_by_chunks(queries, x, k, scann_distance)
         method = HELD_OUT_METHOD.format(q=len(queries))
         return cls(rows=None, queries=queries, exact=exact, k=k, method=method)
+
+    def at(self, k: int) -> RecallProbe:
+        """This probe for recall@k, k <= self.k: the exact lists cut to their first k."""
+        assert 1 <= k <= self.k
+        return dataclasses.replace(self, exact=self.exact[:, :k], k=k)
+
+    def ladder(self, ks: Sequence[int]) -> tuple[int, ...]:
+        """The ladder `ks` as this probe can measure it: each k at most self.k (a tiny index
+        has fewer neighbours than the ladder asks), ascending, without repeats."""
+        return tuple(sorted({min(k, self.k) for k in ks}))
 
     def split(self) -> tuple[RecallProbe, RecallProbe]:
         """Two disjoint probes (alternate queries); both halves are the whole probe when it has one."""
@@ -181,47 +145,63 @@ def choose_search_defaults(
     searcher: ScannSearcher,
     config: IndexConfig,
     probe: RecallProbe | None,
-    k: int,
+    ladder: Sequence[int],
     target_recall: float,
     *,
-    first_guess: dict[str, int] | None = None,
+    first_guess: Mapping[int, Mapping[str, int]] | None = None,
 ) -> tuple[dict[str, int], RecallRecord]:
-    """Search defaults and the recall record for a freshly built searcher.
+    """Search defaults and the recall record for a freshly built searcher, measured (and for
+    tuned tree-AH, tuned) at every k of `ladder` (`config.k_ladder`: the recall cut-off k
+    first, serve_max_k last); the probe holds exact neighbours for the largest.
 
-    first_guess: search knobs (a previous index's tuned defaults) tried instead of the
-    tuning ladder: kept when they reach the target, else the record says it was missed."""
+    The defaults are {"k": ladder[0], its knobs, "max_k": ladder[-1]}; the knobs of every k are
+    in the record's per_k.  first_guess: {k: knobs} (a previous index's tuned knobs) tried
+    instead of the tuning ladder at those k: kept when they reach the target, else the record
+    says it was missed; a k without a guess is tuned."""
+    k, max_k = ladder[0], ladder[-1]
     record = RecallRecord(
-        k=None if probe is None else probe.k,
+        k=None if probe is None else min(k, probe.k),
         value=None,
         n_queries=0 if probe is None else len(probe.queries),
         target=target_recall,
         method=None if probe is None else probe.method,
+        per_k=(),
     )
-    knobs: dict[str, int] = {}
-    if config.method == "brute_force":
-        if probe is not None:
-            record = dataclasses.replace(record, value=probe.recall(searcher))
-    else:
+    fixed: dict[str, int] = {}
+    if config.method == "tree_ah":
         assert config.leaves_to_search is not None and config.pre_reorder_num_neighbors is not None
-        knobs = {
+        fixed = {
             "leaves_to_search": config.leaves_to_search,
             "pre_reorder_num_neighbors": config.pre_reorder_num_neighbors,
         }
-        if probe is not None and config.tune:
-            # Tune on one half of the queries and report on the other, so the recorded
-            # recall is not flattered by having been the tuning objective.
-            tune_probe, report_probe = probe.split()
-            knobs, trials = _tune(searcher, config, tune_probe, k, target_recall, first_guess)
-            record = dataclasses.replace(
-                record,
-                value=report_probe.recall(searcher, **knobs),
-                n_queries=len(report_probe.queries),
-                tuning=trials,
-                n_tuning_queries=len(tune_probe.queries),
-            )
-        elif probe is not None:
-            record = dataclasses.replace(record, value=probe.recall(searcher, **knobs))
-    return {"k": k, **knobs}, record
+    if probe is None:
+        return {"k": k, **fixed, "max_k": max_k}, record
+    tuned = config.method == "tree_ah" and config.tune
+    # Tune on one half of the queries and report on the other, so the recorded recall is not
+    # flattered by having been the tuning objective.
+    tune_probe, report_probe = probe.split() if tuned else (probe, probe)
+    per_k, first_trials = [], None
+    for at_k in probe.ladder(ladder):
+        knobs = dict(fixed)
+        if tuned:
+            guess = None if first_guess is None else first_guess.get(at_k)
+            knobs, trials = _tune(searcher, config, tune_probe.at(at_k), at_k, target_recall, guess)
+            first_trials = trials if first_trials is None else first_trials
+        elif knobs:  # fixed knobs: a search for k reorders at least k (`Index._search_params`)
+            knobs["pre_reorder_num_neighbors"] = max(knobs["pre_reorder_num_neighbors"], at_k)
+        measure = report_probe.at(at_k)
+        per_k.append(RecallAtK(at_k, measure.recall(searcher, **knobs), len(measure.queries), **knobs))
+    first = per_k[0]
+    record = dataclasses.replace(
+        record,
+        value=first.value,
+        n_queries=first.n_queries,
+        tuning=first_trials,
+        n_tuning_queries=len(tune_probe.queries) if tuned else None,
+        per_k=tuple(per_k),
+    )
+    knobs = first.knobs if tuned else fixed
+    return {"k": k, **knobs, "max_k": max_k}, record
 
 
 def _tune(
@@ -230,7 +210,7 @@ def _tune(
     probe: RecallProbe,
     k: int,
     target_recall: float,
-    first_guess: dict[str, int] | None = None,
+    first_guess: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, int], tuple[TuningTrial, ...]]:
     """The cheapest (leaves_to_search, pre_reorder_num_neighbors) reaching target_recall.
 

@@ -3,6 +3,11 @@ its directory (`retrieval.index.files` describes the layout).
 
 Loading and searching use ScaNN's pybind API only and never import TensorFlow.
 
+A search for k uses the tree-AH knobs the build tuned at the smallest k of the index's ladder
+(its manifest's recall.per_k) at least k, and k above the ladder's top (search_defaults.max_k)
+is refused.  An index built before the ladder existed has neither: it searches with its
+search_defaults at any k, as it always did.
+
 Score convention (same as ScaNN and `retrieval.exact`): for "cosine" and
 "dot_product" the score is the similarity, higher is better; for "squared_l2"
 it is the squared distance, lower is better.  Results are always best first.
@@ -16,7 +21,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +34,7 @@ from retrieval.index.files import (
     DATASET_FILE,
     IDS_FILE,
     SCANN_DIR,
+    ExtraFile,
     StoredVectors,
     check_projection,
     check_save_target,
@@ -36,18 +42,16 @@ from retrieval.index.files import (
     publish,
     read_ids,
     read_metadata,
+    write_extra_files,
     write_ids,
 )
+from retrieval.index.records import SearchLadder
 from retrieval.projection import PROJECTION_FILE
 from retrieval.queries import check_k, prepare_queries, prepare_query
 from retrieval.scann_import import ScannSearcher
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-# What `Index.save` writes beside the index's own files: a table, an array (.npy), or the
-# path of a Parquet file to hard-link or copy.
-ExtraFile: TypeAlias = "pa.Table | np.ndarray | os.PathLike[str]"
 
 
 class Index:
@@ -132,6 +136,22 @@ class Index:
     def search_defaults(self) -> dict[str, Any]:
         return dict(self.manifest.search_defaults)
 
+    @property
+    def max_k(self) -> int | None:
+        """The most neighbours a search may ask (the build's serve_max_k), or None for an index
+        built before the build measured recall per k (no limit of its own)."""
+        return self._ladder.max_k
+
+    def knobs_at(self, k: int) -> dict[str, int]:
+        """The tree-AH knobs a search for k neighbours uses (`SearchLadder.knobs_at`); {} for
+        brute force."""
+        return self._ladder.knobs_at(k) if self.method == "tree_ah" else {}
+
+    @functools.cached_property
+    def _ladder(self) -> SearchLadder:
+        source = str(self._directory / mf.MANIFEST_NAME) if self._directory else "the index manifest"
+        return SearchLadder.of(self.manifest.recall, self.manifest.search_defaults, source)
+
     def __repr__(self) -> str:
         return f"Index(n={self.n}, d={self.d}, distance={self.distance!r}, method={self.method!r})"
 
@@ -157,8 +177,9 @@ class Index:
         """Nearest neighbours of one query vector of shape (input_dim,).
 
         Args:
-          k: number of neighbours (default: the build-time k); clamped to n.
-          **overrides: tree-AH only: leaves_to_search, pre_reorder_num_neighbors.
+          k: number of neighbours (default: the build-time k), at most `max_k`; clamped to n.
+          **overrides: tree-AH only: leaves_to_search, pre_reorder_num_neighbors (default:
+            `knobs_at(k)`).
 
         Returns:
           (ids, scores): list of str and float32 array, best first.  Tree-AH can
@@ -171,6 +192,7 @@ class Index:
         self, query: npt.ArrayLike, k: int | None = None, **overrides: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """`search`, answering with row numbers (an integer array; row i is ids[i]) instead of ids."""
+        self._check_max_k(k)
         query = prepare_query(
             query, dim=self.input_dim, distance=self.distance, projection=self._projection, label=self._label
         )
@@ -194,6 +216,7 @@ class Index:
         self, queries: npt.ArrayLike, k: int | None = None, **overrides: int
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """`search_batch`, answering with q arrays of row numbers instead of id lists."""
+        self._check_max_k(k)
         queries = prepare_queries(
             queries,
             dim=self.input_dim,
@@ -205,11 +228,34 @@ class Index:
 
     def neighbours_of_row(self, row: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest neighbours (rows, scores) of the indexed vector at `row` (from `stored_vectors`);
-        the row itself comes first unless ties put another equal vector before it."""
+        the row itself comes first unless ties put another equal vector before it.  k may be
+        max_k + 1: an id query that leaves the item out asks one more."""
+        self._check_max_k(k, extra=1)
         vectors = self.stored_vectors()
         if vectors is None:
             raise ConfigError(f"{self._label} stores no vectors, so it cannot search by row")
         return self._search_prepared(np.array(vectors[row], dtype=np.float32), k)
+
+    def probe_batch(
+        self, queries: npt.ArrayLike, k: int, extra: int = 0
+    ) -> tuple[list[list[str]], np.ndarray]:
+        """k + extra neighbours of each query, searched with the knobs a search for k uses,
+        whatever max_k says: a recall probe's answers (leave-self-out asks k + 1 and drops the
+        query's own row; `pipelines.build_shards`).  See `search_batch`."""
+        prepared = prepare_queries(
+            queries,
+            dim=self.input_dim,
+            distance=self.distance,
+            projection=self._projection,
+            label=self._label,
+        )
+        row_lists, scores = self._search_batch_prepared(prepared, k + extra, self.knobs_at(k))
+        return [self.ids[rows].tolist() for rows in row_lists], scores
+
+    def _check_max_k(self, k: int | None, extra: int = 0) -> None:
+        """QueryError (bad_k) when a caller asks more than max_k (+ extra) neighbours."""
+        if k is not None and self.max_k is not None:
+            check_k(k, self.max_k + extra, self._label)
 
     @property
     def _label(self) -> str:
@@ -254,7 +300,8 @@ class Index:
                 f"Unknown search option(s) {', '.join(unknown)} for a {self.method} index; "
                 f"allowed: {', '.join(allowed) or 'none'}."
             )
-        knobs = {name: overrides.get(name, defaults[name]) for name in allowed}
+        ladder_knobs = self.knobs_at(k)
+        knobs = {name: overrides.get(name, ladder_knobs[name]) for name in allowed}
         for name, value in knobs.items():
             check_positive_int(value, name)
         if knobs:
@@ -296,29 +343,7 @@ class Index:
             self._projection = check_projection(np.asarray(tables[PROJECTION_FILE]), self.d, path)
 
     def _write_contents(self, directory: Path, tables: Mapping[str, ExtraFile]) -> mf.IndexManifest:
-        import pyarrow.parquet as pq
-
-        for name, value in tables.items():
-            if name in (SCANN_DIR, IDS_FILE, mf.MANIFEST_NAME) or "/" in name:
-                raise ConfigError(
-                    f"extra file {name!r} must be a plain file name other than the index's own files"
-                )
-            if isinstance(value, np.ndarray):
-                np.save(directory / name, value, allow_pickle=False)
-            elif isinstance(value, os.PathLike):
-                rows = pq.read_metadata(value).num_rows
-                if rows != self.n:
-                    raise ConfigError(
-                        f"extra table {name!r} ({value}) must have one row per vector "
-                        f"({self.n}), got {rows} rows"
-                    )
-                scann_assets.link_or_copy(Path(value), directory / name)
-            elif value.num_rows != self.n:
-                raise ConfigError(
-                    f"extra table {name!r} must have one row per vector ({self.n}), got {value.num_rows} rows"
-                )
-            else:
-                pq.write_table(value, directory / name)
+        write_extra_files(directory, tables, self.n)
         scann_dir = directory / SCANN_DIR
         scann_dir.mkdir()
         # The default (relative_path=False) records absolute asset paths in

@@ -4,9 +4,10 @@ Training the tree-AH partitioner and AH codebooks is most of an index build, and
 where almost every row is the same as last night's it learns almost the same thing.  A build
 may therefore take the previous index's trained partitioner and codebooks and only encode
 today's rows with them (`retrieval.scann_assets.build_tree_ah(trained=...)`), and measure the
-previous search defaults instead of tuning.  The recall is measured on today's index as
-always; when the previous defaults miss the target there (the data drifted from what the
-training saw), the index is built again with training and tuning.
+previous search knobs at each k of the ladder instead of tuning (a k the previous index was
+not tuned at is tuned).  The recall is measured on today's index as always; when the previous
+knobs miss the target there (the data drifted from what the training saw), the index is
+built again with training and tuning.
 
 A previous index's training is reused only when it can serve today's rows as well as a fresh
 one: the same method (tree-AH), distance and dimension; today's row count within
@@ -26,6 +27,7 @@ from retrieval import manifest as mf
 from retrieval.errors import ImgIndexError
 from retrieval.index.config import SEARCH_KNOBS, IndexConfig
 from retrieval.index.files import SCANN_DIR
+from retrieval.index.records import RecallAtK, read_per_k
 
 # Retrain at least every this many builds.
 MAX_GENERATIONS = 7
@@ -41,9 +43,18 @@ class PreviousTraining:
     directory: Path  # the previous index's scann/ directory
     config: IndexConfig  # its index config (the trained num_leaves, dims_per_block, ...)
     scann_config: Any  # its ScannConfig without exact reordering: the trained part
-    search_defaults: dict[str, int]  # its tuned knobs, tried first by the tuning
+    search_defaults: dict[str, int]  # its tuned knobs at its recall k, tried first by the tuning
     generation: int  # builds since the training, this one included
     trained_n: int  # rows it was trained on
+    per_k: tuple[RecallAtK, ...] = ()  # its knobs at each k of its ladder (none before per-k)
+
+    def knobs_by_k(self, k: int) -> dict[int, dict[str, int]]:
+        """The knobs to try first at each ladder k, for a build whose recall k is `k`: those it
+        was tuned with at that k; at k, its search defaults when it has no entry there (an
+        index built before per-k tuning, or with another recall k)."""
+        guesses = {entry.k: entry.knobs for entry in self.per_k if entry.knobs}
+        guesses.setdefault(k, self.search_defaults)
+        return guesses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,4 +117,8 @@ def previous_training(
     knobs = {
         name: manifest.search_defaults[name] for name in SEARCH_KNOBS if name in manifest.search_defaults
     }
-    return PreviousTraining(scann_dir, index_config, trained, knobs, generation, trained_n), ""
+    try:
+        per_k = read_per_k(manifest.recall) or ()
+    except ImgIndexError as exc:
+        return None, f"not reused: the previous index's recall record is damaged ({exc})"
+    return PreviousTraining(scann_dir, index_config, trained, knobs, generation, trained_n, per_k), ""

@@ -27,6 +27,8 @@ class EmbedderData:
     distance: str = "cosine"
     config: IndexConfig | None = None
     metadata: pa.Table | None = None  # default: made by `default_metadata`; False: none
+    # The fixtures' indexes serve up to the HTTP maximum, as the serving tests ask large k.
+    serve_max_k: int = 1000
 
 
 def clustered(n, d, seed=0, n_clusters=20):
@@ -83,6 +85,7 @@ def write_run(root, embedders: dict[str, EmbedderData], run_id=None, status="pub
             config=data.config,
             embedder=data.spec,
             num_queries=min(100, len(data.ids)),
+            serve_max_k=data.serve_max_k,
         )
         if data.metadata is False:
             tables = {}
