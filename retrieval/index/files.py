@@ -18,8 +18,9 @@ import logging
 import os
 import shutil
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
@@ -39,6 +40,10 @@ IDS_FILE = "ids.parquet"
 METADATA_FILE = "metadata.parquet"
 # The float rows ScaNN reorders with: memory-mapped as the index's stored vectors.
 DATASET_FILE = f"{SCANN_DIR}/{scann_assets.DATASET[1]}"
+
+# What `Index.save` writes beside the index's own files: a table, an array (.npy), or the
+# path of a Parquet file (or of a .npy file the build wrote) to hard-link or copy.
+ExtraFile: TypeAlias = "pa.Table | np.ndarray | os.PathLike[str]"
 
 
 def check_save_target(path: Path, overwrite: bool) -> None:
@@ -72,6 +77,34 @@ def publish(staging: Path, path: Path) -> None:
         raise
     finally:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_extra_files(directory: Path, tables: Mapping[str, ExtraFile], n: int) -> None:
+    """Write `tables` ({file name: ExtraFile}) into `directory`; tables must have n rows."""
+    import pyarrow.parquet as pq
+
+    for name, value in tables.items():
+        if name in (SCANN_DIR, IDS_FILE, mf.MANIFEST_NAME) or "/" in name:
+            raise ConfigError(
+                f"extra file {name!r} must be a plain file name other than the index's own files"
+            )
+        if isinstance(value, np.ndarray):
+            np.save(directory / name, value, allow_pickle=False)
+        elif isinstance(value, os.PathLike) and Path(value).suffix == ".npy":
+            scann_assets.link_or_copy(Path(value), directory / name)  # made by the build
+        elif isinstance(value, os.PathLike):
+            rows = pq.read_metadata(value).num_rows
+            if rows != n:
+                raise ConfigError(
+                    f"extra table {name!r} ({value}) must have one row per vector ({n}), got {rows} rows"
+                )
+            scann_assets.link_or_copy(Path(value), directory / name)
+        elif value.num_rows != n:
+            raise ConfigError(
+                f"extra table {name!r} must have one row per vector ({n}), got {value.num_rows} rows"
+            )
+        else:
+            pq.write_table(value, directory / name)
 
 
 def write_ids(path: Path, ids: np.ndarray | pa.Array) -> None:

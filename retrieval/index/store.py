@@ -16,19 +16,21 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from retrieval import atomic_files, scann_assets
 from retrieval import manifest as mf
+from retrieval.dba import ORIGINALS_FILE
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.index.config import SEARCH_KNOBS, check_positive_int
 from retrieval.index.files import (
     DATASET_FILE,
     IDS_FILE,
     SCANN_DIR,
+    ExtraFile,
     StoredVectors,
     check_projection,
     check_save_target,
@@ -36,6 +38,7 @@ from retrieval.index.files import (
     publish,
     read_ids,
     read_metadata,
+    write_extra_files,
     write_ids,
 )
 from retrieval.projection import PROJECTION_FILE
@@ -44,10 +47,6 @@ from retrieval.scann_import import ScannSearcher
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-# What `Index.save` writes beside the index's own files: a table, an array (.npy), or the
-# path of a Parquet file to hard-link or copy.
-ExtraFile: TypeAlias = "pa.Table | np.ndarray | os.PathLike[str]"
 
 
 class Index:
@@ -66,6 +65,8 @@ class Index:
         assets: scann_assets.AssetsDirectory | None = None,
         directory: str | os.PathLike[str] | None = None,
         projection: np.ndarray | None = None,
+        extra_files: Mapping[str, ExtraFile] | None = None,
+        scratch: scann_assets.AssetsDirectory | None = None,
     ) -> None:
         self._searcher = searcher
         # A numpy object array, or a pyarrow string array as built from Arrow ids: that one
@@ -79,6 +80,10 @@ class Index:
         self._directory = None if directory is None else Path(directory)
         self._projection = projection
         self._stored_vectors: StoredVectors | None = None
+        self._indexed_vectors: StoredVectors | None = None
+        # Files the build made for `save` (DBA's originals), in `scratch`, removed with the Index.
+        self._extra_files = dict(extra_files or {})
+        self._scratch = scratch
 
     @property
     def n(self) -> int:
@@ -141,15 +146,51 @@ class Index:
             return None
         return read_metadata(self._directory, self.manifest, self.n)
 
+    @property
+    def dba(self) -> dict[str, Any] | None:
+        """The database-side augmentation the index was built with (`retrieval.dba`), or None."""
+        return self.manifest.dba
+
     def stored_vectors(self) -> StoredVectors | None:
-        """The indexed vectors (float32 (n, d), normalised for cosine) by row (`[row]`), or
-        None when the directory does not hold them in that form.  Opened once, on first use;
+        """The items' vectors (float32 (n, d), normalised for cosine) by row (`[row]`), or
+        None when the directory does not hold them in that form: the indexed vectors, or with
+        DBA the originals (`retrieval.dba.ORIGINALS_FILE`).  Opened once, on first use;
         a row read raises IndexFormatError once the file changed (`StoredVectors`)."""
+        if ORIGINALS_FILE not in self.manifest.files:
+            return self.indexed_vectors()
+        if self._stored_vectors is None and self._directory is not None:
+            self._stored_vectors = open_vectors(self._directory / ORIGINALS_FILE, self.n, self.d)
+        return self._stored_vectors
+
+    def indexed_vectors(self) -> StoredVectors | None:
+        """The vectors the index searches, by row (as `stored_vectors`; they differ with DBA)."""
         if self._directory is None or DATASET_FILE not in self.manifest.files:
             return None
-        if self._stored_vectors is None:
-            self._stored_vectors = open_vectors(self._directory / DATASET_FILE, self.n, self.d)
-        return self._stored_vectors
+        if self._indexed_vectors is None:
+            self._indexed_vectors = open_vectors(self._directory / DATASET_FILE, self.n, self.d)
+        return self._indexed_vectors
+
+    def prepare_query(self, query: npt.ArrayLike) -> np.ndarray:
+        """One query (input_dim,) checked and mapped into the space the index searches (d,)."""
+        return prepare_query(
+            query, dim=self.input_dim, distance=self.distance, projection=self._projection, label=self._label
+        )
+
+    def prepare_queries(self, queries: npt.ArrayLike) -> np.ndarray:
+        """Queries (q, input_dim) checked and mapped into the space the index searches (q, d)."""
+        return prepare_queries(
+            queries,
+            dim=self.input_dim,
+            distance=self.distance,
+            projection=self._projection,
+            label=self._label,
+        )
+
+    def search_prepared_rows(
+        self, queries: np.ndarray, k: int | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """`search_batch_rows` of queries already prepared (`prepare_queries`, stored vectors)."""
+        return self._search_batch_prepared(np.ascontiguousarray(queries, dtype=np.float32), k)
 
     def search(
         self, query: npt.ArrayLike, k: int | None = None, **overrides: int
@@ -171,10 +212,7 @@ class Index:
         self, query: npt.ArrayLike, k: int | None = None, **overrides: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """`search`, answering with row numbers (an integer array; row i is ids[i]) instead of ids."""
-        query = prepare_query(
-            query, dim=self.input_dim, distance=self.distance, projection=self._projection, label=self._label
-        )
-        return self._search_prepared(query, k, overrides)
+        return self._search_prepared(self.prepare_query(query), k, overrides)
 
     def search_batch(
         self, queries: npt.ArrayLike, k: int | None = None, **overrides: int
@@ -194,14 +232,7 @@ class Index:
         self, queries: npt.ArrayLike, k: int | None = None, **overrides: int
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """`search_batch`, answering with q arrays of row numbers instead of id lists."""
-        queries = prepare_queries(
-            queries,
-            dim=self.input_dim,
-            distance=self.distance,
-            projection=self._projection,
-            label=self._label,
-        )
-        return self._search_batch_prepared(queries, k, overrides)
+        return self._search_batch_prepared(self.prepare_queries(queries), k, overrides)
 
     def neighbours_of_row(self, row: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest neighbours (rows, scores) of the indexed vector at `row` (from `stored_vectors`);
@@ -280,7 +311,7 @@ class Index:
         directory is moved aside and restored if the final rename fails.
         """
         path = Path(path)
-        tables = tables or {}
+        tables = {**self._extra_files, **(tables or {})}
         check_save_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = atomic_files.make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
@@ -296,29 +327,7 @@ class Index:
             self._projection = check_projection(np.asarray(tables[PROJECTION_FILE]), self.d, path)
 
     def _write_contents(self, directory: Path, tables: Mapping[str, ExtraFile]) -> mf.IndexManifest:
-        import pyarrow.parquet as pq
-
-        for name, value in tables.items():
-            if name in (SCANN_DIR, IDS_FILE, mf.MANIFEST_NAME) or "/" in name:
-                raise ConfigError(
-                    f"extra file {name!r} must be a plain file name other than the index's own files"
-                )
-            if isinstance(value, np.ndarray):
-                np.save(directory / name, value, allow_pickle=False)
-            elif isinstance(value, os.PathLike):
-                rows = pq.read_metadata(value).num_rows
-                if rows != self.n:
-                    raise ConfigError(
-                        f"extra table {name!r} ({value}) must have one row per vector "
-                        f"({self.n}), got {rows} rows"
-                    )
-                scann_assets.link_or_copy(Path(value), directory / name)
-            elif value.num_rows != self.n:
-                raise ConfigError(
-                    f"extra table {name!r} must have one row per vector ({self.n}), got {value.num_rows} rows"
-                )
-            else:
-                pq.write_table(value, directory / name)
+        write_extra_files(directory, tables, self.n)
         scann_dir = directory / SCANN_DIR
         scann_dir.mkdir()
         # The default (relative_path=False) records absolute asset paths in

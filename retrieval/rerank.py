@@ -1,0 +1,164 @@
+"""Re-ranking on the index's own vectors: alpha query expansion (alpha-QE) at query time.
+
+alpha-QE (Radenovic, Tolias, Chum, "Fine-tuning CNN image retrieval with no human annotation",
+TPAMI 2018): search the query's top n, then search again for the k results with
+
+    q' = normalise(q + sum_i w_i x_i),   w_i = max(cos(q, x_i), 0) ** alpha
+
+where q is the query and x_1..x_n its hits, both as unit directions in the space the index
+searches (after its build-time PCA; with database-side augmentation, `retrieval.dba`, the
+hits are the augmented vectors the index holds).  alpha = 0 weighs every hit 1 (average QE);
+a large alpha keeps only near-copies.  For dot_product indexes the expanded query keeps the
+query's length, so its scores stay on the scale of an unexpanded query's; for cosine the
+length does not matter.  Squared L2 has no similarity to weigh by: refused.
+
+`DatabaseAugmentation` (`retrieval.dba`) uses the same weighted average, with each indexed
+vector as the query and its neighbours as the hits (`weighted_directions`).
+
+Whether the query item itself is among the results: a vector or image query that matches an
+indexed item finds it (usually first) in both rounds, and its vector is part of the
+expansion; an id query with exclude_self leaves that row out of both rounds.
+
+Imports NumPy only (serving imports this module at start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import QueryError
+from retrieval.exact import unit_rows
+
+# The most first-round hits one query may expand with: beyond a few tens the average drifts
+# away from the query on every set measured (BENCHMARKS.md), and each hit costs a row read.
+MAX_EXPANSION_N = 100
+# Distances whose scores are similarities, the weights of the average.
+EXPANDABLE = ("cosine", "dot_product")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryExpansion:
+    """alpha-QE of one query: expand with its top `n` hits (1..MAX_EXPANSION_N), weighted by
+    their cosine similarity to the query to the power `alpha` (>= 0, finite).  Raises
+    QueryError (code bad_expand) for other values."""
+
+    n: int
+    alpha: float
+
+    def __post_init__(self) -> None:
+        n, alpha = self.n, self.alpha
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_EXPANSION_N:
+            raise QueryError(
+                f"query expansion n must be an integer from 1 to {MAX_EXPANSION_N}, got {n!r}",
+                code="bad_expand",
+            )
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float, np.integer, np.floating))
+            or not math.isfinite(alpha)
+            or alpha < 0
+        ):
+            raise QueryError(
+                f"query expansion alpha must be a finite number >= 0, got {alpha!r}", code="bad_expand"
+            )
+        object.__setattr__(self, "n", int(n))
+        object.__setattr__(self, "alpha", float(alpha))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "alpha": self.alpha}
+
+
+def check_expandable(distance: str, label: str = "the index") -> None:
+    """QueryError (code expand_unsupported) unless queries of a `distance` index can expand."""
+    if distance not in EXPANDABLE:
+        raise QueryError(
+            f"query expansion needs similarities to weigh the hits by, and {label} is {distance}; "
+            f"it works for {' and '.join(EXPANDABLE)} indexes only",
+            code="expand_unsupported",
+        )
+
+
+def weights(similarities: np.ndarray, alpha: float) -> np.ndarray:
+    """max(s, 0) ** alpha for cosine similarities s (clipped to 1 first: float32 rounding gives
+    1.0000001, whose large powers would overflow); 0 ** 0 is 1, so alpha = 0 weighs all 1."""
+    return np.power(np.clip(similarities, 0.0, 1.0), alpha, dtype=np.float64)
+
+
+def weighted_directions(
+    queries: np.ndarray, neighbours: Sequence[np.ndarray], alpha: float, keep_length: bool
+) -> np.ndarray:
+    """float32 (q, d): each query's direction plus its neighbours' directions weighted by
+    `weights` of their cosine to it (the query itself weighs 1), re-normalised; keep_length:
+    scaled back to the query's own length (dot product) instead of 1.
+
+    queries: (q, d); neighbours[i]: (m_i, d) with any m_i >= 0 (a query with none stays as it
+    is).  Zero rows have no direction: a zero query stays zero, a zero neighbour weighs 0.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    directions = unit_rows(queries).astype(np.float64)
+    out = directions.copy()
+    for i, hits in enumerate(neighbours):
+        if len(hits) == 0:
+            continue
+        hit_directions = unit_rows(hits).astype(np.float64)
+        w = weights(hit_directions @ directions[i], alpha)
+        w[~hit_directions.any(axis=1)] = 0.0
+        out[i] += w @ hit_directions
+    result = unit_rows(out.astype(np.float32), in_place=True)
+    if keep_length:
+        result *= np.linalg.norm(queries, axis=1, keepdims=True)
+    return result
+
+
+def expanded_search_rows(
+    index: Any,
+    prepared: np.ndarray,
+    k: int,
+    expansion: QueryExpansion,
+    exclude_rows: Sequence[int] | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """alpha-QE through a `retrieval.searchable.SearchableIndex`: (q row arrays, float32 (q, k)
+    scores NaN-padded), best first, like `search_batch_rows`.
+
+    prepared: (q, d) queries already in the space the index searches (`index.prepare_queries`,
+    or stored vectors); the first round asks the index for `expansion.n` hits, whose vectors
+    (`index.indexed_vectors()`) expand each query, and the second for k.  exclude_rows: per
+    query a row left out of both rounds (an id query's own row), or None.
+    """
+    check_expandable(index.distance, _label(index))
+    vectors = index.indexed_vectors()
+    if vectors is None:
+        raise QueryError(
+            f"{_label(index)} stores no vectors, so its queries cannot be expanded; query without expand",
+            code="expand_unsupported",
+        )
+    prepared = np.asarray(prepared, dtype=np.float32)
+    extra = 0 if exclude_rows is None else 1  # one more, in case the excluded row is among them
+    first, _ = index.search_prepared_rows(prepared, expansion.n + extra)
+    first = _without(first, exclude_rows, expansion.n)
+    hits = [np.array([vectors[int(row)] for row in rows], dtype=np.float32) for rows in first]
+    expanded = weighted_directions(prepared, hits, expansion.alpha, keep_length=index.distance != "cosine")
+    rows, scores = index.search_prepared_rows(expanded, k + extra)
+    if exclude_rows is None:
+        return list(rows), scores
+    kept = _without(rows, exclude_rows, k)
+    out = np.full((len(kept), min(k, index.n)), np.nan, dtype=np.float32)
+    for i, (before, after) in enumerate(zip(rows, kept)):
+        out[i, : len(after)] = scores[i][: len(before)][np.isin(before, after)][: len(after)]
+    return kept, out
+
+
+def _without(row_lists: Sequence[np.ndarray], exclude: Sequence[int] | None, limit: int) -> list[np.ndarray]:
+    if exclude is None:
+        return [np.asarray(rows)[:limit] for rows in row_lists]
+    return [np.asarray(rows)[np.asarray(rows) != row][:limit] for rows, row in zip(row_lists, exclude)]
+
+
+def _label(index: Any) -> str:
+    name = (index.embedder or {}).get("name")
+    return "the index" if not isinstance(name, str) else f"the index of embedder {name!r}"
