@@ -1,13 +1,14 @@
 """What is left of query handling in serving once the index has checked the query
-(`retrieval.queries`): which embedder answers, the row of an id, the result, and the
-decoded size an image query may have."""
+(`retrieval.queries`): which embedder answers, the row of an id, the result, and an image
+query's vector (the decoded size it may have, decoding, the model)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from retrieval.errors import QueryError
-from serving.errors import EmbedderRequiredError, UnknownEmbedderError, UnknownIdError, shorten
+from retrieval.errors import HandleError, QueryError
+from serving.errors import BadImageError, EmbedderRequiredError, UnknownEmbedderError, UnknownIdError, shorten
+from serving.models import ModelCache
 from serving.results import SearchHit, SearchResult
 from serving.run_state import EmbedderState, RunState
 
@@ -88,3 +89,26 @@ def checked_decode_size(data: bytes, input_size: int, max_pixels: int) -> int:
             f"{max_pixels} decoded pixels (max_image_pixels)"
         )
     return max(max_pixels, imaging.DEFAULT_MAX_PIXELS) if (width, height) != declared else max_pixels
+
+
+def embed_image(models: ModelCache, emb: EmbedderState, data: bytes, max_image_pixels: int) -> np.ndarray:
+    """The vector of an encoded image query, embedded like the indexed images (same decode,
+    resize and normalisation) with the run's model (`models`); BadImageError or HandleError."""
+    from retrieval import embedders, imaging
+
+    spec = models.spec_for(emb)
+    data = bytes(data)
+    try:
+        max_pixels = checked_decode_size(data, spec.input_size, max_image_pixels)
+        decoded = imaging.decode(data, min_size=spec.input_size, max_pixels=max_pixels)
+        pixels = imaging.resize(decoded.image, spec.input_size, spec.resize)
+    except imaging.ImageDecodeError as exc:
+        raise BadImageError(f"the query image cannot be used: {exc}") from exc
+    model = models.model(spec)
+    vector = embedders.embed_batch(model, spec, pixels[None])[0]
+    if vector.shape != (emb.input_dim,):
+        raise HandleError(
+            f"embedder {emb.name!r} ({spec.handle}) returned a vector of shape "
+            f"{vector.shape}, but the index expects dimension {emb.input_dim}"
+        )
+    return vector

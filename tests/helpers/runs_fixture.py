@@ -27,6 +27,7 @@ class EmbedderData:
     distance: str = "cosine"
     config: IndexConfig | None = None
     metadata: pa.Table | None = None  # default: made by `default_metadata`; False: none
+    dba: object = None  # a retrieval.dba.DatabaseAugmentation, or None
 
 
 def clustered(n, d, seed=0, n_clusters=20):
@@ -83,6 +84,7 @@ def write_run(root, embedders: dict[str, EmbedderData], run_id=None, status="pub
             config=data.config,
             embedder=data.spec,
             num_queries=min(100, len(data.ids)),
+            dba=data.dba,
         )
         if data.metadata is False:
             tables = {}
