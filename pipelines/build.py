@@ -36,8 +36,8 @@ from pipelines import build_options, embed, remote_stage
 from pipelines import report as report_lib
 from pipelines.options import EmbedOptions, check_flags
 from pipelines.plan import plan
+from retrieval import dba, killpoints, projection, retention, run_status, runs, sharded, storage, tables
 from retrieval import index as index_lib
-from retrieval import killpoints, projection, retention, run_status, runs, sharded, storage, tables
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
@@ -169,6 +169,7 @@ def _build_indexes(
                 work_dir=work_dir,
                 tuning_queries=queries,
                 trained_from=None if opts.pca_dim else _previous_index(report, name),
+                dba=build_options.dba_of(opts),
             )
             killpoints.reached("index")
             del data.vectors, vectors
@@ -374,7 +375,7 @@ def summary(result: BuildResult) -> str:
         )
         lines.append(
             f"  {name}: n={e.n} (reused {counts.get('reused')}, embedded {counts.get('embedded')}{deleted}) "
-            f"d={e.d} {e.method} recall@{e.recall['k']}={e.recall['value']} "
+            f"d={e.d} {e.method}{dba.describe(e.dba)} recall@{e.recall['k']}={e.recall['value']} "
             f"search {e.search_defaults} -> {e.index}"
         )
     return "\n".join(lines)

@@ -78,6 +78,12 @@ class DatabaseAugmentation:
             ) from exc
 
 
+def describe(record: dict[str, Any] | None) -> str:
+    """An index's DBA record as the build summary and `imgindex inspect` show it:
+    " dba(n=3, alpha=3)", or "" without DBA."""
+    return "" if not record else f" dba(n={record.get('n')}, alpha={record.get('alpha')})"
+
+
 def check_distance(distance: str) -> None:
     if distance not in EXPANDABLE:
         raise ConfigError(
