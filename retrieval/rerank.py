@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import QueryError
-from retrieval.exact import unit_rows
 
 # The most first-round hits one query may expand with: beyond a few tens the average drifts
 # away from the query on every set measured (BENCHMARKS.md), and each hit costs a row read.
@@ -86,7 +85,7 @@ def check_expandable(distance: str, label: str = "the index") -> None:
 def weights(similarities: np.ndarray, alpha: float) -> np.ndarray:
     """max(s, 0) ** alpha for cosine similarities s (clipped to 1 first: float32 rounding gives
     1.0000001, whose large powers would overflow); 0 ** 0 is 1, so alpha = 0 weighs all 1."""
-    return np.power(np.clip(similarities, 0.0, 1.0), alpha, dtype=np.float64)
+    return np.power(np.minimum(np.maximum(np.asarray(similarities, dtype=np.float64), 0.0), 1.0), alpha)
 
 
 def weighted_directions(
@@ -98,21 +97,26 @@ def weighted_directions(
 
     queries: (q, d); neighbours[i]: (m_i, d) with any m_i >= 0 (a query with none stays as it
     is).  Zero rows have no direction: a zero query stays zero, a zero neighbour weighs 0.
+    In float64, where no finite float32 vector's squared length overflows or underflows.
     """
-    queries = np.asarray(queries, dtype=np.float32)
-    directions = unit_rows(queries).astype(np.float64)
-    out = directions.copy()
+    queries64 = np.asarray(queries, dtype=np.float64)
+    lengths = np.linalg.norm(queries64, axis=1, keepdims=True)
+    out = _directions(queries64, lengths)
     for i, hits in enumerate(neighbours):
         if len(hits) == 0:
             continue
-        hit_directions = unit_rows(hits).astype(np.float64)
-        w = weights(hit_directions @ directions[i], alpha)
-        w[~hit_directions.any(axis=1)] = 0.0
-        out[i] += w @ hit_directions
-    result = unit_rows(out.astype(np.float32), in_place=True)
+        hits64 = np.asarray(hits, dtype=np.float64)
+        hit_directions = _directions(hits64, np.linalg.norm(hits64, axis=1, keepdims=True))
+        out[i] += weights(hit_directions @ out[i], alpha) @ hit_directions  # zero rows add 0
+    result = _directions(out, np.linalg.norm(out, axis=1, keepdims=True))
     if keep_length:
-        result *= np.linalg.norm(queries, axis=1, keepdims=True)
-    return result
+        result *= lengths
+    return result.astype(np.float32)
+
+
+def _directions(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """rows / lengths, zero rows staying zero (float64)."""
+    return np.divide(rows, lengths, out=np.zeros_like(rows), where=lengths > 0)
 
 
 def expanded_search_rows(

@@ -190,7 +190,16 @@ class Index:
         self, queries: np.ndarray, k: int | None = None
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """`search_batch_rows` of queries already prepared (`prepare_queries`, stored vectors)."""
-        return self._search_batch_prepared(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(queries) != 1:
+            return self._search_batch_prepared(queries, k)
+        # One query: ScaNN's single search, cheaper than the batch's thread pool.
+        rows, found = self._search_prepared(queries[0], k)
+        scores = np.full(
+            (1, min(check_k(self.manifest.search_defaults["k"] if k is None else k), self.n)), np.nan
+        )
+        scores[0, : len(found)] = found
+        return [rows], scores.astype(np.float32)
 
     def search(
         self, query: npt.ArrayLike, k: int | None = None, **overrides: int
