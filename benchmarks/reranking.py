@@ -22,7 +22,10 @@ What is measured, through the product's code (`retrieval.index`, `retrieval.dba`
             and cifar, brute force for ukbench), single queries at k=10: plain, and with QE
             (n in --latency_n, alpha 3); median per round over --latency_queries queries,
             median of --rounds rounds.  DBA adds nothing at query time (one row shows it).
-  DBA cost  the seconds `build_index` spent on DBA (exact neighbours at these sizes).
+  DBA cost  the seconds `build_index` spent on DBA (exact neighbours at these sizes); and with
+            --dba_cost NxD,..., `retrieval.dba.augment` (n=3, alpha=3) of synthetic clustered
+            unit vectors, exact neighbours (skipped above --exact_max_work) against
+            neighbours from a tree-AH index of the originals, and how many rows the two agree on.
 
 Caveat: the queries of holidays and ukbench are items of the database, so with DBA a
 query's own vector is one of its relevant items' neighbours (the usual protocol on these
@@ -139,6 +142,31 @@ def latency(data, dba, expansions, args, work):
     return out
 
 
+def dba_cost(sizes, exact_max_work):
+    """Seconds of DBA (n=3, alpha=3) by neighbour search, on synthetic data of each NxD size."""
+    from benchmarks.common import clustered
+    from retrieval import dba
+
+    print("\n| vectors | n^2 d | exact s | index s | rows equal |\n|---|---:|---:|---:|---:|")
+    for size in sizes.split(","):
+        n, d = (int(v) for v in size.split("x"))
+        x = clustered(n, d)
+        setting = DatabaseAugmentation(3, 3)
+        with tempfile.TemporaryDirectory(prefix="rerank-dba-") as work:
+            approx, record = dba.augment(
+                x, setting, "cosine", f"{work}/index.npy", neighbours="index", work_dir=work
+            )
+            exact_s, agree = "-", "-"
+            if float(n) * n * d <= exact_max_work:
+                exact, exact_record = dba.augment(
+                    x, setting, "cosine", f"{work}/exact.npy", neighbours="exact"
+                )
+                exact_s = f"{exact_record['seconds']:.1f}"
+                same = np.isclose(np.asarray(exact), np.asarray(approx), atol=1e-5).all(axis=1).mean()
+                agree = f"{100 * same:.1f}%"
+            print(f"| {n:,} x {d} | {float(n) * n * d:.2g} | {exact_s} | {record['seconds']:.1f} | {agree} |")
+
+
 def key(setting) -> str:
     return "none" if setting is None else f"n={setting.n} alpha={setting.alpha:g}"
 
@@ -214,7 +242,13 @@ def main(argv=None):
     parser.add_argument("--latency_queries", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None, help="write every figure as JSON here")
+    parser.add_argument("--dba_cost", default=None, help="only measure DBA's cost on synthetic NxD sets")
+    parser.add_argument("--exact_max_work", type=float, default=3e12, help="--dba_cost: largest exact n^2 d")
     args = parser.parse_args(argv)
+    if args.dba_cost:
+        print(f"# DBA cost by neighbour search ({environment()})")
+        dba_cost(args.dba_cost, args.exact_max_work)
+        return
     qe_grid = [None] + [rerank.QueryExpansion(n, a) for n in ints(args.qe_n) for a in floats(args.qe_alpha)]
     dba_grid = [None] + [DatabaseAugmentation(n, a) for n in ints(args.dba_n) for a in floats(args.dba_alpha)]
     print(f"# Re-ranking: alpha-QE and DBA ({environment()})")
