@@ -218,6 +218,56 @@ def change(results, dba_key, qe_key):
     return f"{100 * diff.mean():+.2f} +- {100 * diff.std(ddof=1) / np.sqrt(len(diff)):.2f}"
 
 
+def print_summary(everything, args):
+    """The sets side by side: mAP changes of the grids, the candidates, latency."""
+    names = list(everything)
+    base = {name: everything[name]["quality"]["none"]["qe"]["none"] for name in names}
+
+    def points(name, dba_key, qe_key):
+        r = everything[name]["quality"][dba_key]["qe"][qe_key]
+        text = f"{100 * (r['map'] - base[name]['map']):+.2f}"
+        return text + (f" ({r['ns']:.3f})" if "ns" in r else "")
+
+    head = "| setting | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names)
+    print("\n## All sets: mAP, and its change in points (ukbench: N-S score in brackets)\n")
+    print(head)
+    cells = [f"{b['map']:.4f}" + (f" ({b['ns']:.3f})" if "ns" in b else "") for b in base.values()]
+    print("| baseline: no re-ranking | " + " | ".join(cells) + " |")
+    for n in ints(args.qe_n):
+        for a in floats(args.qe_alpha):
+            qe_key = f"n={n} alpha={a:g}"
+            print(f"| QE {qe_key} | " + " | ".join(points(name, "none", qe_key) for name in names) + " |")
+    for n in ints(args.dba_n):
+        for a in floats(args.dba_alpha):
+            dba_key = f"n={n} alpha={a:g}"
+            print(f"| DBA {dba_key} | " + " | ".join(points(name, dba_key, "none") for name in names) + " |")
+    print("\n## All sets: candidates, change in mAP points +- standard error of the per-query differences\n")
+    print(head)
+    for dba_key, qe_key in CANDIDATES:
+        row = " | ".join(change(everything[name]["quality"], dba_key, qe_key) for name in names)
+        print(f"| {describe(dba_key, qe_key)} | {row} |")
+    print("\n## All sets: single-query latency at k=10, median ms (vs plain)\n")
+    print(
+        "| setting | "
+        + " | ".join(f"{name} ({everything[name]['latency']['plain']['method']})" for name in names)
+        + " |"
+    )
+    print("|---|" + "---:|" * len(names))
+    for setting in [k for k in everything[names[0]]["latency"]["plain"] if k != "method"]:
+        row = []
+        for name in names:
+            lat = everything[name]["latency"]["plain"]
+            row.append(f"{lat[setting]:.3f} ({lat[setting] / lat['none']:.2f}x)")
+        print(f"| {'plain' if setting == 'none' else 'QE ' + setting} | " + " | ".join(row) + " |")
+    row = []
+    for name in names:
+        lat = everything[name]["latency"]
+        row.append(f"{lat['dba']['none']:.3f} ({lat['dba']['none'] / lat['plain']['none']:.2f}x)")
+    print(
+        f"| DBA {everything[names[0]]['latency']['dba_setting']}, plain queries | " + " | ".join(row) + " |"
+    )
+
+
 def key(setting) -> str:
     return "none" if setting is None else f"n={setting.n} alpha={setting.alpha:g}"
 
@@ -301,8 +351,13 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None, help="write every figure as JSON here")
     parser.add_argument("--dba_cost", default=None, help="only measure DBA's cost on synthetic NxD sets")
+    parser.add_argument("--from_json", default=None, help="print the tables of an earlier --out only")
     parser.add_argument("--exact_max_work", type=float, default=3e12, help="--dba_cost: largest exact n^2 d")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            print_summary(json.load(f), args)
+        return
     if args.dba_cost:
         print(f"# DBA cost by neighbour search ({environment()})")
         dba_cost(args.dba_cost, args.exact_max_work)
@@ -328,6 +383,7 @@ def main(argv=None):
             print_tables(name, data, results, lat, args)
             lat["dba_setting"] = key(dba_setting)
             everything[name] = {"quality": results, "latency": lat}
+    print_summary(everything, args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(everything, f, indent=1)
