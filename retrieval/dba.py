@@ -10,12 +10,14 @@ kept in ORIGINALS_FILE.  The manifest's `dba` records n, alpha, how the neighbou
 and the seconds it took.  The neighbours are the index's own ranking of the original rows
 (after any build-time PCA), the row itself left out.
 
-Finding the neighbours is the cost: exact chunked search (`retrieval.exact`) takes about
-40 s per 10^12 multiply-adds (n^2 * d) on one 2-core machine here (10,000 x 1,280 in 5 s,
-20,000 x 1,280 in 20 s), so up to EXACT_MAX_WORK (~100,000 rows at d = 1,280, ~225,000 at
-d = 256: under ten minutes) the neighbours are exact; above, a tree-AH index of the original
-rows is built first (its own recall target, the build's) and each row's neighbours are its
-answers: one more index build plus n batched queries, instead of a cost growing with n^2.
+Finding the neighbours is the cost (BENCHMARKS.md, re-ranking): exact chunked search
+(`retrieval.exact`) took 10 s for 20,000 x 1,280 and 62-72 s for 100,000 x 256 on the 2-core
+machine here (~25 s per 10^12 multiply-adds, n^2 * d), growing with n^2; neighbours from a
+tree-AH index of the originals (built first, at the build's recall target) took 13-15 s for
+both, with 96-99% of the rows equal to the exact DBA, and 393 s for 1,000,000 x 256 (where
+exact search would take hours).  So up to EXACT_MAX_WORK (about a minute of exact search:
+~48,000 rows at d = 1,280, ~108,000 at d = 256) the neighbours are exact; above, from the
+index.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ log = logging.getLogger(__name__)
 ORIGINALS_FILE = "original_vectors.npy"
 MAX_DBA_N = 100
 # n^2 * d above which the neighbours come from an index of the originals instead of exact
-# search (about 9 minutes of exact search at the rate measured above).
-EXACT_MAX_WORK = 1.3e13
+# search (about a minute of exact search at the rate measured above).
+EXACT_MAX_WORK = 3e12
 # Rows augmented per step: their neighbour lists and gathered vectors stay small.
 QUERY_CHUNK_ROWS = 4096
 NEIGHBOURS = ("exact", "index")
@@ -128,12 +130,17 @@ def augment(
             if want == 0:
                 out.append(rows)
                 continue
-            found = search(rows, originals, want + 1, distance)
-            hits = []
-            for i, candidates in enumerate(found):
-                candidates = candidates[candidates != lo + i][:want]  # itself weighs 1 already
-                hits.append(np.asarray(originals[np.sort(candidates)], dtype=np.float32))
-            out.append(weighted_directions(rows, hits, dba.alpha, keep_length=distance == "dot_product"))
+            others = _others(search(rows, originals, want + 1, distance), lo, want)
+            hits = np.asarray(originals[np.maximum(others, 0).ravel()], dtype=np.float32)
+            out.append(
+                weighted_directions(
+                    rows,
+                    hits.reshape(len(rows), want, d),
+                    dba.alpha,
+                    keep_length=distance == "dot_product",
+                    present=others >= 0,
+                )
+            )
             release_pages(originals)
     seconds = round(time.perf_counter() - start, 3)
     log.info("DBA (n=%d, alpha=%g) of %d rows: %s neighbours in %.1f s", dba.n, dba.alpha, n, method, seconds)
@@ -145,6 +152,17 @@ def augment(
         "seconds": seconds,
     }
     return open_read(out_path), record
+
+
+def _others(found: list[np.ndarray], first_row: int, want: int) -> np.ndarray:
+    """(m, want) int64: each row's neighbours without itself (it weighs 1 already), best
+    first, -1 where the search found fewer."""
+    out = np.full((len(found), want), -1, dtype=np.int64)
+    for i, candidates in enumerate(found):
+        others = np.asarray(candidates)
+        others = others[others != first_row + i][:want]
+        out[i, : len(others)] = others
+    return out
 
 
 def _exact_neighbours(rows: np.ndarray, database: np.ndarray, k: int, distance: str) -> list[np.ndarray]:

@@ -89,25 +89,39 @@ def weights(similarities: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def weighted_directions(
-    queries: np.ndarray, neighbours: Sequence[np.ndarray], alpha: float, keep_length: bool
+    queries: np.ndarray,
+    neighbours: Sequence[np.ndarray] | np.ndarray,
+    alpha: float,
+    keep_length: bool,
+    present: np.ndarray | None = None,
 ) -> np.ndarray:
     """float32 (q, d): each query's direction plus its neighbours' directions weighted by
     `weights` of their cosine to it (the query itself weighs 1), re-normalised; keep_length:
     scaled back to the query's own length (dot product) instead of 1.
 
-    queries: (q, d); neighbours[i]: (m_i, d) with any m_i >= 0 (a query with none stays as it
-    is).  Zero rows have no direction: a zero query stays zero, a zero neighbour weighs 0.
-    In float64, where no finite float32 vector's squared length overflows or underflows.
+    queries: (q, d).  neighbours: per query an (m_i, d) array, any m_i >= 0 (a query with
+    none stays as it is); or one (q, m, d) array, of which `present` (q, m) bool, when given,
+    says which rows count (DBA augments every row this way, without a loop per row).  Zero
+    rows have no direction: a zero query stays zero, a zero neighbour weighs 0.  In float64,
+    where no finite float32 vector's squared length overflows or underflows.
     """
     queries64 = np.asarray(queries, dtype=np.float64)
     lengths = np.linalg.norm(queries64, axis=1, keepdims=True)
     out = _directions(queries64, lengths)
-    for i, hits in enumerate(neighbours):
-        if len(hits) == 0:
-            continue
-        hits64 = np.asarray(hits, dtype=np.float64)
-        hit_directions = _directions(hits64, np.linalg.norm(hits64, axis=1, keepdims=True))
-        out[i] += weights(hit_directions @ out[i], alpha) @ hit_directions  # zero rows add 0
+    if isinstance(neighbours, np.ndarray) and neighbours.ndim == 3:
+        hits64 = neighbours.astype(np.float64)
+        hit_directions = _directions(hits64, np.linalg.norm(hits64, axis=2, keepdims=True))
+        w = weights(np.einsum("qmd,qd->qm", hit_directions, out), alpha)
+        if present is not None:
+            w[~present] = 0.0
+        out += np.einsum("qm,qmd->qd", w, hit_directions)
+    else:
+        for i, hits in enumerate(neighbours):
+            if len(hits) == 0:
+                continue
+            hits64 = np.asarray(hits, dtype=np.float64)
+            hit_directions = _directions(hits64, np.linalg.norm(hits64, axis=1, keepdims=True))
+            out[i] += weights(hit_directions @ out[i], alpha) @ hit_directions  # zero rows add 0
     result = _directions(out, np.linalg.norm(out, axis=1, keepdims=True))
     if keep_length:
         result *= lengths

@@ -74,6 +74,20 @@ def test_weighted_directions_match_the_numpy_formula(alpha):
     np.testing.assert_allclose(unit(kept), got, atol=2e-6)
 
 
+def test_weighted_directions_of_a_3d_array_with_absent_rows_match_the_lists():
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((4, 8)).astype(np.float32)
+    hits = rng.standard_normal((4, 3, 8)).astype(np.float32)
+    present = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]], bool)
+    lists = [h[p] for h, p in zip(hits, present)]
+    for keep in (False, True):
+        np.testing.assert_allclose(
+            rerank.weighted_directions(queries, hits, 3.0, keep, present=present),
+            rerank.weighted_directions(queries, lists, 3.0, keep),
+            atol=1e-6,
+        )
+
+
 def test_weights_ignore_dissimilar_hits_and_never_overflow():
     s = np.array([-0.5, 0.0, 0.5, 1.0000001], dtype=np.float32)
     assert rerank.weights(s, 3).tolist() == [0.0, 0.0, 0.125, 1.0]
