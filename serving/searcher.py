@@ -365,9 +365,10 @@ class Searcher:
         expand: QueryExpansion | None = None,
     ) -> SearchResult:
         """Neighbours of an indexed item's stored vector (with DBA its original, not the
-        augmented vector the index searches).  The item itself comes first (score 1 for
-        cosine) unless exclude_self, which with `expand` (see `search_vector`) also leaves it
-        out of the expansion.  Raises UnknownIdError."""
+        augmented vector the index searches: the item then scores below 1, usually still
+        first).  The item itself comes first (score 1 for cosine) unless exclude_self, which
+        with `expand` (see `search_vector`) also leaves it out of the expansion.  Raises
+        UnknownIdError."""
         state = self._state
         emb = pick_embedder(state, embedder)
         k = check_k(k)
