@@ -311,8 +311,8 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from retrieval import dba, runs, sharded
     from retrieval import manifest as index_manifest
-    from retrieval import runs, sharded
 
     if "://" in args.path:
         raise ConfigError(
@@ -340,7 +340,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if not args.json:
             print(
                 f"index {args.path}: n={m.n} d={m.d} distance={m.distance} "
-                f"method={m.index_config.get('method')} recall@{m.recall.get('k')}={m.recall.get('value')} "
+                f"method={m.index_config.get('method')}{dba.describe(m.dba)} "
+                f"recall@{m.recall.get('k')}={m.recall.get('value')} "
                 f"search {m.search_defaults} embedder {(m.embedder or {}).get('handle')} files {len(m.files)}"
             )
             _print_recall_per_k(m.recall, "  ")
@@ -360,7 +361,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
             for name, e in m.embedders.items():
                 print(
                     f"  {name}: {e.spec['handle']} ({e.spec['fingerprint'][:23]}...) n={e.n} "
-                    f"d={e.d} {e.method} recall@{e.recall['k']}={e.recall['value']} "
+                    f"d={e.d} {e.method}{dba.describe(e.dba)} recall@{e.recall['k']}={e.recall['value']} "
                     f"search {e.search_defaults} build {e.build_seconds}s"
                 )
                 _print_recall_per_k(e.recall, "    ")

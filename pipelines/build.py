@@ -36,8 +36,8 @@ from pipelines import build_options, embed, remote_stage
 from pipelines import report as report_lib
 from pipelines.options import EmbedOptions, check_flags
 from pipelines.plan import plan
+from retrieval import dba, killpoints, projection, retention, run_status, runs, sharded, storage, tables
 from retrieval import index as index_lib
-from retrieval import killpoints, projection, retention, run_status, runs, sharded, storage, tables
 from retrieval.errors import ConfigError, ImgIndexError
 from retrieval.version import __version__
 
@@ -171,6 +171,7 @@ def _build_indexes(
                 work_dir=work_dir,
                 tuning_queries=queries,
                 trained_from=None if opts.pca_dim else _previous_index(report, name),
+                dba=build_options.dba_of(opts),
             )
             killpoints.reached("index")
             del data.vectors, vectors
@@ -398,6 +399,6 @@ def summary(result: BuildResult) -> str:
         recall = " ".join(f"recall@{r['k']}={r['value']}" for r in e.recall.get("per_k") or [e.recall])
         lines.append(
             f"  {name}: n={e.n} (reused {counts.get('reused')}, embedded {counts.get('embedded')}{deleted}) "
-            f"d={e.d} {e.method} {recall} search {e.search_defaults} -> {e.index}"
+            f"d={e.d} {e.method}{dba.describe(e.dba)} {recall} search {e.search_defaults} -> {e.index}"
         )
     return "\n".join(lines)

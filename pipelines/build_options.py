@@ -13,6 +13,8 @@ import os
 from pipelines.options import EmbedOptions
 from pipelines.plan import DEFAULT_EMBEDDER
 from retrieval import embedders, retention, storage
+from retrieval.dba import MAX_DBA_N, DatabaseAugmentation
+from retrieval.dba import check_distance as check_dba_distance
 from retrieval.errors import ConfigError
 from retrieval.exact import DISTANCES
 from retrieval.index.config import DEFAULT_SERVE_MAX_K, check_serve_max_k
@@ -59,6 +61,17 @@ class BuildOptions(EmbedOptions):
             default=0,
             help="project embeddings to this many dimensions with a PCA learned at "
             "build time (re-normalised, no whitening; cosine only); 0 = off",
+        )
+        parser.add_argument(
+            "--dba_n",
+            type=int,
+            default=0,
+            help="database-side augmentation: index each vector averaged with its top N "
+            "neighbours (weights cosine ** --dba_alpha, itself 1; cosine and dot_product; "
+            "id queries keep the original vectors); 0 = off",
+        )
+        parser.add_argument(
+            "--dba_alpha", type=float, default=3.0, help="the exponent of DBA's weights (with --dba_n)"
         )
         parser.add_argument(
             "--index_shards",
@@ -133,6 +146,7 @@ def check(opts: BuildOptions) -> None:
             "--pca_dim cannot be combined with a sharded build (--index_shards > 1 or "
             "--max_shard_vectors) yet: the projection is learned on one machine's matrix"
         )
+    dba_of(opts)
     if opts.recall_k < 1:
         raise ConfigError(f"--recall_k must be >= 1, got {opts.recall_k}")
     check_serve_max_k(opts.recall_k, opts.serve_max_k, ("--recall_k", "--serve_max_k"))
@@ -140,6 +154,23 @@ def check(opts: BuildOptions) -> None:
         raise ConfigError(f"--run_id {opts.run_id!r} must be a plain directory name")
     retention.check_retention(opts.keep_runs, opts.keep_failed_hours)
     tuning_queries_of(opts)
+
+
+def dba_of(opts: BuildOptions) -> DatabaseAugmentation | None:
+    """--dba_n and --dba_alpha as the DBA every index of the run is built with, or None."""
+    if opts.dba_n == 0:
+        return None
+    if opts.dba_n < 0:
+        raise ConfigError(f"--dba_n must be from 0 (off) to {MAX_DBA_N}, got {opts.dba_n}")
+    dba = DatabaseAugmentation(opts.dba_n, opts.dba_alpha)
+    check_dba_distance(opts.distance)
+    if opts.index_shards > 1 or opts.max_shard_vectors:
+        raise ConfigError(
+            "--dba_n cannot be combined with a sharded build (--index_shards > 1 or "
+            "--max_shard_vectors) yet: a row's neighbours are in every shard, and a worker "
+            "holds one shard"
+        )
+    return dba
 
 
 def tuning_queries_of(opts: BuildOptions) -> dict[str, str]:

@@ -60,6 +60,8 @@ class IndexManifest:
       embedder: the embedder spec (opaque here), or None when vectors came from elsewhere.
       files: {relative POSIX path: {"sha256": hex, "bytes": int}} for every file
         of the directory except the manifest itself.
+      training, dba: optional records (tree-AH training reuse; database-side augmentation),
+        absent when None.
     """
 
     distance: str
@@ -76,13 +78,16 @@ class IndexManifest:
     producer_version: str = __version__
     # How the tree-AH training came about (retrieval.index.training.TrainingRecord), or None.
     training: dict | None = None
+    # Database-side augmentation (retrieval.dba): n, alpha, how the neighbours were found; or None.
+    dba: dict | None = None
     kind: str = KIND
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if out["training"] is None:
-            del out["training"]  # indexes without it read back byte for byte
+        for optional in ("training", "dba"):
+            if out[optional] is None:
+                del out[optional]  # indexes without it read back byte for byte
         return out
 
     @classmethod
@@ -195,6 +200,7 @@ INDEX_SCHEMA = ManifestSchema.of(
         "recall": dict,
         "files": dict,
         "training": (dict, type(None)),
+        "dba": (dict, type(None)),
     },
     messages=ManifestMessages(
         not_object="{source}: expected a JSON object, got {got}.",

@@ -90,6 +90,8 @@ class EmbedderEntry:
     shards: the number of shards of a sharded index; pca_dim: the dimension of a build-time
       projection.  These two are written only when set or given by the build (`explicit`):
       a plain build records "pca_dim": null, a sharded one "shards" and no "pca_dim".
+    dba: the index manifest's record of its database-side augmentation (`retrieval.dba`),
+      written only when the build used it.
     """
 
     spec: dict[str, Any] | None
@@ -105,6 +107,7 @@ class EmbedderEntry:
     build_seconds: float
     shards: int | None = None
     pca_dim: int | None = None
+    dba: dict[str, Any] | None = None
     # The optional fields written by `to_dict`: those the build gave (even as None), and
     # any that is not None.
     explicit: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)
@@ -132,7 +135,7 @@ class EmbedderEntry:
         return cls(**fields, explicit=frozenset(key for key in _ENTRY_OPTIONAL if key in fields))
 
 
-_ENTRY_OPTIONAL = ("shards", "pca_dim")
+_ENTRY_OPTIONAL = ("shards", "pca_dim", "dba")
 _ENTRY_REQUIRED = tuple(
     f.name
     for f in dataclasses.fields(EmbedderEntry)
@@ -157,6 +160,7 @@ ENTRY_SCHEMA = ManifestSchema(
         "build_seconds": (int, float),
         "shards": (int, type(None)),
         "pca_dim": (int, type(None)),
+        "dba": (dict, type(None)),
     },
     messages=ManifestMessages(
         not_object="{source} entry is not an object",
@@ -318,7 +322,7 @@ def embedder_entry(
     retrieval.index.Index or ShardedIndex), tying the run to that index's manifest by its
     sha256 (`manifest_sha256`: as uploaded to a remote run; default: read from the index
     directory under the local `run_directory`).  extra: `shards` and `pca_dim`, recorded as
-    given (None included)."""
+    given (None included); `dba` comes from the index manifest."""
     m = index.manifest
     if manifest_sha256 is None:
         manifest_sha256 = sha256_file(os.path.join(index_dir(run_directory, name), MANIFEST_NAME))
@@ -334,6 +338,7 @@ def embedder_entry(
         search_defaults=m.search_defaults,
         recall=m.recall,
         build_seconds=m.build_seconds,
+        dba=getattr(m, "dba", None),  # sharded indexes have none
         **extra,
         explicit=frozenset(extra),
     )

@@ -71,11 +71,33 @@ class SearchableIndex(Protocol):
     def embedder(self) -> dict[str, Any] | None:
         """The spec of the embedder that made the vectors (`EmbedderSpec.to_dict()`), or None."""
 
+    @property
+    def dba(self) -> dict[str, Any] | None:
+        """The database-side augmentation the index was built with (`retrieval.dba`: n, alpha,
+        ...), or None."""
+
     def metadata(self) -> Any:
         """Per-row metadata as a pyarrow Table without `id`, rows aligned with `ids`, or None."""
 
     def stored_vectors(self) -> Any:
-        """The indexed vectors by row (`[row]` gives float32 (d,), normalised for cosine), or None."""
+        """The items' vectors by row (`[row]` gives float32 (d,), normalised for cosine), or None:
+        the indexed vectors, or with DBA the originals (id queries use these)."""
+
+    def indexed_vectors(self) -> Any:
+        """The vectors the index searches by row (with DBA the augmented ones), or None."""
+
+    def prepare_query(self, query: Any) -> np.ndarray:
+        """One query (input_dim,) checked and mapped into the space the index searches:
+        float32 (d,) (projected, normalised for cosine), as the search methods do."""
+
+    def prepare_queries(self, queries: Any) -> np.ndarray:
+        """Queries (q, input_dim) checked and mapped into the space the index searches (q, d)."""
+
+    def search_prepared_rows(
+        self, queries: np.ndarray, k: int | None = None
+    ) -> tuple[Sequence[np.ndarray], np.ndarray]:
+        """`search_batch_rows` of queries already in the index's space (q, d): prepared ones,
+        stored or indexed vectors, or expanded queries (`retrieval.rerank`)."""
 
     def search_rows(self, query: Any, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One query (input_dim,) -> (rows, float32 scores), best first, at most k."""

@@ -233,6 +233,8 @@ class ShardedIndex:
         """Row lookup over every shard's stored vectors (global row), or None when any lacks them."""
         return self._stored_vectors
 
+    indexed_vectors = stored_vectors  # without DBA the vectors searched are the stored ones
+
     @functools.cached_property
     def _stored_vectors(self) -> StoredVectors | _ShardVectors | None:
         arrays = [shard.stored_vectors() for shard in self.shards]
@@ -240,6 +242,14 @@ class ShardedIndex:
         if len(present) < len(arrays):
             return None
         return present[0] if len(present) == 1 else _ShardVectors(present)
+
+    dba = None  # refused for sharded builds: the neighbours span every shard
+
+    def prepare_query(self, query: npt.ArrayLike) -> np.ndarray:
+        return prepare_query(query, dim=self.d, distance=self.distance, label=self._label)
+
+    def prepare_queries(self, queries: npt.ArrayLike) -> np.ndarray:
+        return prepare_queries(queries, dim=self.d, distance=self.distance, label=self._label)
 
     def search(self, query: npt.ArrayLike, k: int | None = None) -> tuple[list[str], np.ndarray]:
         """Top k of one query over all shards: (ids, scores) best first."""
@@ -256,15 +266,23 @@ class ShardedIndex:
     def search_rows(self, query: npt.ArrayLike, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`search`, answering with global row numbers (row i is ids[i]) instead of ids."""
         k = check_k(self.manifest.search_defaults["k"] if k is None else k, self.max_k, self._label)
-        query = prepare_query(query, dim=self.d, distance=self.distance, label=self._label)
-        return self._search_prepared(query, k)
+        return self._search_prepared(self.prepare_query(query), k)
 
     def search_batch_rows(
         self, queries: npt.ArrayLike, k: int | None = None
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """`search_batch`, answering with q arrays of global row numbers instead of id lists."""
         k = check_k(self.manifest.search_defaults["k"] if k is None else k, self.max_k, self._label)
-        queries = prepare_queries(queries, dim=self.d, distance=self.distance, label=self._label)
+        return self.search_prepared_rows(self.prepare_queries(queries), k)
+
+    def search_prepared_rows(
+        self, queries: np.ndarray, k: int | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """`search_batch_rows` of queries in the index's space (`prepare_queries`, stored rows);
+        k may be max_k + 1, as for `neighbours_of_row`."""
+        limit = None if self.max_k is None else self.max_k + 1
+        k = check_k(self.manifest.search_defaults["k"] if k is None else k, limit, self._label)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         parts = [shard._search_batch_prepared(queries, k) for shard in self.shards]
         q = len(queries)
         width = min(k, self.n)

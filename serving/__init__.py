@@ -5,6 +5,7 @@ Importing this package loads NumPy only; ScaNN and pyarrow are imported by
 `Searcher.open`, TensorFlow by the first image query.
 """
 
+from retrieval.rerank import QueryExpansion
 from serving.errors import (
     BadImageError,
     DimensionMismatchError,
@@ -23,6 +24,7 @@ __all__ = [
     "EmbedderRequiredError",
     "NonFiniteQueryError",
     "QueryError",
+    "QueryExpansion",
     "SearchHit",
     "SearchResult",
     "Searcher",

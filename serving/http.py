@@ -10,8 +10,10 @@ Endpoints (JSON in and out; the OpenAPI description is served at /v1/openapi.jso
 
     POST /v1/search    {"vector": [...]} | {"image": "<base64>"} | {"id": "..."}
                        + "k" (1..1000, default 10), "embedder" (required when the run has
-                       several), "exclude_self" (id queries only, default false);
-                       or multipart/form-data with a file field "image" (+ "k", "embedder")
+                       several), "exclude_self" (id queries only, default false), "expand"
+                       ({"n", "alpha"}: alpha query expansion, cosine / dot_product only);
+                       or multipart/form-data with a file field "image" (+ "k", "embedder",
+                       "expand_n" and "expand_alpha")
         -> {"embedder", "run_id", "k", "distance", "higher_is_better",
             "hits": [{"rank", "id", "score", "metadata": {...}}], "took_ms"}
     GET  /v1/healthz   {"status": "ok", "run_id": ...}
@@ -331,14 +333,18 @@ def _is_local_path(handle: str) -> bool:
 
 
 def _run_query(searcher: Searcher, query: dict[str, Any]) -> SearchResult:
-    kind, k, embedder = query["kind"], query["k"], query["embedder"]
+    kind, k, embedder, expand = query["kind"], query["k"], query["embedder"], query.get("expand")
     try:
         if kind == "vector":
             # A flat list of numbers (see _parse_json): one result.
-            return cast(SearchResult, searcher.search_vector(query["value"], k=k, embedder=embedder))
+            return cast(
+                SearchResult, searcher.search_vector(query["value"], k=k, embedder=embedder, expand=expand)
+            )
         if kind == "image":
-            return searcher.search_image(query["value"], k=k, embedder=embedder)
-        return searcher.search_id(query["value"], k=k, embedder=embedder, exclude_self=query["exclude_self"])
+            return searcher.search_image(query["value"], k=k, embedder=embedder, expand=expand)
+        return searcher.search_id(
+            query["value"], k=k, embedder=embedder, exclude_self=query["exclude_self"], expand=expand
+        )
     except UnknownIdError as exc:
         raise ApiError(404, exc.code, str(exc)) from None
     except BadImageError as exc:

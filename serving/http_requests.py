@@ -3,7 +3,8 @@ multipart/form-data, read up to a size limit within a time limit, every field ch
 an error message written for this API (`ApiError`: HTTP status, error code, message).
 
 A query is {"kind": "vector" | "image" | "id", "value": list of numbers | image bytes | id,
-"k": int, "embedder": str or None, "exclude_self": bool}.
+"k": int, "embedder": str or None, "exclude_self": bool, "expand": QueryExpansion or None
+(`serving.http_expand`)}.
 
 Memory: a body is held once as bytes; parsing a JSON body holds it once more as text plus
 the decoded image, and at most MAX_JSON_VALUES arrays, objects and values (counted on the
@@ -26,13 +27,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from retrieval import queries
+from retrieval.errors import QueryError
+from serving import http_expand
 from serving.errors import shorten
 
 DEFAULT_K = 10
 MAX_K = queries.MAX_K  # an index may serve fewer (its max_k, from the build's --serve_max_k)
 QUERY_KINDS = ("vector", "image", "id")
-JSON_FIELDS = frozenset(QUERY_KINDS + ("k", "embedder", "exclude_self"))
-FORM_FIELDS = frozenset(("image", "k", "embedder"))
+JSON_FIELDS = frozenset(QUERY_KINDS + ("k", "embedder", "exclude_self", "expand"))
+FORM_FIELDS = frozenset(("image", "k", "embedder") + http_expand.FORM_FIELDS)
 # A JSON body may hold at most this many arrays, objects and values (counted as the bytes
 # "[", "{" and "," outside strings would give, on the raw body: an upper bound).  A vector of
 # dimension 4096 needs ~4,100; the limit keeps the parsed form of a 16 MiB body within a few
@@ -227,7 +230,16 @@ def _parse_json(payload: Any) -> dict[str, Any]:
             400, "bad_request", '"exclude_self" must be true or false, and applies to id queries only'
         )
     query["exclude_self"] = exclude_self
+    query["expand"] = _expansion(http_expand.expand_from_json, payload.get("expand"))
     return query
+
+
+def _expansion(parse: Any, value: Any) -> Any:
+    """The query expansion `parse` makes of `value`; a bad one is a 400 bad_expand."""
+    try:
+        return parse(value)
+    except QueryError as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
 
 
 def _names(names: list[str]) -> str:
@@ -309,6 +321,7 @@ async def _parse_form(request: Request, body: bytes, limit: int) -> dict[str, An
         if "embedder" in form:
             fields["embedder"] = form["embedder"] if isinstance(form["embedder"], str) else None
         query = _common_fields(fields)
+        query["expand"] = _expansion(http_expand.expand_from_form, form)
     finally:
         await form.close()
     if not data:

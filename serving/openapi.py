@@ -12,6 +12,7 @@ import copy
 import functools
 from typing import Any
 
+from retrieval.rerank import MAX_EXPANSION_N
 from retrieval.version import __version__
 from serving.http_requests import MAX_K
 from serving.limits import DEFAULT_MAX_BODY_BYTES
@@ -28,6 +29,8 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
         "dimension_mismatch",
         "non_finite",
         "zero_vector",
+        "bad_expand",
+        "expand_unsupported",
         "bad_base64",
         "bad_id",
         "bad_embedder",
@@ -104,9 +107,22 @@ _EMBEDDER = {
     "description": "which index answers; required when the run serves several embedders",
 }
 
+_EXPAND = {
+    "type": ["object", "null"],
+    "description": "alpha query expansion (cosine and dot_product indexes; squared_l2: 400 "
+    "expand_unsupported): the query's top n hits, weighted by max(cosine, 0) ** alpha and the "
+    "query by 1, make a new query that is searched for the k hits. null or absent: off",
+    "required": ["n", "alpha"],
+    "additionalProperties": False,
+    "properties": {
+        "n": {"type": "integer", "minimum": 1, "maximum": MAX_EXPANSION_N},
+        "alpha": {"type": "number", "minimum": 0},
+    },
+}
+
 _QUERY = {
     "type": "object",
-    "description": "Exactly one of vector, image, id; plus k, embedder, and exclude_self for id queries.",
+    "description": "Exactly one of vector, image, id; plus k, embedder, expand, and exclude_self for id queries.",
     "additionalProperties": False,
     "properties": {
         "vector": {
@@ -126,8 +142,9 @@ _QUERY = {
         "exclude_self": {
             "type": "boolean",
             "default": False,
-            "description": "id queries only: leave the queried id out of the hits",
+            "description": "id queries only: leave the queried id out of the hits (and of the expansion)",
         },
+        "expand": _EXPAND,
     },
     "oneOf": [
         {"required": ["vector"], "not": {"anyOf": [{"required": ["image"]}, {"required": ["id"]}]}},
@@ -152,7 +169,18 @@ _UPLOAD = {
             "description": f"hits to return, 1 to the embedder's max_k (at most {MAX_K})",
         },
         "embedder": _EMBEDDER,
+        "expand_n": {
+            "type": "string",
+            "pattern": "^[0-9]{1,3}$",
+            "description": f"query expansion: hits that expand the query, 1 to {MAX_EXPANSION_N} "
+            "(with expand_alpha)",
+        },
+        "expand_alpha": {
+            "type": "string",
+            "description": "query expansion: the weights' exponent, a finite number >= 0 (with expand_n)",
+        },
     },
+    "dependentRequired": {"expand_n": ["expand_alpha"], "expand_alpha": ["expand_n"]},
 }
 
 _HIT = {
@@ -199,6 +227,12 @@ _EMBEDDER_INFO = {
         "d": {"type": "integer", "minimum": 1},
         "index_d": {"type": "integer", "minimum": 1},
         "pca": {"type": "boolean"},
+        "dba": {
+            "type": ["object", "null"],
+            "description": "database-side augmentation the index was built with: n, alpha, "
+            "neighbours (exact or index), seconds; null: none",
+        },
+        "query_expansion": {"type": "boolean", "description": "whether queries may set expand"},
         "distance": {"type": "string", "enum": ["cosine", "dot_product", "squared_l2"]},
         "higher_is_better": {"type": "boolean"},
         "method": {"type": "string"},

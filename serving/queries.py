@@ -1,6 +1,7 @@
 """What is left of query handling in serving once the index has checked the query
-(`retrieval.queries`): which embedder answers, the row of an id, the result, the decoded
-size an image query may have, and the recall per k that `info()` shows."""
+(`retrieval.queries`): which embedder answers, the row of an id, the result, an image query's
+vector (the decoded size it may have, decoding, the model), and the recall per k that
+`info()` shows."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import QueryError
-from serving.errors import EmbedderRequiredError, UnknownEmbedderError, UnknownIdError, shorten
+from retrieval.errors import HandleError, QueryError
+from serving.errors import BadImageError, EmbedderRequiredError, UnknownEmbedderError, UnknownIdError, shorten
+from serving.models import ModelCache
 from serving.results import SearchHit, SearchResult
 from serving.run_state import EmbedderState, RunState
 
@@ -100,3 +102,26 @@ def recall_per_k(recall: Mapping[str, Any]) -> list[dict[str, Any]]:
     if entries is None:
         entries = [recall] if recall.get("value") is not None else []
     return [{key: entry.get(key) for key in ("k", "value", "n_queries")} for entry in entries]
+
+
+def embed_image(models: ModelCache, emb: EmbedderState, data: bytes, max_image_pixels: int) -> np.ndarray:
+    """The vector of an encoded image query, embedded like the indexed images (same decode,
+    resize and normalisation) with the run's model (`models`); BadImageError or HandleError."""
+    from retrieval import embedders, imaging
+
+    spec = models.spec_for(emb)
+    data = bytes(data)
+    try:
+        max_pixels = checked_decode_size(data, spec.input_size, max_image_pixels)
+        decoded = imaging.decode(data, min_size=spec.input_size, max_pixels=max_pixels)
+        pixels = imaging.resize(decoded.image, spec.input_size, spec.resizing())
+    except imaging.ImageDecodeError as exc:
+        raise BadImageError(f"the query image cannot be used: {exc}") from exc
+    model = models.model(spec)
+    vector = embedders.embed_batch(model, spec, pixels[None])[0]
+    if vector.shape != (emb.input_dim,):
+        raise HandleError(
+            f"embedder {emb.name!r} ({spec.handle}) returned a vector of shape "
+            f"{vector.shape}, but the index expects dimension {emb.input_dim}"
+        )
+    return vector

@@ -38,17 +38,18 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 
 from retrieval import runs
-from retrieval.errors import ConfigError, HandleError, IndexFormatError
+from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.manifest import utc_now
 from retrieval.queries import check_k
-from serving.errors import BadImageError
+from retrieval.rerank import QueryExpansion
+from serving.expansion import check_expansion, expanded_id_result, query_expansion, vector_results
 from serving.models import ModelCache
-from serving.queries import checked_decode_size, pick_embedder, recall_per_k, row_of, to_result
+from serving.queries import embed_image, pick_embedder, recall_per_k, row_of, to_result
 from serving.results import SearchResult
 from serving.run_source import LocalRoot, RunSource, resolve
 from serving.run_state import EmbedderState, RunState, load_run, same_dir
@@ -214,6 +215,8 @@ class Searcher:
             "d": emb.input_dim,
             "index_d": emb.index.d,
             "pca": index.projection is not None,
+            "dba": index.dba,
+            "query_expansion": query_expansion(index),
             "distance": emb.index.distance,
             "higher_is_better": emb.index.distance != "squared_l2",
             "method": emb.index.method,
@@ -343,31 +346,37 @@ class Searcher:
     # ------------------------------------------------------------------ queries
 
     def search_vector(
-        self, vector: Any, k: int = 10, embedder: str | None = None
+        self, vector: Any, k: int = 10, embedder: str | None = None, expand: QueryExpansion | None = None
     ) -> SearchResult | list[SearchResult]:
         """Neighbours of a vector of shape (d,) -> SearchResult; or of each row of a (q, d)
-        array -> list of SearchResult.  The vector need not be normalised."""
+        array -> list of SearchResult.  The vector need not be normalised.
+
+        expand: alpha query expansion (`retrieval.rerank.QueryExpansion(n, alpha)`, cosine and
+        dot_product indexes): the query's top n hits expand it, then the expanded query is
+        searched for the k results.  An indexed item equal to the query is among them."""
         state = self._state
         emb = pick_embedder(state, embedder)
-        if isinstance(vector, (list, tuple)):
-            try:
-                vector = np.asarray(vector)  # once, e.g. a JSON list
-            except (TypeError, ValueError):
-                pass  # ragged: the index says what is wrong with it
-        if isinstance(vector, np.ndarray) and vector.ndim == 2:
-            row_lists, scores = emb.index.search_batch_rows(vector, k=k)
-            return [to_result(state, emb, rows, row_scores) for rows, row_scores in zip(row_lists, scores)]
-        return to_result(state, emb, *emb.index.search_rows(vector, k=k))
+        return vector_results(state, emb, vector, k, expand)
 
     def search_id(
-        self, item_id: str, k: int = 10, embedder: str | None = None, exclude_self: bool = False
+        self,
+        item_id: str,
+        k: int = 10,
+        embedder: str | None = None,
+        exclude_self: bool = False,
+        expand: QueryExpansion | None = None,
     ) -> SearchResult:
-        """Neighbours of an indexed item's stored vector.  The item itself comes first
-        (score 1 for cosine) unless exclude_self.  Raises UnknownIdError."""
+        """Neighbours of an indexed item's stored vector (with DBA its original, not the
+        augmented vector the index searches: the item then scores below 1, usually still
+        first).  The item itself comes first (score 1 for cosine) unless exclude_self, which
+        with `expand` (see `search_vector`) also leaves it out of the expansion.  Raises
+        UnknownIdError."""
         state = self._state
         emb = pick_embedder(state, embedder)
         k = check_k(k, emb.index.max_k, f"the index of embedder {emb.name!r}")
         row = row_of(state, emb, item_id)
+        if expand is not None:
+            return expanded_id_result(state, emb, row, k, expand, exclude_self)
         result = to_result(state, emb, *emb.index.neighbours_of_row(row, k + 1 if exclude_self else k))
         if exclude_self:
             kept = [hit for hit in result if hit.id != item_id][:k]
@@ -385,32 +394,20 @@ class Searcher:
         emb = pick_embedder(state, embedder)
         return np.array(emb.vectors[row_of(state, emb, item_id)], dtype=np.float32)
 
-    def search_image(self, data: bytes, k: int = 10, embedder: str | None = None) -> SearchResult:
+    def search_image(
+        self, data: bytes, k: int = 10, embedder: str | None = None, expand: QueryExpansion | None = None
+    ) -> SearchResult:
         """Neighbours of an encoded image (JPEG, PNG, ...), embedded like the indexed images
         (same decode, resize and normalisation) with the model the run names; the model is
-        loaded on first use and cached.  Raises BadImageError, or HandleError when the model
-        cannot be loaded or has other weights than the index was built with."""
+        loaded on first use and cached.  expand: as `search_vector`.  Raises BadImageError,
+        or HandleError when the model cannot be loaded or has other weights than the index
+        was built with."""
         state = self._state
         emb = pick_embedder(state, embedder)
         k = check_k(k, emb.index.max_k, f"the index of embedder {emb.name!r}")  # before the model runs
-        from retrieval import embedders, imaging
-
-        spec = self._models.spec_for(emb)
-        data = bytes(data)
-        try:
-            max_pixels = checked_decode_size(data, spec.input_size, self._max_image_pixels)
-            decoded = imaging.decode(data, min_size=spec.input_size, max_pixels=max_pixels)
-            pixels = imaging.resize(decoded.image, spec.input_size, spec.resizing())
-        except imaging.ImageDecodeError as exc:
-            raise BadImageError(f"the query image cannot be used: {exc}") from exc
-        model = self._models.model(spec)
-        vector = embedders.embed_batch(model, spec, pixels[None])[0]
-        if vector.shape != (emb.input_dim,):
-            raise HandleError(
-                f"embedder {emb.name!r} ({spec.handle}) returned a vector of shape "
-                f"{vector.shape}, but the index expects dimension {emb.input_dim}"
-            )
-        return to_result(state, emb, *emb.index.search_rows(vector, k=k))
+        check_expansion(emb, expand)
+        vector = embed_image(self._models, emb, data, self._max_image_pixels)
+        return cast(SearchResult, vector_results(state, emb, vector, k, expand))  # one vector: one result
 
 
 def _check_retry_seconds(seconds: object) -> None:

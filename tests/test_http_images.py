@@ -15,12 +15,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_savedmodel):
-    """A run with an image embedder "tiny" (d=8, the test SavedModel) and the 20 images it
-    indexes."""
+def image_root(tmp_path_factory, tiny_savedmodel):
+    """The root of a run with an image embedder "tiny" (d=8, the test SavedModel), and the 20
+    images it indexes."""
     root = tmp_path_factory.mktemp("http_images_root")
     images = rf.colour_images(20, seed=3)
     rf.write_run(root, {"tiny": rf.image_embedder(tiny_savedmodel, images)}, run_id="20260101T000000Z-http01")
+    return root, images
+
+
+@pytest.fixture(scope="module")
+def served(image_root):
+    root, images = image_root
     with running(create_app(Searcher.open(root))) as url:
         yield url, images
 
@@ -40,6 +46,22 @@ def test_search_by_multipart_upload(served):
     status, body = call(url, "/v1/search", data=data, headers={"Content-Type": content_type})
     assert status == 200 and body["k"] == 4 and len(body["hits"]) == 4
     assert body["hits"][0]["id"] == "img-011"
+
+
+def test_image_queries_with_query_expansion(served, image_root):
+    """JSON "expand" and the form fields expand_n / expand_alpha give the Searcher's answer."""
+    from serving import QueryExpansion
+
+    url, images = served
+    expected = Searcher.open(image_root[0]).search_image(images["img-007"], k=4, expand=QueryExpansion(3, 3))
+    encoded = base64.b64encode(images["img-007"]).decode()
+    status, body = call(url, "/v1/search", {"image": encoded, "k": 4, "expand": {"n": 3, "alpha": 3}})
+    assert status == 200 and [h["id"] for h in body["hits"]] == [h.id for h in expected]
+    fields = {"image": ("q.png", images["img-007"]), "k": "4", "expand_n": "3", "expand_alpha": "3"}
+    data, content_type = multipart(fields)
+    status, body = call(url, "/v1/search", data=data, headers={"Content-Type": content_type})
+    assert status == 200 and [h["id"] for h in body["hits"]] == [h.id for h in expected]
+    assert expected[0].id == "img-007"  # the indexed copy of the query image is among the hits
 
 
 def _flat(fmt, mode, width, height):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from retrieval import dba as dba_lib
 from retrieval import manifest as mf
 from retrieval import scann_assets
 from retrieval.errors import ConfigError
@@ -59,6 +60,7 @@ def build_index(
     tuning_queries: npt.ArrayLike | None = None,
     trained_from: str | os.PathLike[str] | None = None,
     serve_max_k: int | None = None,
+    dba: dba_lib.DatabaseAugmentation | None = None,
 ) -> Index:
     """Build a ScaNN index over `vectors` and measure its recall@k against exact search.
 
@@ -98,6 +100,11 @@ def build_index(
         tuned).  Ignored with an explicit `config`.  When they miss `target_recall` at any k,
         the index is built again with training and tuning.  The
         manifest's `training` says which happened and why.
+      dba: database-side augmentation (`retrieval.dba`; cosine and dot_product): the index
+        searches each row averaged with its top dba.n neighbours, while its stored vectors
+        (id queries) stay the originals.  Recall and tuning then measure the index against
+        exact search over the augmented rows: the space the index searches.  A previous
+        training is reused only when it was made with the same DBA.
       work_dir: where tree-AH writes its assets (a temporary directory inside it,
         removed with the Index; default: the system's temporary directory).  On the
         same filesystem as the later `Index.save` target, saving hard-links the files
@@ -137,13 +144,19 @@ def build_index(
     config = choose_config(n, d, distance, k=k) if config is None else config
     validate_config(config, n, d, k)
     held_out = None if tuning_queries is None else prepare_tuning_queries(tuning_queries, d, distance)
+    if dba is not None:
+        dba_lib.check_distance(distance)
     scann_distance = SCANN_DISTANCE[distance]
     previous, note = None, None
     if trained_from is not None and config.method == "tree_ah":
         if explicit:
             note = "not reused: an explicit config was given"
         else:
-            previous, note = previous_training(trained_from, distance=distance, d=d, n=n)
+            previous, note = previous_training(trained_from, distance=distance, d=d, n=n, dba=dba)
+    augmented = None  # with DBA: a scratch directory holding the originals and the augmented rows
+    dba_record = None
+    if dba is not None:
+        arr, augmented, dba_record = _augment(arr, dba, distance, work_dir, target_recall)
 
     def make_probe(x: np.ndarray) -> RecallProbe | None:
         # Exact neighbours for the largest ladder k; the smaller ks take their first k.
@@ -208,8 +221,40 @@ def build_index(
         build_seconds=round(time.perf_counter() - start, 3),
         embedder=embedder,
         training=training,
+        dba=dba_record,
     )
-    return Index(searcher, checked_ids, manifest, assets=assets)
+    if augmented is None:
+        return Index(searcher, checked_ids, manifest, assets=assets)
+    originals = {dba_lib.ORIGINALS_FILE: augmented.path / dba_lib.ORIGINALS_FILE}
+    return Index(searcher, checked_ids, manifest, assets=assets, extra_files=originals, scratch=augmented)
+
+
+def _augment(
+    arr: np.ndarray,
+    dba: dba_lib.DatabaseAugmentation,
+    distance: str,
+    work_dir: str | os.PathLike[str] | None,
+    target_recall: float,
+) -> tuple[np.ndarray, scann_assets.AssetsDirectory, dict[str, Any]]:
+    """(augmented rows as a memory map, the scratch directory holding them and the originals
+    as the index will store them, the manifest's dba record)."""
+    scratch = scann_assets.AssetsDirectory(work_dir)
+    try:
+        originals = scann_assets.write_dataset(
+            arr, scratch.path / dba_lib.ORIGINALS_FILE, normalize=distance == "cosine"
+        )
+        augmented, record = dba_lib.augment(
+            originals,
+            dba,
+            distance,
+            scratch.path / "augmented.npy",
+            work_dir=work_dir,
+            target_recall=target_recall,
+        )
+    except BaseException:
+        scratch.remove()
+        raise
+    return augmented, scratch, record
 
 
 def _warm_config(config: IndexConfig, previous: PreviousTraining, n: int, d: int, k: int) -> IndexConfig:

@@ -42,7 +42,7 @@ METADATA_FILE = "metadata.parquet"
 DATASET_FILE = f"{SCANN_DIR}/{scann_assets.DATASET[1]}"
 
 # What `Index.save` writes beside the index's own files: a table, an array (.npy), or the
-# path of a Parquet file to hard-link or copy.
+# path of a Parquet file (or of a .npy file the build wrote) to hard-link or copy.
 ExtraFile: TypeAlias = "pa.Table | np.ndarray | os.PathLike[str]"
 
 
@@ -79,18 +79,10 @@ def publish(staging: Path, path: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def write_ids(path: Path, ids: np.ndarray | pa.Array) -> None:
-    """ids.parquet: one string column `id`, from Python strings or one Arrow string array."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    column = ids if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
-    pq.write_table(pa.table({"id": column}), path)
-
-
 def write_extra_files(directory: Path, tables: Mapping[str, ExtraFile], n: int) -> None:
-    """`Index.save`'s extra files into `directory`: arrays as .npy, tables as Parquet (a
-    Parquet path hard-linked or copied), each table with one row per vector (n)."""
+    """`Index.save`'s extra files into `directory` ({file name: ExtraFile}): arrays as .npy, a
+    .npy path the build wrote hard-linked or copied, tables as Parquet (a Parquet path
+    hard-linked or copied), each table with one row per vector (n)."""
     import pyarrow.parquet as pq
 
     for name, value in tables.items():
@@ -100,6 +92,8 @@ def write_extra_files(directory: Path, tables: Mapping[str, ExtraFile], n: int) 
             )
         if isinstance(value, np.ndarray):
             np.save(directory / name, value, allow_pickle=False)
+        elif isinstance(value, os.PathLike) and Path(value).suffix == ".npy":
+            scann_assets.link_or_copy(Path(value), directory / name)  # made by the build
         elif isinstance(value, os.PathLike):
             rows = pq.read_metadata(value).num_rows
             if rows != n:
@@ -113,6 +107,15 @@ def write_extra_files(directory: Path, tables: Mapping[str, ExtraFile], n: int) 
             )
         else:
             pq.write_table(value, directory / name)
+
+
+def write_ids(path: Path, ids: np.ndarray | pa.Array) -> None:
+    """ids.parquet: one string column `id`, from Python strings or one Arrow string array."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = ids if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
+    pq.write_table(pa.table({"id": column}), path)
 
 
 def read_ids(path: Path, n: int) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from retrieval import atomic_files, scann_assets
 from retrieval import manifest as mf
+from retrieval.dba import ORIGINALS_FILE
 from retrieval.errors import ConfigError, IndexFormatError
 from retrieval.index.config import SEARCH_KNOBS, check_positive_int
 from retrieval.index.files import (
@@ -70,6 +71,8 @@ class Index:
         assets: scann_assets.AssetsDirectory | None = None,
         directory: str | os.PathLike[str] | None = None,
         projection: np.ndarray | None = None,
+        extra_files: Mapping[str, ExtraFile] | None = None,
+        scratch: scann_assets.AssetsDirectory | None = None,
     ) -> None:
         self._searcher = searcher
         # A numpy object array, or a pyarrow string array as built from Arrow ids: that one
@@ -83,6 +86,10 @@ class Index:
         self._directory = None if directory is None else Path(directory)
         self._projection = projection
         self._stored_vectors: StoredVectors | None = None
+        self._indexed_vectors: StoredVectors | None = None
+        # Files the build made for `save` (DBA's originals), in `scratch`, removed with the Index.
+        self._extra_files = dict(extra_files or {})
+        self._scratch = scratch
 
     @property
     def n(self) -> int:
@@ -161,15 +168,62 @@ class Index:
             return None
         return read_metadata(self._directory, self.manifest, self.n)
 
+    @property
+    def dba(self) -> dict[str, Any] | None:
+        """The database-side augmentation the index was built with (`retrieval.dba`), or None."""
+        return self.manifest.dba
+
     def stored_vectors(self) -> StoredVectors | None:
-        """The indexed vectors (float32 (n, d), normalised for cosine) by row (`[row]`), or
-        None when the directory does not hold them in that form.  Opened once, on first use;
+        """The items' vectors (float32 (n, d), normalised for cosine) by row (`[row]`), or
+        None when the directory does not hold them in that form: the indexed vectors, or with
+        DBA the originals (`retrieval.dba.ORIGINALS_FILE`).  Opened once, on first use;
         a row read raises IndexFormatError once the file changed (`StoredVectors`)."""
+        if ORIGINALS_FILE not in self.manifest.files:
+            return self.indexed_vectors()
+        if self._stored_vectors is None and self._directory is not None:
+            self._stored_vectors = open_vectors(self._directory / ORIGINALS_FILE, self.n, self.d)
+        return self._stored_vectors
+
+    def indexed_vectors(self) -> StoredVectors | None:
+        """The vectors the index searches, by row (as `stored_vectors`; they differ with DBA)."""
         if self._directory is None or DATASET_FILE not in self.manifest.files:
             return None
-        if self._stored_vectors is None:
-            self._stored_vectors = open_vectors(self._directory / DATASET_FILE, self.n, self.d)
-        return self._stored_vectors
+        if self._indexed_vectors is None:
+            self._indexed_vectors = open_vectors(self._directory / DATASET_FILE, self.n, self.d)
+        return self._indexed_vectors
+
+    def prepare_query(self, query: npt.ArrayLike) -> np.ndarray:
+        """One query (input_dim,) checked and mapped into the space the index searches (d,)."""
+        return prepare_query(
+            query, dim=self.input_dim, distance=self.distance, projection=self._projection, label=self._label
+        )
+
+    def prepare_queries(self, queries: npt.ArrayLike) -> np.ndarray:
+        """Queries (q, input_dim) checked and mapped into the space the index searches (q, d)."""
+        return prepare_queries(
+            queries,
+            dim=self.input_dim,
+            distance=self.distance,
+            projection=self._projection,
+            label=self._label,
+        )
+
+    def search_prepared_rows(
+        self, queries: np.ndarray, k: int | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """`search_batch_rows` of queries already prepared (`prepare_queries`, stored vectors);
+        k may be max_k + 1, as for `neighbours_of_row` (an expanded id query leaving itself out)."""
+        self._check_max_k(k, extra=1)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(queries) != 1:
+            return self._search_batch_prepared(queries, k)
+        # One query: ScaNN's single search, cheaper than the batch's thread pool.
+        rows, found = self._search_prepared(queries[0], k)
+        scores = np.full(
+            (1, min(check_k(self.manifest.search_defaults["k"] if k is None else k), self.n)), np.nan
+        )
+        scores[0, : len(found)] = found
+        return [rows], scores.astype(np.float32)
 
     def search(
         self, query: npt.ArrayLike, k: int | None = None, **overrides: int
@@ -193,10 +247,7 @@ class Index:
     ) -> tuple[np.ndarray, np.ndarray]:
         """`search`, answering with row numbers (an integer array; row i is ids[i]) instead of ids."""
         self._check_max_k(k)
-        query = prepare_query(
-            query, dim=self.input_dim, distance=self.distance, projection=self._projection, label=self._label
-        )
-        return self._search_prepared(query, k, overrides)
+        return self._search_prepared(self.prepare_query(query), k, overrides)
 
     def search_batch(
         self, queries: npt.ArrayLike, k: int | None = None, **overrides: int
@@ -217,14 +268,7 @@ class Index:
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """`search_batch`, answering with q arrays of row numbers instead of id lists."""
         self._check_max_k(k)
-        queries = prepare_queries(
-            queries,
-            dim=self.input_dim,
-            distance=self.distance,
-            projection=self._projection,
-            label=self._label,
-        )
-        return self._search_batch_prepared(queries, k, overrides)
+        return self._search_batch_prepared(self.prepare_queries(queries), k, overrides)
 
     def neighbours_of_row(self, row: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest neighbours (rows, scores) of the indexed vector at `row` (from `stored_vectors`);
@@ -327,7 +371,7 @@ class Index:
         directory is moved aside and restored if the final rename fails.
         """
         path = Path(path)
-        tables = tables or {}
+        tables = {**self._extra_files, **(tables or {})}
         check_save_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = atomic_files.make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")

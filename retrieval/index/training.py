@@ -10,7 +10,9 @@ knobs miss the target there (the data drifted from what the training saw), the i
 built again with training and tuning.
 
 A previous index's training is reused only when it can serve today's rows as well as a fresh
-one: the same method (tree-AH), distance and dimension; today's row count within
+one: the same method (tree-AH), distance, dimension and database-side augmentation
+(`retrieval.dba`: the same n and alpha, recomputed over all of today's rows; the training
+learned augmented rows, or plain ones); today's row count within
 N_RATIO_RANGE of the count it was trained on; fewer than MAX_GENERATIONS builds since it was
 trained (so the rows it learned from never drift far); and its trained files intact.
 """
@@ -24,6 +26,7 @@ from typing import Any
 
 from retrieval import atomic_files, scann_assets
 from retrieval import manifest as mf
+from retrieval.dba import DatabaseAugmentation
 from retrieval.errors import ImgIndexError
 from retrieval.index.config import SEARCH_KNOBS, IndexConfig
 from retrieval.index.files import SCANN_DIR
@@ -71,10 +74,15 @@ class TrainingRecord:
 
 
 def previous_training(
-    index_dir: str | os.PathLike[str], *, distance: str, d: int, n: int
+    index_dir: str | os.PathLike[str],
+    *,
+    distance: str,
+    d: int,
+    n: int,
+    dba: DatabaseAugmentation | None = None,
 ) -> tuple[PreviousTraining | None, str]:
     """The training of the index at `index_dir` when a build of n rows of dimension d for
-    `distance` may reuse it; otherwise None and the reason."""
+    `distance` (with `dba`, or none) may reuse it; otherwise None and the reason."""
     index_dir = Path(index_dir)
     try:
         manifest = mf.read_manifest(index_dir)
@@ -88,6 +96,12 @@ def previous_training(
             None,
             f"not reused: the previous index is {manifest.distance}, d={manifest.d}; this one {distance}, d={d}",
         )
+    try:
+        previous_dba = DatabaseAugmentation.from_record(manifest.dba)
+    except ImgIndexError as exc:
+        return None, f"not reused: {exc}"
+    if previous_dba != dba:
+        return None, f"retrained: the previous index had DBA {_dba(previous_dba)}, this one {_dba(dba)}"
     training = manifest.training or {}
     generation = int(training.get("generation", 0)) + 1
     trained_n = int(training.get("trained_n", manifest.n))
@@ -122,3 +136,7 @@ def previous_training(
     except ImgIndexError as exc:
         return None, f"not reused: the previous index's recall record is damaged ({exc})"
     return PreviousTraining(scann_dir, index_config, trained, knobs, generation, trained_n, per_k), ""
+
+
+def _dba(dba: DatabaseAugmentation | None) -> str:
+    return "off" if dba is None else f"n={dba.n} alpha={dba.alpha:g}"

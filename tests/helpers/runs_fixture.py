@@ -29,6 +29,7 @@ class EmbedderData:
     metadata: pa.Table | None = None  # default: made by `default_metadata`; False: none
     # The fixtures' indexes serve up to the HTTP maximum, as the serving tests ask large k.
     serve_max_k: int = 1000
+    dba: object = None  # a retrieval.dba.DatabaseAugmentation, or None
 
 
 def clustered(n, d, seed=0, n_clusters=20):
@@ -86,6 +87,7 @@ def write_run(root, embedders: dict[str, EmbedderData], run_id=None, status="pub
             embedder=data.spec,
             num_queries=min(100, len(data.ids)),
             serve_max_k=data.serve_max_k,
+            dba=data.dba,
         )
         if data.metadata is False:
             tables = {}
