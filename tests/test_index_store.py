@@ -1,4 +1,4 @@
-"""Index search, save and load, and damaged index directories (retrieval.index.store, files)."""
+"""Index search, save and load, and damaged index directories (retrieval.index.store, directory, files)."""
 
 import json
 import os

@@ -1,11 +1,12 @@
 """The ScaNN vector index: build (with measured recall), search, save and load.
 
-    config.py   IndexConfig, choose_config and the build's constants
-    build.py    build_index and its input checks
-    recall.py   recall measurement, search-knob tuning at every k of the ladder
-    records.py  RecallRecord, RecallAtK (the manifest's recall), SearchLadder (knobs per k)
-    store.py    Index (search, save) and load_index
-    files.py    the index directory's layout and file I/O
+    config.py     IndexConfig, choose_config and the build's constants
+    build.py      build_index and its input checks
+    recall.py     recall measurement, search-knob tuning at every k of the ladder
+    records.py    RecallRecord, RecallAtK (the manifest's recall), SearchLadder (knobs per k)
+    store.py      Index (search, save) and load_index
+    directory.py  the index directory written whole (save_index) and read whole for load_index
+    files.py      the index directory's layout and file I/O
 
 This module re-exports what callers use; the modules import one another directly.
 Importing it imports neither ScaNN nor pyarrow nor TensorFlow.

@@ -1,5 +1,6 @@
 """`Index`, a searchable ScaNN index with string ids, and `load_index`, which reads one from
-its directory (`retrieval.index.files` describes the layout).
+its directory (`retrieval.index.directory` saves and reads it; `retrieval.index.files`
+describes the layout).
 
 Loading and searching use ScaNN's pybind API only and never import TensorFlow.
 
@@ -15,10 +16,8 @@ it is the squared distance, lower is better.  Results are always best first.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,28 +25,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from retrieval import atomic_files, scann_assets
 from retrieval import manifest as mf
+from retrieval import scann_assets
 from retrieval.dba import ORIGINALS_FILE
-from retrieval.errors import ConfigError, IndexFormatError
+from retrieval.errors import ConfigError
 from retrieval.index.config import SEARCH_KNOBS, check_positive_int
+from retrieval.index.directory import read_index_directory, save_index
 from retrieval.index.files import (
     DATASET_FILE,
-    IDS_FILE,
-    SCANN_DIR,
     ExtraFile,
     StoredVectors,
-    check_projection,
-    check_save_target,
     open_vectors,
-    publish,
-    read_ids,
     read_metadata,
-    write_extra_files,
-    write_ids,
 )
 from retrieval.index.records import SearchLadder
-from retrieval.projection import PROJECTION_FILE
 from retrieval.queries import check_k, prepare_queries, prepare_query
 from retrieval.scann_import import ScannSearcher
 
@@ -360,47 +351,9 @@ class Index:
         overwrite: bool = False,
         tables: Mapping[str, ExtraFile] | None = None,
     ) -> None:
-        """Write the index directory at `path`, published by a rename only when complete.
-
-        Everything is written into a temporary sibling directory, manifest.json last,
-        then renamed to `path`.  `tables` ({file name: pyarrow.Table, numpy array, or the
-        pathlib.Path of a Parquet file, hard-linked or copied}) are
-        written beside ids.parquet (Parquet, rows aligned with the ids; or .npy) and covered
-        by the manifest's checksums (e.g. metadata.parquet, projection.npy).  An existing `path` is replaced only with
-        overwrite=True and only if it is an imgindex index (or empty); the old
-        directory is moved aside and restored if the final rename fails.
-        """
-        path = Path(path)
-        tables = {**self._extra_files, **(tables or {})}
-        check_save_target(path, overwrite)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = atomic_files.make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
-        try:
-            manifest = self._write_contents(staging, tables)
-            publish(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.manifest = manifest
-        self._directory = path
-        if PROJECTION_FILE in tables:
-            self._projection = check_projection(np.asarray(tables[PROJECTION_FILE]), self.d, path)
-
-    def _write_contents(self, directory: Path, tables: Mapping[str, ExtraFile]) -> mf.IndexManifest:
-        write_extra_files(directory, tables, self.n)
-        scann_dir = directory / SCANN_DIR
-        scann_dir.mkdir()
-        # The default (relative_path=False) records absolute asset paths in
-        # scann_assets.pbtxt, which point into the staging directory and break
-        # after the rename; relative paths are resolved against the scann/ dir.
-        if self._assets is not None:
-            self._assets.copy_to(scann_dir)
-        else:
-            self._searcher.serialize(str(scann_dir), relative_path=True)
-        write_ids(directory / IDS_FILE, self._ids)
-        manifest = dataclasses.replace(self.manifest, files=mf.describe_files(directory))
-        mf.write_manifest(directory, manifest)
-        return manifest
+        """Write the index directory at `path`, published by a rename only when complete
+        (`retrieval.index.directory.save_index`, which says how)."""
+        save_index(self, path, overwrite=overwrite, tables=tables)
 
 
 def load_index(path: str | os.PathLike[str], verify: bool = True) -> Index:
@@ -415,30 +368,7 @@ def load_index(path: str | os.PathLike[str], verify: bool = True) -> Index:
     unreadable or unsupported manifest, or has missing, truncated or corrupted files.
     """
     path = Path(path)
-    manifest = mf.read_manifest(path)
-    for required in (IDS_FILE, f"{SCANN_DIR}/{scann_assets.ASSETS_FILE}"):
-        if required not in manifest.files:
-            raise IndexFormatError(
-                f"{path}: the manifest does not list {required}; the index is incomplete. Rebuild the index."
-            )
-    mf.verify_files(path, manifest, check_hashes=verify)
-    # load_searcher unpickles scann_docids.pkl if present; imgindex never writes
-    # one, so its presence means the directory was tampered with.
-    if (path / SCANN_DIR / "scann_docids.pkl").exists():
-        raise IndexFormatError(
-            f"{path}/{SCANN_DIR} contains scann_docids.pkl, which imgindex never writes; "
-            "refusing to load it. Rebuild the index."
-        )
-    ids = read_ids(path / IDS_FILE, manifest.n)
-    searcher = scann_assets.load_searcher(path / SCANN_DIR)
-    if searcher.size() != manifest.n:
-        raise IndexFormatError(
-            f"{path}: the ScaNN searcher holds {searcher.size()} vectors but the manifest says "
-            f"n={manifest.n}. Rebuild the index."
-        )
-    projection = None
-    if PROJECTION_FILE in manifest.files:  # verified with the other listed files above
-        projection = check_projection(np.load(path / PROJECTION_FILE), manifest.d, path)
+    searcher, ids, manifest, projection = read_index_directory(path, verify)
     return Index(searcher, ids, manifest, directory=path, projection=projection)
 
 
