@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-fast stress lint format bench bench-peers venv clean
+.PHONY: help run test test-fast stress lint format bench bench-peers bench-quality venv clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -45,6 +45,10 @@ bench: $(STAMP) ## Run the benchmarks and print their results (see BENCHMARKS.md
 bench-peers: $(STAMP) ## Index vs ScaNN autopilot, faiss, hnswlib (installs the bench extra; ~40 min)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test,serve,demo,lint,bench]'
 	$(BIN)/python -m benchmarks.peers --dataset both
+
+bench-quality: $(STAMP) ## Retrieval quality end to end on ../shared/data: mAP, recall per k, latency, plot (~1 h)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test,serve,demo,lint,bench]'
+	$(BIN)/python -m benchmarks.quality
 
 clean: ## Remove the virtualenv and local run outputs
 	rm -rf $(VENV) runs .pytest_cache
