@@ -364,6 +364,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
                     f"d={e.d} {e.method}{dba.describe(e.dba)} recall@{e.recall['k']}={e.recall['value']} "
                     f"search {e.search_defaults} build {e.build_seconds}s"
                 )
+                spec = e.spec
+                # Legacy specs (no pad/filter recorded) were made with a grey pad and bilinear.
+                print(
+                    f"    preprocessing: size={spec.get('input_size')} resize={spec.get('resize')} "
+                    f"pad={spec.get('pad', 'grey')} filter={spec.get('filter', 'bilinear')} "
+                    f"normalisation={spec.get('normalisation')}"
+                )
                 _print_recall_per_k(e.recall, "    ")
             print(f"  timings: {m.timings}")
             if m.error:

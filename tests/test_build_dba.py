@@ -61,7 +61,8 @@ def test_dba_build_indexes_the_augmented_vectors_and_serves_the_originals(tmp_pa
     assert searcher.info()["embedders"]["tiny"]["dba"]["n"] == 2
 
     assert cli.main(["inspect", root]) == 0
-    assert "dba(n=2, alpha=3.0)" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "dba(n=2, alpha=3.0)" in shown and "resize=crop pad=grey filter=bilinear" in shown
     assert cli.main(["inspect", os.path.join(first.run_dir, entry.index)]) == 0
     assert "dba(n=2, alpha=3.0)" in capsys.readouterr().out
 
