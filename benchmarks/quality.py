@@ -196,6 +196,40 @@ def save(results: list[Measured]) -> None:
         pass  # matplotlib comes with the bench extra (make bench-quality installs it)
 
 
+def markdown(results: list[Measured]) -> str:
+    """quality.json as the tables BENCHMARKS.md shows: mAP@100 through the index (exact in
+    brackets), then P@10, recall@10/@100 and p50 per set."""
+    sets = list(dict.fromkeys(r.set for r in results))
+    configs = list(dict.fromkeys(r.config for r in results))
+    by = {(r.set, r.config): r for r in results}
+    lines = [
+        "| setting | " + " | ".join(f"{s} mAP@{K} (exact)" for s in sets) + " |",
+        "|---|" + "---:|" * len(sets),
+    ]
+    for c in configs:
+        cells = []
+        for name in sets:
+            r = by.get((name, c))
+            cells.append("n/a" if r is None else f"{100 * r.map_index:.2f} ({100 * r.map_exact:.2f})")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| setting | " + " | ".join(f"{s} P@10 / r@10 / r@{K} / p50 ms / build s" for s in sets) + " |",
+    ]
+    lines.append("|---|" + "---:|" * len(sets))
+    for c in configs:
+        cells = []
+        for name in sets:
+            r = by.get((name, c))
+            cells.append(
+                "n/a"
+                if r is None
+                else f"{100 * r.p10:.1f} / {r.recall_10:.3f} / {r.recall_100:.3f} / {r.latency_ms:.2f} / {r.build_s:.0f}"
+            )
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -203,7 +237,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sets", default="ukbench,holidays,varied-aspect,cifar10")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--cifar_per_class", type=int, default=300)
+    parser.add_argument("--table", action="store_true", help="print quality.json as markdown tables and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(os.path.join(OUT, "quality.json")) as f:
+            print(markdown([Measured(**r) for r in json.load(f)]))
+        return
     if not quality_data.available():
         sys.exit(f"the shared data is not at {quality_data.SHARED}; see ../shared/data/README.md")
     os.makedirs(OUT, exist_ok=True)
