@@ -79,7 +79,11 @@ def test_ctrl_c_during_query_is_one_line_and_status_130(tmp_path):
     fifo = tmp_path / "q.npy"
     os.mkfifo(fifo)
     child = subprocess.Popen(
-        _imgindex("query", tmp_path, "--vector", fifo), stderr=subprocess.PIPE, cwd=REPO, text=True
+        _imgindex("query", tmp_path, "--vector", fifo),
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        text=True,
+        preexec_fn=_as_from_a_terminal,
     )
     try:
         writer = _open_when_read(fifo, child)
@@ -98,6 +102,14 @@ def test_ctrl_c_during_query_is_one_line_and_status_130(tmp_path):
         child.kill()
     assert child.returncode == cli.EXIT_INTERRUPTED
     assert err == "imgindex query: interrupted\n"
+
+
+def _as_from_a_terminal() -> None:
+    """The child starts with SIGINT as a shell gives it (default, not blocked), whatever an
+    earlier test left in this process: a blocked or ignored SIGINT is inherited by a child,
+    and the suite's child once ignored a dozen Ctrl-Cs that it answers at once alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _open_when_read(fifo, child: subprocess.Popen) -> int:
